@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""Build pyasl's libllama: fetch the pinned llama-cpp-python sdist, apply patches/, compile
+llama.cpp + native/ with CMake into a cache folder outside the clone.
+
+    python scripts/build.py                 # CPU build into $PYASL_HOME/build/cpu
+    python scripts/build.py --cuda          # same code paths, CUDA backend (build/cuda)
+    python scripts/build.py --metal         # Metal backend (build/metal)
+    python scripts/build.py --print-lib-dir # where the libraries are
+
+Re-running is incremental: the patched tree is synced file by file, so only files whose
+contents changed get a new mtime and are recompiled.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pyasl._paths import (  # noqa: E402
+    LLAMA_CPP_PYTHON_SDIST_SHA256,
+    LLAMA_CPP_PYTHON_VERSION,
+    build_dir,
+    cache_home,
+)
+
+SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
+
+
+def log(msg: str) -> None:
+    print(f"[pyasl build] {msg}", flush=True)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_sdist() -> Path:
+    dl = cache_home() / "downloads"
+    dl.mkdir(parents=True, exist_ok=True)
+    path = dl / SDIST_NAME
+    if path.exists() and sha256_file(path) == LLAMA_CPP_PYTHON_SDIST_SHA256:
+        return path
+    if path.exists():
+        log(f"{path} has the wrong sha256, fetching again")
+        path.unlink()
+    log(f"downloading llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} sdist")
+    with tempfile.TemporaryDirectory(dir=dl) as tmp:
+        # --no-build-isolation: metadata comes from the installed scikit-build-core instead of
+        # building cmake from source under --no-binary :all:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+             "--no-build-isolation", "-d", tmp, f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"],
+            check=True,
+        )
+        got = Path(tmp) / SDIST_NAME
+        digest = sha256_file(got)
+        if digest != LLAMA_CPP_PYTHON_SDIST_SHA256:
+            raise SystemExit(f"sha256 mismatch for {SDIST_NAME}: {digest}")
+        shutil.move(str(got), path)
+    return path
+
+
+def patch_files() -> list[Path]:
+    return sorted((ROOT / "patches").glob("*.patch"))
+
+
+def tree_digest(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def extract_and_patch(sdist: Path, dest: Path) -> None:
+    prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/"
+    with tarfile.open(sdist) as tar:
+        members = []
+        for m in tar.getmembers():
+            if m.name.startswith(prefix) and (m.isfile() or m.isdir()):
+                m.name = m.name[len(prefix):]
+                if m.name:
+                    members.append(m)
+        tar.extractall(dest, members=members, filter="data")
+    for p in patch_files():
+        check = subprocess.run(["patch", "-p1", "--dry-run", "-N", "-s", "-i", str(p)], cwd=dest,
+                               capture_output=True, text=True)
+        if check.returncode != 0:
+            raise SystemExit(f"patch {p.name} does not apply cleanly to llama.cpp from "
+                             f"llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}:\n{check.stdout}{check.stderr}")
+        subprocess.run(["patch", "-p1", "-N", "-s", "-i", str(p)], cwd=dest, check=True)
+        log(f"applied {p.name}")
+
+
+def sync_tree(src: Path, dst: Path) -> int:
+    """Make dst equal src, touching only files whose bytes differ. Returns files changed."""
+    changed = 0
+    src_files = {p.relative_to(src) for p in src.rglob("*") if p.is_file()}
+    if dst.exists():
+        for p in list(dst.rglob("*")):
+            if p.is_file() and p.relative_to(dst) not in src_files:
+                p.unlink()
+                changed += 1
+    for rel in sorted(src_files):
+        s, d = src / rel, dst / rel
+        data = s.read_bytes()
+        if d.exists() and d.read_bytes() == data:
+            continue
+        d.parent.mkdir(parents=True, exist_ok=True)
+        d.write_bytes(data)
+        shutil.copymode(s, d)
+        changed += 1
+    return changed
+
+
+def prepare_source() -> Path:
+    sdist = fetch_sdist()
+    src = cache_home() / "src" / f"llama.cpp-{LLAMA_CPP_PYTHON_VERSION}"
+    stamp = src.parent / (src.name + ".patches")
+    digest = tree_digest(patch_files())
+    if src.exists() and stamp.exists() and stamp.read_text() == digest:
+        return src
+    src.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=src.parent) as tmp:
+        extract_and_patch(sdist, Path(tmp))
+        n = sync_tree(Path(tmp), src)
+    stamp.write_text(digest)
+    log(f"source ready at {src} ({n} files updated)")
+    return src
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--cuda", action="store_true", help="build with -DGGML_CUDA=ON")
+    g.add_argument("--metal", action="store_true", help="build with -DGGML_METAL=ON")
+    ap.add_argument("--variant", help="build folder name (default: cpu, cuda or metal)")
+    ap.add_argument("--debug", action="store_true", help="CMAKE_BUILD_TYPE=RelWithDebInfo")
+    ap.add_argument("--sanitize", action="store_true", help="AddressSanitizer + UBSan build")
+    ap.add_argument("--cmake-arg", action="append", default=[], help="extra -D argument for CMake")
+    ap.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--source-only", action="store_true", help="fetch and patch, do not compile")
+    ap.add_argument("--print-lib-dir", action="store_true", help="print the library folder and exit")
+    args = ap.parse_args()
+
+    backend = "cuda" if args.cuda else "metal" if args.metal else "cpu"
+    variant = args.variant or (backend + ("-asan" if args.sanitize else ""))
+    out = build_dir(variant)
+    if args.print_lib_dir:
+        print(out / "bin")
+        return
+
+    src = prepare_source()
+    if args.source_only:
+        print(src)
+        return
+
+    cmake_args = [
+        f"-DPYASL_LLAMA_SRC={src}",
+        f"-DCMAKE_BUILD_TYPE={'RelWithDebInfo' if args.debug or args.sanitize else 'Release'}",
+    ]
+    if args.cuda:
+        cmake_args.append("-DGGML_CUDA=ON")
+    if args.metal:
+        cmake_args.append("-DGGML_METAL=ON")
+    if args.sanitize:
+        cmake_args += ["-DLLAMA_SANITIZE_ADDRESS=ON", "-DLLAMA_SANITIZE_UNDEFINED=ON", "-DGGML_NATIVE=OFF",
+                       "-DGGML_SANITIZE_ADDRESS=ON", "-DGGML_SANITIZE_UNDEFINED=ON"]
+    cmake_args += [a if a.startswith("-D") else "-D" + a for a in args.cmake_arg]
+
+    out.mkdir(parents=True, exist_ok=True)
+    args_file = out / "pyasl-cmake-args.json"
+    if not (out / "CMakeCache.txt").exists() or not args_file.exists() \
+            or json.loads(args_file.read_text()) != cmake_args:
+        gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+        log(f"configuring {out}")
+        subprocess.run(["cmake", "-S", str(ROOT), "-B", str(out), *gen, *cmake_args], check=True)
+        args_file.write_text(json.dumps(cmake_args))
+    log(f"compiling with {args.jobs} jobs")
+    subprocess.run(["cmake", "--build", str(out), "--target", "pyasl_native", "-j", str(args.jobs)], check=True)
+    libdir = out / "bin"
+    (out / "pyasl-build.json").write_text(json.dumps({
+        "llama_cpp_python": LLAMA_CPP_PYTHON_VERSION,
+        "patches": tree_digest(patch_files()),
+        "native": tree_digest(sorted((ROOT / "native").glob("*"))),
+        "backend": backend,
+        "cmake_args": cmake_args,
+    }, indent=1))
+    log(f"libraries in {libdir}")
+
+
+if __name__ == "__main__":
+    main()
