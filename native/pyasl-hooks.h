@@ -1,0 +1,26 @@
+// Graph-side hooks that patches/ call from inside llama.cpp (compiled into libllama).
+#pragma once
+
+#include "ggml.h"
+
+#define PYASL_SCORES_NAME "pyasl_scores"
+
+// Window-attention probabilities for the last n_window queries of the ubatch, from the
+// already-permuted q [d, n_tokens, n_head, n_stream] and cache view k [d, n_kv, n_head_kv, n_stream]:
+// softmax((Q_win K^T) [softcap] [+ kq_b] [+ mask] * kq_scale [alibi], sinks).
+//   mode 0: summed over the window queries, F32 [n_kv, n_head]
+//   mode 1: full, F32 [n_kv, n_window, n_head]
+// Returns nullptr (scores off for this layer) when the ubatch is shorter than the window or the
+// layout is not supported (several streams).
+ggml_tensor * pyasl_build_window_scores(
+        ggml_context * ctx,
+        ggml_tensor * q,
+        ggml_tensor * k,
+        ggml_tensor * kq_b,
+        ggml_tensor * kq_mask,
+        ggml_tensor * sinks,
+        float kq_scale,
+        float max_alibi_bias,
+        float softcap,
+        int32_t n_window,
+        int32_t mode);

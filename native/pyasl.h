@@ -1,0 +1,94 @@
+// pyasl C API, compiled into libllama next to llama.cpp. Called from Python through ctypes
+// (pyasl/_native.py). Every function that can fail returns a negative code and leaves a message
+// in pyasl_last_error(); none of them aborts on bad input.
+#pragma once
+
+#include "llama.h"
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#if defined(_WIN32)
+#    define PYASL_API __declspec(dllexport)
+#else
+#    define PYASL_API __attribute__((visibility("default")))
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define PYASL_ABI_VERSION 1
+
+enum pyasl_status {
+    PYASL_OK              =  0,
+    PYASL_ERR_ARG         = -1, // an argument is out of range / not sorted / wrong size
+    PYASL_ERR_UNSUPPORTED = -2, // memory type or layout this version cannot handle
+    PYASL_ERR_STATE       = -3, // the cache is in a state that forbids the call (shared cells, pending shift)
+    PYASL_ERR_BACKEND     = -4, // a backend copy failed
+};
+
+PYASL_API int32_t      pyasl_abi_version(void);
+PYASL_API const char * pyasl_last_error(void);
+
+// ---- window-attention scores ------------------------------------------------------------
+// Arm (n_window > 0) or disarm (0) the score outputs for the following llama_decode calls.
+// mode 0: per layer [n_kv, n_head] summed over the window queries; mode 1: [n_kv, n_window, n_head].
+// The window is the last n_window tokens of each ubatch; ubatches shorter than that give no scores.
+PYASL_API int32_t pyasl_set_score_window(struct llama_context * ctx, int32_t n_window, int32_t mode);
+
+// Host-side store filled by the eval callback. Install pyasl_capture_eval_cb as cb_eval with the
+// capture as cb_eval_user_data when creating the context. By default it captures the tensors
+// named "pyasl_scores-<il>"; more name prefixes can be added (e.g. "kq_soft_max" as a test oracle).
+typedef struct pyasl_capture pyasl_capture;
+
+PYASL_API pyasl_capture * pyasl_capture_new(void);
+PYASL_API void            pyasl_capture_free(pyasl_capture * cap);
+PYASL_API bool            pyasl_capture_eval_cb(struct ggml_tensor * t, bool ask, void * user_data);
+PYASL_API void            pyasl_capture_clear(pyasl_capture * cap);
+PYASL_API void            pyasl_capture_set_enabled(pyasl_capture * cap, bool enabled);
+PYASL_API int32_t         pyasl_capture_add_prefix(pyasl_capture * cap, const char * prefix);
+PYASL_API int32_t         pyasl_capture_count(const pyasl_capture * cap);
+PYASL_API const char *    pyasl_capture_name(const pyasl_capture * cap, int32_t i);
+// layer index parsed from the "-<il>" suffix of the name, -1 if none
+PYASL_API int32_t         pyasl_capture_layer(const pyasl_capture * cap, int32_t i);
+PYASL_API int32_t         pyasl_capture_shape(const pyasl_capture * cap, int32_t i, int64_t * ne4);
+// copies min(n, numel) floats; returns numel or a negative error
+PYASL_API int64_t         pyasl_capture_read(const pyasl_capture * cap, int32_t i, float * dst, int64_t n);
+
+// ---- KV cache ----------------------------------------------------------------------------
+typedef struct pyasl_kv_info {
+    int32_t n_caches;        // 1 (plain) or 2 (sliding-window model: base + swa)
+    int32_t n_stream;
+    int32_t v_trans;         // V stored transposed
+    int32_t size_base;       // cells allocated in the base (global-attention) cache
+    int32_t size_swa;        // cells allocated in the sliding-window cache (0 if none)
+    int32_t used_base;       // cells in use
+    int32_t used_swa;
+    int32_t n_layer_base;    // layers stored in each cache
+    int32_t n_layer_swa;
+    int64_t cell_bytes_base; // K+V bytes of one cell summed over the cache's layers
+    int64_t cell_bytes_swa;
+} pyasl_kv_info;
+
+PYASL_API int32_t pyasl_kv_get_info(struct llama_context * ctx, pyasl_kv_info * out);
+
+// Position held by each of the first n_max cells of the cache that model layer il attends to
+// (-1 for an empty cell or one of another sequence). Returns the number of cells written.
+PYASL_API int32_t pyasl_kv_layer_cell_pos(struct llama_context * ctx, int32_t il, llama_seq_id seq_id,
+                                          int32_t * pos_out, int32_t n_max);
+
+// Keep only the listed positions (strictly increasing) of seq_id in the base (global) cache: their
+// K/V rows in every layer move to cells 0..n-1, every other cell is freed. Positions are kept, so
+// decode continues at seq_pos_max + 1.
+PYASL_API int32_t pyasl_kv_keep(struct llama_context * ctx, llama_seq_id seq_id, const int32_t * pos, int32_t n);
+
+// Per-(layer, KV head) selection with a uniform count k: pos[(il*n_head_kv + h)*k + i], each
+// (il, h) list strictly increasing. Layers not stored in the base cache are ignored (their slice
+// must still be present). The cell metadata gets the element-wise max position over all lists.
+PYASL_API int32_t pyasl_kv_keep_per_head(struct llama_context * ctx, llama_seq_id seq_id, const int32_t * pos,
+                                         int32_t n_layer, int32_t n_head_kv, int32_t k);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,537 @@
+"""The engine: loads a GGUF model on our libllama, prefills with window-attention capture, applies
+a KV policy (full, snapkv, asl), moves the kept cache into a context sized to the budget, decodes.
+
+Everything goes through llama.cpp's C API (via llama-cpp-python's ctypes layer) plus the pyasl C
+API in native/. One sequence (seq 0) per context.
+"""
+from __future__ import annotations
+
+import codecs
+import ctypes
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+
+from . import _native
+from ._native import PyaslError, check
+
+SEQ = 0
+POLICIES = ("full", "snapkv", "asl")
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def _ll():
+    llama_cpp, lib, cb = _native.load()
+    return llama_cpp, lib, cb
+
+
+def _pad(n: int, to: int = 256) -> int:
+    return ((n + to - 1) // to) * to
+
+
+def _check_gguf(path: Path) -> None:
+    if not path.exists():
+        raise ModelLoadError(f"model file not found: {path}")
+    if path.is_dir():
+        raise ModelLoadError(f"{path} is a directory, not a GGUF file")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:4] != b"GGUF":
+        raise ModelLoadError(f"{path} is not a GGUF file (bad magic {head[:4]!r})")
+    if len(head) < 8:
+        raise ModelLoadError(f"{path} is truncated")
+
+
+class Model:
+    """A loaded GGUF model (weights only; contexts are made per request)."""
+
+    def __init__(self, path: str | os.PathLike, n_gpu_layers: int = 0, verbose: bool = False):
+        llama_cpp, _, _ = _ll()
+        from llama_cpp import _logger
+
+        _logger.set_verbose(verbose)
+        self.path = Path(path)
+        _check_gguf(self.path)
+        mp = llama_cpp.llama_model_default_params()
+        mp.n_gpu_layers = n_gpu_layers
+        self._m = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mp)
+        if not self._m:
+            raise ModelLoadError(f"llama.cpp could not load {self.path} (corrupt, truncated or unsupported GGUF; "
+                                 "run with verbose=True / --verbose for its log)")
+        self.vocab = llama_cpp.llama_model_get_vocab(self._m)
+        self.n_layer = llama_cpp.llama_model_n_layer(self._m)
+        self.n_head = llama_cpp.llama_model_n_head(self._m)
+        self.n_head_kv = llama_cpp.llama_model_n_head_kv(self._m)
+        self.n_embd = llama_cpp.llama_model_n_embd(self._m)
+        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._m)
+        self.n_swa = llama_cpp.llama_model_n_swa(self._m)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.arch = self.meta("general.architecture") or "?"
+        if llama_cpp.llama_model_is_recurrent(self._m) or llama_cpp.llama_model_is_hybrid(self._m):
+            raise ModelLoadError(f"{self.path.name}: recurrent/hybrid architecture {self.arch!r} has no "
+                                 "attention KV cache to prune")
+        tmpl = llama_cpp.llama_model_chat_template(self._m, None)
+        self.chat_template = tmpl.decode("utf-8", errors="replace") if tmpl else None
+
+    def meta(self, key: str) -> Optional[str]:
+        llama_cpp, _, _ = _ll()
+        buf = ctypes.create_string_buffer(4096)
+        n = llama_cpp.llama_model_meta_val_str(self._m, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
+
+    def close(self) -> None:
+        if getattr(self, "_m", None):
+            llama_cpp, _, _ = _ll()
+            llama_cpp.llama_model_free(self._m)
+            self._m = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ---- text -------------------------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        llama_cpp, _, _ = _ll()
+        data = text.encode("utf-8")
+        n_max = len(data) + 16
+        buf = (llama_cpp.llama_token * n_max)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
+        if n < 0:
+            n_max = -n
+            buf = (llama_cpp.llama_token * n_max)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
+        if n < 0:
+            raise ValueError("tokenization failed")
+        return list(buf[:n])
+
+    def token_bytes(self, token: int, special: bool = False) -> bytes:
+        llama_cpp, _, _ = _ll()
+        buf = ctypes.create_string_buffer(256)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        llama_cpp, _, _ = _ll()
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def format_chat(self, messages: list[dict]) -> str:
+        """Apply the GGUF's chat template (Jinja2, as llama-cpp-python does)."""
+        if not self.chat_template:
+            raise ValueError(f"{self.path.name} has no chat template; use raw mode")
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        def piece(tok_key: str) -> str:
+            llama_cpp, _, _ = _ll()
+            t = getattr(llama_cpp, tok_key)(self.vocab)
+            return self.token_bytes(t, special=True).decode("utf-8", errors="replace") if t >= 0 else ""
+
+        fmt = Jinja2ChatFormatter(self.chat_template, eos_token=piece("llama_vocab_eos"),
+                                  bos_token=piece("llama_vocab_bos"))
+        return fmt(messages=messages).prompt
+
+    def prompt_tokens(self, prompt: str, raw: bool = False, system: Optional[str] = None) -> list[int]:
+        """Tokens for a user prompt: chat template applied unless raw (or the model has none)."""
+        if raw or not self.chat_template:
+            return self.tokenize(prompt, add_special=True, parse_special=False)
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        text = self.format_chat(msgs)
+        # the template writes the BOS text itself when the model wants one
+        return self.tokenize(text, add_special=False, parse_special=True)
+
+
+class Context:
+    """A llama_context for one sequence, optionally wired to a score capture."""
+
+    def __init__(self, model: Model, n_ctx: int, n_batch: int = 512, n_threads: Optional[int] = None,
+                 flash_attn: bool = False, capture: bool = False, type_k: Optional[int] = None,
+                 type_v: Optional[int] = None):
+        llama_cpp, lib, eval_cb = _ll()
+        self.model = model
+        self._cap = lib.pyasl_capture_new() if capture else None
+        p = llama_cpp.llama_context_default_params()
+        p.n_ctx = n_ctx
+        p.n_batch = n_batch
+        p.n_ubatch = n_batch
+        p.n_seq_max = 1
+        nt = n_threads or max(1, os.cpu_count() or 1)
+        p.n_threads = nt
+        p.n_threads_batch = nt
+        p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        p.swa_full = False
+        p.no_perf = True
+        if type_k is not None:
+            p.type_k = type_k
+        if type_v is not None:
+            p.type_v = type_v
+        if capture:
+            p.cb_eval = eval_cb
+            p.cb_eval_user_data = self._cap
+        self._params = p  # keep the callback object alive
+        self._ctx = llama_cpp.llama_init_from_model(model._m, p)
+        if not self._ctx:
+            if self._cap:
+                lib.pyasl_capture_free(self._cap)
+                self._cap = None
+            raise RuntimeError(f"llama.cpp could not create a context of {n_ctx} tokens (out of memory?)")
+        self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
+        self.n_batch = n_batch
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self.n_past = 0  # next position
+
+    def close(self) -> None:
+        llama_cpp, lib, _ = _ll()
+        if getattr(self, "_ctx", None):
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_cap", None):
+            lib.pyasl_capture_free(self._cap)
+            self._cap = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- decoding ---------------------------------------------------------------------
+    def decode(self, tokens: list[int], pos0: Optional[int] = None, logits_last: bool = True) -> None:
+        """Decode tokens at consecutive positions from pos0 (default: after the last one)."""
+        llama_cpp, _, _ = _ll()
+        if pos0 is None:
+            pos0 = self.n_past
+        if len(tokens) > self.n_batch:
+            raise ValueError("decode: more tokens than n_batch")
+        if pos0 + len(tokens) > self.n_ctx and not self._has_room(len(tokens)):
+            raise ValueError(f"context full: {self.n_ctx} cells")
+        b = self._batch
+        n = len(tokens)
+        for i, t in enumerate(tokens):
+            b.token[i] = t
+            b.pos[i] = pos0 + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = SEQ
+            b.logits[i] = 1 if (logits_last and i == n - 1) else 0
+        b.n_tokens = n
+        rc = llama_cpp.llama_decode(self._ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed ({rc}): " +
+                               ("no free KV cells (context full)" if rc == 1 else "see the llama.cpp log"))
+        self.n_past = pos0 + n
+
+    def _has_room(self, n: int) -> bool:
+        info = self.kv_info()
+        return info.used_base + n <= info.size_base
+
+    def logits(self) -> np.ndarray:
+        llama_cpp, _, _ = _ll()
+        ptr = llama_cpp.llama_get_logits_ith(self._ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
+
+    # ---- scores -----------------------------------------------------------------------
+    def arm_scores(self, window: int, mode: int = 0) -> None:
+        _, lib, _ = _ll()
+        if self._cap is None:
+            raise RuntimeError("this context was created without score capture")
+        lib.pyasl_capture_clear(self._cap)
+        check(lib.pyasl_set_score_window(self._ctx, window, mode), "arm scores")
+
+    def disarm_scores(self) -> None:
+        _, lib, _ = _ll()
+        check(lib.pyasl_set_score_window(self._ctx, 0, 0), "disarm scores")
+
+    def add_capture_prefix(self, prefix: str) -> None:
+        _, lib, _ = _ll()
+        check(lib.pyasl_capture_add_prefix(self._cap, prefix.encode()), "capture prefix")
+
+    def captured(self) -> dict[str, np.ndarray]:
+        """Captured tensors by name, as numpy arrays in ggml order reversed (ne[3], ne[2], ne[1], ne[0])."""
+        _, lib, _ = _ll()
+        out = {}
+        for i in range(lib.pyasl_capture_count(self._cap)):
+            ne = (ctypes.c_int64 * 4)()
+            check(lib.pyasl_capture_shape(self._cap, i, ne), "capture shape")
+            arr = np.empty((ne[3], ne[2], ne[1], ne[0]), dtype=np.float32)
+            check(lib.pyasl_capture_read(self._cap, i, arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), arr.size),
+                  "capture read")
+            out[lib.pyasl_capture_name(self._cap, i).decode()] = arr
+        return out
+
+    def cell_positions(self, layer: int, n: int) -> np.ndarray:
+        _, lib, _ = _ll()
+        out = np.empty(n, dtype=np.int32)
+        got = check(lib.pyasl_kv_layer_cell_pos(self._ctx, layer, SEQ, out.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), n),
+                    "cell positions")
+        return out[:got]
+
+    def window_scores(self, n_prompt: int) -> np.ndarray:
+        """(n_layer, n_head, n_prompt) window attention summed over the window queries, by position."""
+        caps = self.captured()
+        L, H = self.model.n_layer, self.model.n_head
+        scores = np.zeros((L, H, n_prompt), dtype=np.float32)
+        seen = 0
+        for name, arr in caps.items():
+            if not name.startswith("pyasl_scores-"):
+                continue
+            il = int(name.rsplit("-", 1)[1])
+            a = arr.reshape(arr.shape[-2], arr.shape[-1])  # [n_head, n_kv]
+            pos = self.cell_positions(il, a.shape[1])
+            ok = (pos >= 0) & (pos < n_prompt)
+            scores[il][:, pos[ok]] = a[:, :len(pos)][:, ok]
+            seen += 1
+        if seen != L:
+            raise RuntimeError(f"captured window scores for {seen} of {L} layers")
+        return scores
+
+    # ---- KV cache ---------------------------------------------------------------------
+    def kv_info(self) -> _native.PyaslKvInfo:
+        _, lib, _ = _ll()
+        info = _native.PyaslKvInfo()
+        check(lib.pyasl_kv_get_info(self._ctx, ctypes.byref(info)), "kv info")
+        return info
+
+    def kv_keep(self, positions: np.ndarray) -> None:
+        _, lib, _ = _ll()
+        p = np.ascontiguousarray(positions, dtype=np.int32)
+        check(lib.pyasl_kv_keep(self._ctx, SEQ, p.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), len(p)), "kv keep")
+
+    def kv_keep_per_head(self, positions: np.ndarray) -> None:
+        """positions: (n_layer, n_head_kv, k) sorted per (layer, head)."""
+        _, lib, _ = _ll()
+        p = np.ascontiguousarray(positions, dtype=np.int32)
+        if p.ndim != 3:
+            raise ValueError("per-head positions must be (n_layer, n_head_kv, k)")
+        check(lib.pyasl_kv_keep_per_head(self._ctx, SEQ, p.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+                                         p.shape[0], p.shape[1], p.shape[2]), "kv keep per head")
+
+    def seq_rm(self, p0: int, p1: int) -> bool:
+        llama_cpp, _, _ = _ll()
+        return bool(llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx), SEQ, p0, p1))
+
+    def state_get(self) -> bytes:
+        llama_cpp, _, _ = _ll()
+        n = llama_cpp.llama_state_seq_get_size(self._ctx, SEQ)
+        buf = (ctypes.c_uint8 * n)()
+        got = llama_cpp.llama_state_seq_get_data(self._ctx, buf, n, SEQ)
+        if got == 0:
+            raise RuntimeError("could not save the sequence state")
+        return bytes(buf[:got])
+
+    def state_set(self, data: bytes, n_past: int) -> None:
+        llama_cpp, _, _ = _ll()
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        got = llama_cpp.llama_state_seq_set_data(self._ctx, buf, len(data), SEQ)
+        if got == 0:
+            raise RuntimeError("could not load the sequence state into the decode context (too small?)")
+        self.n_past = n_past
+
+
+@dataclass
+class Prefill:
+    logits: np.ndarray
+    scores: Optional[np.ndarray]  # (n_layer, n_head, n_prompt)
+    seconds: float
+
+
+def prefill(ctx: Context, tokens: list[int], window: int = 0,
+            progress: Optional[Callable[[int, int], None]] = None) -> Prefill:
+    """Ordinary prefill. With window > 0 the last `window` tokens go in one ubatch with scores armed."""
+    n = len(tokens)
+    t0 = time.perf_counter()
+    head = tokens[: n - window] if window else tokens
+    done = 0
+    for i in range(0, len(head), ctx.n_batch):
+        chunk = head[i: i + ctx.n_batch]
+        ctx.decode(chunk, logits_last=(not window and i + len(chunk) == n))
+        done += len(chunk)
+        if progress:
+            progress(done, n)
+    scores = None
+    if window:
+        ctx.arm_scores(window)
+        try:
+            ctx.decode(tokens[n - window:], logits_last=True)
+        finally:
+            ctx.disarm_scores()
+        if progress:
+            progress(n, n)
+    logits = ctx.logits()
+    secs = time.perf_counter() - t0
+    if window:
+        scores = ctx.window_scores(n)
+    return Prefill(logits=logits, scores=scores, seconds=secs)
+
+
+@dataclass
+class GenerateResult:
+    text: str
+    policy: str
+    n_prompt: int
+    n_generated: int
+    selected_layer: Optional[int]
+    n_kept: int
+    kv_bytes_full: int
+    kv_bytes: int
+    kv_bytes_allocated: int
+    prefill_s: float
+    select_s: float
+    compact_s: float
+    time_to_first_token_s: float
+    decode_s: float
+    decode_tokens_per_s: float
+    window: int
+    budget: Optional[int]
+    tokens: list[int] = field(default_factory=list)
+    note: str = ""
+    asl: Optional[dict] = None
+
+    def to_json(self) -> dict:
+        d = dict(self.__dict__)
+        d.pop("tokens")
+        return d
+
+
+def _kv_bytes(info: _native.PyaslKvInfo, n_base: int, n_swa: int) -> int:
+    return int(n_base * info.cell_bytes_base + n_swa * info.cell_bytes_swa)
+
+
+def generate(model: Model, tokens: list[int], policy: str = "asl", budget: Optional[int] = 512, window: int = 32,
+             tau: float = 0.3, l_min: Optional[int] = None, l_obs: Optional[int] = None, kernel: int = 7,
+             max_tokens: int = 128, n_ctx: Optional[int] = None, n_threads: Optional[int] = None,
+             flash_attn: bool = False, n_batch: int = 512,
+             progress: Optional[Callable[[int, int], None]] = None,
+             on_text: Optional[Callable[[str], None]] = None) -> GenerateResult:
+    """Prefill `tokens`, prune the KV cache with `policy`, then decode greedily."""
+    from . import policies as P
+
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    n = len(tokens)
+    if n == 0:
+        raise ValueError("empty prompt")
+    if max_tokens < 1:
+        raise ValueError("max_tokens must be >= 1")
+    need = n + max_tokens
+    if n_ctx is not None and n > n_ctx:
+        raise ValueError(f"the prompt has {n} tokens, more than the context size --ctx {n_ctx}")
+    if n > model.n_ctx_train:
+        raise ValueError(f"the prompt has {n} tokens, more than the model's training context {model.n_ctx_train}")
+    note = ""
+    prune = policy != "full"
+    if prune:
+        if budget is None:
+            raise ValueError(f"policy {policy} needs a budget")
+        if window < 1:
+            raise ValueError("window must be >= 1")
+        if window > n_batch:
+            raise ValueError(f"window {window} is longer than the batch size {n_batch}")
+        if budget <= window:
+            raise ValueError(f"budget {budget} must be larger than the window {window}")
+        if window >= n:
+            note = f"the prompt ({n} tokens) is not longer than the window ({window}); nothing to prune"
+            prune = False
+        elif budget >= n:
+            note = f"budget {budget} >= prompt length {n}; nothing to prune (full KV)"
+            prune = False
+
+    # prefill context: the whole prompt (+ generation when nothing will be pruned)
+    pre_ctx = max(n_ctx or 0, _pad(need if not prune else n + 1))
+    ctx = Context(model, pre_ctx, n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn, capture=prune)
+    info = ctx.kv_info()
+    pf = prefill(ctx, tokens, window=window if prune else 0, progress=progress)
+    info = ctx.kv_info()
+    kv_full = _kv_bytes(info, n, info.used_swa)
+    selected = None
+    asl_info = None
+    t_sel = t_cmp = 0.0
+    n_kept = n
+    if prune:
+        t0 = time.perf_counter()
+        if policy == "asl":
+            sel = P.asl_select(pf.scores, window=window, budget=budget, tau=tau, l_min=l_min, l_obs=l_obs, kernel=kernel)
+            selected = sel.selected_layer
+            asl_info = {"ranking_layer": sel.ranking_layer, "triggered": sel.triggered,
+                        "variance_ratio": sel.variance_ratio}
+            if sel.note:
+                note = sel.note
+            t_sel = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            ctx.kv_keep(sel.kept)
+            n_kept = len(sel.kept)
+        else:  # snapkv
+            sets = P.snapkv_select_all(pf.scores, window=window, budget=budget, n_head_kv=model.n_head_kv, kernel=kernel)
+            t_sel = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            ctx.kv_keep_per_head(sets)
+            n_kept = sets.shape[-1]
+        # move the pruned sequence into a context sized to what is kept + the generation
+        state = ctx.state_get()
+        swa_used = ctx.kv_info().used_swa
+        ctx.close()
+        ctx = Context(model, _pad(max(n_kept, swa_used) + max_tokens), n_batch=n_batch, n_threads=n_threads,
+                      flash_attn=flash_attn)
+        ctx.state_set(state, n_past=n)
+        t_cmp = time.perf_counter() - t0
+    info = ctx.kv_info()
+    kv_kept = _kv_bytes(info, n_kept, info.used_swa)
+    kv_alloc = _kv_bytes(info, info.size_base, info.size_swa)
+
+    # decode: the first token comes from the full-depth logits of the last prompt token
+    out: list[int] = []
+    dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    text_parts: list[str] = []
+    logits = pf.logits
+    ttft = pf.seconds + t_sel + t_cmp
+    t_dec0 = time.perf_counter()
+    for i in range(max_tokens):
+        tok = int(np.argmax(logits))
+        if model.is_eog(tok):
+            break
+        out.append(tok)
+        piece = dec.decode(model.token_bytes(tok))
+        if piece:
+            text_parts.append(piece)
+            if on_text:
+                on_text(piece)
+        if i == max_tokens - 1:
+            break
+        if ctx.n_past >= ctx.n_ctx and not ctx._has_room(1):
+            note = (note + "; " if note else "") + "context full, generation stopped"
+            break
+        ctx.decode([tok])
+        logits = ctx.logits()
+    tail = dec.decode(b"", final=True)
+    if tail:
+        text_parts.append(tail)
+        if on_text:
+            on_text(tail)
+    t_dec = time.perf_counter() - t_dec0
+    ctx.close()
+    n_dec_steps = max(0, len(out) - 1)
+    return GenerateResult(
+        text="".join(text_parts), policy=policy, n_prompt=n, n_generated=len(out), selected_layer=selected,
+        n_kept=n_kept, kv_bytes_full=kv_full, kv_bytes=kv_kept, kv_bytes_allocated=kv_alloc,
+        prefill_s=pf.seconds, select_s=t_sel, compact_s=t_cmp, time_to_first_token_s=ttft, decode_s=t_dec,
+        decode_tokens_per_s=(n_dec_steps / t_dec) if t_dec > 0 and n_dec_steps else 0.0,
+        window=window, budget=budget if policy != "full" else None, tokens=out, note=note, asl=asl_info)
