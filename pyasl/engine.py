@@ -419,7 +419,7 @@ def _kv_bytes(info: _native.PyaslKvInfo, n_base: int, n_swa: int) -> int:
 def generate(model: Model, tokens: list[int], policy: str = "asl", budget: Optional[int] = 512, window: int = 32,
              tau: float = 0.3, l_min: Optional[int] = None, l_obs: Optional[int] = None, kernel: int = 7,
              max_tokens: int = 128, n_ctx: Optional[int] = None, n_threads: Optional[int] = None,
-             flash_attn: bool = False, n_batch: int = 512,
+             flash_attn: bool = False, n_batch: int = 512, ignore_eos: bool = False,
              progress: Optional[Callable[[int, int], None]] = None,
              on_text: Optional[Callable[[str], None]] = None) -> GenerateResult:
     """Prefill `tokens`, prune the KV cache with `policy`, then decode greedily."""
@@ -506,7 +506,7 @@ def generate(model: Model, tokens: list[int], policy: str = "asl", budget: Optio
     t_dec0 = time.perf_counter()
     for i in range(max_tokens):
         tok = int(np.argmax(logits))
-        if model.is_eog(tok):
+        if model.is_eog(tok) and not ignore_eos:
             break
         out.append(tok)
         piece = dec.decode(model.token_bytes(tok))

