@@ -143,6 +143,19 @@ def prepare_source() -> Path:
     return src
 
 
+def prepare_cmake_tree() -> Path:
+    """Copy CMakeLists.txt and native/ to a fixed folder in the cache, so that one build folder
+    serves every clone (CI clones land at new paths) and only changed files recompile."""
+    top = cache_home() / "src" / "pyasl-cmake"
+    top.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=top.parent) as tmp:
+        stage = Path(tmp)
+        shutil.copy2(ROOT / "CMakeLists.txt", stage / "CMakeLists.txt")
+        shutil.copytree(ROOT / "native", stage / "native")
+        sync_tree(stage, top)
+    return top
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_mutually_exclusive_group()
@@ -170,6 +183,7 @@ def main() -> None:
         return
 
     src = prepare_source()
+    top = prepare_cmake_tree()
     if args.source_only:
         print(src)
         return
@@ -189,11 +203,16 @@ def main() -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     args_file = out / "pyasl-cmake-args.json"
-    if not (out / "CMakeCache.txt").exists() or not args_file.exists() \
+    cache_file = out / "CMakeCache.txt"
+    if cache_file.exists() and f"CMAKE_HOME_DIRECTORY:INTERNAL={top}" not in cache_file.read_text():
+        log(f"{out} was configured from another source folder; starting it afresh")
+        shutil.rmtree(out)
+        out.mkdir(parents=True)
+    if not cache_file.exists() or not args_file.exists() \
             or json.loads(args_file.read_text()) != cmake_args:
         gen = ["-G", "Ninja"] if shutil.which("ninja") else []
         log(f"configuring {out}")
-        subprocess.run(["cmake", "-S", str(ROOT), "-B", str(out), *gen, *cmake_args], check=True)
+        subprocess.run(["cmake", "-S", str(top), "-B", str(out), *gen, *cmake_args], check=True)
         args_file.write_text(json.dumps(cmake_args))
     log(f"compiling with {args.jobs} jobs")
     subprocess.run(["cmake", "--build", str(out), "--target", "pyasl_native", "-j", str(args.jobs)], check=True)

@@ -1,0 +1,621 @@
+"""Tests of the native pyasl code inside llama.cpp (native/, patches/) through pyasl.engine.
+
+* window-attention scores (native/pyasl_graph.cpp) against llama.cpp's own "kq_soft_max" tensor,
+  flash attention off and on, modes 0 and 1;
+* KV-cache rewriting (native/pyasl_kv.cpp): kv_keep / kv_keep_per_head against llama.cpp's own
+  cache operations (no compaction, llama_memory_seq_rm), state transfer into a smaller context,
+  refusals, the sliding-window (iSWA) cache of gemma3;
+* end to end: engine.generate on SmolLM2 (marked ``real``).
+
+Tiny random models (tests/tinymodels.py) keep most cases fast; the ``real`` cases use the cached
+SmolLM2-135M GGUF (30 layers, 9 heads, 3 KV heads, Q4_1).
+"""
+from __future__ import annotations
+
+import ctypes
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import tinymodels  # noqa: E402
+from pyasl import _native  # noqa: E402
+from pyasl._native import PyaslError  # noqa: E402
+
+try:
+    _native.load()
+except _native.NativeLibraryError as e:  # pragma: no cover - depends on the machine
+    pytest.skip(f"pyasl native library not available: {e}", allow_module_level=True)
+
+from pyasl.engine import Context, Model, generate, prefill  # noqa: E402
+
+
+# ---------------------------------------------------------------- fixtures / helpers
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Model:
+    """llama, 4 layers, n_head=4, n_head_kv=2 (GQA), f32 weights."""
+    m = Model(tinymodels.tiny_model_path("llama"))
+    yield m
+    m.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3() -> Model:
+    """gemma3, 4 layers: 0 and 2 sliding-window (64 tokens), 1 and 3 global."""
+    m = Model(tinymodels.tiny_model_path("gemma3"))
+    yield m
+    m.close()
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Model:
+    from pyasl.models import ModelError, fetch_model
+
+    try:
+        path = fetch_model("smollm2")
+    except ModelError as e:  # pragma: no cover - offline machine without the cached model
+        pytest.skip(f"SmolLM2 not available: {e}")
+    m = Model(path)
+    yield m
+    m.close()
+
+
+def _model(request, name: str) -> Model:
+    return request.getfixturevalue(name)
+
+
+REAL = pytest.mark.real
+MODELS = ["tiny", pytest.param("smollm2", marks=REAL)]
+
+
+def rand_tokens(model: Model, n: int, seed: int = 0) -> list[int]:
+    """n random ordinary tokens (BOS first)."""
+    rng = np.random.default_rng(seed)
+    bos = _native.load()[0].llama_vocab_bos(model.vocab)
+    toks = [int(t) for t in rng.integers(300 if model.n_vocab > 1000 else 4, model.n_vocab, n)]
+    if bos >= 0:
+        toks[0] = int(bos)
+    return toks
+
+
+def decode_all(ctx: Context, tokens: list[int], logits_last: bool = True) -> None:
+    for i in range(0, len(tokens), ctx.n_batch):
+        chunk = tokens[i: i + ctx.n_batch]
+        ctx.decode(chunk, logits_last=logits_last and i + len(chunk) == len(tokens))
+
+
+def step_logits(ctx: Context, tokens: list[int], pos0: int) -> np.ndarray:
+    """Decode `tokens` at pos0.. and return the logits of the last one."""
+    ctx.decode(tokens, pos0=pos0)
+    return ctx.logits()
+
+
+def full_probs(ctx: Context, model: Model, il: int) -> np.ndarray:
+    """Mode-1 scores of layer il from the last capture, as (n_head, W, n_kv)."""
+    a = ctx.captured()[f"pyasl_scores-{il}"]
+    assert a.shape[0] == 1 and a.shape[1] == model.n_head
+    return a[0]
+
+
+# ---------------------------------------------------------------- 1. scores, flash attention off
+
+
+@pytest.mark.parametrize("which", MODELS)
+def test_scores_equal_kq_soft_max(request, which):
+    """Mode 1 == the window rows of llama.cpp's own softmax, bit for bit; mode 0 == sum of mode 1."""
+    model = _model(request, which)
+    n, n_last, W = 200, 64, 32  # the last ubatch is longer than the window: the row offset matters
+    toks = rand_tokens(model, n)
+    ctx = Context(model, 256, flash_attn=False, capture=True)
+    assert ctx.kv_info().v_trans == 1
+    ctx.decode(toks[: n - n_last], logits_last=False)
+    ctx.add_capture_prefix("kq_soft_max")
+    ctx.arm_scores(W, 1)
+    ctx.decode(toks[n - n_last:])
+    ctx.disarm_scores()
+    caps = ctx.captured()
+    assert sorted(caps) == sorted([f"pyasl_scores-{il}" for il in range(model.n_layer)] +
+                                  [f"kq_soft_max-{il}" for il in range(model.n_layer)])
+
+    full = {}
+    for il in range(model.n_layer):
+        ours = caps[f"pyasl_scores-{il}"]          # ggml [n_kv, W, n_head]      -> (1, n_head, W, n_kv)
+        ref = caps[f"kq_soft_max-{il}"]            # ggml [n_kv, n_tokens, n_head] -> (1, n_head, n_tokens, n_kv)
+        n_kv = ref.shape[-1]
+        assert ref.shape == (1, model.n_head, n_last, n_kv)
+        assert ours.shape == (1, model.n_head, W, n_kv)
+        assert np.array_equal(ours[0], ref[0, :, n_last - W:, :]), f"layer {il}"
+        # every window row is a distribution over the visible cells; masked cells get exactly 0
+        np.testing.assert_allclose(ours.sum(-1), 1.0, atol=1e-4)
+        pos = ctx.cell_positions(il, n_kv)
+        assert len(pos) == n_kv
+        qpos = np.arange(n - W, n)
+        masked = (pos[None, :] < 0) | (pos[None, :] > qpos[:, None])  # (W, n_kv): empty or future
+        assert masked.any() and (~masked).any()
+        assert np.all(ours[0][:, masked] == 0.0)
+        assert np.all(ours[0][:, ~masked] > 0.0)
+        full[il] = ours[0]
+
+    # mode 0 on the same cells: rewind the last ubatch and decode it again
+    assert ctx.seq_rm(n - n_last, -1)
+    ctx.arm_scores(W, 0)
+    ctx.decode(toks[n - n_last:], pos0=n - n_last)
+    ctx.disarm_scores()
+    caps0 = ctx.captured()
+    assert sorted(caps0) == sorted([f"pyasl_scores-{il}" for il in range(model.n_layer)] +
+                                   [f"kq_soft_max-{il}" for il in range(model.n_layer)])
+    for il in range(model.n_layer):
+        s = caps0[f"pyasl_scores-{il}"]            # ggml [n_kv, n_head] -> (1, 1, n_head, n_kv)
+        assert s.shape == (1, 1, model.n_head, full[il].shape[-1])
+        np.testing.assert_allclose(s[0, 0], full[il].sum(axis=1), atol=1e-5, rtol=0)
+
+    # 3. window_scores: by position, each head's window mass is W (each query row sums to 1)
+    ws = ctx.window_scores(n)
+    assert ws.shape == (model.n_layer, model.n_head, n)
+    np.testing.assert_allclose(ws.sum(-1), W, rtol=1e-4)
+    for il in range(model.n_layer):
+        np.testing.assert_array_equal(ws[il], caps0[f"pyasl_scores-{il}"][0, 0][:, :n])  # cells == positions here
+    ctx.close()
+
+
+# ---------------------------------------------------------------- 2. scores, flash attention on
+
+
+@pytest.mark.parametrize("which", MODELS)
+def test_scores_flash_attn_match_non_flash(request, which):
+    model = _model(request, which)
+    n, W = 200, 32
+    toks = rand_tokens(model, n, seed=1)
+    probs = {}
+    for fa in (False, True):
+        ctx = Context(model, 256, flash_attn=fa, capture=True)
+        assert ctx.kv_info().v_trans == (0 if fa else 1)
+        ctx.decode(toks[: n - W], logits_last=False)
+        ctx.arm_scores(W, 1)
+        ctx.decode(toks[n - W:])
+        caps = ctx.captured()
+        assert not any(k.startswith("kq_soft_max") for k in caps)
+        probs[fa] = np.stack([full_probs(ctx, model, il) for il in range(model.n_layer)])
+        np.testing.assert_allclose(probs[fa].sum(-1), 1.0, atol=1e-4)
+        ctx.close()
+    assert probs[False].shape == probs[True].shape
+    diff = np.abs(probs[False] - probs[True])
+    # layer 0 sees the same q and k whichever attention kernel runs
+    assert np.array_equal(probs[False][0], probs[True][0])
+    # deeper layers inherit the (f16-accumulated) flash-attention outputs of the layers before
+    assert diff.max() < (1e-3 if which == "tiny" else 2e-2), diff.max()
+    print(f"{which}: FA on/off max |dp| = {diff.max():.3g}, per layer {diff.reshape(len(diff), -1).max(1)}")
+
+
+# ---------------------------------------------------------------- 3. window_scores after a compaction
+
+
+def test_window_scores_map_cells_to_positions(tiny):
+    """After kv_keep the kept rows sit in cells 0..k-1: window_scores must put them back at their positions."""
+    model = tiny
+    n, W = 160, 16
+    toks = rand_tokens(model, n + W, seed=2)
+    ctx = Context(model, 256, capture=True)
+    ctx.decode(toks[:n], logits_last=False)
+    keep = np.r_[0:10, 37:60, 100:131, 150:160].astype(np.int32)
+    ctx.kv_keep(keep)
+    assert ctx.kv_info().used_base == len(keep)
+    for il in range(model.n_layer):
+        pos = ctx.cell_positions(il, 256)
+        np.testing.assert_array_equal(pos[: len(keep)], keep)
+        assert np.all(pos[len(keep):] == -1)
+    ctx.arm_scores(W, 0)
+    ctx.decode(toks[n:], pos0=n)
+    ctx.disarm_scores()
+    caps = ctx.captured()
+    ws = ctx.window_scores(n + W)
+    visible = np.zeros(n + W, dtype=bool)
+    visible[keep] = True
+    visible[n:] = True
+    assert np.all(ws[:, :, ~visible] == 0.0)
+    assert np.all(ws[:, :, visible] > 0.0)
+    np.testing.assert_allclose(ws.sum(-1), W, rtol=1e-4)
+    for il in range(model.n_layer):
+        raw = caps[f"pyasl_scores-{il}"][0, 0]   # (n_head, n_kv) by cell
+        np.testing.assert_array_equal(ws[il][:, keep], raw[:, : len(keep)])
+        np.testing.assert_array_equal(ws[il][:, n:], raw[:, len(keep): len(keep) + W])
+    ctx.close()
+
+
+# ---------------------------------------------------------------- 4. GQA / MHA / biases
+
+
+@pytest.mark.parametrize("arch,kw", [("llama", {}), ("llama", {"n_head_kv": 4}), ("llama", {"n_head_kv": 1}),
+                                     ("qwen2", {})],
+                         ids=["llama-gqa-4-2", "llama-mha-4-4", "llama-mqa-4-1", "qwen2-bias"])
+def test_head_layouts(arch, kw):
+    """Scores per query head, per-KV-head selection, for GQA, MHA, MQA and q/k/v biases."""
+    model = Model(tinymodels.tiny_model_path(arch, **kw))
+    assert (model.n_head, model.n_head_kv) == (4, kw.get("n_head_kv", 2))
+    n, W, k = 120, 16, 48
+    toks = rand_tokens(model, n + 1, seed=3)
+    ctx = Context(model, 256, capture=True)
+    pf = prefill(ctx, toks[:n], window=W)
+    assert pf.scores.shape == (model.n_layer, model.n_head, n)
+    np.testing.assert_allclose(pf.scores.sum(-1), W, rtol=1e-4)
+    # per KV head: the first k - W prefix positions by the score of its query-head group, + the window
+    g = model.n_head // model.n_head_kv
+    grouped = pf.scores.reshape(model.n_layer, model.n_head_kv, g, n).sum(2)[..., : n - W]
+    top = np.sort(np.argsort(-grouped, axis=-1, kind="stable")[..., : k - W], axis=-1)
+    sets = np.concatenate([top, np.broadcast_to(np.arange(n - W, n), top.shape[:2] + (W,))], axis=-1)
+    ctx.kv_keep_per_head(sets.astype(np.int32))
+    assert ctx.kv_info().used_base == k
+    lg = step_logits(ctx, toks[n:], n)
+    assert np.all(np.isfinite(lg))
+    with pytest.raises(PyaslError, match="KV heads"):
+        ctx.kv_keep_per_head(np.broadcast_to(np.arange(8), (model.n_layer, model.n_head_kv + 1, 8)))
+    ctx.close()
+    model.close()
+
+
+# ---------------------------------------------------------------- 5. keeping everything changes nothing
+
+
+@pytest.mark.parametrize("fa", [False, True], ids=["fa-off", "fa-on"])
+@pytest.mark.parametrize("which", MODELS)
+def test_keep_all_is_bit_identical(request, which, fa):
+    model = _model(request, which)
+    n = 150
+    toks = rand_tokens(model, n + 2, seed=4)
+    out = []
+    for compact in (False, True):
+        ctx = Context(model, 256, flash_attn=fa)
+        decode_all(ctx, toks[:n], logits_last=False)
+        if compact:
+            ctx.kv_keep(np.arange(n))
+            assert ctx.kv_info().used_base == n
+        out.append([step_logits(ctx, toks[n:n + 1], n), step_logits(ctx, toks[n + 1:n + 2], n + 1)])
+        ctx.close()
+    for a, b in zip(*out):
+        assert np.array_equal(a, b)
+
+
+# ---------------------------------------------------------------- 6. keep a subset == seq_rm the rest
+
+
+def _drop_ranges(n: int):
+    drop = [(5, 31), (70, 96), (120, 133)]
+    keep = np.setdiff1d(np.arange(n), np.concatenate([np.arange(a, b) for a, b in drop])).astype(np.int32)
+    return drop, keep
+
+
+@pytest.mark.parametrize("fa", [False, True], ids=["fa-off-vtrans", "fa-on-vplain"])
+@pytest.mark.parametrize("which", MODELS)
+def test_keep_subset_equals_seq_rm(request, which, fa):
+    """Compaction (rows moved to the front) gives the logits of removing the dropped cells in place."""
+    model = _model(request, which)
+    n = 180
+    toks = rand_tokens(model, n + 3, seed=5)
+    drop, keep = _drop_ranges(n)
+    res = {}
+    for how in ("seq_rm", "keep"):
+        ctx = Context(model, 256, flash_attn=fa)
+        assert ctx.kv_info().v_trans == (0 if fa else 1)
+        decode_all(ctx, toks[:n], logits_last=False)
+        if how == "seq_rm":
+            for a, b in drop:
+                assert ctx.seq_rm(a, b)
+        else:
+            ctx.kv_keep(keep)
+            np.testing.assert_array_equal(ctx.cell_positions(0, len(keep)), keep)
+        assert ctx.kv_info().used_base == len(keep)
+        res[how] = [step_logits(ctx, toks[n:n + 1], n), step_logits(ctx, toks[n + 1:n + 3], n + 1)]
+        ctx.close()
+    full = Context(model, 256, flash_attn=fa)
+    decode_all(full, toks[:n], logits_last=False)
+    ref_full = step_logits(full, toks[n:n + 1], n)
+    full.close()
+    for a, b in zip(res["seq_rm"], res["keep"]):
+        d = float(np.abs(a - b).max())
+        print(f"{which} fa={fa}: keep vs seq_rm max |dlogit| = {d:.3g}")
+        assert int(np.argmax(a)) == int(np.argmax(b))
+        assert d < (1e-3 if which == "tiny" else 1.0), d
+    # and the pruning is real: the logits differ from the unpruned cache
+    assert float(np.abs(res["keep"][0] - ref_full).max()) > 10 * float(np.abs(res["keep"][0] - res["seq_rm"][0]).max())
+
+
+# ---------------------------------------------------------------- 7./8. per-head selection
+
+
+@pytest.mark.parametrize("fa", [False, True], ids=["fa-off", "fa-on"])
+@pytest.mark.parametrize("which", MODELS)
+def test_per_head_identical_sets_equal_global(request, which, fa):
+    model = _model(request, which)
+    n = 160
+    toks = rand_tokens(model, n + 1, seed=6)
+    _, keep = _drop_ranges(n)
+    out = []
+    for per_head in (False, True):
+        ctx = Context(model, 256, flash_attn=fa)
+        decode_all(ctx, toks[:n], logits_last=False)
+        if per_head:
+            ctx.kv_keep_per_head(np.broadcast_to(keep, (model.n_layer, model.n_head_kv, len(keep))))
+        else:
+            ctx.kv_keep(keep)
+        np.testing.assert_array_equal(ctx.cell_positions(model.n_layer - 1, len(keep)), keep)
+        out.append(step_logits(ctx, toks[n:], n))
+        ctx.close()
+    assert np.array_equal(out[0], out[1])
+
+
+@pytest.mark.parametrize("fa", [False, True], ids=["fa-off-vtrans", "fa-on-vplain"])
+def test_per_head_different_sets(tiny, fa):
+    """Each KV head gets its own rows: layer-0 attention of the query heads of KV head h equals the
+    attention with the global selection sets[h] (layer 0's q does not depend on the cache)."""
+    model = tiny
+    n, W = 160, 8
+    toks = rand_tokens(model, n + W, seed=7)
+    rng = np.random.default_rng(0)
+    k = 70
+    sets = np.sort(np.stack([[rng.choice(n, k, replace=False) for _ in range(model.n_head_kv)]
+                             for _ in range(model.n_layer)]), axis=-1).astype(np.int32)
+    g = model.n_head // model.n_head_kv
+
+    ctx = Context(model, 256, flash_attn=fa, capture=True)
+    decode_all(ctx, toks[:n], logits_last=False)
+    ctx.kv_keep_per_head(sets)
+    # the cell metadata is the element-wise max position over every (layer, head) list
+    np.testing.assert_array_equal(ctx.cell_positions(0, k), sets.max(axis=(0, 1)))
+    ctx.arm_scores(W, 1)
+    ctx.decode(toks[n:], pos0=n)
+    lg = ctx.logits()
+    assert np.all(np.isfinite(lg))
+    per_head0 = full_probs(ctx, model, 0)
+    ctx.close()
+
+    for h in range(model.n_head_kv):
+        ref = Context(model, 256, flash_attn=fa, capture=True)
+        decode_all(ref, toks[:n], logits_last=False)
+        ref.kv_keep(sets[0, h])
+        ref.arm_scores(W, 1)
+        ref.decode(toks[n:], pos0=n)
+        glob0 = full_probs(ref, model, 0)
+        ref.close()
+        heads = slice(h * g, (h + 1) * g)
+        np.testing.assert_allclose(per_head0[heads, :, : k + W], glob0[heads, :, : k + W], atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------- 9. state transfer into a smaller context
+
+
+@pytest.mark.parametrize("fa", [False, True], ids=["fa-off", "fa-on"])
+@pytest.mark.parametrize("which", MODELS)
+def test_state_into_smaller_context(request, which, fa):
+    model = _model(request, which)
+    n, k = 400, 100
+    toks = rand_tokens(model, n + 2, seed=8)
+    keep = np.r_[0:4, np.linspace(4, n - 32, k - 36).astype(np.int32), n - 32:n].astype(np.int32)
+    keep = np.unique(keep)
+    big = Context(model, 512, flash_attn=fa)
+    decode_all(big, toks[:n], logits_last=False)
+    big.kv_keep(keep)
+    state = big.state_get()
+    small = Context(model, 256, flash_attn=fa)
+    assert small.kv_info().size_base == 256
+    small.state_set(state, n_past=n)
+    assert small.kv_info().used_base == len(keep)
+    np.testing.assert_array_equal(small.cell_positions(0, len(keep)), keep)
+    for i in range(2):
+        a = step_logits(big, toks[n + i:n + i + 1], n + i)
+        b = step_logits(small, toks[n + i:n + i + 1], n + i)
+        d = float(np.abs(a - b).max())
+        print(f"{which} fa={fa}: state transfer max |dlogit| = {d:.3g}")
+        assert np.array_equal(a, b) or d < 1e-4, d
+    big.close()
+    small.close()
+
+
+# ---------------------------------------------------------------- 10. refusals
+
+
+def _raw_context(model: Model, n_ctx: int, n_seq_max: int, kv_unified: bool) -> Context:
+    """A Context around a llama_context with several sequences (engine.Context always makes one)."""
+    llama_cpp, _, _ = _native.load()
+    ctx = Context.__new__(Context)
+    ctx.model = model
+    ctx._cap = None
+    p = llama_cpp.llama_context_default_params()
+    p.n_ctx, p.n_batch, p.n_ubatch = n_ctx, 256, 256
+    p.n_seq_max = n_seq_max
+    p.kv_unified = kv_unified
+    p.n_threads = p.n_threads_batch = 2
+    p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    ctx._params = p
+    ctx._ctx = llama_cpp.llama_init_from_model(model._m, p)
+    assert ctx._ctx
+    ctx.n_ctx = llama_cpp.llama_n_ctx(ctx._ctx)
+    ctx.n_batch = 256
+    ctx._batch = llama_cpp.llama_batch_init(256, 0, 1)
+    ctx.n_past = 0
+    return ctx
+
+
+def test_refusals_leave_the_cache_untouched(tiny):
+    model = tiny
+    n = 100
+    toks = rand_tokens(model, n + 1, seed=9)
+    ctx = Context(model, 256, n_batch=128, capture=True)
+    decode_all(ctx, toks[:n], logits_last=False)
+    assert ctx.seq_rm(40, 50)
+    before = [ctx.cell_positions(il, 256) for il in range(model.n_layer)]
+    L, Hkv = model.n_layer, model.n_head_kv
+
+    bad_keep = {
+        "strictly increasing": [1, 3, 3, 7],
+        "strictly increasing ": [10, 5, 20],
+        "not in the KV cache": [0, 45, 60],          # removed by seq_rm
+        "not in the KV cache ": [0, 1, n],           # never decoded
+        "not in the KV cache  ": [-1, 0, 1],
+    }
+    for msg, pos in bad_keep.items():
+        with pytest.raises(PyaslError, match=msg.strip()):
+            ctx.kv_keep(np.array(pos))
+    with pytest.raises((PyaslError, ValueError), match="at least one position"):
+        ctx.kv_keep(np.array([], dtype=np.int32))
+
+    ok = np.arange(0, 40, 2)
+    with pytest.raises(PyaslError, match="KV heads"):
+        ctx.kv_keep_per_head(np.broadcast_to(ok, (L, Hkv * 2, len(ok))))
+    with pytest.raises(PyaslError, match="does not cover"):
+        ctx.kv_keep_per_head(np.broadcast_to(ok, (L - 1, Hkv, len(ok))))
+    bad = np.array(np.broadcast_to(ok, (L, Hkv, len(ok))))
+    bad[L - 1, Hkv - 1, 3] = 45                      # one list of one head in the last layer
+    with pytest.raises(PyaslError, match="not in the KV cache"):
+        ctx.kv_keep_per_head(bad)
+    bad = np.array(np.broadcast_to(ok, (L, Hkv, len(ok))))
+    bad[1, 0, [2, 3]] = bad[1, 0, [3, 2]]
+    with pytest.raises(PyaslError, match="strictly increasing"):
+        ctx.kv_keep_per_head(bad)
+    with pytest.raises(ValueError):
+        ctx.kv_keep_per_head(ok)                       # not 3-D
+    with pytest.raises(PyaslError, match="bad sizes"):
+        ctx.kv_keep_per_head(np.zeros((L, Hkv, 0), dtype=np.int32))
+
+    with pytest.raises(PyaslError, match="longer than n_ubatch"):
+        ctx.arm_scores(129, 0)
+    with pytest.raises(PyaslError, match="mode 0 or 1"):
+        ctx.arm_scores(16, 2)
+    with pytest.raises(PyaslError):
+        ctx.arm_scores(-1, 0)
+
+    for il in range(L):
+        np.testing.assert_array_equal(ctx.cell_positions(il, 256), before[il])
+    # nothing happened: the cache still gives the logits of a plain seq_rm
+    lg = step_logits(ctx, toks[n:], n)
+    ref = Context(model, 256, n_batch=128)
+    decode_all(ref, toks[:n], logits_last=False)
+    ref.seq_rm(40, 50)
+    assert np.array_equal(lg, step_logits(ref, toks[n:], n))
+    ref.close()
+
+    # a pending position shift (llama_memory_seq_add) must be applied by a decode first
+    llama_cpp, _, _ = _native.load()
+    llama_cpp.llama_memory_seq_add(llama_cpp.llama_get_memory(ctx._ctx), 0, 50, -1, -10)
+    with pytest.raises(PyaslError, match="pending position shift"):
+        ctx.kv_keep(np.arange(10))
+    ctx.close()
+
+    with pytest.raises(PyaslError, match="no cells"):
+        empty = Context(model, 256)
+        try:
+            empty.kv_keep(np.arange(3))
+        finally:
+            empty.close()
+
+
+def test_refuses_shared_cells(tiny):
+    """Cells shared by two sequences (llama_memory_seq_cp) cannot be moved for one of them."""
+    llama_cpp, _, _ = _native.load()
+    ctx = _raw_context(tiny, 256, n_seq_max=2, kv_unified=True)
+    toks = rand_tokens(tiny, 50, seed=10)
+    ctx.decode(toks, logits_last=False)
+    assert ctx.kv_info().n_stream == 1
+    llama_cpp.llama_memory_seq_cp(llama_cpp.llama_get_memory(ctx._ctx), 0, 1, -1, -1)
+    with pytest.raises(PyaslError, match="shared between sequences"):
+        ctx.kv_keep(np.arange(10))
+    with pytest.raises(PyaslError, match="shared between sequences"):
+        ctx.kv_keep_per_head(np.broadcast_to(np.arange(10), (tiny.n_layer, tiny.n_head_kv, 10)))
+    np.testing.assert_array_equal(ctx.cell_positions(0, 50), np.arange(50))
+    ctx.close()
+
+
+def test_refuses_several_streams(tiny):
+    ctx = _raw_context(tiny, 256, n_seq_max=2, kv_unified=False)
+    ctx.decode(rand_tokens(tiny, 20, seed=11), logits_last=False)
+    with pytest.raises(PyaslError, match="several streams"):
+        ctx.kv_keep(np.arange(10))
+    with pytest.raises(PyaslError, match="several streams"):
+        ctx.kv_info()
+    ctx.close()
+
+
+# ---------------------------------------------------------------- 11. gemma3 (sliding-window + global)
+
+
+@pytest.mark.parametrize("fa", [False, True], ids=["fa-off", "fa-on"])
+def test_gemma3_iswa(tiny_gemma3, fa):
+    model = tiny_gemma3
+    assert model.n_swa == 64
+    n, W = 200, 16
+    toks = rand_tokens(model, n + 2, seed=12)
+    ctx = Context(model, 256, flash_attn=fa, capture=True)
+    info = ctx.kv_info()
+    assert info.n_caches == 2 and info.n_layer_base == 2 and info.n_layer_swa == 2
+    pf = prefill(ctx, toks[:n], window=W)
+    assert pf.scores.shape == (model.n_layer, model.n_head, n)
+    np.testing.assert_allclose(pf.scores.sum(-1), W, rtol=1e-4)
+    # sliding-window layers (0, 2) only see the last 64 positions of each window query
+    for il in (0, 2):
+        assert np.all(pf.scores[il][:, : n - W - model.n_swa + 1] == 0)
+    for il in (1, 3):
+        assert np.all(pf.scores[il] > 0)
+    swa_before = ctx.cell_positions(0, ctx.kv_info().size_swa)
+    keep = np.r_[0:8, 60:100, n - W:n].astype(np.int32)
+    ctx.kv_keep(keep)
+    info = ctx.kv_info()
+    assert info.used_base == len(keep)
+    np.testing.assert_array_equal(ctx.cell_positions(1, len(keep)), keep)
+    np.testing.assert_array_equal(ctx.cell_positions(0, info.size_swa), swa_before)   # swa cache untouched
+    # per-head selection also only rewrites the base (global) layers
+    ctx2 = Context(model, 256, flash_attn=fa)
+    decode_all(ctx2, toks[:n], logits_last=False)
+    ctx2.kv_keep_per_head(np.broadcast_to(keep, (model.n_layer, model.n_head_kv, len(keep))))
+    ctx.disarm_scores()
+    for i in range(2):
+        a = step_logits(ctx, toks[n + i:n + i + 1], n + i)
+        b = step_logits(ctx2, toks[n + i:n + i + 1], n + i)
+        assert np.all(np.isfinite(a))
+        assert np.array_equal(a, b)
+    # and into a smaller context
+    small = Context(model, 256, flash_attn=fa)
+    small.state_set(ctx2.state_get(), n_past=n + 2)
+    ctx2.close()
+    ctx.close()
+    small.close()
+
+
+# ---------------------------------------------------------------- 12. end to end on SmolLM2
+
+
+FACT_PROMPT_FILLER = (
+    "The village sat at the edge of a wide valley, where the river turned east and the road climbed "
+    "toward the old stone bridge. Every market day the farmers brought apples, cheese and bread, and "
+    "the children ran between the stalls while their parents talked about the weather and the harvest. "
+)
+
+
+@pytest.fixture(scope="module")
+def fact_prompt(smollm2):
+    model = smollm2
+    filler = FACT_PROMPT_FILLER * 9
+    text = (filler[: len(filler) // 2] + " Remember this: the secret code is 7419. " + filler[len(filler) // 2:] +
+            "\nQuestion: What is the secret code? Answer with the number only.")
+    toks = model.prompt_tokens(text)
+    assert 450 <= len(toks) <= 700, len(toks)
+    return toks
+
+
+@REAL
+def test_generate_real(smollm2, fact_prompt):
+    model = smollm2
+    full = generate(model, fact_prompt, policy="full", max_tokens=16)
+    assert "7419" in full.text.replace("-", "").replace(" ", ""), full.text
+    for policy in ("asl", "snapkv"):
+        r = generate(model, fact_prompt, policy=policy, budget=128, window=16, max_tokens=16)
+        print(f"{policy}: {r.text!r} kept {r.n_kept} kv {r.kv_bytes}/{r.kv_bytes_full} layer {r.selected_layer}")
+        assert r.text.strip()
+        assert r.n_generated > 0
+        assert r.n_kept == 128
+        assert r.kv_bytes < r.kv_bytes_full
+        assert r.kv_bytes * 4 < r.kv_bytes_full
+        assert r.kv_bytes_allocated <= 256 * r.kv_bytes // 128
