@@ -80,7 +80,7 @@ PYASL_API int32_t pyasl_kv_layer_cell_pos(struct llama_context * ctx, int32_t il
 
 // Keep only the listed positions (strictly increasing) of seq_id in the base (global) cache: their
 // K/V rows in every layer move to cells 0..n-1, every other cell is freed. Positions are kept, so
-// decode continues at seq_pos_max + 1.
+// decode continues at seq_pos_max + 1; the last position must be among them.
 PYASL_API int32_t pyasl_kv_keep(struct llama_context * ctx, llama_seq_id seq_id, const int32_t * pos, int32_t n);
 
 // Per-(layer, KV head) selection with a uniform count k: pos[(il*n_head_kv + h)*k + i], each

@@ -320,6 +320,10 @@ int32_t pyasl_kv_keep(struct llama_context * ctx, llama_seq_id seq_id, const int
     if ((rc = check_positions(pos, n, cell_of_pos, "pyasl_kv_keep")) != PYASL_OK) {
         return rc;
     }
+    if (pos[n - 1] != pos_max) {
+        PYASL_FAIL(PYASL_ERR_ARG, "pyasl_kv_keep: the last position " + std::to_string(pos_max) +
+                   " must be kept (decoding continues right after it)");
+    }
     std::vector<int32_t> src(n);
     for (int32_t i = 0; i < n; ++i) {
         src[i] = cell_of_pos[pos[i]];
@@ -371,6 +375,10 @@ int32_t pyasl_kv_keep_per_head(struct llama_context * ctx, llama_seq_id seq_id, 
                 meta[i] = std::max(meta[i], p[i]);
             }
         }
+    }
+    if (meta[k - 1] != pos_max) {
+        PYASL_FAIL(PYASL_ERR_ARG, "pyasl_kv_keep_per_head: the last position " + std::to_string(pos_max) +
+                   " must be kept by at least one list (decoding continues right after it)");
     }
     return rewrite(c.base, seq_id, cell_of_pos, by_layer, meta);
 }

@@ -187,7 +187,8 @@ class Context:
             if self._cap:
                 lib.pyasl_capture_free(self._cap)
                 self._cap = None
-            raise RuntimeError(f"llama.cpp could not create a context of {n_ctx} tokens (out of memory?)")
+            raise RuntimeError(f"llama.cpp could not create a context of {n_ctx} tokens (out of memory, or a KV cache "
+                               "type the model's head size does not allow); run with --verbose for llama.cpp's reason")
         self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
         self.n_batch = n_batch
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
@@ -237,7 +238,9 @@ class Context:
         rc = llama_cpp.llama_decode(self._ctx, b)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed ({rc}): " +
-                               ("no free KV cells (context full)" if rc == 1 else "see the llama.cpp log"))
+                               ("no free KV cells (context full)" if rc == 1 else
+                                f"batch at positions {pos0}..{pos0 + n - 1} rejected (it must follow the last cached "
+                                "position); run with --verbose for llama.cpp's log"))
         self.n_past = pos0 + n
 
     def _has_room(self, n: int) -> bool:

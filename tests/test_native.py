@@ -12,7 +12,6 @@ SmolLM2-135M GGUF (30 layers, 9 heads, 3 KV heads, Q4_1).
 """
 from __future__ import annotations
 
-import ctypes
 import sys
 from pathlib import Path
 
@@ -166,8 +165,26 @@ def test_scores_equal_kq_soft_max(request, which):
 # ---------------------------------------------------------------- 2. scores, flash attention on
 
 
+def _oracle_probs(caps: dict, model: Model, n: int, W: int) -> np.ndarray:
+    """(n_layer, n_head, W, n) causal softmax(q.k / sqrt(d)) of the last W queries, in float64 from the
+    captured post-RoPE Qcur/Kcur of a single ubatch (k rounded to f16 as in the cache, q as mul_mat does)."""
+    out = []
+    for il in range(model.n_layer):
+        q = caps[f"Qcur-{il}"][0].astype(np.float16).astype(np.float64)   # (n_tokens, n_head, d)
+        k = caps[f"Kcur-{il}"][0].astype(np.float16).astype(np.float64)   # (n_tokens, n_head_kv, d)
+        assert q.shape[:2] == (n, model.n_head) and k.shape[:2] == (n, model.n_head_kv)
+        k = np.repeat(k, model.n_head // model.n_head_kv, axis=1)          # query head h uses KV head h // g
+        s = np.einsum("whd,thd->hwt", q[n - W:], k) / np.sqrt(q.shape[-1])
+        s[:, np.arange(n)[None, :] > np.arange(n - W, n)[:, None]] = -np.inf
+        s = np.exp(s - s.max(-1, keepdims=True))
+        out.append(s / s.sum(-1, keepdims=True))
+    return np.stack(out)
+
+
 @pytest.mark.parametrize("which", MODELS)
-def test_scores_flash_attn_match_non_flash(request, which):
+def test_scores_flash_attn_on_and_off(request, which):
+    """With flash attention on there is no kq_soft_max to compare with: check both settings against a
+    numpy softmax of the captured q and k, then against each other."""
     model = _model(request, which)
     n, W = 200, 32
     toks = rand_tokens(model, n, seed=1)
@@ -175,21 +192,28 @@ def test_scores_flash_attn_match_non_flash(request, which):
     for fa in (False, True):
         ctx = Context(model, 256, flash_attn=fa, capture=True)
         assert ctx.kv_info().v_trans == (0 if fa else 1)
-        ctx.decode(toks[: n - W], logits_last=False)
+        ctx.add_capture_prefix("Qcur")
+        ctx.add_capture_prefix("Kcur")
+        ctx.add_capture_prefix("kq_soft_max")
         ctx.arm_scores(W, 1)
-        ctx.decode(toks[n - W:])
+        ctx.decode(toks)                              # one ubatch: Q and K of every position are captured
         caps = ctx.captured()
-        assert not any(k.startswith("kq_soft_max") for k in caps)
-        probs[fa] = np.stack([full_probs(ctx, model, il) for il in range(model.n_layer)])
-        np.testing.assert_allclose(probs[fa].sum(-1), 1.0, atol=1e-4)
+        assert any(k.startswith("kq_soft_max") for k in caps) == (not fa)
+        p = np.stack([full_probs(ctx, model, il) for il in range(model.n_layer)])  # (L, H, W, n_kv)
+        assert p.shape[-1] >= n and np.all(p[..., n:] == 0)
+        np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-4)
+        oracle = _oracle_probs(caps, model, n, W)
+        err = np.abs(p[..., :n] - oracle).max()
+        print(f"{which} fa={fa}: max |scores - numpy oracle| = {err:.3g}")
+        assert err < 1e-5, err
+        probs[fa] = p
         ctx.close()
-    assert probs[False].shape == probs[True].shape
-    diff = np.abs(probs[False] - probs[True])
-    # layer 0 sees the same q and k whichever attention kernel runs
-    assert np.array_equal(probs[False][0], probs[True][0])
-    # deeper layers inherit the (f16-accumulated) flash-attention outputs of the layers before
-    assert diff.max() < (1e-3 if which == "tiny" else 2e-2), diff.max()
-    print(f"{which}: FA on/off max |dp| = {diff.max():.3g}, per layer {diff.reshape(len(diff), -1).max(1)}")
+    diff = np.abs(probs[False] - probs[True]).reshape(model.n_layer, -1).max(1)
+    print(f"{which}: FA on/off max |dp| per layer = {np.array2string(diff, precision=2)}")
+    # layer 0 sees the same q and k whichever attention kernel runs ...
+    assert diff[0] == 0.0
+    # ... deeper layers inherit the (f16-accumulated) flash-attention outputs of the layers before
+    assert diff.max() < (1e-3 if which == "tiny" else 0.15), diff.max()
 
 
 # ---------------------------------------------------------------- 3. window_scores after a compaction
@@ -292,36 +316,77 @@ def _drop_ranges(n: int):
 @pytest.mark.parametrize("fa", [False, True], ids=["fa-off-vtrans", "fa-on-vplain"])
 @pytest.mark.parametrize("which", MODELS)
 def test_keep_subset_equals_seq_rm(request, which, fa):
-    """Compaction (rows moved to the front) gives the logits of removing the dropped cells in place."""
+    """Compaction (rows moved to the front) gives the logits of removing the dropped cells in place.
+
+    Only the order of the cells differs, hence the summation order inside attention. Layer 0's
+    attention output (kqv_out-0) has identical inputs in both contexts, so it must agree to rounding;
+    the logits agree to rounding on the f32 tiny model. On Q4_1 SmolLM2 a last-bit difference flips
+    a Q8_1 rounding of some activation deep in the stack and then grows: loose bound + same argmax.
+    """
     model = _model(request, which)
     n = 180
     toks = rand_tokens(model, n + 3, seed=5)
     drop, keep = _drop_ranges(n)
-    res = {}
-    for how in ("seq_rm", "keep"):
-        ctx = Context(model, 256, flash_attn=fa)
+    res, att0 = {}, {}
+    for how in ("full", "seq_rm", "keep"):
+        ctx = Context(model, 256, flash_attn=fa, capture=True)
         assert ctx.kv_info().v_trans == (0 if fa else 1)
         decode_all(ctx, toks[:n], logits_last=False)
         if how == "seq_rm":
             for a, b in drop:
                 assert ctx.seq_rm(a, b)
-        else:
+        elif how == "keep":
             ctx.kv_keep(keep)
             np.testing.assert_array_equal(ctx.cell_positions(0, len(keep)), keep)
-        assert ctx.kv_info().used_base == len(keep)
-        res[how] = [step_logits(ctx, toks[n:n + 1], n), step_logits(ctx, toks[n + 1:n + 3], n + 1)]
+        assert ctx.kv_info().used_base == (n if how == "full" else len(keep))
+        ctx.add_capture_prefix("kqv_out")
+        first = step_logits(ctx, toks[n:n + 1], n)
+        att0[how] = ctx.captured()["kqv_out-0"]
+        res[how] = [first, step_logits(ctx, toks[n + 1:n + 3], n + 1)]
         ctx.close()
-    full = Context(model, 256, flash_attn=fa)
-    decode_all(full, toks[:n], logits_last=False)
-    ref_full = step_logits(full, toks[n:n + 1], n)
-    full.close()
+    d_att = float(np.abs(att0["keep"] - att0["seq_rm"]).max())
+    d_att_full = float(np.abs(att0["keep"] - att0["full"]).max())
+    print(f"{which} fa={fa}: layer-0 attention keep vs seq_rm {d_att:.3g}, vs unpruned {d_att_full:.3g}")
+    assert d_att < (1e-6 if not fa else 2e-3), d_att   # flash attention accumulates V in f16
+    assert d_att_full > 10 * d_att                      # and the pruning is real
     for a, b in zip(res["seq_rm"], res["keep"]):
         d = float(np.abs(a - b).max())
         print(f"{which} fa={fa}: keep vs seq_rm max |dlogit| = {d:.3g}")
         assert int(np.argmax(a)) == int(np.argmax(b))
-        assert d < (1e-3 if which == "tiny" else 1.0), d
-    # and the pruning is real: the logits differ from the unpruned cache
-    assert float(np.abs(res["keep"][0] - ref_full).max()) > 10 * float(np.abs(res["keep"][0] - res["seq_rm"][0]).max())
+        if which == "tiny":
+            assert d < (1e-5 if not fa else 5e-3), d
+        else:
+            assert d < 1.5, d
+
+
+@pytest.mark.parametrize("fa", [False, True], ids=["fa-off-k-q8_0", "fa-on-kv-q8_0"])
+def test_keep_quantized_cache(fa):
+    """Block-quantized cache rows (q8_0 K; V too with flash attention) move whole, per cell and per head."""
+    llama_cpp, _, _ = _native.load()
+    q8 = llama_cpp.GGML_TYPE_Q8_0
+    model = Model(tinymodels.tiny_model_path("llama", n_embd=128))   # head size 32 = one q8_0 block
+    n = 180
+    toks = rand_tokens(model, n + 1, seed=13)
+    drop, keep = _drop_ranges(n)
+    lg = {}
+    for how in ("full", "seq_rm", "keep", "per_head"):
+        ctx = Context(model, 256, flash_attn=fa, type_k=q8, type_v=q8 if fa else None)
+        decode_all(ctx, toks[:n], logits_last=False)
+        if how == "seq_rm":
+            for a, b in drop:
+                assert ctx.seq_rm(a, b)
+        elif how == "keep":
+            ctx.kv_keep(keep)
+        elif how == "per_head":
+            ctx.kv_keep_per_head(np.broadcast_to(keep, (model.n_layer, model.n_head_kv, len(keep))))
+        lg[how] = step_logits(ctx, toks[n:], n)
+        ctx.close()
+    d = float(np.abs(lg["keep"] - lg["seq_rm"]).max())
+    print(f"q8_0 cache fa={fa}: keep vs seq_rm max |dlogit| = {d:.3g}")
+    assert d < 1e-5, d
+    assert np.array_equal(lg["keep"], lg["per_head"])
+    assert np.abs(lg["keep"] - lg["full"]).max() > 1e-2
+    model.close()
 
 
 # ---------------------------------------------------------------- 7./8. per-head selection
@@ -357,7 +422,8 @@ def test_per_head_different_sets(tiny, fa):
     toks = rand_tokens(model, n + W, seed=7)
     rng = np.random.default_rng(0)
     k = 70
-    sets = np.sort(np.stack([[rng.choice(n, k, replace=False) for _ in range(model.n_head_kv)]
+    # the last position stays in every list: decoding continues at seq_pos_max + 1
+    sets = np.sort(np.stack([[np.r_[rng.choice(n - 1, k - 1, replace=False), n - 1] for _ in range(model.n_head_kv)]
                              for _ in range(model.n_layer)]), axis=-1).astype(np.int32)
     g = model.n_head // model.n_head_kv
 
@@ -418,6 +484,23 @@ def test_state_into_smaller_context(request, which, fa):
 # ---------------------------------------------------------------- 10. refusals
 
 
+def test_scores_need_a_full_window(tiny):
+    """A ubatch shorter than the window gives no scores (and window_scores says so) instead of garbage."""
+    ctx = Context(tiny, 256, capture=True)
+    toks = rand_tokens(tiny, 40, seed=14)
+    ctx.decode(toks[:30], logits_last=False)
+    ctx.arm_scores(16, 0)
+    ctx.decode(toks[30:40])                      # 10 tokens < 16
+    assert not any(k.startswith("pyasl_scores") for k in ctx.captured())
+    with pytest.raises(RuntimeError, match="0 of 4 layers"):
+        ctx.window_scores(40)
+    ctx.decode(toks[:16], pos0=40)               # a full window: scores for every layer again
+    ws = ctx.window_scores(56)
+    np.testing.assert_allclose(ws.sum(-1), 16, rtol=1e-4)
+    ctx.disarm_scores()
+    ctx.close()
+
+
 def _raw_context(model: Model, n_ctx: int, n_seq_max: int, kv_unified: bool) -> Context:
     """A Context around a llama_context with several sequences (engine.Context always makes one)."""
     llama_cpp, _, _ = _native.load()
@@ -450,18 +533,22 @@ def test_refusals_leave_the_cache_untouched(tiny):
     before = [ctx.cell_positions(il, 256) for il in range(model.n_layer)]
     L, Hkv = model.n_layer, model.n_head_kv
 
-    bad_keep = {
-        "strictly increasing": [1, 3, 3, 7],
-        "strictly increasing ": [10, 5, 20],
-        "not in the KV cache": [0, 45, 60],          # removed by seq_rm
-        "not in the KV cache ": [0, 1, n],           # never decoded
-        "not in the KV cache  ": [-1, 0, 1],
-    }
-    for msg, pos in bad_keep.items():
-        with pytest.raises(PyaslError, match=msg.strip()):
+    bad_keep = [
+        ("strictly increasing", [1, 3, 3, 7]),
+        ("strictly increasing", [10, 5, 20]),
+        ("position 45 is not in the KV cache", [0, 45, 60]),     # removed by seq_rm
+        (f"position {n} is not in the KV cache", [0, 1, n]),     # never decoded
+        ("position -1 is not in the KV cache", [-1, 0, 1]),
+    ]
+    for msg, pos in bad_keep:
+        with pytest.raises(PyaslError, match=msg):
             ctx.kv_keep(np.array(pos))
     with pytest.raises((PyaslError, ValueError), match="at least one position"):
         ctx.kv_keep(np.array([], dtype=np.int32))
+    with pytest.raises(PyaslError, match=f"last position {n - 1} must be kept"):
+        ctx.kv_keep(np.arange(0, 40))
+    with pytest.raises(PyaslError, match=f"last position {n - 1} must be kept"):
+        ctx.kv_keep_per_head(np.broadcast_to(np.arange(0, 40), (L, Hkv, 40)))
 
     ok = np.arange(0, 40, 2)
     with pytest.raises(PyaslError, match="KV heads"):
@@ -487,6 +574,8 @@ def test_refusals_leave_the_cache_untouched(tiny):
         ctx.arm_scores(16, 2)
     with pytest.raises(PyaslError):
         ctx.arm_scores(-1, 0)
+    with pytest.raises(PyaslError, match="has no KV cache"):
+        ctx.cell_positions(model.n_layer, 16)
 
     for il in range(L):
         np.testing.assert_array_equal(ctx.cell_positions(il, 256), before[il])
@@ -544,44 +633,53 @@ def test_refuses_several_streams(tiny):
 
 @pytest.mark.parametrize("fa", [False, True], ids=["fa-off", "fa-on"])
 def test_gemma3_iswa(tiny_gemma3, fa):
+    """Sliding-window model: scores for every layer, pruning of the base (global) cache only, decode
+    and state transfer into a smaller context."""
     model = tiny_gemma3
     assert model.n_swa == 64
     n, W = 200, 16
     toks = rand_tokens(model, n + 2, seed=12)
-    ctx = Context(model, 256, flash_attn=fa, capture=True)
-    info = ctx.kv_info()
-    assert info.n_caches == 2 and info.n_layer_base == 2 and info.n_layer_swa == 2
-    pf = prefill(ctx, toks[:n], window=W)
-    assert pf.scores.shape == (model.n_layer, model.n_head, n)
-    np.testing.assert_allclose(pf.scores.sum(-1), W, rtol=1e-4)
-    # sliding-window layers (0, 2) only see the last 64 positions of each window query
-    for il in (0, 2):
-        assert np.all(pf.scores[il][:, : n - W - model.n_swa + 1] == 0)
-    for il in (1, 3):
-        assert np.all(pf.scores[il] > 0)
-    swa_before = ctx.cell_positions(0, ctx.kv_info().size_swa)
     keep = np.r_[0:8, 60:100, n - W:n].astype(np.int32)
-    ctx.kv_keep(keep)
-    info = ctx.kv_info()
-    assert info.used_base == len(keep)
-    np.testing.assert_array_equal(ctx.cell_positions(1, len(keep)), keep)
-    np.testing.assert_array_equal(ctx.cell_positions(0, info.size_swa), swa_before)   # swa cache untouched
-    # per-head selection also only rewrites the base (global) layers
-    ctx2 = Context(model, 256, flash_attn=fa)
-    decode_all(ctx2, toks[:n], logits_last=False)
-    ctx2.kv_keep_per_head(np.broadcast_to(keep, (model.n_layer, model.n_head_kv, len(keep))))
-    ctx.disarm_scores()
+    ctxs = {}
+    for how in ("none", "keep", "per_head"):
+        ctx = Context(model, 512, n_batch=128, flash_attn=fa, capture=True)   # swa cache: 64 + 128 -> 256 cells
+        info = ctx.kv_info()
+        assert info.n_caches == 2 and info.n_layer_base == 2 and info.n_layer_swa == 2
+        assert info.size_swa < info.size_base
+        pf = prefill(ctx, toks[:n], window=W)
+        assert pf.scores.shape == (model.n_layer, model.n_head, n)
+        np.testing.assert_allclose(pf.scores.sum(-1), W, rtol=1e-4)
+        # sliding-window layers (0, 2) see at most the last n_swa positions of each window query
+        for il in (0, 2):
+            assert np.all(pf.scores[il][:, : n - W - model.n_swa + 1] == 0)
+            assert np.all(pf.scores[il][:, n - model.n_swa:] > 0)
+        for il in (1, 3):
+            assert np.all(pf.scores[il] > 0)
+        swa_before = ctx.cell_positions(0, info.size_swa)
+        if how == "keep":
+            ctx.kv_keep(keep)
+        elif how == "per_head":   # per-head selection ignores the layers that are not in the base cache
+            ctx.kv_keep_per_head(np.broadcast_to(keep, (model.n_layer, model.n_head_kv, len(keep))))
+        if how != "none":
+            info = ctx.kv_info()
+            assert info.used_base == len(keep)
+            for il in (1, 3):
+                np.testing.assert_array_equal(ctx.cell_positions(il, len(keep)), keep)
+        np.testing.assert_array_equal(ctx.cell_positions(0, info.size_swa), swa_before)   # swa cache untouched
+        ctxs[how] = ctx
+    small = Context(model, 256, n_batch=128, flash_attn=fa)
+    assert small.kv_info().size_base == 256
+    small.state_set(ctxs["keep"].state_get(), n_past=n)
+    ctxs["small"] = small
+    assert small.kv_info().used_base == len(keep)
     for i in range(2):
-        a = step_logits(ctx, toks[n + i:n + i + 1], n + i)
-        b = step_logits(ctx2, toks[n + i:n + i + 1], n + i)
-        assert np.all(np.isfinite(a))
-        assert np.array_equal(a, b)
-    # and into a smaller context
-    small = Context(model, 256, flash_attn=fa)
-    small.state_set(ctx2.state_get(), n_past=n + 2)
-    ctx2.close()
-    ctx.close()
-    small.close()
+        lg = {how: step_logits(c, toks[n + i:n + i + 1], n + i) for how, c in ctxs.items()}
+        assert np.all(np.isfinite(lg["keep"]))
+        assert np.array_equal(lg["keep"], lg["per_head"])
+        assert np.array_equal(lg["keep"], lg["small"])
+        assert np.abs(lg["keep"] - lg["none"]).max() > 1e-3
+    for c in ctxs.values():
+        c.close()
 
 
 # ---------------------------------------------------------------- 12. end to end on SmolLM2
@@ -608,14 +706,23 @@ def fact_prompt(smollm2):
 @REAL
 def test_generate_real(smollm2, fact_prompt):
     model = smollm2
+    n = len(fact_prompt)
     full = generate(model, fact_prompt, policy="full", max_tokens=16)
+    print(f"full: {full.text!r}")
     assert "7419" in full.text.replace("-", "").replace(" ", ""), full.text
+    assert full.n_kept == n and full.kv_bytes == full.kv_bytes_full
+    answers = []
     for policy in ("asl", "snapkv"):
         r = generate(model, fact_prompt, policy=policy, budget=128, window=16, max_tokens=16)
-        print(f"{policy}: {r.text!r} kept {r.n_kept} kv {r.kv_bytes}/{r.kv_bytes_full} layer {r.selected_layer}")
-        assert r.text.strip()
-        assert r.n_generated > 0
+        print(f"{policy}: {r.text!r} kept {r.n_kept} kv {r.kv_bytes}/{r.kv_bytes_full} "
+              f"(allocated {r.kv_bytes_allocated}) layer {r.selected_layer} {r.note}")
+        assert r.policy == policy and r.n_prompt == n
+        assert r.text.strip() and r.n_generated > 0
         assert r.n_kept == 128
-        assert r.kv_bytes < r.kv_bytes_full
-        assert r.kv_bytes * 4 < r.kv_bytes_full
-        assert r.kv_bytes_allocated <= 256 * r.kv_bytes // 128
+        assert r.kv_bytes == full.kv_bytes_full * 128 // n
+        assert r.kv_bytes < r.kv_bytes_full == full.kv_bytes_full
+        assert r.kv_bytes_allocated < r.kv_bytes_full      # the decode context is sized to the budget
+        assert (r.selected_layer is not None) == (policy == "asl")
+        answers.append(r.text.replace("-", "").replace(" ", ""))
+    # 128 of ~600 tokens: at least one policy still finds the fact (today both do)
+    assert any("7419" in a for a in answers), answers
