@@ -48,6 +48,11 @@ PYASL_API bool            pyasl_capture_eval_cb(struct ggml_tensor * t, bool ask
 PYASL_API void            pyasl_capture_clear(pyasl_capture * cap);
 PYASL_API void            pyasl_capture_set_enabled(pyasl_capture * cap, bool enabled);
 PYASL_API int32_t         pyasl_capture_add_prefix(pyasl_capture * cap, const char * prefix);
+// Early exit: stop computing the graph at the first node of layer stop_layer + 1 (name suffix
+// "-<il>" with il > stop_layer); -1 turns it off. The logits of such a decode are meaningless and
+// layers past stop_layer keep stale K/V: for a first pass whose cache is thrown away (GemFilter).
+// With several backend splits only the current split stops.
+PYASL_API void            pyasl_capture_set_stop_layer(pyasl_capture * cap, int32_t stop_layer);
 PYASL_API int32_t         pyasl_capture_count(const pyasl_capture * cap);
 PYASL_API const char *    pyasl_capture_name(const pyasl_capture * cap, int32_t i);
 // layer index parsed from the "-<il>" suffix of the name, -1 if none
@@ -55,6 +60,10 @@ PYASL_API int32_t         pyasl_capture_layer(const pyasl_capture * cap, int32_t
 PYASL_API int32_t         pyasl_capture_shape(const pyasl_capture * cap, int32_t i, int64_t * ne4);
 // copies min(n, numel) floats; returns numel or a negative error
 PYASL_API int64_t         pyasl_capture_read(const pyasl_capture * cap, int32_t i, float * dst, int64_t n);
+
+// Let llama_decode accept batches whose positions skip values (still after the cached ones), to
+// re-prefill kept tokens at their original positions.
+PYASL_API int32_t pyasl_set_allow_pos_gaps(struct llama_context * ctx, bool allow);
 
 // ---- KV cache ----------------------------------------------------------------------------
 typedef struct pyasl_kv_info {

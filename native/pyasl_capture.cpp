@@ -25,8 +25,24 @@ struct entry {
 
 void pyasl_set_error(const std::string & msg) { g_last_error = msg; }
 
+static int32_t name_layer(const char * name) {
+    const char * dash = std::strrchr(name, '-');
+    if (!dash || !dash[1]) {
+        return -1;
+    }
+    int32_t v = 0;
+    for (const char * p = dash + 1; *p; ++p) {
+        if (*p < '0' || *p > '9') {
+            return -1;
+        }
+        v = v*10 + (*p - '0');
+    }
+    return v;
+}
+
 struct pyasl_capture {
     bool enabled = true;
+    int32_t stop_layer = -1;
     std::vector<std::string> prefixes = {PYASL_SCORES_NAME};
     std::vector<entry> entries;
     std::map<std::string, size_t> index;
@@ -76,6 +92,9 @@ int32_t pyasl_capture_add_prefix(pyasl_capture * cap, const char * prefix) {
 
 bool pyasl_capture_eval_cb(struct ggml_tensor * t, bool ask, void * user_data) {
     auto * cap = static_cast<pyasl_capture *>(user_data);
+    if (cap && cap->stop_layer >= 0 && name_layer(t->name) > cap->stop_layer) {
+        return ask ? true : false; // compute up to this node, then stop the split
+    }
     if (!cap || !cap->enabled || !cap->wants(t->name)) {
         return ask ? false : true;
     }
@@ -100,8 +119,7 @@ bool pyasl_capture_eval_cb(struct ggml_tensor * t, bool ask, void * user_data) {
     }
     entry & e = cap->entries[idx];
     e.name = t->name;
-    const char * dash = std::strrchr(t->name, '-');
-    e.layer = dash ? std::atoi(dash + 1) : -1;
+    e.layer = name_layer(t->name);
     for (int i = 0; i < 4; ++i) {
         e.ne[i] = t->ne[i];
     }
@@ -115,6 +133,12 @@ bool pyasl_capture_eval_cb(struct ggml_tensor * t, bool ask, void * user_data) {
         traits->to_float(cap->staging.data(), e.data.data(), n);
     }
     return true;
+}
+
+void pyasl_capture_set_stop_layer(pyasl_capture * cap, int32_t stop_layer) {
+    if (cap) {
+        cap->stop_layer = stop_layer < 0 ? -1 : stop_layer;
+    }
 }
 
 int32_t pyasl_capture_count(const pyasl_capture * cap) { return cap ? (int32_t) cap->entries.size() : 0; }

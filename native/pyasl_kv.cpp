@@ -252,6 +252,14 @@ int32_t pyasl_set_score_window(struct llama_context * ctx, int32_t n_window, int
     return PYASL_OK;
 }
 
+int32_t pyasl_set_allow_pos_gaps(struct llama_context * ctx, bool allow) {
+    if (!ctx) {
+        PYASL_FAIL(PYASL_ERR_ARG, "null llama_context");
+    }
+    pyasl_access::cparams(ctx).pyasl_allow_pos_gaps = allow;
+    return PYASL_OK;
+}
+
 int32_t pyasl_kv_get_info(struct llama_context * ctx, pyasl_kv_info * out) {
     caches c;
     int32_t rc = get_caches(ctx, c);

@@ -93,6 +93,8 @@ def load():
         "pyasl_capture_set_enabled": ([vp, c.c_bool], None),
         "pyasl_capture_add_prefix": ([vp, c.c_char_p], i32),
         "pyasl_capture_count": ([vp], i32),
+        "pyasl_capture_set_stop_layer": ([vp, i32], None),
+        "pyasl_set_allow_pos_gaps": ([vp, c.c_bool], i32),
         "pyasl_capture_name": ([vp, i32], c.c_char_p),
         "pyasl_capture_layer": ([vp, i32], i32),
         "pyasl_capture_shape": ([vp, i32, c.POINTER(i64)], i32),

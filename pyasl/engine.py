@@ -20,7 +20,8 @@ from . import _native
 from ._native import PyaslError, check
 
 SEQ = 0
-POLICIES = ("full", "snapkv", "asl")
+POLICIES = ("full", "snapkv", "asl", "asl-2pass", "gemfilter")
+TWO_PASS = ("asl-2pass", "gemfilter")
 
 
 class ModelLoadError(RuntimeError):
@@ -159,7 +160,7 @@ class Context:
 
     def __init__(self, model: Model, n_ctx: int, n_batch: int = 512, n_threads: Optional[int] = None,
                  flash_attn: bool = False, capture: bool = False, type_k: Optional[int] = None,
-                 type_v: Optional[int] = None):
+                 type_v: Optional[int] = None, allow_pos_gaps: bool = False):
         llama_cpp, lib, eval_cb = _ll()
         self.model = model
         self._cap = lib.pyasl_capture_new() if capture else None
@@ -190,6 +191,8 @@ class Context:
             raise RuntimeError(f"llama.cpp could not create a context of {n_ctx} tokens (out of memory, or a KV cache "
                                "type the model's head size does not allow); run with --verbose for llama.cpp's reason")
         self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
+        if allow_pos_gaps:
+            check(lib.pyasl_set_allow_pos_gaps(self._ctx, True), "allow position gaps")
         self.n_batch = n_batch
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self.n_past = 0  # next position
@@ -217,11 +220,13 @@ class Context:
         self.close()
 
     # ---- decoding ---------------------------------------------------------------------
-    def decode(self, tokens: list[int], pos0: Optional[int] = None, logits_last: bool = True) -> None:
-        """Decode tokens at consecutive positions from pos0 (default: after the last one)."""
+    def decode(self, tokens: list[int], pos0: Optional[int] = None, logits_last: bool = True,
+               positions: Optional[list[int]] = None) -> None:
+        """Decode tokens at consecutive positions from pos0 (default: after the last one), or at
+        explicit increasing `positions` (gaps need a context made with allow_pos_gaps)."""
         llama_cpp, _, _ = _ll()
         if pos0 is None:
-            pos0 = self.n_past
+            pos0 = self.n_past if positions is None else int(positions[0])
         if len(tokens) > self.n_batch:
             raise ValueError("decode: more tokens than n_batch")
         if pos0 + len(tokens) > self.n_ctx and not self._has_room(len(tokens)):
@@ -230,7 +235,7 @@ class Context:
         n = len(tokens)
         for i, t in enumerate(tokens):
             b.token[i] = t
-            b.pos[i] = pos0 + i
+            b.pos[i] = pos0 + i if positions is None else int(positions[i])
             b.n_seq_id[i] = 1
             b.seq_id[i][0] = SEQ
             b.logits[i] = 1 if (logits_last and i == n - 1) else 0
@@ -241,7 +246,14 @@ class Context:
                                ("no free KV cells (context full)" if rc == 1 else
                                 f"batch at positions {pos0}..{pos0 + n - 1} rejected (it must follow the last cached "
                                 "position); run with --verbose for llama.cpp's log"))
-        self.n_past = pos0 + n
+        self.n_past = (pos0 + n) if positions is None else int(positions[-1]) + 1
+
+    def set_stop_layer(self, layer: Optional[int]) -> None:
+        """Stop each decode's graph after `layer` (None: run every layer). See pyasl.h."""
+        _, lib, _ = _ll()
+        if self._cap is None:
+            raise RuntimeError("this context was created without score capture")
+        lib.pyasl_capture_set_stop_layer(self._cap, -1 if layer is None else int(layer))
 
     def _has_room(self, n: int) -> bool:
         info = self.kv_info()
@@ -288,16 +300,19 @@ class Context:
                     "cell positions")
         return out[:got]
 
-    def window_scores(self, n_prompt: int) -> np.ndarray:
-        """(n_layer, n_head, n_prompt) window attention summed over the window queries, by position."""
+    def window_scores(self, n_prompt: int, n_layers: Optional[int] = None) -> np.ndarray:
+        """(n_layers, n_head, n_prompt) window attention summed over the window queries, by position
+        (n_layers defaults to every layer; fewer after an early exit)."""
         caps = self.captured()
-        L, H = self.model.n_layer, self.model.n_head
+        L, H = n_layers or self.model.n_layer, self.model.n_head
         scores = np.zeros((L, H, n_prompt), dtype=np.float32)
         seen = 0
         for name, arr in caps.items():
             if not name.startswith("pyasl_scores-"):
                 continue
             il = int(name.rsplit("-", 1)[1])
+            if il >= L:
+                continue
             a = arr.reshape(arr.shape[-2], arr.shape[-1])  # [n_head, n_kv]
             pos = self.cell_positions(il, a.shape[1])
             ok = (pos >= 0) & (pos < n_prompt)
@@ -358,8 +373,13 @@ class Prefill:
 
 
 def prefill(ctx: Context, tokens: list[int], window: int = 0,
-            progress: Optional[Callable[[int, int], None]] = None) -> Prefill:
-    """Ordinary prefill. With window > 0 the last `window` tokens go in one ubatch with scores armed."""
+            progress: Optional[Callable[[int, int], None]] = None, stop_layer: Optional[int] = None) -> Prefill:
+    """Ordinary prefill. With window > 0 the last `window` tokens go in one ubatch with scores armed.
+
+    stop_layer: compute only layers 0..stop_layer for every ubatch (first pass of a two-pass
+    policy); the logits are then meaningless and scores cover stop_layer + 1 layers."""
+    if stop_layer is not None:
+        ctx.set_stop_layer(stop_layer)
     n = len(tokens)
     t0 = time.perf_counter()
     head = tokens[: n - window] if window else tokens
@@ -381,8 +401,10 @@ def prefill(ctx: Context, tokens: list[int], window: int = 0,
             progress(n, n)
     logits = ctx.logits()
     secs = time.perf_counter() - t0
+    if stop_layer is not None:
+        ctx.set_stop_layer(None)
     if window:
-        scores = ctx.window_scores(n)
+        scores = ctx.window_scores(n, None if stop_layer is None else stop_layer + 1)
     return Prefill(logits=logits, scores=scores, seconds=secs)
 
 
@@ -398,6 +420,7 @@ class GenerateResult:
     kv_bytes: int
     kv_bytes_allocated: int
     prefill_s: float
+    prefill_work: float
     select_s: float
     compact_s: float
     time_to_first_token_s: float
@@ -422,10 +445,16 @@ def _kv_bytes(info: _native.PyaslKvInfo, n_base: int, n_swa: int) -> int:
 def generate(model: Model, tokens: list[int], policy: str = "asl", budget: Optional[int] = 512, window: int = 32,
              tau: float = 0.3, l_min: Optional[int] = None, l_obs: Optional[int] = None, kernel: int = 7,
              max_tokens: int = 128, n_ctx: Optional[int] = None, n_threads: Optional[int] = None,
-             flash_attn: bool = False, n_batch: int = 512, ignore_eos: bool = False,
+             flash_attn: bool = False, n_batch: int = 512, ignore_eos: bool = False, layer: Optional[int] = None,
              progress: Optional[Callable[[int, int], None]] = None,
              on_text: Optional[Callable[[str], None]] = None) -> GenerateResult:
-    """Prefill `tokens`, prune the KV cache with `policy`, then decode greedily."""
+    """Prefill `tokens`, prune the KV cache with `policy`, then decode greedily.
+
+    Policies: full; snapkv (per-layer, per-KV-head top-k); asl (selection layer by rank variance,
+    its tokens kept in every layer); asl-2pass and gemfilter (select at the ASL layer / at the fixed
+    `layer`, then clear the cache and prefill only the kept tokens at their original positions;
+    gemfilter's first pass stops after `layer`).
+    """
     from . import policies as P
 
     if policy not in POLICIES:
@@ -442,6 +471,11 @@ def generate(model: Model, tokens: list[int], policy: str = "asl", budget: Optio
         raise ValueError(f"the prompt has {n} tokens, more than the model's training context {model.n_ctx_train}")
     note = ""
     prune = policy != "full"
+    if policy == "gemfilter":
+        if layer is None:
+            raise ValueError("policy gemfilter needs a filter layer (--layer N)")
+        if not 0 <= layer < model.n_layer:
+            raise ValueError(f"--layer {layer} is outside the model's layers 0..{model.n_layer - 1}")
     if prune:
         if budget is None:
             raise ValueError(f"policy {policy} needs a budget")
@@ -462,14 +496,48 @@ def generate(model: Model, tokens: list[int], policy: str = "asl", budget: Optio
     pre_ctx = max(n_ctx or 0, _pad(need if not prune else n + 1))
     ctx = Context(model, pre_ctx, n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn, capture=prune)
     info = ctx.kv_info()
-    pf = prefill(ctx, tokens, window=window if prune else 0, progress=progress)
+    stop = layer if (prune and policy == "gemfilter") else None
+    pf = prefill(ctx, tokens, window=window if prune else 0, progress=progress, stop_layer=stop)
     info = ctx.kv_info()
     kv_full = _kv_bytes(info, n, info.used_swa)
     selected = None
     asl_info = None
     t_sel = t_cmp = 0.0
     n_kept = n
-    if prune:
+    first_logits = pf.logits
+    prefill_s = pf.seconds
+    prefill_work = 1.0
+    N = model.n_layer
+    if prune and policy in TWO_PASS:
+        t0 = time.perf_counter()
+        if policy == "gemfilter":
+            kept = P.asl_select_at_layer(pf.scores, window=window, budget=budget, layer=layer, kernel=kernel)
+            selected = layer
+            layers_pass1 = layer + 1
+        else:
+            sel = P.asl_select(pf.scores, window=window, budget=budget, tau=tau, l_min=l_min, l_obs=l_obs,
+                               kernel=kernel)
+            kept, selected = sel.kept, sel.selected_layer
+            asl_info = {"ranking_layer": sel.ranking_layer, "triggered": sel.triggered,
+                        "variance_ratio": sel.variance_ratio}
+            note = sel.note or note
+            layers_pass1 = N
+        t_sel = time.perf_counter() - t0
+        ctx.close()
+        # second pass: only the kept tokens, at their original positions, through every layer
+        t0 = time.perf_counter()
+        ctx = Context(model, _pad(len(kept) + max_tokens), n_batch=n_batch, n_threads=n_threads,
+                      flash_attn=flash_attn, allow_pos_gaps=True)
+        kept_l = [int(k) for k in kept]
+        for i in range(0, len(kept_l), n_batch):
+            pos = kept_l[i: i + n_batch]
+            ctx.decode([tokens[p] for p in pos], positions=pos, logits_last=(i + n_batch >= len(kept_l)))
+        first_logits = ctx.logits()
+        t_cmp = time.perf_counter() - t0
+        n_kept = len(kept_l)
+        prefill_s = pf.seconds + t_sel + t_cmp
+        prefill_work = (layers_pass1 * n + N * n_kept) / (N * n)
+    elif prune:
         t0 = time.perf_counter()
         if policy == "asl":
             sel = P.asl_select(pf.scores, window=window, budget=budget, tau=tau, l_min=l_min, l_obs=l_obs, kernel=kernel)
@@ -504,7 +572,7 @@ def generate(model: Model, tokens: list[int], policy: str = "asl", budget: Optio
     out: list[int] = []
     dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
     text_parts: list[str] = []
-    logits = pf.logits
+    logits = first_logits
     ttft = pf.seconds + t_sel + t_cmp
     t_dec0 = time.perf_counter()
     for i in range(max_tokens):
@@ -535,6 +603,6 @@ def generate(model: Model, tokens: list[int], policy: str = "asl", budget: Optio
     return GenerateResult(
         text="".join(text_parts), policy=policy, n_prompt=n, n_generated=len(out), selected_layer=selected,
         n_kept=n_kept, kv_bytes_full=kv_full, kv_bytes=kv_kept, kv_bytes_allocated=kv_alloc,
-        prefill_s=pf.seconds, select_s=t_sel, compact_s=t_cmp, time_to_first_token_s=ttft, decode_s=t_dec,
+        prefill_s=prefill_s, prefill_work=prefill_work, select_s=t_sel, compact_s=t_cmp, time_to_first_token_s=ttft, decode_s=t_dec,
         decode_tokens_per_s=(n_dec_steps / t_dec) if t_dec > 0 and n_dec_steps else 0.0,
         window=window, budget=budget if policy != "full" else None, tokens=out, note=note, asl=asl_info)

@@ -127,3 +127,25 @@ def test_bad_input_is_a_clear_error(tiny, prompt_file, tmp_path, args, message):
 def test_models_path_known():
     p = run("models", "path", "smollm2")
     assert p.stdout.strip().endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.mark.parametrize("policy, extra", [("asl-2pass", []), ("gemfilter", ["--layer", 2])])
+def test_two_pass_policies_tiny(tiny, prompt_file, policy, extra):
+    p = run("generate", tiny, "--prompt-file", prompt_file, "--policy", policy, *extra, "--budget", 64,
+            "--window", 8, "--max-tokens", 8, "--json", "--raw")
+    assert p.returncode == 0, p.stderr
+    d = json.loads(p.stdout)
+    assert d["n_kept"] == 64 and d["n_generated"] >= 1
+    n, k, L = d["n_prompt"], 64, 6
+    first = 3 if policy == "gemfilter" else L
+    assert d["prefill_work"] == pytest.approx((first * n + L * k) / (L * n))
+    if policy == "gemfilter":
+        assert d["selected_layer"] == 2
+
+
+def test_gemfilter_needs_layer(tiny, prompt_file):
+    p = run("generate", tiny, "--prompt-file", prompt_file, "--policy", "gemfilter", "--budget", 64, "--raw")
+    assert p.returncode != 0 and "--layer" in p.stderr
+    p = run("generate", tiny, "--prompt-file", prompt_file, "--policy", "gemfilter", "--layer", 99, "--budget", 64,
+            "--raw")
+    assert p.returncode != 0 and "outside" in p.stderr
