@@ -14,14 +14,15 @@
 
 namespace {
 thread_local std::string g_last_error;
+}
 
-struct entry {
+struct pyasl_capture_entry {
     std::string name;
     int32_t layer = -1;
     int64_t ne[4] = {1, 1, 1, 1};
     std::vector<float> data;
 };
-}
+using entry = pyasl_capture_entry;
 
 void pyasl_set_error(const std::string & msg) { g_last_error = msg; }
 

@@ -24,7 +24,7 @@ ggml_tensor * pyasl_build_window_scores(
                                     q->nb[1], q->nb[2], q->nb[3], off*q->nb[1]);
 
     ggml_tensor * kq = ggml_mul_mat(ctx, k, qw); // [n_kv, n_window, n_head, 1]
-    ggml_mul_mat_set_prec(kq, GGML_PREC_F32);
+    ggml_prec_set_acc(kq, GGML_PREC_F32);
 
     if (softcap != 0.0f) {
         kq = ggml_scale(ctx, kq, 1.0f/softcap);

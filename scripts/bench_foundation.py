@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Foundation benchmark: full vs snapkv vs asl on a ~4K-token prompt (issue 2).
+"""Foundation benchmark: full vs snapkv vs asl (and the two-pass policies) on a ~4K-token prompt.
 
     python scripts/bench_foundation.py [--models smollm2,qwen2.5-0.5b] [--budget 512] [--tokens 4096]
 
@@ -59,6 +59,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--flash-attn", action="store_true")
+    ap.add_argument("--gemfilter-layer", type=float, default=0.4,
+                    help="gemfilter's fixed layer as a fraction of the depth (default 0.4)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench" / "foundation.json"))
     args = ap.parse_args()
 
@@ -68,14 +70,15 @@ def main() -> None:
         toks = build_prompt(model, args.tokens)
         for pol in args.policies.split(","):
             t0 = time.perf_counter()
-            r = generate(model, toks, policy=pol, budget=args.budget, window=args.window,
+            layer = int(round(args.gemfilter_layer * (model.n_layer - 1))) if pol == "gemfilter" else None
+            r = generate(model, toks, policy=pol, budget=args.budget, window=args.window, layer=layer,
                          max_tokens=args.max_tokens, ignore_eos=True, flash_attn=args.flash_attn)
             d = r.to_json()
             d.update(model=name, flash_attn=args.flash_attn, wall_s=time.perf_counter() - t0, answer_has_needle="4817" in r.text)
             runs.append(d)
             print(f"{name:14s} {pol:7s} prefill {d['prefill_s']:6.1f}s decode {d['decode_tokens_per_s']:6.1f} tok/s "
                   f"kv {d['kv_bytes'] / 2**20:6.1f}/{d['kv_bytes_full'] / 2**20:6.1f} MiB layer {d['selected_layer']} "
-                  f"needle {d['answer_has_needle']}", flush=True)
+                  f"work {d['prefill_work']:.2f} needle {d['answer_has_needle']}", flush=True)
         model.close()
     meta = {"command": "python scripts/bench_foundation.py " + " ".join(sys.argv[1:]),
             "machine": f"{platform.machine()} {os.cpu_count()} cores", "python": platform.python_version(),
