@@ -65,6 +65,22 @@ PYASL_API int64_t         pyasl_capture_read(const pyasl_capture * cap, int32_t 
 // re-prefill kept tokens at their original positions.
 PYASL_API int32_t pyasl_set_allow_pos_gaps(struct llama_context * ctx, bool allow);
 
+// ---- layer-major prefill --------------------------------------------------------------------
+// Run only layers [begin, end) of the model in the following decodes (begin = 0, end = n_layer
+// restores the whole model). With begin > 0 the batch carries hidden states (llama_batch.embd,
+// n_embd floats per token, no embedding scale); with end < n_layer the hidden state after layer
+// end - 1 of every batch token is exposed as llama.cpp's "layer input" end (see
+// llama_set_embeddings_layer_inp / llama_get_embeddings_layer_inp) and the logits are meaningless.
+// Supported architectures: llama, qwen2, qwen3, gemma3, phi3, mistral3; others refuse.
+PYASL_API int32_t pyasl_set_layer_range(struct llama_context * ctx, int32_t begin, int32_t end);
+// A batch whose positions the sequence already holds writes its K/V into those same cells
+// (recomputing a layer for positions cached by an earlier pass). Also allows position gaps.
+PYASL_API int32_t pyasl_set_reuse_cells(struct llama_context * ctx, bool reuse);
+// Expose (or stop exposing) the input hidden state of layer lid (0..n_layer) for every batch token;
+// pyasl_get_hidden returns n_batch x n_embd floats valid until the next decode (NULL if not armed).
+PYASL_API int32_t pyasl_set_hidden_output(struct llama_context * ctx, int32_t lid, bool enable);
+PYASL_API float * pyasl_get_hidden(struct llama_context * ctx, int32_t lid);
+
 // ---- KV cache ----------------------------------------------------------------------------
 typedef struct pyasl_kv_info {
     int32_t n_caches;        // 1 (plain) or 2 (sliding-window model: base + swa)
@@ -97,6 +113,11 @@ PYASL_API int32_t pyasl_kv_keep(struct llama_context * ctx, llama_seq_id seq_id,
 // must still be present). The cell metadata gets the element-wise max position over all lists.
 PYASL_API int32_t pyasl_kv_keep_per_head(struct llama_context * ctx, llama_seq_id seq_id, const int32_t * pos,
                                          int32_t n_layer, int32_t n_head_kv, int32_t k);
+
+// Copy the K/V rows of cells [0, n_cells) of model layers [il_begin, il_end) from src's cache to
+// dst's (same model and cache types; plain caches only). Cell metadata of dst is not touched.
+PYASL_API int32_t pyasl_kv_copy_cells(struct llama_context * dst, struct llama_context * src,
+                                      int32_t il_begin, int32_t il_end, int32_t n_cells);
 
 #ifdef __cplusplus
 }

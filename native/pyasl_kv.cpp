@@ -7,6 +7,8 @@
 #include "llama-kv-cache.h"
 #include "llama-kv-cache-iswa.h"
 #include "llama-kv-cells.h"
+#include "llama-model.h"
+#include "llama-arch.h"
 
 #include "ggml.h"
 #include "ggml-backend.h"
@@ -252,6 +254,68 @@ int32_t pyasl_set_score_window(struct llama_context * ctx, int32_t n_window, int
     return PYASL_OK;
 }
 
+int32_t pyasl_set_layer_range(struct llama_context * ctx, int32_t begin, int32_t end) {
+    if (!ctx) {
+        PYASL_FAIL(PYASL_ERR_ARG, "null llama_context");
+    }
+    const llama_model & model = ctx->get_model();
+    const int32_t n_layer = (int32_t) model.hparams.n_layer();
+    if (begin < 0 || end > n_layer || begin >= end) {
+        PYASL_FAIL(PYASL_ERR_ARG, "layer range [" + std::to_string(begin) + ", " + std::to_string(end) +
+                   ") is not inside [0, " + std::to_string(n_layer) + ")");
+    }
+    const bool whole = begin == 0 && end == n_layer;
+    if (!whole) {
+        switch (model.arch) {
+            case LLM_ARCH_LLAMA: case LLM_ARCH_QWEN2: case LLM_ARCH_QWEN3: case LLM_ARCH_GEMMA3:
+            case LLM_ARCH_PHI3: case LLM_ARCH_MISTRAL3:
+                break;
+            default:
+                PYASL_FAIL(PYASL_ERR_UNSUPPORTED, std::string("layer ranges are not implemented for architecture ") +
+                           llm_arch_name(model.arch));
+        }
+    }
+    auto & cp = pyasl_access::cparams(ctx);
+    cp.pyasl_layer_begin = whole ? 0 : begin;
+    cp.pyasl_layer_end   = whole ? 0 : end;
+    return PYASL_OK;
+}
+
+int32_t pyasl_set_hidden_output(struct llama_context * ctx, int32_t lid, bool enable) {
+    if (!ctx) {
+        PYASL_FAIL(PYASL_ERR_ARG, "null llama_context");
+    }
+    const int32_t n_layer = (int32_t) ctx->get_model().hparams.n_layer();
+    if (lid < 0 || lid > n_layer) {
+        PYASL_FAIL(PYASL_ERR_ARG, "hidden output layer " + std::to_string(lid) + " outside 0.." + std::to_string(n_layer));
+    }
+    ctx->set_embeddings_layer_inp((uint32_t) lid, enable);
+    return PYASL_OK;
+}
+
+float * pyasl_get_hidden(struct llama_context * ctx, int32_t lid) {
+    if (!ctx || lid < 0 || lid > (int32_t) ctx->get_model().hparams.n_layer() ||
+            !pyasl_access::cparams(ctx).embeddings_layer_inp[lid]) {
+        pyasl_set_error("pyasl_get_hidden: layer input not armed");
+        return nullptr;
+    }
+    return ctx->get_embeddings_layer_inp((uint32_t) lid);
+}
+
+int32_t pyasl_set_reuse_cells(struct llama_context * ctx, bool reuse) {
+    caches c;
+    int32_t rc = get_caches(ctx, c);
+    if (rc != PYASL_OK) {
+        return rc;
+    }
+    pyasl_access::cparams(ctx).pyasl_reuse_cells = reuse;
+    c.base->pyasl_reuse_cells = reuse;
+    if (c.swa) {
+        c.swa->pyasl_reuse_cells = reuse;
+    }
+    return PYASL_OK;
+}
+
 int32_t pyasl_set_allow_pos_gaps(struct llama_context * ctx, bool allow) {
     if (!ctx) {
         PYASL_FAIL(PYASL_ERR_ARG, "null llama_context");
@@ -389,6 +453,63 @@ int32_t pyasl_kv_keep_per_head(struct llama_context * ctx, llama_seq_id seq_id, 
                    " must be kept by at least one list (decoding continues right after it)");
     }
     return rewrite(c.base, seq_id, cell_of_pos, by_layer, meta);
+}
+
+int32_t pyasl_kv_copy_cells(struct llama_context * dst, struct llama_context * src,
+                            int32_t il_begin, int32_t il_end, int32_t n_cells) {
+    caches cd, cs;
+    int32_t rc;
+    if ((rc = get_caches(dst, cd)) != PYASL_OK || (rc = get_caches(src, cs)) != PYASL_OK) {
+        return rc;
+    }
+    if (cd.swa || cs.swa) {
+        PYASL_FAIL(PYASL_ERR_UNSUPPORTED, "pyasl_kv_copy_cells: sliding-window caches are not supported");
+    }
+    if (&dst->get_model() != &src->get_model()) {
+        PYASL_FAIL(PYASL_ERR_ARG, "pyasl_kv_copy_cells: the contexts use different models");
+    }
+    const uint32_t size_d = pyasl_access::cells(cd.base).size();
+    const uint32_t size_s = pyasl_access::cells(cs.base).size();
+    if (n_cells < 0 || (uint32_t) n_cells > size_d || (uint32_t) n_cells > size_s || il_begin < 0 || il_begin > il_end) {
+        PYASL_FAIL(PYASL_ERR_ARG, "pyasl_kv_copy_cells: bad cell count or layer range");
+    }
+    if (pyasl_access::v_trans(cd.base) != pyasl_access::v_trans(cs.base)) {
+        PYASL_FAIL(PYASL_ERR_UNSUPPORTED, "pyasl_kv_copy_cells: the caches store V differently (flash attention setting)");
+    }
+    const bool vt = pyasl_access::v_trans(cd.base);
+    std::vector<uint8_t> buf;
+    for (int32_t il = il_begin; il < il_end; ++il) {
+        const int32_t id = pyasl_access::ikv(cd.base, il), is = pyasl_access::ikv(cs.base, il);
+        if (id < 0 || is < 0) {
+            continue;
+        }
+        const auto & ld = pyasl_access::layers(cd.base)[id];
+        const auto & ls = pyasl_access::layers(cs.base)[is];
+        for (int kv = 0; kv < 2; ++kv) {
+            ggml_tensor * td = kv ? ld.v : ld.k;
+            ggml_tensor * ts = kv ? ls.v : ls.k;
+            if (!td || !ts) {
+                continue;
+            }
+            if (td->type != ts->type || td->ne[0] != ts->ne[0]) {
+                PYASL_FAIL(PYASL_ERR_UNSUPPORTED, "pyasl_kv_copy_cells: cache types differ");
+            }
+            if (kv == 0 || !vt) {
+                const size_t row = ts->nb[1];
+                buf.resize(row*n_cells);
+                ggml_backend_tensor_get(ts, buf.data(), 0, buf.size());
+                ggml_backend_tensor_set(td, buf.data(), 0, buf.size());
+            } else {
+                const size_t es = ggml_type_size(ts->type);
+                buf.resize(es*n_cells);
+                for (int64_t c = 0; c < ts->ne[0]; ++c) {
+                    ggml_backend_tensor_get(ts, buf.data(), (size_t) c*size_s*es, buf.size());
+                    ggml_backend_tensor_set(td, buf.data(), (size_t) c*size_d*es, buf.size());
+                }
+            }
+        }
+    }
+    return PYASL_OK;
 }
 
 } // extern "C"

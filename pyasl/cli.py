@@ -159,16 +159,19 @@ def _tokens(m, prompt: str, raw: bool, system: Optional[str]) -> list[int]:
 
 @main.command()
 @common_options
-@click.option("--policy", type=click.Choice(["full", "snapkv", "asl", "asl-2pass", "gemfilter"]), default="asl",
-              show_default=True, help="asl-2pass / gemfilter: select, then re-prefill only the kept tokens")
-@click.option("--layer", type=click.IntRange(min=0), help="fixed selection layer (gemfilter)")
+@click.option("--policy", type=click.Choice(["full", "snapkv", "asl", "fastkv", "asl-2pass", "gemfilter"]),
+              default="asl", show_default=True,
+              help="asl/fastkv: layer-major prefill, kept tokens propagate; asl-2pass/gemfilter: re-prefill kept tokens")
+@click.option("--layer", type=click.IntRange(min=0), help="fixed selection layer (fastkv, gemfilter)")
+@click.option("--prefill", "prefill_mode", type=click.Choice(["auto", "layer-major", "ordinary"]), default="auto",
+              show_default=True, help="how asl prefills (auto: layer-major where the architecture allows)")
 @click.option("--budget", default=512, show_default=True, type=click.IntRange(min=2), help="KV cells kept (hard cap)")
 @click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(min=1))
 @click.option("--ctx", "n_ctx", type=click.IntRange(min=16), help="context size limit for the prompt")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @click.option("--progress/--no-progress", default=None, help="prefill progress bar (default: when stderr is a tty)")
 def generate(model, prompt, prompt_file, window, raw, system, tau, l_min, l_obs, threads, flash_attn, verbose,
-             policy, layer, budget, max_tokens, n_ctx, as_json, progress):
+             policy, layer, prefill_mode, budget, max_tokens, n_ctx, as_json, progress):
     """Answer a (long) prompt with the KV cache pruned by POLICY.
 
     MODEL is a GGUF path or a known name (smollm2, qwen2.5-0.5b, gemma3-270m).
@@ -181,7 +184,7 @@ def generate(model, prompt, prompt_file, window, raw, system, tau, l_min, l_obs,
         m = _load_model(model, verbose)
         toks = _tokens(m, text, raw, system)
         stream = None if as_json else (lambda s: click.echo(s, nl=False))
-        res = run(m, toks, policy=policy, layer=layer, budget=budget, window=window, tau=tau, l_min=l_min, l_obs=l_obs,
+        res = run(m, toks, policy=policy, layer=layer, prefill_mode=prefill_mode, budget=budget, window=window, tau=tau, l_min=l_min, l_obs=l_obs,
                   max_tokens=max_tokens, n_ctx=n_ctx, n_threads=threads, flash_attn=flash_attn,
                   progress=bar, on_text=stream)
     except _errors() as e:
@@ -199,7 +202,7 @@ def generate(model, prompt, prompt_file, window, raw, system, tau, l_min, l_obs,
     sel = "none" if res.selected_layer is None else f"{res.selected_layer} of {m.n_layer}"
     click.echo("-" * 60, err=True)
     click.echo(f"policy {res.policy}: prompt {res.n_prompt} tokens, kept {res.n_kept}"
-               + (f", selected layer {sel}" if res.policy in ("asl", "asl-2pass", "gemfilter") else "")
+               + (f", selected layer {sel}" if res.policy in ("asl", "fastkv", "asl-2pass", "gemfilter") else "")
                + (f", prefill work {res.prefill_work:.2f}x" if res.prefill_work != 1.0 else ""), err=True)
     click.echo(f"KV memory {res.kv_bytes_full / mib:.1f} MiB -> {res.kv_bytes / mib:.1f} MiB "
                f"({100.0 * res.kv_bytes / max(1, res.kv_bytes_full):.1f}%)", err=True)

@@ -20,7 +20,8 @@ from . import _native
 from ._native import PyaslError, check
 
 SEQ = 0
-POLICIES = ("full", "snapkv", "asl", "asl-2pass", "gemfilter")
+POLICIES = ("full", "snapkv", "asl", "fastkv", "asl-2pass", "gemfilter")
+LAYER_RANGE_ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "phi3", "mistral3")
 TWO_PASS = ("asl-2pass", "gemfilter")
 
 
@@ -195,12 +196,16 @@ class Context:
             check(lib.pyasl_set_allow_pos_gaps(self._ctx, True), "allow position gaps")
         self.n_batch = n_batch
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._ebatch = None  # hidden-state batch, made on first use
+        self._hidden_lid = None
         self.n_past = 0  # next position
 
     def close(self) -> None:
         llama_cpp, lib, _ = _ll()
         if getattr(self, "_ctx", None):
             llama_cpp.llama_batch_free(self._batch)
+            if getattr(self, "_ebatch", None) is not None:
+                llama_cpp.llama_batch_free(self._ebatch)
             llama_cpp.llama_free(self._ctx)
             self._ctx = None
         if getattr(self, "_cap", None):
@@ -247,6 +252,56 @@ class Context:
                                 f"batch at positions {pos0}..{pos0 + n - 1} rejected (it must follow the last cached "
                                 "position); run with --verbose for llama.cpp's log"))
         self.n_past = (pos0 + n) if positions is None else int(positions[-1]) + 1
+
+    # ---- layer ranges (layer-major prefill) ---------------------------------------------
+    def set_layer_range(self, begin: int, end: int) -> None:
+        _, lib, _ = _ll()
+        check(lib.pyasl_set_layer_range(self._ctx, begin, end), "layer range")
+
+    def set_reuse_cells(self, reuse: bool) -> None:
+        _, lib, _ = _ll()
+        check(lib.pyasl_set_reuse_cells(self._ctx, reuse), "reuse cells")
+
+    def set_hidden_output(self, lid: Optional[int]) -> None:
+        """Expose the input of layer `lid` (= output of layer lid-1) for every batch token."""
+        _, lib, _ = _ll()
+        if self._hidden_lid is not None and self._hidden_lid != lid:
+            check(lib.pyasl_set_hidden_output(self._ctx, self._hidden_lid, False), "hidden output")
+        if lid is not None:
+            check(lib.pyasl_set_hidden_output(self._ctx, lid, True), "hidden output")
+        self._hidden_lid = lid
+
+    def hidden(self, n: int) -> np.ndarray:
+        """(n, n_embd) hidden states of the last batch's tokens at the exposed layer input."""
+        _, lib, _ = _ll()
+        if self._hidden_lid is None:
+            raise RuntimeError("no hidden output armed")
+        ptr = lib.pyasl_get_hidden(self._ctx, self._hidden_lid)
+        if not ptr:
+            raise PyaslError(lib.pyasl_last_error().decode())
+        return np.ctypeslib.as_array(ptr, shape=(n, self.model.n_embd)).copy()
+
+    def decode_hidden(self, hidden: np.ndarray, positions: list[int], logits_last: bool = True) -> None:
+        """Decode hidden states (n, n_embd) at the given positions (for a layer range starting > 0)."""
+        llama_cpp, _, _ = _ll()
+        n, d = hidden.shape
+        if d != self.model.n_embd or n > self.n_batch or n != len(positions):
+            raise ValueError("decode_hidden: bad shape")
+        if self._ebatch is None:
+            self._ebatch = llama_cpp.llama_batch_init(self.n_batch, self.model.n_embd, 1)
+        b = self._ebatch
+        h = np.ascontiguousarray(hidden, dtype=np.float32)
+        ctypes.memmove(b.embd, h.ctypes.data, h.nbytes)
+        for i, p in enumerate(positions):
+            b.pos[i] = int(p)
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = SEQ
+            b.logits[i] = 1 if (logits_last and i == n - 1) else 0
+        b.n_tokens = n
+        rc = llama_cpp.llama_decode(self._ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode (hidden states) failed ({rc}); run with --verbose for llama.cpp's log")
+        self.n_past = max(self.n_past, int(positions[-1]) + 1)
 
     def set_stop_layer(self, layer: Optional[int]) -> None:
         """Stop each decode's graph after `layer` (None: run every layer). See pyasl.h."""
@@ -299,6 +354,22 @@ class Context:
         got = check(lib.pyasl_kv_layer_cell_pos(self._ctx, layer, SEQ, out.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), n),
                     "cell positions")
         return out[:got]
+
+    def layer_scores(self, il: int, n_prompt: int) -> np.ndarray:
+        """(n_head, n_prompt) window scores of layer il from the last capture, by position."""
+        arr = self.captured().get(f"pyasl_scores-{il}")
+        if arr is None:
+            raise RuntimeError(f"no window scores were captured for layer {il}")
+        a = arr.reshape(arr.shape[-2], arr.shape[-1])
+        pos = self.cell_positions(il, a.shape[1])
+        ok = (pos >= 0) & (pos < n_prompt)
+        out = np.zeros((a.shape[0], n_prompt), dtype=np.float32)
+        out[:, pos[ok]] = a[:, :len(pos)][:, ok]
+        return out
+
+    def kv_copy_cells_from(self, src: "Context", il_begin: int, il_end: int, n_cells: int) -> None:
+        _, lib, _ = _ll()
+        check(lib.pyasl_kv_copy_cells(self._ctx, src._ctx, il_begin, il_end, n_cells), "kv copy cells")
 
     def window_scores(self, n_prompt: int, n_layers: Optional[int] = None) -> np.ndarray:
         """(n_layers, n_head, n_prompt) window attention summed over the window queries, by position
@@ -446,7 +517,7 @@ def generate(model: Model, tokens: list[int], policy: str = "asl", budget: Optio
              tau: float = 0.3, l_min: Optional[int] = None, l_obs: Optional[int] = None, kernel: int = 7,
              max_tokens: int = 128, n_ctx: Optional[int] = None, n_threads: Optional[int] = None,
              flash_attn: bool = False, n_batch: int = 512, ignore_eos: bool = False, layer: Optional[int] = None,
-             progress: Optional[Callable[[int, int], None]] = None,
+             prefill_mode: str = "auto", progress: Optional[Callable[[int, int], None]] = None,
              on_text: Optional[Callable[[str], None]] = None) -> GenerateResult:
     """Prefill `tokens`, prune the KV cache with `policy`, then decode greedily.
 
@@ -471,9 +542,9 @@ def generate(model: Model, tokens: list[int], policy: str = "asl", budget: Optio
         raise ValueError(f"the prompt has {n} tokens, more than the model's training context {model.n_ctx_train}")
     note = ""
     prune = policy != "full"
-    if policy == "gemfilter":
+    if policy in ("gemfilter", "fastkv"):
         if layer is None:
-            raise ValueError("policy gemfilter needs a filter layer (--layer N)")
+            raise ValueError(f"policy {policy} needs a selection layer (--layer N)")
         if not 0 <= layer < model.n_layer:
             raise ValueError(f"--layer {layer} is outside the model's layers 0..{model.n_layer - 1}")
     if prune:
@@ -492,78 +563,103 @@ def generate(model: Model, tokens: list[int], policy: str = "asl", budget: Optio
             note = f"budget {budget} >= prompt length {n}; nothing to prune (full KV)"
             prune = False
 
-    # prefill context: the whole prompt (+ generation when nothing will be pruned)
-    pre_ctx = max(n_ctx or 0, _pad(need if not prune else n + 1))
-    ctx = Context(model, pre_ctx, n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn, capture=prune)
-    info = ctx.kv_info()
-    stop = layer if (prune and policy == "gemfilter") else None
-    pf = prefill(ctx, tokens, window=window if prune else 0, progress=progress, stop_layer=stop)
-    info = ctx.kv_info()
-    kv_full = _kv_bytes(info, n, info.used_swa)
+    lm_reason = layer_major_supported(model)
+    if prune and policy == "fastkv" and lm_reason:
+        raise ValueError(f"policy fastkv needs layer-major prefill: {lm_reason}")
+    if prefill_mode == "layer-major" and lm_reason and prune:
+        raise ValueError(lm_reason)
+    use_lm = prune and policy in ("asl", "fastkv") and prefill_mode != "ordinary" and lm_reason is None
+    if prune and policy == "asl" and lm_reason and prefill_mode == "auto":
+        note = f"ordinary prefill ({lm_reason})"
     selected = None
     asl_info = None
     t_sel = t_cmp = 0.0
-    n_kept = n
-    first_logits = pf.logits
-    prefill_s = pf.seconds
-    prefill_work = 1.0
-    N = model.n_layer
-    if prune and policy in TWO_PASS:
-        t0 = time.perf_counter()
-        if policy == "gemfilter":
-            kept = P.asl_select_at_layer(pf.scores, window=window, budget=budget, layer=layer, kernel=kernel)
-            selected = layer
-            layers_pass1 = layer + 1
+    if use_lm:
+        lm = layer_major_prefill(model, tokens, policy, budget, window, tau=tau, l_min=l_min, l_obs=l_obs,
+                                 kernel=kernel, layer=layer, max_tokens=max_tokens, n_batch=n_batch,
+                                 n_threads=n_threads, flash_attn=flash_attn, progress=progress)
+        ctx, first_logits, n_kept, kv_full = lm.ctx, lm.logits, lm.n_kept, lm.kv_bytes_full
+        prefill_s = lm.prefill_s
+        prefill_work = lm.prefill_work
+        pf = Prefill(logits=lm.logits, scores=None, seconds=lm.prefill_s)
+        sel = lm.selection
+        if policy == "fastkv":
+            selected = lm.stop_layer
         else:
-            sel = P.asl_select(pf.scores, window=window, budget=budget, tau=tau, l_min=l_min, l_obs=l_obs,
-                               kernel=kernel)
-            kept, selected = sel.kept, sel.selected_layer
-            asl_info = {"ranking_layer": sel.ranking_layer, "triggered": sel.triggered,
-                        "variance_ratio": sel.variance_ratio}
-            note = sel.note or note
-            layers_pass1 = N
-        t_sel = time.perf_counter() - t0
-        ctx.close()
-        # second pass: only the kept tokens, at their original positions, through every layer
-        t0 = time.perf_counter()
-        ctx = Context(model, _pad(len(kept) + max_tokens), n_batch=n_batch, n_threads=n_threads,
-                      flash_attn=flash_attn, allow_pos_gaps=True)
-        kept_l = [int(k) for k in kept]
-        for i in range(0, len(kept_l), n_batch):
-            pos = kept_l[i: i + n_batch]
-            ctx.decode([tokens[p] for p in pos], positions=pos, logits_last=(i + n_batch >= len(kept_l)))
-        first_logits = ctx.logits()
-        t_cmp = time.perf_counter() - t0
-        n_kept = len(kept_l)
-        prefill_s = pf.seconds + t_sel + t_cmp
-        prefill_work = (layers_pass1 * n + N * n_kept) / (N * n)
-    elif prune:
-        t0 = time.perf_counter()
-        if policy == "asl":
-            sel = P.asl_select(pf.scores, window=window, budget=budget, tau=tau, l_min=l_min, l_obs=l_obs, kernel=kernel)
             selected = sel.selected_layer
             asl_info = {"ranking_layer": sel.ranking_layer, "triggered": sel.triggered,
-                        "variance_ratio": sel.variance_ratio}
-            if sel.note:
-                note = sel.note
-            t_sel = time.perf_counter() - t0
+                        "variance_ratio": sel.variance_ratio, "prefill": "layer-major"}
+            note = sel.note or note
+    else:
+        # prefill context: the whole prompt (+ generation when nothing will be pruned)
+        pre_ctx = max(n_ctx or 0, _pad(need if not prune else n + 1))
+        ctx = Context(model, pre_ctx, n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn, capture=prune)
+        info = ctx.kv_info()
+        stop = layer if (prune and policy == "gemfilter") else None
+        pf = prefill(ctx, tokens, window=window if prune else 0, progress=progress, stop_layer=stop)
+        info = ctx.kv_info()
+        kv_full = _kv_bytes(info, n, info.used_swa)
+        n_kept = n
+        first_logits = pf.logits
+        prefill_s = pf.seconds
+        prefill_work = 1.0
+        N = model.n_layer
+        if prune and policy in TWO_PASS:
             t0 = time.perf_counter()
-            ctx.kv_keep(sel.kept)
-            n_kept = len(sel.kept)
-        else:  # snapkv
-            sets = P.snapkv_select_all(pf.scores, window=window, budget=budget, n_head_kv=model.n_head_kv, kernel=kernel)
+            if policy == "gemfilter":
+                kept = P.asl_select_at_layer(pf.scores, window=window, budget=budget, layer=layer, kernel=kernel)
+                selected = layer
+                layers_pass1 = layer + 1
+            else:
+                sel = P.asl_select(pf.scores, window=window, budget=budget, tau=tau, l_min=l_min, l_obs=l_obs,
+                                   kernel=kernel)
+                kept, selected = sel.kept, sel.selected_layer
+                asl_info = {"ranking_layer": sel.ranking_layer, "triggered": sel.triggered,
+                            "variance_ratio": sel.variance_ratio}
+                note = sel.note or note
+                layers_pass1 = N
             t_sel = time.perf_counter() - t0
+            ctx.close()
+            # second pass: only the kept tokens, at their original positions, through every layer
             t0 = time.perf_counter()
-            ctx.kv_keep_per_head(sets)
-            n_kept = sets.shape[-1]
-        # move the pruned sequence into a context sized to what is kept + the generation
-        state = ctx.state_get()
-        swa_used = ctx.kv_info().used_swa
-        ctx.close()
-        ctx = Context(model, _pad(max(n_kept, swa_used) + max_tokens), n_batch=n_batch, n_threads=n_threads,
-                      flash_attn=flash_attn)
-        ctx.state_set(state, n_past=n)
-        t_cmp = time.perf_counter() - t0
+            ctx = Context(model, _pad(len(kept) + max_tokens), n_batch=n_batch, n_threads=n_threads,
+                          flash_attn=flash_attn, allow_pos_gaps=True)
+            kept_l = [int(k) for k in kept]
+            for i in range(0, len(kept_l), n_batch):
+                pos = kept_l[i: i + n_batch]
+                ctx.decode([tokens[p] for p in pos], positions=pos, logits_last=(i + n_batch >= len(kept_l)))
+            first_logits = ctx.logits()
+            t_cmp = time.perf_counter() - t0
+            n_kept = len(kept_l)
+            prefill_s = pf.seconds + t_sel + t_cmp
+            prefill_work = (layers_pass1 * n + N * n_kept) / (N * n)
+        elif prune:
+            t0 = time.perf_counter()
+            if policy == "asl":
+                sel = P.asl_select(pf.scores, window=window, budget=budget, tau=tau, l_min=l_min, l_obs=l_obs, kernel=kernel)
+                selected = sel.selected_layer
+                asl_info = {"ranking_layer": sel.ranking_layer, "triggered": sel.triggered,
+                            "variance_ratio": sel.variance_ratio, "prefill": "ordinary"}
+                if sel.note:
+                    note = (note + "; " if note else "") + sel.note
+                t_sel = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                ctx.kv_keep(sel.kept)
+                n_kept = len(sel.kept)
+            else:  # snapkv
+                sets = P.snapkv_select_all(pf.scores, window=window, budget=budget, n_head_kv=model.n_head_kv, kernel=kernel)
+                t_sel = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                ctx.kv_keep_per_head(sets)
+                n_kept = sets.shape[-1]
+            # move the pruned sequence into a context sized to what is kept + the generation
+            state = ctx.state_get()
+            swa_used = ctx.kv_info().used_swa
+            ctx.close()
+            ctx = Context(model, _pad(max(n_kept, swa_used) + max_tokens), n_batch=n_batch, n_threads=n_threads,
+                          flash_attn=flash_attn)
+            ctx.state_set(state, n_past=n)
+            t_cmp = time.perf_counter() - t0
     info = ctx.kv_info()
     kv_kept = _kv_bytes(info, n_kept, info.used_swa)
     kv_alloc = _kv_bytes(info, info.size_base, info.size_swa)
@@ -606,3 +702,132 @@ def generate(model: Model, tokens: list[int], policy: str = "asl", budget: Optio
         prefill_s=prefill_s, prefill_work=prefill_work, select_s=t_sel, compact_s=t_cmp, time_to_first_token_s=ttft, decode_s=t_dec,
         decode_tokens_per_s=(n_dec_steps / t_dec) if t_dec > 0 and n_dec_steps else 0.0,
         window=window, budget=budget if policy != "full" else None, tokens=out, note=note, asl=asl_info)
+
+
+@dataclass
+class LayerMajor:
+    ctx: Context            # the decode context (kept cells only), positioned after the prompt
+    logits: np.ndarray      # full-depth logits of the last prompt token
+    stop_layer: int         # the selection layer (fastkv: the fixed one; asl: N-1 when tau never reached)
+    selection: Optional[object]
+    n_kept: int
+    kept: np.ndarray        # positions whose hidden states went past the selection layer
+    scores: np.ndarray      # (stop_layer + 1, n_head, n_prompt) window scores of the layers that ran
+    kv_bytes_full: int
+    prefill_s: float
+    prefill_work: float
+
+
+def layer_major_supported(model: Model) -> Optional[str]:
+    """None when layer-major prefill works for this model, else the reason."""
+    if model.arch not in LAYER_RANGE_ARCHS:
+        return f"layer-major prefill is not implemented for architecture {model.arch!r}"
+    if model.n_swa > 0:
+        return "layer-major prefill does not handle sliding-window caches yet"
+    return None
+
+
+def layer_major_prefill(model: Model, tokens: list[int], policy: str, budget: int, window: int, tau: float = 0.3,
+                        l_min: Optional[int] = None, l_obs: Optional[int] = None, kernel: int = 7,
+                        layer: Optional[int] = None, max_tokens: int = 128, n_batch: int = 512,
+                        n_threads: Optional[int] = None, flash_attn: bool = False,
+                        progress: Optional[Callable[[int, int], None]] = None) -> LayerMajor:
+    """Layer-major prefill with one-shot token-selective propagation (policies asl and fastkv).
+
+    Every layer runs over all ubatches before the next one; the window scores of each layer come
+    from the last ubatch (the last `window` tokens). After layer L (asl: the first layer whose rank
+    variance ratio is below tau; fastkv: `layer`) only the kept tokens' hidden states go through
+    layers L+1..N-1, at their original positions, in a context sized to the budget. Layers <= L keep
+    the SnapKV per-KV-head top-`budget` of their own full KV; layers > L hold the kept tokens.
+    """
+    from . import policies as P
+
+    why = layer_major_supported(model)
+    if why:
+        raise ValueError(why)
+    N, n = model.n_layer, len(tokens)
+    d_min, d_obs = P.default_layer_params(N)
+    l_min = d_min if l_min is None else l_min
+    l_obs = d_obs if l_obs is None else l_obs
+    if policy == "fastkv" and (layer is None or not 0 <= layer < N):
+        raise ValueError(f"policy fastkv needs --layer in 0..{N - 1}")
+    if not 0 <= l_min < N:
+        raise ValueError(f"l_min {l_min} is outside the model's layers 0..{N - 1}")
+    t0 = time.perf_counter()
+    A = Context(model, _pad(n + 1), n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn, capture=True)
+    head = n - window
+    chunks = [(i, min(i + n_batch, head)) for i in range(0, head, n_batch)] + [(head, n)]
+    scores = np.zeros((N, model.n_head, n), dtype=np.float32)
+    H = None
+    stop, sel = None, None
+    for l in range(N):
+        last = l == N - 1
+        A.set_layer_range(l, l + 1)
+        A.set_reuse_cells(l > 0)
+        A.set_hidden_output(None if last else l + 1)
+        newH = None if last else np.empty((n, model.n_embd), dtype=np.float32)
+        for a, b in chunks:
+            win = a == head
+            if win:
+                A.arm_scores(window)
+            try:
+                if l == 0:
+                    A.decode(tokens[a:b], pos0=a, logits_last=win)
+                else:
+                    A.decode_hidden(H[a:b], list(range(a, b)), logits_last=win)
+            finally:
+                if win:
+                    A.disarm_scores()
+            if newH is not None:
+                newH[a:b] = A.hidden(b - a)
+        scores[l] = A.layer_scores(l, n)
+        H = newH
+        if progress:
+            progress((l + 1) * n, N * n)
+        if policy == "fastkv":
+            if l == layer:
+                stop = l
+                break
+        elif l > l_min:
+            s = P.asl_select(scores[: l + 1], window=window, budget=budget, tau=tau, l_min=l_min, l_obs=l_obs,
+                             kernel=kernel)
+            if s.selected_layer is not None:
+                stop, sel = l, s
+                break
+    kv_full = _kv_bytes(A.kv_info(), n, 0)
+    if stop is None:  # asl: tau never reached, every layer ran
+        stop = N - 1
+        sel = P.asl_select(scores, window=window, budget=budget, tau=tau, l_min=l_min, l_obs=l_obs, kernel=kernel)
+    kept = sel.kept if sel is not None else P.asl_select_at_layer(scores[: stop + 1], window=window, budget=budget,
+                                                                  layer=stop, kernel=kernel)
+    k = len(kept)
+    sets = np.empty((N, model.n_head_kv, k), dtype=np.int32)
+    for l in range(N):
+        sets[l] = P.snapkv_select(scores[l], window=window, budget=budget, n_head_kv=model.n_head_kv,
+                                  kernel=kernel) if l <= stop else kept
+    A.set_layer_range(0, N)
+    A.set_reuse_cells(False)
+    A.set_hidden_output(None)
+    A.kv_keep_per_head(sets)
+    if stop == N - 1:
+        logits = A.logits()
+        state = A.state_get()
+        A.close()
+        B = Context(model, _pad(k + max_tokens), n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn)
+        B.state_set(state, n_past=n)
+    else:
+        B = Context(model, _pad(k + max_tokens), n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn,
+                    allow_pos_gaps=True)
+        B.set_layer_range(stop + 1, N)
+        kept_l = [int(x) for x in kept]
+        for i in range(0, k, n_batch):
+            pos = kept_l[i: i + n_batch]
+            B.decode_hidden(H[pos], pos, logits_last=i + n_batch >= k)
+        logits = B.logits()
+        B.set_layer_range(0, N)
+        B.kv_copy_cells_from(A, 0, stop + 1, k)
+        A.close()
+    work = ((stop + 1) * n + (N - stop - 1) * k) / (N * n)
+    return LayerMajor(ctx=B, logits=logits, stop_layer=stop, selection=sel, n_kept=k, kept=np.asarray(kept),
+                      scores=scores[: stop + 1], kv_bytes_full=kv_full,
+                      prefill_s=time.perf_counter() - t0, prefill_work=work)

@@ -76,13 +76,21 @@ def test_inspect_json_tiny(tiny, prompt_file):
 def test_generate_real_smollm2_answers():
     prompt = ("Paris is the capital of France. " * 40 + "The magic number is 8812. " +
               "Berlin is in Germany. " * 40 + "What is the magic number?")
+    # ordinary prefill keeps ASL's token set in every layer: it finds the number here
     p = run("generate", "smollm2", "--prompt", prompt, "--policy", "asl", "--budget", 128, "--window", 16,
-            "--max-tokens", 16, "--json")
+            "--max-tokens", 16, "--json", "--prefill", "ordinary")
     assert p.returncode == 0, p.stderr
     d = json.loads(p.stdout)
     assert d["n_kept"] == 128 and d["n_prompt"] > 400
     assert "8812" in d["text"]
     assert d["kv_bytes"] < d["kv_bytes_full"] / 3
+    # layer-major (the default): same budget and memory, prefill work <= full
+    p = run("generate", "smollm2", "--prompt", prompt, "--policy", "asl", "--budget", 128, "--window", 16,
+            "--max-tokens", 16, "--json")
+    assert p.returncode == 0, p.stderr
+    d2 = json.loads(p.stdout)
+    assert d2["n_kept"] == 128 and d2["kv_bytes"] == d["kv_bytes"] and d2["prefill_work"] <= 1.0
+    assert d2["asl"]["prefill"] == "layer-major" and d2["text"]
 
 
 def test_human_summary(tiny, prompt_file):
