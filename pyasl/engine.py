@@ -51,7 +51,26 @@ def _check_gguf(path: Path) -> None:
         raise ModelLoadError(f"{path} is truncated")
 
 
-class Model:
+class _Native:
+    """Owns a native handle: freed by close(), on garbage collection, or at the end of a with block."""
+
+    def close(self) -> None:  # pragma: no cover - overridden
+        pass
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Model(_Native):
     """A loaded GGUF model (weights only; contexts are made per request)."""
 
     def __init__(self, path: str | os.PathLike, n_gpu_layers: int = 0, verbose: bool = False):
@@ -94,11 +113,6 @@ class Model:
             llama_cpp.llama_model_free(self._m)
             self._m = None
 
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
     # ---- text -------------------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
@@ -156,7 +170,7 @@ class Model:
         return self.tokenize(text, add_special=False, parse_special=True)
 
 
-class Context:
+class Context(_Native):
     """A llama_context for one sequence, optionally wired to a score capture."""
 
     def __init__(self, model: Model, n_ctx: int, n_batch: int = 512, n_threads: Optional[int] = None,
@@ -212,17 +226,7 @@ class Context:
             lib.pyasl_capture_free(self._cap)
             self._cap = None
 
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     # ---- decoding ---------------------------------------------------------------------
     def decode(self, tokens: list[int], pos0: Optional[int] = None, logits_last: bool = True,

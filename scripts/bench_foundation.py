@@ -59,10 +59,16 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--flash-attn", action="store_true")
-    ap.add_argument("--gemfilter-layer", type=float, default=0.4,
-                    help="gemfilter's fixed layer as a fraction of the depth (default 0.4)")
+    ap.add_argument("--fixed-layer", type=float, default=0.4,
+                    help="fastkv's and gemfilter's fixed layer as a fraction of the depth (default 0.4)")
+    ap.add_argument("--prefill", default="auto", choices=["auto", "layer-major", "ordinary"],
+                    help="prefill mode for asl")
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench" / "foundation.json"))
+    ap.add_argument("--table", metavar="JSON", help="print the Markdown table of a results file and exit")
     args = ap.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())["runs"]))
+        return
 
     runs = []
     for name in args.models.split(","):
@@ -70,11 +76,12 @@ def main() -> None:
         toks = build_prompt(model, args.tokens)
         for pol in args.policies.split(","):
             t0 = time.perf_counter()
-            layer = int(round(args.gemfilter_layer * (model.n_layer - 1))) if pol == "gemfilter" else None
+            layer = int(round(args.fixed_layer * (model.n_layer - 1))) if pol in ("gemfilter", "fastkv") else None
             r = generate(model, toks, policy=pol, budget=args.budget, window=args.window, layer=layer,
+                         prefill_mode=args.prefill,
                          max_tokens=args.max_tokens, ignore_eos=True, flash_attn=args.flash_attn)
             d = r.to_json()
-            d.update(model=name, flash_attn=args.flash_attn, wall_s=time.perf_counter() - t0, answer_has_needle="4817" in r.text)
+            d.update(model=name, flash_attn=args.flash_attn, n_tokens_target=args.tokens, wall_s=time.perf_counter() - t0, answer_has_needle="4817" in r.text)
             runs.append(d)
             print(f"{name:14s} {pol:7s} prefill {d['prefill_s']:6.1f}s decode {d['decode_tokens_per_s']:6.1f} tok/s "
                   f"kv {d['kv_bytes'] / 2**20:6.1f}/{d['kv_bytes_full'] / 2**20:6.1f} MiB layer {d['selected_layer']} "
@@ -86,15 +93,29 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
 
-    print("\n| model | policy | prompt | kept | selected layer | prefill s | TTFT s | decode tok/s | KV MiB | KV % of full | needle in answer |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    full = {r["model"]: r for r in runs if r["policy"] == "full"}
+    print()
+    print(table(runs))
+
+
+def table(runs: list[dict]) -> str:
+    """Markdown table of benchmark runs (ratios against the same model's full run)."""
+    out = ["| model | policy | prompt | kept | selected layer | prefill s (vs full) | prefill_work | TTFT s | "
+           "decode tok/s (vs full) | KV MiB held | KV % of full | KV MiB allocated | needle in answer |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    full = {(r["model"], r["n_prompt"]): r for r in runs if r["policy"] == "full"}
     for r in runs:
-        f = full.get(r["model"])
-        speed = f" ({r['decode_tokens_per_s'] / f['decode_tokens_per_s']:.2f}x)" if f and r is not f else ""
-        print(f"| {r['model']} | {r['policy']} | {r['n_prompt']} | {r['n_kept']} | {r['selected_layer']} | "
-              f"{r['prefill_s']:.1f} | {r['time_to_first_token_s']:.1f} | {r['decode_tokens_per_s']:.1f}{speed} | "
-              f"{r['kv_bytes'] / 2**20:.1f} | {100 * r['kv_bytes'] / r['kv_bytes_full']:.1f} | {r['answer_has_needle']} |")
+        f = full.get((r["model"], r["n_prompt"]))
+        rel = (lambda a, b: f" ({a / b:.2f}x)") if f else (lambda a, b: "")
+        sel = "—" if r["policy"] in ("full", "snapkv") else (
+            "not reached" if r["selected_layer"] is None else str(r["selected_layer"]))
+        out.append(
+            f"| {r['model']} | {r['policy']} | {r['n_prompt']} | {r['n_kept']} | {sel} | "
+            f"{r['prefill_s']:.1f}{rel(r['prefill_s'], f['prefill_s']) if f else ''} | "
+            f"{r.get('prefill_work', 1.0):.2f} | {r['time_to_first_token_s']:.1f} | "
+            f"{r['decode_tokens_per_s']:.1f}{rel(r['decode_tokens_per_s'], f['decode_tokens_per_s']) if f else ''} | "
+            f"{r['kv_bytes'] / 2**20:.1f} | {100 * r['kv_bytes'] / r['kv_bytes_full']:.1f} | "
+            f"{r['kv_bytes_allocated'] / 2**20:.1f} | {'yes' if r['answer_has_needle'] else 'no'} |")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
