@@ -217,9 +217,12 @@ def generate(model, prompt, prompt_file, window, raw, system, tau, l_min, l_obs,
 @main.command()
 @common_options
 @click.option("--budget", type=click.IntRange(min=2), help="select_k used for the variance (default min(512, n))")
+@click.option("--policy", type=click.Choice(["asl", "asl-2pass", "fastkv", "gemfilter", "snapkv", "full"]),
+              default="asl", show_default=True, help="whose selection layer to report")
+@click.option("--layer", type=click.IntRange(min=0), help="fixed selection layer (fastkv, gemfilter)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def inspect(model, prompt, prompt_file, window, raw, system, tau, l_min, l_obs, threads, flash_attn, verbose,
-            budget, as_json):
+            budget, policy, layer, as_json):
     """Per-layer window-attention scores and the ASL decision for a prompt (no generation)."""
     from . import policies as P
     from .engine import Context, prefill
@@ -240,9 +243,15 @@ def inspect(model, prompt, prompt_file, window, raw, system, tau, l_min, l_obs, 
         if budget is not None and budget <= window:
             raise ValueError(f"budget {budget} must be larger than the window {window}")
         info = P.inspect_layers(pf.scores, window, l_min=l_min, l_obs=l_obs, budget=budget, tau=tau)
+        if policy in ("fastkv", "gemfilter"):
+            if layer is None or layer >= m.n_layer:
+                raise ValueError(f"policy {policy} needs --layer in 0..{m.n_layer - 1}")
+            info["selected_layer"], info["note"] = layer, f"fixed layer {layer}"
+        elif policy in ("snapkv", "full"):
+            info["selected_layer"], info["note"] = None, f"{policy} has no selection layer"
     except _errors() as e:
         _fail(str(e))
-    out = {"model": str(m.path), "n_layer": m.n_layer, "n_prompt": n, "window": window,
+    out = {"model": str(m.path), "n_layer": m.n_layer, "n_prompt": n, "window": window, "policy": policy,
            "selected_layer": info["selected_layer"], "budget": info["budget"], "tau": tau,
            "l_min": info["l_min"], "l_obs": info["l_obs"], "note": info["note"],
            "layers": [{"layer": d["layer"], "scores": d["scores"], "variance_ratio": d["variance_ratio"]}

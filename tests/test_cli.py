@@ -157,3 +157,13 @@ def test_gemfilter_needs_layer(tiny, prompt_file):
     p = run("generate", tiny, "--prompt-file", prompt_file, "--policy", "gemfilter", "--layer", 99, "--budget", 64,
             "--raw")
     assert p.returncode != 0 and "outside" in p.stderr
+
+
+@pytest.mark.parametrize("policy, extra, want", [("fastkv", ["--layer", 3], 3), ("gemfilter", ["--layer", 1], 1),
+                                                 ("snapkv", [], None)])
+def test_inspect_reports_the_policy_layer(tiny, prompt_file, policy, extra, want):
+    p = run("inspect", tiny, "--prompt-file", prompt_file, "--window", 8, "--budget", 32, "--raw", "--json",
+            "--policy", policy, *extra)
+    assert p.returncode == 0, p.stderr
+    d = json.loads(p.stdout)
+    assert d["policy"] == policy and d["selected_layer"] == want
