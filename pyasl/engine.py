@@ -525,11 +525,17 @@ def generate(model: Model, tokens: list[int], policy: str = "asl", budget: Optio
              on_text: Optional[Callable[[str], None]] = None) -> GenerateResult:
     """Prefill `tokens`, prune the KV cache with `policy`, then decode greedily.
 
-    Policies: full; snapkv (per-layer, per-KV-head top-k); asl (selection layer by rank variance,
-    its tokens kept in every layer); asl-2pass and gemfilter (select at the ASL layer / at the fixed
-    `layer`, then clear the cache and prefill only the kept tokens at their original positions;
-    gemfilter's first pass stops after `layer`).
+    Policies: full; snapkv (per-layer, per-KV-head top-k); asl (selection layer by rank variance);
+    fastkv (a fixed selection `layer`); asl-2pass and gemfilter (select at the ASL layer / at the
+    fixed `layer`, then clear the cache and prefill only the kept tokens at their original
+    positions; gemfilter's first pass stops after `layer`).
+
+    asl and fastkv prefill layer-major with one-shot propagation (layer_major_prefill) where the
+    architecture allows (prefill_mode "auto" or "layer-major"); prefill_mode "ordinary" runs every
+    layer over every token and keeps asl's token set in every layer.
     """
+    if prefill_mode not in ("auto", "layer-major", "ordinary"):
+        raise ValueError(f"prefill_mode must be auto, layer-major or ordinary, not {prefill_mode!r}")
     from . import policies as P
 
     if policy not in POLICIES:
