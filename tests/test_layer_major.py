@@ -25,7 +25,7 @@ from pyasl.models import fetch_model  # noqa: E402
 N_LAYER = 6
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "gemma3"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gemma3", "qwen3", "phi3", "mistral3"])
 def tiny(request) -> Model:
     return Model(tinymodels.tiny_model_path(request.param, n_layer=N_LAYER))
 

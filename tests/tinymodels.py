@@ -8,6 +8,12 @@ the ``gguf`` package.  Supported architectures:
 * ``qwen2``  - as llama plus q/k/v biases.
 * ``gemma3`` - q/k norms, post-attention/post-FFN norms, scaled embeddings,
   interleaved sliding-window and global attention layers.
+* ``qwen3``  - as llama plus per-head RMS norms on q and k (``attn_q_norm``,
+  ``attn_k_norm`` of size head_dim), NeoX RoPE, no q/k/v biases.
+* ``phi3``   - fused ``attn_qkv`` (q, k, v rows stacked) and fused ``ffn_up``
+  (gate and up stacked, 2*n_ff rows), NeoX RoPE, no rope scaling factors.
+* ``mistral3`` - the dense (non-MoE) Ministral 3 layout, i.e. llama's tensors
+  under the ``mistral3`` architecture (no attention temperature, no YaRN).
 
 Weights are drawn from a seeded numpy generator, so the same arguments give
 byte-identical files.  Linear weights use std ``init_scale / sqrt(fan_in)``:
@@ -51,7 +57,7 @@ __all__ = [
     "tiny_model_path",
 ]
 
-ARCHS = ("llama", "qwen2", "gemma3")
+ARCHS = ("llama", "qwen2", "gemma3", "qwen3", "phi3", "mistral3")
 
 BOS_ID, EOS_ID, IM_START_ID, EOT_ID = 0, 1, 2, 3
 _SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
@@ -259,15 +265,15 @@ def make_tiny_model(
         head_dim = n_embd // n_head
     if head_dim % 2:
         raise ValueError("head_dim must be even (RoPE)")
-    if arch == "qwen2" and head_dim * n_head != n_embd:
-        # llama.cpp's qwen2 loader hard-codes wq/wo as n_embd x n_embd
-        raise ValueError("qwen2 requires head_dim * n_head == n_embd")
+    if arch in ("qwen2", "phi3") and head_dim * n_head != n_embd:
+        # llama.cpp's qwen2 and phi3 loaders hard-code wq/wo as n_embd x n_embd
+        raise ValueError(f"{arch} requires head_dim * n_head == n_embd")
     tokens, token_types, merges = build_vocab(vocab_size)
     n_vocab = len(tokens)
     n_q = n_head * head_dim
     n_kv = n_head_kv * head_dim
     if rope_freq_base is None:
-        rope_freq_base = 1_000_000.0 if arch in ("qwen2", "gemma3") else 10_000.0
+        rope_freq_base = 1_000_000.0 if arch in ("qwen2", "gemma3", "qwen3", "mistral3") else 10_000.0
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -277,7 +283,11 @@ def make_tiny_model(
     try:
         # ---- general
         w.add_type("model")
-        w.add_name(name or f"pyasl tiny {arch} L{n_layer} E{n_embd} H{n_head}/{n_head_kv} seed{seed}")
+        # llama.cpp's vocab loader applies Phi-3 token attributes to any model whose general.name
+        # contains "phi3"/"phi-3" and then needs "<unk>"/"<|endoftext|>" tokens, which this
+        # vocabulary lacks: keep that substring out of the default name
+        label = "phi 3" if arch == "phi3" else arch
+        w.add_name(name or f"pyasl tiny {label} L{n_layer} E{n_embd} H{n_head}/{n_head_kv} seed{seed}")
         w.add_file_type(int(_FTYPES[ftype][0]))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -328,22 +338,30 @@ def make_tiny_model(
         for i in range(n_layer):
             p = f"blk.{i}."
             t.norm(p + "attn_norm.weight", n_embd)
-            t.linear(p + "attn_q.weight", n_embd, n_q)
-            t.linear(p + "attn_k.weight", n_embd, n_kv)
-            t.linear(p + "attn_v.weight", n_embd, n_kv)
+            if arch == "phi3":
+                # one matrix whose output rows are q, then k, then v
+                t.linear(p + "attn_qkv.weight", n_embd, n_q + 2 * n_kv)
+            else:
+                t.linear(p + "attn_q.weight", n_embd, n_q)
+                t.linear(p + "attn_k.weight", n_embd, n_kv)
+                t.linear(p + "attn_v.weight", n_embd, n_kv)
             if arch == "qwen2":
                 t.bias(p + "attn_q.bias", n_q)
                 t.bias(p + "attn_k.bias", n_kv)
                 t.bias(p + "attn_v.bias", n_kv)
-            if arch == "gemma3":
+            if arch in ("gemma3", "qwen3"):
                 t.norm(p + "attn_q_norm.weight", head_dim)
                 t.norm(p + "attn_k_norm.weight", head_dim)
             t.linear(p + "attn_output.weight", n_q, n_embd)
             if arch == "gemma3":
                 t.norm(p + "post_attention_norm.weight", n_embd)
             t.norm(p + "ffn_norm.weight", n_embd)
-            t.linear(p + "ffn_gate.weight", n_embd, n_ff)
-            t.linear(p + "ffn_up.weight", n_embd, n_ff)
+            if arch == "phi3":
+                # SwiGLU on one matrix: the first n_ff rows are the gate, the next n_ff the up
+                t.linear(p + "ffn_up.weight", n_embd, 2 * n_ff)
+            else:
+                t.linear(p + "ffn_gate.weight", n_embd, n_ff)
+                t.linear(p + "ffn_up.weight", n_embd, n_ff)
             t.linear(p + "ffn_down.weight", n_ff, n_embd)
             if arch == "gemma3":
                 t.norm(p + "post_ffw_norm.weight", n_embd)
