@@ -578,8 +578,8 @@ def generate(model: Model, tokens: list[int], policy: str = "asl", budget: Optio
         raise ValueError(f"policy fastkv needs layer-major prefill: {lm_reason}")
     if prefill_mode == "layer-major" and lm_reason and prune:
         raise ValueError(lm_reason)
-    use_lm = prune and policy in ("asl", "fastkv") and prefill_mode != "ordinary" and lm_reason is None
-    if prune and policy == "asl" and lm_reason and prefill_mode == "auto":
+    use_lm = prune and policy in ("asl", "fastkv", "asl-2pass") and prefill_mode != "ordinary" and lm_reason is None
+    if prune and policy in ("asl", "asl-2pass") and lm_reason and prefill_mode == "auto":
         note = f"ordinary prefill ({lm_reason})"
     selected = None
     asl_info = None
@@ -742,7 +742,8 @@ def layer_major_prefill(model: Model, tokens: list[int], policy: str, budget: in
                         layer: Optional[int] = None, max_tokens: int = 128, n_batch: int = 512,
                         n_threads: Optional[int] = None, flash_attn: bool = False,
                         progress: Optional[Callable[[int, int], None]] = None) -> LayerMajor:
-    """Layer-major prefill with one-shot token-selective propagation (policies asl and fastkv).
+    """Layer-major prefill with one-shot token-selective propagation (policies asl and fastkv), or
+    with a second pass over the kept tokens (asl-2pass: the first pass stops at the ASL layer).
 
     Every layer runs over all ubatches before the next one; the window scores of each layer come
     from the last ubatch (the last `window` tokens). After layer L (asl: the first layer whose rank
@@ -811,6 +812,19 @@ def layer_major_prefill(model: Model, tokens: list[int], policy: str, budget: in
     kept = sel.kept if sel is not None else P.asl_select_at_layer(scores[: stop + 1], window=window, budget=budget,
                                                                   layer=stop, kernel=kernel)
     k = len(kept)
+    kept_l = [int(x) for x in kept]
+    if policy == "asl-2pass":
+        # second pass: only the kept tokens, at their original positions, through every layer
+        A.close()
+        B = Context(model, _pad(k + max_tokens), n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn,
+                    allow_pos_gaps=True)
+        for i in range(0, k, n_batch):
+            pos = kept_l[i: i + n_batch]
+            B.decode([tokens[p] for p in pos], positions=pos, logits_last=i + n_batch >= k)
+        work = ((stop + 1) * n + N * k) / (N * n)
+        return LayerMajor(ctx=B, logits=B.logits(), stop_layer=stop, selection=sel, n_kept=k, kept=np.asarray(kept),
+                          scores=scores[: stop + 1], kv_bytes_full=kv_full,
+                          prefill_s=time.perf_counter() - t0, prefill_work=work)
     sets = np.empty((N, model.n_head_kv, k), dtype=np.int32)
     for l in range(N):
         sets[l] = P.snapkv_select(scores[l], window=window, budget=budget, n_head_kv=model.n_head_kv,
@@ -829,7 +843,6 @@ def layer_major_prefill(model: Model, tokens: list[int], policy: str, budget: in
         B = Context(model, _pad(k + max_tokens), n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn,
                     allow_pos_gaps=True)
         B.set_layer_range(stop + 1, N)
-        kept_l = [int(x) for x in kept]
         for i in range(0, k, n_batch):
             pos = kept_l[i: i + n_batch]
             B.decode_hidden(H[pos], pos, logits_last=i + n_batch >= k)

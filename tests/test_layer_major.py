@@ -180,3 +180,23 @@ def test_sliding_window_models_fall_back():
     assert r.asl["prefill"] == "ordinary" and "sliding-window" in r.note
     with pytest.raises(ValueError, match="layer-major"):
         generate(g, t, policy="fastkv", layer=2, budget=64, window=16, max_tokens=4, n_batch=128)
+
+
+def test_asl_2pass_first_pass_stops_at_the_selection_layer(tiny_llama):
+    m = tiny_llama
+    n = 300
+    t = toks(m, n, seed=7)
+    lm = layer_major_prefill(m, t, "asl-2pass", budget=64, window=16, n_batch=128, max_tokens=4, l_min=1, l_obs=2,
+                             tau=1.0)
+    # tau = 1 selects the first layer after l_min whose ratio is below 1, if any
+    L = lm.stop_layer
+    assert lm.scores.shape[0] == L + 1
+    assert lm.prefill_work == pytest.approx(((L + 1) * n + N_LAYER * 64) / (N_LAYER * n))
+    assert lm.ctx.kv_info().used_base == 64
+    assert list(lm.ctx.cell_positions(0, 64)) == list(lm.kept)
+    # the second pass is an ordinary prefill of the kept tokens at their positions
+    with Context(m, 512, n_batch=128, allow_pos_gaps=True) as c:
+        kept = [int(x) for x in lm.kept]
+        c.decode([t[p] for p in kept], positions=kept)
+        np.testing.assert_array_equal(c.logits(), lm.logits)
+    lm.ctx.close()
