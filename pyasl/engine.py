@@ -244,18 +244,25 @@ class Context(_Native):
         n = len(tokens)
         for i, t in enumerate(tokens):
             b.token[i] = t
-            b.pos[i] = pos0 + i if positions is None else int(positions[i])
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = SEQ
-            b.logits[i] = 1 if (logits_last and i == n - 1) else 0
-        b.n_tokens = n
-        rc = llama_cpp.llama_decode(self._ctx, b)
+        rc = self._submit(b, range(pos0, pos0 + n) if positions is None else positions, logits_last)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed ({rc}): " +
                                ("no free KV cells (context full)" if rc == 1 else
                                 f"batch at positions {pos0}..{pos0 + n - 1} rejected (it must follow the last cached "
                                 "position); run with --verbose for llama.cpp's log"))
         self.n_past = (pos0 + n) if positions is None else int(positions[-1]) + 1
+
+    def _submit(self, b, positions, logits_last: bool) -> int:
+        """Fill positions, sequence and output flags of batch b (tokens or embd already set); decode."""
+        llama_cpp, _, _ = _ll()
+        n = len(positions)
+        for i, p in enumerate(positions):
+            b.pos[i] = int(p)
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = SEQ
+            b.logits[i] = 1 if (logits_last and i == n - 1) else 0
+        b.n_tokens = n
+        return llama_cpp.llama_decode(self._ctx, b)
 
     # ---- layer ranges (layer-major prefill) ---------------------------------------------
     def set_layer_range(self, begin: int, end: int) -> None:
@@ -296,13 +303,7 @@ class Context(_Native):
         b = self._ebatch
         h = np.ascontiguousarray(hidden, dtype=np.float32)
         ctypes.memmove(b.embd, h.ctypes.data, h.nbytes)
-        for i, p in enumerate(positions):
-            b.pos[i] = int(p)
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = SEQ
-            b.logits[i] = 1 if (logits_last and i == n - 1) else 0
-        b.n_tokens = n
-        rc = llama_cpp.llama_decode(self._ctx, b)
+        rc = self._submit(b, positions, logits_last)
         if rc != 0:
             raise RuntimeError(f"llama_decode (hidden states) failed ({rc}); run with --verbose for llama.cpp's log")
         self.n_past = max(self.n_past, int(positions[-1]) + 1)
