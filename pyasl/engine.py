@@ -360,17 +360,21 @@ class Context(_Native):
                     "cell positions")
         return out[:got]
 
-    def layer_scores(self, il: int, n_prompt: int) -> np.ndarray:
-        """(n_head, n_prompt) window scores of layer il from the last capture, by position."""
-        arr = self.captured().get(f"pyasl_scores-{il}")
-        if arr is None:
-            raise RuntimeError(f"no window scores were captured for layer {il}")
+    def _by_position(self, il: int, arr: np.ndarray, n_prompt: int) -> np.ndarray:
+        """Captured [n_head, n_kv] scores of layer il re-indexed from cache cells to token positions."""
         a = arr.reshape(arr.shape[-2], arr.shape[-1])
         pos = self.cell_positions(il, a.shape[1])
         ok = (pos >= 0) & (pos < n_prompt)
         out = np.zeros((a.shape[0], n_prompt), dtype=np.float32)
         out[:, pos[ok]] = a[:, :len(pos)][:, ok]
         return out
+
+    def layer_scores(self, il: int, n_prompt: int) -> np.ndarray:
+        """(n_head, n_prompt) window scores of layer il from the last capture, by position."""
+        arr = self.captured().get(f"pyasl_scores-{il}")
+        if arr is None:
+            raise RuntimeError(f"no window scores were captured for layer {il}")
+        return self._by_position(il, arr, n_prompt)
 
     def kv_copy_cells_from(self, src: "Context", il_begin: int, il_end: int, n_cells: int) -> None:
         _, lib, _ = _ll()
@@ -389,10 +393,7 @@ class Context(_Native):
             il = int(name.rsplit("-", 1)[1])
             if il >= L:
                 continue
-            a = arr.reshape(arr.shape[-2], arr.shape[-1])  # [n_head, n_kv]
-            pos = self.cell_positions(il, a.shape[1])
-            ok = (pos >= 0) & (pos < n_prompt)
-            scores[il][:, pos[ok]] = a[:, :len(pos)][:, ok]
+            scores[il] = self._by_position(il, arr, n_prompt)
             seen += 1
         if seen != L:
             raise RuntimeError(f"captured window scores for {seen} of {L} layers")
@@ -482,6 +483,11 @@ def prefill(ctx: Context, tokens: list[int], window: int = 0,
     if window:
         scores = ctx.window_scores(n, None if stop_layer is None else stop_layer + 1)
     return Prefill(logits=logits, scores=scores, seconds=secs)
+
+
+def _asl_info(sel, prefill: str) -> dict:
+    return {"ranking_layer": sel.ranking_layer, "triggered": sel.triggered,
+            "variance_ratio": sel.variance_ratio, "prefill": prefill}
 
 
 @dataclass
@@ -598,8 +604,7 @@ def generate(model: Model, tokens: list[int], policy: str = "asl", budget: Optio
             selected = lm.stop_layer
         else:
             selected = sel.selected_layer
-            asl_info = {"ranking_layer": sel.ranking_layer, "triggered": sel.triggered,
-                        "variance_ratio": sel.variance_ratio, "prefill": "layer-major"}
+            asl_info = _asl_info(sel, "layer-major")
             note = sel.note or note
     else:
         # prefill context: the whole prompt (+ generation when nothing will be pruned)
@@ -625,23 +630,18 @@ def generate(model: Model, tokens: list[int], policy: str = "asl", budget: Optio
                 sel = P.asl_select(pf.scores, window=window, budget=budget, tau=tau, l_min=l_min, l_obs=l_obs,
                                    kernel=kernel)
                 kept, selected = sel.kept, sel.selected_layer
-                asl_info = {"ranking_layer": sel.ranking_layer, "triggered": sel.triggered,
-                            "variance_ratio": sel.variance_ratio}
+                asl_info = _asl_info(sel, "ordinary")
                 note = sel.note or note
                 layers_pass1 = N
             t_sel = time.perf_counter() - t0
             ctx.close()
             # second pass: only the kept tokens, at their original positions, through every layer
             t0 = time.perf_counter()
-            ctx = Context(model, _pad(len(kept) + max_tokens), n_batch=n_batch, n_threads=n_threads,
-                          flash_attn=flash_attn, allow_pos_gaps=True)
-            kept_l = [int(k) for k in kept]
-            for i in range(0, len(kept_l), n_batch):
-                pos = kept_l[i: i + n_batch]
-                ctx.decode([tokens[p] for p in pos], positions=pos, logits_last=(i + n_batch >= len(kept_l)))
+            ctx = prefill_kept(model, tokens, kept, max_tokens, n_batch=n_batch, n_threads=n_threads,
+                               flash_attn=flash_attn)
             first_logits = ctx.logits()
             t_cmp = time.perf_counter() - t0
-            n_kept = len(kept_l)
+            n_kept = len(kept)
             prefill_s = pf.seconds + t_sel + t_cmp
             prefill_work = (layers_pass1 * n + N * n_kept) / (N * n)
         elif prune:
@@ -649,8 +649,7 @@ def generate(model: Model, tokens: list[int], policy: str = "asl", budget: Optio
             if policy == "asl":
                 sel = P.asl_select(pf.scores, window=window, budget=budget, tau=tau, l_min=l_min, l_obs=l_obs, kernel=kernel)
                 selected = sel.selected_layer
-                asl_info = {"ranking_layer": sel.ranking_layer, "triggered": sel.triggered,
-                            "variance_ratio": sel.variance_ratio, "prefill": "ordinary"}
+                asl_info = _asl_info(sel, "ordinary")
                 if sel.note:
                     note = (note + "; " if note else "") + sel.note
                 t_sel = time.perf_counter() - t0
@@ -727,6 +726,19 @@ class LayerMajor:
     kv_bytes_full: int
     prefill_s: float
     prefill_work: float
+
+
+def prefill_kept(model: Model, tokens: list[int], kept, max_tokens: int, n_batch: int = 512,
+                 n_threads: Optional[int] = None, flash_attn: bool = False) -> Context:
+    """Second pass of asl-2pass / gemfilter: a context of len(kept) + max_tokens cells holding only the
+    kept tokens, prefilled through every layer at their original positions (logits: the last one)."""
+    kept_l = [int(x) for x in kept]
+    ctx = Context(model, _pad(len(kept_l) + max_tokens), n_batch=n_batch, n_threads=n_threads,
+                  flash_attn=flash_attn, allow_pos_gaps=True)
+    for i in range(0, len(kept_l), n_batch):
+        pos = kept_l[i: i + n_batch]
+        ctx.decode([tokens[p] for p in pos], positions=pos, logits_last=i + n_batch >= len(kept_l))
+    return ctx
 
 
 def layer_major_supported(model: Model) -> Optional[str]:
@@ -817,11 +829,8 @@ def layer_major_prefill(model: Model, tokens: list[int], policy: str, budget: in
     if policy == "asl-2pass":
         # second pass: only the kept tokens, at their original positions, through every layer
         A.close()
-        B = Context(model, _pad(k + max_tokens), n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn,
-                    allow_pos_gaps=True)
-        for i in range(0, k, n_batch):
-            pos = kept_l[i: i + n_batch]
-            B.decode([tokens[p] for p in pos], positions=pos, logits_last=i + n_batch >= k)
+        B = prefill_kept(model, tokens, kept_l, max_tokens, n_batch=n_batch, n_threads=n_threads,
+                         flash_attn=flash_attn)
         work = ((stop + 1) * n + N * k) / (N * n)
         return LayerMajor(ctx=B, logits=B.logits(), stop_layer=stop, selection=sel, n_kept=k, kept=np.asarray(kept),
                           scores=scores[: stop + 1], kv_bytes_full=kv_full,
