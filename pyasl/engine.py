@@ -916,12 +916,13 @@ def _layer_major_pass(model: Model, tokens: list[int], window: int, decide, n_ba
 
 def _one_shot(model: Model, A: Context, H: Optional[np.ndarray], kept: list[int], scores: np.ndarray, stop: int,
               n: int, budget: int, window: int, kernel: int, max_tokens: int, n_batch: int = 512,
-              n_threads: Optional[int] = None, flash_attn: bool = False) -> tuple[Context, np.ndarray]:
+              n_threads: Optional[int] = None, flash_attn: bool = False,
+              last_logits: Optional[np.ndarray] = None) -> tuple[Context, np.ndarray]:
     """One-shot token-selective propagation after layer `stop` (A: the full KV of layers 0..stop;
     H: the input of layer stop + 1 for every prompt token). Layers <= stop keep the SnapKV
     per-KV-head top-`budget` of their own KV; the kept tokens go through layers stop+1..N-1 at
     their positions. Returns the decode context (budget + max_tokens cells) and the last prompt
-    token's full-depth logits. Closes A."""
+    token's full-depth logits (when stop is the last layer: last_logits, else A's). Closes A."""
     from . import policies as P
 
     N, k = model.n_layer, len(kept)
@@ -932,7 +933,7 @@ def _one_shot(model: Model, A: Context, H: Optional[np.ndarray], kept: list[int]
                                       kernel=kernel) if l <= stop else kept
         A.kv_keep_per_head(sets)
         if stop == N - 1:
-            logits = A.logits()
+            logits = A.logits() if last_logits is None else last_logits
             return shrink_context(A, k, n, max_tokens), logits
         B = Context(model, _pad(k + max_tokens), n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn,
                     allow_pos_gaps=True)
