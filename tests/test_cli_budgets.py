@@ -18,7 +18,7 @@ def tiny():
 @pytest.fixture(scope="module")
 def prompt_file(tmp_path_factory):
     p = tmp_path_factory.mktemp("prompt") / "p.txt"
-    p.write_text("The quick brown fox jumps over the lazy dog. " * 60 + "What jumps?")
+    p.write_text("The quick brown fox jumps over the lazy dog. " * 20 + "What jumps?")  # ~620 tokens: fast
     return p
 
 
