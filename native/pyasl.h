@@ -18,7 +18,7 @@
 extern "C" {
 #endif
 
-#define PYASL_ABI_VERSION 1
+#define PYASL_ABI_VERSION 2
 
 enum pyasl_status {
     PYASL_OK              =  0,
@@ -113,6 +113,35 @@ PYASL_API int32_t pyasl_kv_keep(struct llama_context * ctx, llama_seq_id seq_id,
 // must still be present). The cell metadata gets the element-wise max position over all lists.
 PYASL_API int32_t pyasl_kv_keep_per_head(struct llama_context * ctx, llama_seq_id seq_id, const int32_t * pos,
                                          int32_t n_layer, int32_t n_head_kv, int32_t k);
+
+// ---- per-layer KV budgets (patches/0004: per-layer valid-cell masks) -----------------------
+// Layer il keeps counts[il] cells: per KV head h its own strictly increasing positions
+// pos[off(il) + h*counts[il] + i], off(il) = n_head_kv * (counts[0] + ... + counts[il-1]), packed
+// into cells 0..counts[il]-1. The cache keeps P = max(counts) prompt cells; their metadata gets
+// strictly increasing positions whose last is the sequence's last position (a list of length P
+// must hold it). Layer il then attends to cells [0, counts[il]) of those P cells plus every cell
+// decoded later (new tokens are visible to all layers). Every model layer of the base cache needs
+// counts[il] >= 1 (n_layer covers them all). Equal counts give exactly pyasl_kv_keep_per_head.
+// Plain caches with K and V only (sliding-window, multi-axis RoPE and K-only caches refuse).
+PYASL_API int32_t pyasl_kv_keep_per_layer(struct llama_context * ctx, llama_seq_id seq_id, const int32_t * pos,
+                                          const int32_t * counts, int32_t n_layer, int32_t n_head_kv);
+
+// Set the per-layer counts again without moving rows (after the cells moved to another context
+// with llama_state_seq_set_data, which clears them; so do llama_memory_clear and a seq_rm that
+// frees one of the P cells). counts == NULL clears them. With meta_pos (n_meta = P entries, strictly
+// increasing, the last the sequence's last position) the cell metadata is first rewritten to
+// cells 0..P-1 holding meta_pos, every other cell freed (rows untouched): for a context whose
+// cells were filled piecewise (pyasl_kv_copy_cells); all cells in use must lie in [0, P) then.
+// Without meta_pos, cells 0..P-1 must already be in use by seq_id.
+PYASL_API int32_t pyasl_kv_set_layer_cells(struct llama_context * ctx, llama_seq_id seq_id, const int32_t * counts,
+                                           int32_t n_layer, const int32_t * meta_pos, int32_t n_meta);
+
+// The per-layer counts in force: returns P (0 when none are set) and writes min(n_layer, model
+// layers) counts (-1 for a layer without a count).
+PYASL_API int32_t pyasl_kv_get_layer_cells(struct llama_context * ctx, int32_t * counts_out, int32_t n_layer);
+
+// K+V bytes of one cell of each model layer (0 for a layer without KV cache); returns the number written.
+PYASL_API int32_t pyasl_kv_layer_cell_bytes(struct llama_context * ctx, int64_t * out, int32_t n_layer);
 
 // Copy the K/V rows of cells [0, n_cells) of model layers [il_begin, il_end) from src's cache to
 // dst's (same model and cache types; plain caches only). Cell metadata of dst is not touched.

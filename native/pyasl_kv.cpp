@@ -191,6 +191,28 @@ int32_t move_rows(ggml_tensor * t, bool transposed, int64_t n_head, uint32_t kv_
     return PYASL_OK;
 }
 
+// cells 0..n-1 get the positions meta_pos (ext copied from the cell that held the position, when
+// there is one), every other cell is freed; the per-layer counts are dropped
+void set_meta(llama_kv_cache * kv, llama_seq_id seq_id, const std::vector<int32_t> & cell_of_pos,
+              const std::vector<int32_t> & meta_pos) {
+    auto & cells = pyasl_access::cells(kv);
+    std::vector<llama_kv_cell_ext> ext(meta_pos.size());
+    for (size_t i = 0; i < meta_pos.size(); ++i) {
+        const int32_t p = meta_pos[i];
+        if (p >= 0 && (size_t) p < cell_of_pos.size() && cell_of_pos[p] >= 0) {
+            ext[i] = cells.ext_get((uint32_t) cell_of_pos[p]);
+        }
+    }
+    cells.reset();
+    for (size_t i = 0; i < meta_pos.size(); ++i) {
+        cells.pos_set((uint32_t) i, meta_pos[i]);
+        cells.ext_set((uint32_t) i, ext[i]);
+        cells.seq_add((uint32_t) i, seq_id);
+    }
+    pyasl_access::head(kv) = 0;
+    kv->pyasl_layer_mask_reset();
+}
+
 // core: per cache layer, per head (1 list = all heads) source cells; new metadata positions
 int32_t rewrite(llama_kv_cache * kv, llama_seq_id seq_id, const std::vector<int32_t> & cell_of_pos,
                 const std::vector<std::vector<std::vector<int32_t>>> & src_by_layer, // [n_cache_layer][1 or n_head_kv][k]
@@ -219,19 +241,10 @@ int32_t rewrite(llama_kv_cache * kv, llama_seq_id seq_id, const std::vector<int3
     }
 
     // metadata: cells 0..k-1 hold the kept positions, the rest are free
-    std::vector<llama_kv_cell_ext> ext(meta_pos.size());
-    for (size_t i = 0; i < meta_pos.size(); ++i) {
-        ext[i] = cells.ext_get((uint32_t) cell_of_pos[meta_pos[i]]);
-    }
-    cells.reset();
-    for (size_t i = 0; i < meta_pos.size(); ++i) {
-        cells.pos_set((uint32_t) i, meta_pos[i]);
-        cells.ext_set((uint32_t) i, ext[i]);
-        cells.seq_add((uint32_t) i, seq_id);
-    }
-    pyasl_access::head(kv) = 0;
+    set_meta(kv, seq_id, cell_of_pos, meta_pos);
     return PYASL_OK;
 }
+
 
 } // namespace
 
@@ -453,6 +466,240 @@ int32_t pyasl_kv_keep_per_head(struct llama_context * ctx, llama_seq_id seq_id, 
                    " must be kept by at least one list (decoding continues right after it)");
     }
     return rewrite(c.base, seq_id, cell_of_pos, by_layer, meta);
+}
+
+} // extern "C"
+
+namespace {
+
+// per-layer counts are for plain caches holding K and V with one position axis
+int32_t check_layer_mask_cache(const caches & c, const char * what) {
+    if (c.swa) {
+        PYASL_FAIL(PYASL_ERR_UNSUPPORTED, std::string(what) + ": per-layer budgets are not supported on sliding-window "
+                   "models (their caches use separate masks)");
+    }
+    const auto & hp = pyasl_access::hparams(c.base);
+    if (hp.n_pos_per_embd() > 1) {
+        PYASL_FAIL(PYASL_ERR_UNSUPPORTED, std::string(what) + ": per-layer budgets need single-axis positions (no M-RoPE)");
+    }
+    for (const auto & l : pyasl_access::layers(c.base)) {
+        if (!l.v) {
+            PYASL_FAIL(PYASL_ERR_UNSUPPORTED, std::string(what) + ": per-layer budgets need a cache with V rows (K-only caches "
+                       "use another attention path)");
+        }
+    }
+    return PYASL_OK;
+}
+
+// counts[il] for every base-cache layer: 1 <= count <= max_count; returns P = max of them
+int32_t check_counts(llama_kv_cache * kv, const int32_t * counts, int32_t n_layer, int32_t max_count, const char * what,
+                     int32_t & P) {
+    P = 0;
+    for (const auto & l : pyasl_access::layers(kv)) {
+        const int32_t il = (int32_t) l.il;
+        if (il >= n_layer) {
+            PYASL_FAIL(PYASL_ERR_ARG, std::string(what) + ": n_layer " + std::to_string(n_layer) +
+                       " does not cover cache layer " + std::to_string(il));
+        }
+        const int32_t c = counts[il];
+        if (c < 1 || c > max_count) {
+            PYASL_FAIL(PYASL_ERR_ARG, std::string(what) + ": layer " + std::to_string(il) + " count " + std::to_string(c) +
+                       " is outside 1.." + std::to_string(max_count));
+        }
+        P = std::max(P, c);
+    }
+    return PYASL_OK;
+}
+
+void install_counts(llama_kv_cache * kv, const int32_t * counts, int32_t P) {
+    const uint32_t n_all = pyasl_access::hparams(kv).n_layer_all;
+    std::vector<int32_t> v(n_all, -1);
+    for (const auto & l : pyasl_access::layers(kv)) {
+        v[l.il] = counts[l.il];
+    }
+    kv->pyasl_layer_cells = std::move(v);
+    kv->pyasl_prompt_cells = (uint32_t) P;
+}
+
+} // namespace
+
+extern "C" {
+
+int32_t pyasl_kv_keep_per_layer(struct llama_context * ctx, llama_seq_id seq_id, const int32_t * pos,
+                                const int32_t * counts, int32_t n_layer, int32_t n_head_kv) {
+    static const char * what = "pyasl_kv_keep_per_layer";
+    caches c;
+    int32_t rc = get_caches(ctx, c);
+    if (rc != PYASL_OK) {
+        return rc;
+    }
+    if (!pos || !counts || n_layer <= 0 || n_head_kv <= 0) {
+        PYASL_FAIL(PYASL_ERR_ARG, "pyasl_kv_keep_per_layer: bad sizes");
+    }
+    if ((rc = check_layer_mask_cache(c, what)) != PYASL_OK) {
+        return rc;
+    }
+    std::vector<int32_t> cell_of_pos;
+    llama_pos pos_max;
+    if ((rc = check_and_map(c.base, seq_id, cell_of_pos, pos_max)) != PYASL_OK) {
+        return rc;
+    }
+    for (int32_t il = 0; il < n_layer; ++il) {
+        if (counts[il] < 0) {
+            PYASL_FAIL(PYASL_ERR_ARG, std::string(what) + ": negative count for layer " + std::to_string(il));
+        }
+    }
+    int32_t P = 0;
+    if ((rc = check_counts(c.base, counts, n_layer, (int32_t) pos_max + 1, what, P)) != PYASL_OK) {
+        return rc;
+    }
+    std::vector<size_t> off(n_layer + 1, 0);
+    for (int32_t il = 0; il < n_layer; ++il) {
+        off[il + 1] = off[il] + (size_t) n_head_kv*counts[il];
+    }
+    const auto & layers = pyasl_access::layers(c.base);
+    const auto & hp = pyasl_access::hparams(c.base);
+    std::vector<std::vector<std::vector<int32_t>>> by_layer(layers.size());
+    std::vector<int32_t> meta(P, -1);
+    for (size_t ikv = 0; ikv < layers.size(); ++ikv) {
+        const int32_t il = (int32_t) layers[ikv].il;
+        if ((int32_t) hp.n_head_kv(il) != n_head_kv) {
+            PYASL_FAIL(PYASL_ERR_UNSUPPORTED, std::string(what) + ": layer " + std::to_string(il) + " has " +
+                       std::to_string(hp.n_head_kv(il)) + " KV heads, not " + std::to_string(n_head_kv));
+        }
+        const int32_t k = counts[il];
+        auto & heads = by_layer[ikv];
+        heads.resize(n_head_kv);
+        for (int32_t h = 0; h < n_head_kv; ++h) {
+            const int32_t * p = pos + off[il] + (size_t) h*k;
+            if ((rc = check_positions(p, k, cell_of_pos, what)) != PYASL_OK) {
+                return rc;
+            }
+            heads[h].resize(k);
+            for (int32_t i = 0; i < k; ++i) {
+                heads[h][i] = cell_of_pos[p[i]];
+                meta[i] = std::max(meta[i], p[i]);
+            }
+        }
+    }
+    if (meta[P - 1] != pos_max) {
+        PYASL_FAIL(PYASL_ERR_ARG, std::string(what) + ": the last position " + std::to_string(pos_max) +
+                   " must end a list of the longest layer (decoding continues right after it)");
+    }
+    // shorter lists end earlier: keep the metadata strictly increasing (equal counts: unchanged)
+    for (int32_t i = P - 2; i >= 0; --i) {
+        meta[i] = std::min(meta[i], meta[i + 1] - 1);
+    }
+    if ((rc = rewrite(c.base, seq_id, cell_of_pos, by_layer, meta)) != PYASL_OK) {
+        return rc;
+    }
+    install_counts(c.base, counts, P);
+    return PYASL_OK;
+}
+
+int32_t pyasl_kv_set_layer_cells(struct llama_context * ctx, llama_seq_id seq_id, const int32_t * counts,
+                                 int32_t n_layer, const int32_t * meta_pos, int32_t n_meta) {
+    static const char * what = "pyasl_kv_set_layer_cells";
+    caches c;
+    int32_t rc = get_caches(ctx, c);
+    if (rc != PYASL_OK) {
+        return rc;
+    }
+    if (!counts) {
+        if (meta_pos) {
+            PYASL_FAIL(PYASL_ERR_ARG, std::string(what) + ": metadata positions need counts");
+        }
+        c.base->pyasl_layer_mask_reset();
+        return PYASL_OK;
+    }
+    if ((rc = check_layer_mask_cache(c, what)) != PYASL_OK) {
+        return rc;
+    }
+    if (n_layer <= 0 || seq_id < 0 || seq_id >= LLAMA_MAX_SEQ) {
+        PYASL_FAIL(PYASL_ERR_ARG, std::string(what) + ": bad arguments");
+    }
+    auto & cells = pyasl_access::cells(c.base);
+    if (cells.get_has_shift()) {
+        PYASL_FAIL(PYASL_ERR_STATE, std::string(what) + ": the KV cache has a pending position shift");
+    }
+    int32_t P = 0;
+    if ((rc = check_counts(c.base, counts, n_layer, (int32_t) cells.size(), what, P)) != PYASL_OK) {
+        return rc;
+    }
+    if (meta_pos) {
+        std::vector<int32_t> cell_of_pos;
+        llama_pos pos_max;
+        if ((rc = check_and_map(c.base, seq_id, cell_of_pos, pos_max)) != PYASL_OK) {
+            return rc;
+        }
+        if (n_meta != P) {
+            PYASL_FAIL(PYASL_ERR_ARG, std::string(what) + ": " + std::to_string(n_meta) + " metadata positions for " +
+                       std::to_string(P) + " cells");
+        }
+        if (cells.used_max_p1() > (uint32_t) P) {
+            PYASL_FAIL(PYASL_ERR_STATE, std::string(what) + ": cells past " + std::to_string(P) + " are in use");
+        }
+        for (int32_t i = 0; i < n_meta; ++i) {
+            if (meta_pos[i] < 0 || (i > 0 && meta_pos[i] <= meta_pos[i - 1])) {
+                PYASL_FAIL(PYASL_ERR_ARG, std::string(what) + ": metadata positions must be >= 0 and strictly increasing");
+            }
+        }
+        if (meta_pos[n_meta - 1] != pos_max) {
+            PYASL_FAIL(PYASL_ERR_ARG, std::string(what) + ": the last metadata position must be the sequence's last "
+                       "position " + std::to_string(pos_max));
+        }
+        set_meta(c.base, seq_id, cell_of_pos, std::vector<int32_t>(meta_pos, meta_pos + n_meta));
+    } else {
+        for (int32_t i = 0; i < P; ++i) {
+            if (cells.is_empty(i) || !cells.seq_has(i, seq_id)) {
+                PYASL_FAIL(PYASL_ERR_STATE, std::string(what) + ": cell " + std::to_string(i) + " of the " +
+                           std::to_string(P) + " budget cells is not in use by sequence " + std::to_string(seq_id));
+            }
+        }
+    }
+    install_counts(c.base, counts, P);
+    return PYASL_OK;
+}
+
+int32_t pyasl_kv_get_layer_cells(struct llama_context * ctx, int32_t * counts_out, int32_t n_layer) {
+    caches c;
+    int32_t rc = get_caches(ctx, c);
+    if (rc != PYASL_OK) {
+        return rc;
+    }
+    if (n_layer < 0 || (n_layer > 0 && !counts_out)) {
+        PYASL_FAIL(PYASL_ERR_ARG, "pyasl_kv_get_layer_cells: bad arguments");
+    }
+    const auto & v = c.base->pyasl_layer_cells;
+    for (int32_t il = 0; il < n_layer; ++il) {
+        counts_out[il] = (size_t) il < v.size() ? v[il] : -1;
+    }
+    return c.base->pyasl_layer_mask_active() ? (int32_t) c.base->pyasl_prompt_cells : 0;
+}
+
+int32_t pyasl_kv_layer_cell_bytes(struct llama_context * ctx, int64_t * out, int32_t n_layer) {
+    caches c;
+    int32_t rc = get_caches(ctx, c);
+    if (rc != PYASL_OK) {
+        return rc;
+    }
+    if (n_layer < 0 || (n_layer > 0 && !out)) {
+        PYASL_FAIL(PYASL_ERR_ARG, "pyasl_kv_layer_cell_bytes: bad arguments");
+    }
+    for (int32_t il = 0; il < n_layer; ++il) {
+        out[il] = 0;
+    }
+    for (llama_kv_cache * kv : {c.base, c.swa}) {
+        if (!kv) {
+            continue;
+        }
+        for (const auto & l : pyasl_access::layers(kv)) {
+            if ((int32_t) l.il < n_layer) {
+                out[l.il] = (int64_t) l.k->nb[1] + (l.v ? (int64_t) ggml_row_size(l.v->type, l.v->ne[0]) : 0);
+            }
+        }
+    }
+    return std::min<int32_t>(n_layer, (int32_t) pyasl_access::hparams(c.base).n_layer_all);
 }
 
 int32_t pyasl_kv_copy_cells(struct llama_context * dst, struct llama_context * src,

@@ -66,7 +66,7 @@ class PyaslKvInfo(ctypes.Structure):
     ]
 
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 _LOADED = None
 
 
@@ -108,6 +108,10 @@ def load():
         "pyasl_kv_layer_cell_pos": ([vp, i32, i32, i32p, i32], i32),
         "pyasl_kv_keep": ([vp, i32, i32p, i32], i32),
         "pyasl_kv_keep_per_head": ([vp, i32, i32p, i32, i32, i32], i32),
+        "pyasl_kv_keep_per_layer": ([vp, i32, i32p, i32p, i32, i32], i32),
+        "pyasl_kv_set_layer_cells": ([vp, i32, i32p, i32, i32p, i32], i32),
+        "pyasl_kv_get_layer_cells": ([vp, i32p, i32], i32),
+        "pyasl_kv_layer_cell_bytes": ([vp, c.POINTER(i64), i32], i32),
     }
     for name, (args, res) in sigs.items():
         f = getattr(lib, name)

@@ -118,7 +118,8 @@ def run(models: list[str], tasks: list[str], lengths: list[int], budgets: list[i
                                 shared_prefill_s=sp.prefill_s, derive_s=d.derive_s,
                                 decode_tokens_per_s=dec.tokens_per_s, n_generated=len(dec.tokens),
                                 output=dec.text, note=d.note,
-                                asl=None if d.asl is None else {k: d.asl[k] for k in ("ranking_layer", "triggered")}))
+                                asl=None if d.asl is None else {k: d.asl[k] for k in ("ranking_layer", "triggered")},
+                                **d.extra))
                         del sp
                     else:
                         for p, b in want:

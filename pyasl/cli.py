@@ -151,6 +151,34 @@ def common_options(f):
     return f
 
 
+# per-layer budgets (pyasl.budgets): policies zigzag and pyramid, asl --layer-budgets
+_budget_options = [
+    click.option("--layer-budgets", type=click.Choice(["zigzag", "pyramid", "uniform"]),
+                 help="asl: per-layer budgets for the layers up to the selection layer (later ones keep asl's set)"),
+    click.option("--theta", default=0.9, show_default=True, type=click.FloatRange(min=0, max=1, min_open=True),
+                 help="zigzag: attention share a layer's LMBA must reach"),
+    click.option("--b-min-frac", default=0.2, show_default=True, type=click.FloatRange(min=0, max=1),
+                 help="zigzag: B_min = max(ceil(b_min_frac * budget), window + 1)"),
+    click.option("--beta", default=20.0, show_default=True, type=click.FloatRange(min=1),
+                 help="pyramid: top layer keeps (budget - window) / beta prefix tokens"),
+]
+
+
+def budget_options(f):
+    for opt in reversed(_budget_options):
+        f = opt(f)
+    return f
+
+
+def _budget_method(policy: str, layer_budgets: Optional[str]) -> Optional[str]:
+    """The per-layer budget method a policy uses (None: none)."""
+    if layer_budgets and policy not in ("asl", "asl-2pass"):
+        raise ValueError(f"--layer-budgets applies to --policy asl, not {policy}")
+    if layer_budgets and policy == "asl-2pass":
+        raise ValueError("--layer-budgets applies to --policy asl, not asl-2pass (its second pass keeps one set)")
+    return policy if policy in ("zigzag", "pyramid") else layer_budgets
+
+
 def _tokens(m, prompt: str, raw: bool, system: Optional[str]) -> list[int]:
     if not raw and not m.chat_template:
         click.echo(f"note: {m.path.name} has no chat template; using the prompt as is (--raw)", err=True)
@@ -159,9 +187,11 @@ def _tokens(m, prompt: str, raw: bool, system: Optional[str]) -> list[int]:
 
 @main.command()
 @common_options
-@click.option("--policy", type=click.Choice(["full", "snapkv", "asl", "fastkv", "asl-2pass", "gemfilter"]),
+@click.option("--policy", type=click.Choice(["full", "snapkv", "asl", "fastkv", "asl-2pass", "gemfilter", "zigzag",
+                                            "pyramid"]),
               default="asl", show_default=True,
-              help="asl/fastkv: layer-major prefill, kept tokens propagate; asl-2pass/gemfilter: re-prefill kept tokens")
+              help="asl/fastkv: layer-major prefill, kept tokens propagate; asl-2pass/gemfilter: re-prefill kept "
+                   "tokens; zigzag/pyramid: per-layer budgets")
 @click.option("--layer", type=click.IntRange(min=0), help="fixed selection layer (fastkv, gemfilter)")
 @click.option("--prefill", "prefill_mode", type=click.Choice(["auto", "layer-major", "ordinary"]), default="auto",
               show_default=True, help="how asl prefills (auto: layer-major where the architecture allows)")
@@ -170,8 +200,10 @@ def _tokens(m, prompt: str, raw: bool, system: Optional[str]) -> list[int]:
 @click.option("--ctx", "n_ctx", type=click.IntRange(min=16), help="context size limit for the prompt")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @click.option("--progress/--no-progress", default=None, help="prefill progress bar (default: when stderr is a tty)")
+@budget_options
 def generate(model, prompt, prompt_file, window, raw, system, tau, l_min, l_obs, threads, flash_attn, verbose,
-             policy, layer, prefill_mode, budget, max_tokens, n_ctx, as_json, progress):
+             policy, layer, prefill_mode, budget, max_tokens, n_ctx, as_json, progress, layer_budgets, theta, b_min_frac,
+             beta):
     """Answer a (long) prompt with the KV cache pruned by POLICY.
 
     MODEL is a GGUF path or a known name (smollm2, qwen2.5-0.5b, gemma3-270m).
@@ -181,12 +213,14 @@ def generate(model, prompt, prompt_file, window, raw, system, tau, l_min, l_obs,
     text = _read_prompt(prompt, prompt_file)
     bar = _Progress(sys.stderr.isatty() if progress is None else progress)
     try:
+        _budget_method(policy, layer_budgets)
         m = _load_model(model, verbose)
         toks = _tokens(m, text, raw, system)
         stream = None if as_json else (lambda s: click.echo(s, nl=False))
         res = run(m, toks, policy=policy, layer=layer, prefill_mode=prefill_mode, budget=budget, window=window, tau=tau, l_min=l_min, l_obs=l_obs,
                   max_tokens=max_tokens, n_ctx=n_ctx, n_threads=threads, flash_attn=flash_attn,
-                  progress=bar, on_text=stream)
+                  progress=bar, on_text=stream, layer_budgets=layer_budgets,
+                  budget_opts={"theta": theta, "b_min_frac": b_min_frac, "beta": beta})
     except _errors() as e:
         bar.close()
         _fail(str(e))
@@ -209,6 +243,10 @@ def generate(model, prompt, prompt_file, window, raw, system, tau, l_min, l_obs,
     click.echo(f"prefill {res.prefill_s:.2f} s ({res.n_prompt / max(res.prefill_s, 1e-9):.0f} tok/s), "
                f"first token after {res.time_to_first_token_s:.2f} s, "
                f"decode {res.decode_tokens_per_s:.1f} tok/s ({res.n_generated} tokens)", err=True)
+    if res.layer_budgets:
+        lbj = res.layer_budgets
+        click.echo(f"layer budgets ({lbj['method']}): {' '.join(map(str, lbj['budgets']))} "
+                   f"(sum {sum(lbj['budgets'])}, {lbj['prompt_cells']} prompt cells allocated per layer)", err=True)
     if res.note:
         click.echo(f"note: {res.note}", err=True)
 
@@ -217,18 +255,21 @@ def generate(model, prompt, prompt_file, window, raw, system, tau, l_min, l_obs,
 @main.command()
 @common_options
 @click.option("--budget", type=click.IntRange(min=2), help="select_k used for the variance (default min(512, n))")
-@click.option("--policy", type=click.Choice(["asl", "asl-2pass", "fastkv", "gemfilter", "snapkv", "full"]),
-              default="asl", show_default=True, help="whose selection layer to report")
+@click.option("--policy", type=click.Choice(["asl", "asl-2pass", "fastkv", "gemfilter", "snapkv", "full", "zigzag",
+                                            "pyramid"]),
+              default="asl", show_default=True, help="whose selection layer (and per-layer budgets) to report")
 @click.option("--layer", type=click.IntRange(min=0), help="fixed selection layer (fastkv, gemfilter)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@budget_options
 def inspect(model, prompt, prompt_file, window, raw, system, tau, l_min, l_obs, threads, flash_attn, verbose,
-            budget, policy, layer, as_json):
+            budget, policy, layer, as_json, layer_budgets, theta, b_min_frac, beta):
     """Per-layer window-attention scores and the ASL decision for a prompt (no generation)."""
     from . import policies as P
     from .engine import Context, prefill
 
     text = _read_prompt(prompt, prompt_file)
     try:
+        method = _budget_method(policy, layer_budgets)
         m = _load_model(model, verbose)
         toks = _tokens(m, text, raw, system)
         n = len(toks)
@@ -247,8 +288,14 @@ def inspect(model, prompt, prompt_file, window, raw, system, tau, l_min, l_obs, 
             if layer is None or layer >= m.n_layer:
                 raise ValueError(f"policy {policy} needs --layer in 0..{m.n_layer - 1}")
             info["selected_layer"], info["note"] = layer, f"fixed layer {layer}"
-        elif policy in ("snapkv", "full"):
+        elif policy in ("snapkv", "full", "zigzag", "pyramid"):
             info["selected_layer"], info["note"] = None, f"{policy} has no selection layer"
+        lbj = None
+        if method:
+            from .budgets import inspect_budgets
+
+            lbj = inspect_budgets(pf.scores, method, info["budget"], window, asl=policy == "asl",
+                                  selected_layer=info["selected_layer"], theta=theta, b_min_frac=b_min_frac, beta=beta)
     except _errors() as e:
         _fail(str(e))
     out = {"model": str(m.path), "n_layer": m.n_layer, "n_prompt": n, "window": window, "policy": policy,
@@ -256,16 +303,23 @@ def inspect(model, prompt, prompt_file, window, raw, system, tau, l_min, l_obs, 
            "l_min": info["l_min"], "l_obs": info["l_obs"], "note": info["note"],
            "layers": [{"layer": d["layer"], "scores": d["scores"], "variance_ratio": d["variance_ratio"]}
                       for d in info["layers"]]}
+    if lbj is not None:
+        out["layer_budgets"] = lbj
+        for d, b in zip(out["layers"], lbj["budgets"]):
+            d["budget"] = b
     if as_json:
         click.echo(json.dumps(out))
         return
     click.echo(f"{m.path.name}: {m.n_layer} layers, prompt {n} tokens, window {window}, budget {info['budget']}")
-    for d in info["layers"]:
+    for d in out["layers"]:
         r = d["variance_ratio"]
         s = d["scores"]
         top = int(max(range(len(s)), key=s.__getitem__)) if s else -1
-        click.echo(f"  layer {d['layer']:3d}  ratio {'-' if r is None else f'{r:.3f}':>7}  top position {top}")
+        click.echo(f"  layer {d['layer']:3d}  ratio {'-' if r is None else f'{r:.3f}':>7}  top position {top}"
+                   + (f"  budget {d['budget']}" if "budget" in d else ""))
     click.echo(f"selected layer: {info['selected_layer']}" + (f" ({info['note']})" if info["note"] else ""))
+    if lbj is not None:
+        click.echo(f"layer budgets ({lbj['method']}): sum {sum(lbj['budgets'])} = {m.n_layer} x {lbj['b_avg']}")
 
 
 from .cli_bench import bench as _bench  # noqa: E402

@@ -20,7 +20,8 @@ from . import _native
 from ._native import PyaslError, check
 
 SEQ = 0
-POLICIES = ("full", "snapkv", "asl", "fastkv", "asl-2pass", "gemfilter")
+POLICIES = ("full", "snapkv", "asl", "fastkv", "asl-2pass", "gemfilter", "zigzag", "pyramid")
+LAYER_BUDGET_POLICIES = ("zigzag", "pyramid")  # per-layer budgets (pyasl.budgets)
 LAYER_RANGE_ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "phi3", "mistral3")
 TWO_PASS = ("asl-2pass", "gemfilter")
 
@@ -422,6 +423,47 @@ class Context(_Native):
         check(lib.pyasl_kv_keep_per_head(self._ctx, SEQ, p.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
                                          p.shape[0], p.shape[1], p.shape[2]), "kv keep per head")
 
+    # per-layer budgets (patches/0004): layer l attends to cells [0, counts[l]) of the prompt cells
+    def kv_keep_per_layer(self, sets) -> None:
+        """sets[l]: (n_head_kv, B_l) positions of layer l, sorted per KV head (see pyasl.budgets)."""
+        _, lib, _ = _ll()
+        if len(sets) == 0 or any(np.ndim(s) != 2 or np.shape(s)[0] != self.model.n_head_kv for s in sets):
+            raise ValueError(f"per-layer sets must each be (n_head_kv={self.model.n_head_kv}, B_l)")
+        counts = np.array([np.shape(s)[-1] for s in sets], dtype=np.int32)
+        flat = np.concatenate([np.ascontiguousarray(s, dtype=np.int32).reshape(-1) for s in sets]).astype(np.int32)
+        check(lib.pyasl_kv_keep_per_layer(self._ctx, SEQ, flat.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+                                          counts.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), len(counts),
+                                          self.model.n_head_kv), "kv keep per layer")
+
+    def set_kv_layer_cells(self, counts, meta: Optional[np.ndarray] = None) -> None:
+        """Set the per-layer cell counts again (None clears them); meta rewrites the cell positions first."""
+        _, lib, _ = _ll()
+        i32p = ctypes.POINTER(ctypes.c_int32)
+        if counts is None:
+            check(lib.pyasl_kv_set_layer_cells(self._ctx, SEQ, None, 0, None, 0), "set layer cells")
+            return
+        c = np.ascontiguousarray(counts, dtype=np.int32)
+        m = None if meta is None else np.ascontiguousarray(meta, dtype=np.int32)
+        check(lib.pyasl_kv_set_layer_cells(self._ctx, SEQ, c.ctypes.data_as(i32p), len(c),
+                                           None if m is None else m.ctypes.data_as(i32p), 0 if m is None else len(m)),
+              "set layer cells")
+
+    def kv_layer_cells(self) -> tuple[int, np.ndarray]:
+        """(P, counts): the per-layer counts in force (P = 0 and all -1 when none are set)."""
+        _, lib, _ = _ll()
+        out = np.empty(self.model.n_layer, dtype=np.int32)
+        p = check(lib.pyasl_kv_get_layer_cells(self._ctx, out.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+                                               len(out)), "get layer cells")
+        return p, out
+
+    def kv_layer_cell_bytes(self) -> np.ndarray:
+        """K+V bytes of one cell, per model layer (0 for a layer without KV cache)."""
+        _, lib, _ = _ll()
+        out = np.zeros(self.model.n_layer, dtype=np.int64)
+        check(lib.pyasl_kv_layer_cell_bytes(self._ctx, out.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)), len(out)),
+              "layer cell bytes")
+        return out
+
     def seq_rm(self, p0: int, p1: int) -> bool:
         llama_cpp, _, _ = _ll()
         return bool(llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx), SEQ, p0, p1))
@@ -515,6 +557,7 @@ class GenerateResult:
     tokens: list[int] = field(default_factory=list)
     note: str = ""
     asl: Optional[dict] = None
+    layer_budgets: Optional[dict] = None  # per-layer budgets (zigzag, pyramid, asl --layer-budgets)
 
     def to_json(self) -> dict:
         d = dict(self.__dict__)
@@ -531,7 +574,8 @@ def generate(model: Model, tokens: list[int], policy: str = "asl", budget: Optio
              max_tokens: int = 128, n_ctx: Optional[int] = None, n_threads: Optional[int] = None,
              flash_attn: bool = False, n_batch: int = 512, ignore_eos: bool = False, layer: Optional[int] = None,
              prefill_mode: str = "auto", progress: Optional[Callable[[int, int], None]] = None,
-             on_text: Optional[Callable[[str], None]] = None) -> GenerateResult:
+             on_text: Optional[Callable[[str], None]] = None, layer_budgets: Optional[str] = None,
+             budget_opts: Optional[dict] = None) -> GenerateResult:
     """Prefill `tokens`, prune the KV cache with `policy`, then decode greedily.
 
     Policies: full; snapkv (per-layer, per-KV-head top-k); asl (selection layer by rank variance);
@@ -542,6 +586,11 @@ def generate(model: Model, tokens: list[int], policy: str = "asl", budget: Optio
     asl and fastkv prefill layer-major with one-shot propagation (layer_major_prefill) where the
     architecture allows (prefill_mode "auto" or "layer-major"); prefill_mode "ordinary" runs every
     layer over every token and keeps asl's token set in every layer.
+
+    zigzag and pyramid (ordinary prefill) give each layer its own budget (pyasl.budgets; average
+    `budget`, same total); asl with layer_budgets ("zigzag", "pyramid", "uniform") gives layers up to
+    the selection layer per-layer budgets and keeps asl's token set in the later ones. budget_opts:
+    theta, b_min_frac (zigzag), beta (pyramid).
     """
     if prefill_mode not in ("auto", "layer-major", "ordinary"):
         raise ValueError(f"prefill_mode must be auto, layer-major or ordinary, not {prefill_mode!r}")
@@ -549,6 +598,9 @@ def generate(model: Model, tokens: list[int], policy: str = "asl", budget: Optio
 
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    from . import budgets as BG
+
+    bopts = BG.check_budget_options(model, policy, layer_budgets, budget_opts)
     n = len(tokens)
     if n == 0:
         raise ValueError("empty prompt")
@@ -596,8 +648,10 @@ def generate(model: Model, tokens: list[int], policy: str = "asl", budget: Optio
     if use_lm:
         lm = layer_major_prefill(model, tokens, policy, budget, window, tau=tau, l_min=l_min, l_obs=l_obs,
                                  kernel=kernel, layer=layer, max_tokens=max_tokens, n_batch=n_batch,
-                                 n_threads=n_threads, flash_attn=flash_attn, progress=progress)
+                                 n_threads=n_threads, flash_attn=flash_attn, progress=progress,
+                                 layer_budgets=layer_budgets if policy == "asl" else None, budget_opts=bopts)
         ctx, first_logits, n_kept, kv_full = lm.ctx, lm.logits, lm.n_kept, lm.kv_bytes_full
+        lb = lm.layer_budgets
         prefill_s = lm.prefill_s
         prefill_work = lm.prefill_work
         pf = Prefill(logits=lm.logits, scores=None, seconds=lm.prefill_s)
@@ -618,6 +672,7 @@ def generate(model: Model, tokens: list[int], policy: str = "asl", budget: Optio
         info = ctx.kv_info()
         kv_full = _kv_bytes(info, n, info.used_swa)
         n_kept = n
+        lb = None
         first_logits = pf.logits
         prefill_s = pf.seconds
         prefill_work = 1.0
@@ -656,19 +711,44 @@ def generate(model: Model, tokens: list[int], policy: str = "asl", budget: Optio
                     note = (note + "; " if note else "") + sel.note
                 t_sel = time.perf_counter() - t0
                 t0 = time.perf_counter()
-                ctx.kv_keep(sel.kept)
-                n_kept = len(sel.kept)
+                if layer_budgets:
+                    last = sel.selected_layer if sel.selected_layer is not None else N - 1
+                    lb = BG.apply_layer_budgets(ctx, pf.scores[: last + 1], layer_budgets, budget, window,
+                                                kernel=kernel, shared=sel.kept, **bopts)
+                    t_sel += lb.select_s
+                    t0 += lb.select_s
+                    n_kept = lb.prompt_cells
+                else:
+                    ctx.kv_keep(sel.kept)
+                    n_kept = len(sel.kept)
+            elif policy in LAYER_BUDGET_POLICIES:
+                lb = BG.apply_layer_budgets(ctx, pf.scores, policy, budget, window, kernel=kernel, **bopts)
+                t_sel = lb.select_s
+                t0 += lb.select_s
+                n_kept = lb.prompt_cells
             else:  # snapkv
                 sets = P.snapkv_select_all(pf.scores, window=window, budget=budget, n_head_kv=model.n_head_kv, kernel=kernel)
                 t_sel = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 ctx.kv_keep_per_head(sets)
                 n_kept = sets.shape[-1]
-            ctx = shrink_context(ctx, n_kept, n, max_tokens)
+            # move the pruned sequence into a context sized to what is kept + the generation
+            if lb is not None:  # per-layer counts are set again on the new context
+                ctx = BG.move_to_context(ctx, n, n_kept + max_tokens, n_batch=n_batch, n_threads=n_threads,
+                                         flash_attn=flash_attn)
+            else:
+                ctx = shrink_context(ctx, n_kept, n, max_tokens)
             t_cmp = time.perf_counter() - t0
     info = ctx.kv_info()
     kv_kept = _kv_bytes(info, n_kept, info.used_swa)
     kv_alloc = _kv_bytes(info, info.size_base, info.size_swa)
+    lb_json = None
+    if lb is not None:
+        # the K/V rows the layers keep (sum of the per-layer budgets); the decode context allocates
+        # max_l B_l prompt cells (+ the generation) in every layer: kv_bytes_allocated
+        kv_kept = BG.kv_bytes(ctx, lb.counts)
+        lb_json = lb.to_json(ctx.kv_layer_cell_bytes())
+        n_kept = int(round(float(np.mean(lb.counts))))
 
     # decode: the first token comes from the full-depth logits of the last prompt token
     ttft = pf.seconds + t_sel + t_cmp
@@ -685,7 +765,8 @@ def generate(model: Model, tokens: list[int], policy: str = "asl", budget: Optio
         n_kept=n_kept, kv_bytes_full=kv_full, kv_bytes=kv_kept, kv_bytes_allocated=kv_alloc,
         prefill_s=prefill_s, prefill_work=prefill_work, select_s=t_sel, compact_s=t_cmp, time_to_first_token_s=ttft, decode_s=t_dec,
         decode_tokens_per_s=(n_dec_steps / t_dec) if t_dec > 0 and n_dec_steps else 0.0,
-        window=window, budget=budget if policy != "full" else None, tokens=out, note=note, asl=asl_info)
+        window=window, budget=budget if policy != "full" else None, tokens=out, note=note, asl=asl_info,
+        layer_budgets=lb_json)
 
 
 @dataclass
@@ -748,6 +829,7 @@ class LayerMajor:
     kv_bytes_full: int
     prefill_s: float
     prefill_work: float
+    layer_budgets: Optional[object] = None  # budgets.LayerBudgets when layer_budgets was given
 
 
 def prefill_kept(model: Model, tokens: list[int], kept, max_tokens: int, n_batch: int = 512,
@@ -776,7 +858,8 @@ def layer_major_prefill(model: Model, tokens: list[int], policy: str, budget: in
                         l_min: Optional[int] = None, l_obs: Optional[int] = None, kernel: int = 7,
                         layer: Optional[int] = None, max_tokens: int = 128, n_batch: int = 512,
                         n_threads: Optional[int] = None, flash_attn: bool = False,
-                        progress: Optional[Callable[[int, int], None]] = None) -> LayerMajor:
+                        progress: Optional[Callable[[int, int], None]] = None, layer_budgets: Optional[str] = None,
+                        budget_opts: Optional[dict] = None) -> LayerMajor:
     """Layer-major prefill with one-shot token-selective propagation (policies asl and fastkv), or
     with a second pass over the kept tokens (asl-2pass: the first pass stops at the ASL layer).
 
@@ -785,6 +868,8 @@ def layer_major_prefill(model: Model, tokens: list[int], policy: str, budget: in
     variance ratio is below tau; fastkv: `layer`) only the kept tokens' hidden states go through
     layers L+1..N-1, at their original positions, in a context sized to the budget. Layers <= L keep
     the SnapKV per-KV-head top-`budget` of their own full KV; layers > L hold the kept tokens.
+    With layer_budgets (zigzag, pyramid, uniform; options in budget_opts) layers <= L keep
+    per-layer budgets of average `budget` instead (pyasl.budgets).
     """
     from . import policies as P
 
@@ -831,12 +916,14 @@ def layer_major_prefill(model: Model, tokens: list[int], policy: str, budget: in
         return LayerMajor(ctx=B, logits=B.logits(), stop_layer=stop, selection=sel, n_kept=k, kept=np.asarray(kept),
                           scores=scores[: stop + 1], kv_bytes_full=kv_full,
                           prefill_s=time.perf_counter() - t0, prefill_work=work)
-    B, logits = _one_shot(model, A, H, kept_l, scores, stop, n, budget=budget, window=window, kernel=kernel,
-                          max_tokens=max_tokens, n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn)
+    B, logits, lb = _one_shot(model, A, H, kept_l, scores, stop, n, budget=budget, window=window, kernel=kernel,
+                              max_tokens=max_tokens, n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn,
+                              layer_budgets=layer_budgets, budget_opts=budget_opts)
+    cells = k if lb is None else lb.prompt_cells  # prompt cells of the decode context
     work = ((stop + 1) * n + (N - stop - 1) * k) / (N * n)
-    return LayerMajor(ctx=B, logits=logits, stop_layer=stop, selection=sel, n_kept=k, kept=np.asarray(kept),
+    return LayerMajor(ctx=B, logits=logits, stop_layer=stop, selection=sel, n_kept=cells, kept=np.asarray(kept),
                       scores=scores[: stop + 1], kv_bytes_full=kv_full,
-                      prefill_s=time.perf_counter() - t0, prefill_work=work)
+                      prefill_s=time.perf_counter() - t0, prefill_work=work, layer_budgets=lb)
 
 
 def shrink_context(ctx: Context, n_kept: int, n_past: int, max_tokens: int) -> Context:
@@ -917,25 +1004,40 @@ def _layer_major_pass(model: Model, tokens: list[int], window: int, decide, n_ba
 def _one_shot(model: Model, A: Context, H: Optional[np.ndarray], kept: list[int], scores: np.ndarray, stop: int,
               n: int, budget: int, window: int, kernel: int, max_tokens: int, n_batch: int = 512,
               n_threads: Optional[int] = None, flash_attn: bool = False,
-              last_logits: Optional[np.ndarray] = None) -> tuple[Context, np.ndarray]:
+              last_logits: Optional[np.ndarray] = None, layer_budgets: Optional[str] = None,
+              budget_opts: Optional[dict] = None):
     """One-shot token-selective propagation after layer `stop` (A: the full KV of layers 0..stop;
     H: the input of layer stop + 1 for every prompt token). Layers <= stop keep the SnapKV
     per-KV-head top-`budget` of their own KV; the kept tokens go through layers stop+1..N-1 at
-    their positions. Returns the decode context (budget + max_tokens cells) and the last prompt
-    token's full-depth logits (when stop is the last layer: last_logits, else A's). Closes A."""
+    their positions. With layer_budgets (zigzag, pyramid, uniform; options in budget_opts) layers
+    <= stop keep per-layer budgets of average `budget` instead (pyasl.budgets).
+    Returns (decode context of the kept cells + max_tokens, the last prompt token's full-depth
+    logits (when stop is the last layer: last_logits, else A's), the LayerBudgets or None).
+    Closes A."""
     from . import policies as P
 
     N, k = model.n_layer, len(kept)
+    lb = None
     try:
-        sets = np.empty((N, model.n_head_kv, k), dtype=np.int32)
-        for l in range(N):
-            sets[l] = P.snapkv_select(scores[l], window=window, budget=budget, n_head_kv=model.n_head_kv,
-                                      kernel=kernel) if l <= stop else kept
-        A.kv_keep_per_head(sets)
+        if layer_budgets:
+            from . import budgets as BG
+
+            lb = BG.apply_layer_budgets(A, scores[: stop + 1], layer_budgets, budget, window, kernel=kernel,
+                                        shared=np.asarray(kept), **(budget_opts or {}))
+        else:
+            sets = np.empty((N, model.n_head_kv, k), dtype=np.int32)
+            for l in range(N):
+                sets[l] = P.snapkv_select(scores[l], window=window, budget=budget, n_head_kv=model.n_head_kv,
+                                          kernel=kernel) if l <= stop else kept
+            A.kv_keep_per_head(sets)
+        cells = k if lb is None else lb.prompt_cells  # prompt cells of the decode context
         if stop == N - 1:
             logits = A.logits() if last_logits is None else last_logits
-            return shrink_context(A, k, n, max_tokens), logits
-        B = Context(model, _pad(k + max_tokens), n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn,
+            if lb is not None:  # per-layer counts are set again on the new context
+                return BG.move_to_context(A, n, cells + max_tokens, n_batch=n_batch, n_threads=n_threads,
+                                          flash_attn=flash_attn), logits, lb
+            return shrink_context(A, k, n, max_tokens), logits, lb
+        B = Context(model, _pad(cells + max_tokens), n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn,
                     allow_pos_gaps=True)
         try:
             B.set_layer_range(stop + 1, N)
@@ -944,10 +1046,13 @@ def _one_shot(model: Model, A: Context, H: Optional[np.ndarray], kept: list[int]
                 B.decode_hidden(H[pos], pos, logits_last=i + n_batch >= k)
             logits = B.logits()
             B.set_layer_range(0, N)
-            B.kv_copy_cells_from(A, 0, stop + 1, k)
+            B.kv_copy_cells_from(A, 0, stop + 1, cells)
+            if lb is not None:
+                # cells k..P-1 (rows of layers <= stop only) join the metadata of A's compaction
+                B.set_kv_layer_cells(lb.counts, meta=lb.meta)
         except BaseException:
             B.close()
             raise
-        return B, logits
+        return B, logits, lb
     finally:
         A.close()

@@ -7,6 +7,7 @@ budget)` then builds the decode context that `engine.generate(policy=...)` would
 
 - full: the saved KV as it is;
 - snapkv: the saved KV, pruned per layer and KV head;
+- zigzag / pyramid: the saved KV, pruned per layer and KV head to per-layer budgets (pyasl.budgets);
 - asl / fastkv: layers <= L from the saved KV (SnapKV per head), the kept tokens' hidden states
   after L sent through layers L+1..N-1 (one-shot propagation, the same code as layer-major prefill);
 - asl-2pass / gemfilter: the kept tokens prefilled again at their positions.
@@ -29,7 +30,7 @@ from . import policies as P
 from .engine import (Context, Model, _kv_bytes, _layer_major_pass, _one_shot, _pad, layer_major_supported,
                      prefill_kept, shrink_context)
 
-SHARED_POLICIES = ("full", "snapkv", "asl", "fastkv", "asl-2pass", "gemfilter")
+SHARED_POLICIES = ("full", "snapkv", "zigzag", "pyramid", "asl", "fastkv", "asl-2pass", "gemfilter")
 
 
 @dataclass
@@ -98,13 +99,14 @@ class SharedPrefill:
                                      kernel=self.kernel)
 
     def derive(self, policy: str, budget: Optional[int] = None, max_tokens: int = 64, tau: float = 0.3,
-               l_min: Optional[int] = None, l_obs: Optional[int] = None, layer: Optional[int] = None) -> Derived:
+               l_min: Optional[int] = None, l_obs: Optional[int] = None, layer: Optional[int] = None,
+               budget_opts: Optional[dict] = None) -> Derived:
         """The decode context `policy` at `budget` would produce for this prompt (see the module doc)."""
         if policy not in SHARED_POLICIES:
             raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(SHARED_POLICIES)}")
         model, n, N, W = self.model, self.n, self.model.n_layer, self.window
         t0 = time.perf_counter()
-        note, asl, selected = "", None, None
+        note, asl, selected, kv_held, extra = "", None, None, None, {}
         if policy != "full":
             if budget is None:
                 raise ValueError(f"policy {policy} needs a budget")
@@ -123,6 +125,22 @@ class SharedPrefill:
             ctx.kv_keep_per_head(sets)
             ctx = shrink_context(ctx, budget, n, max_tokens)
             logits, k, work = self.logits, sets.shape[-1], 1.0
+        elif policy in ("zigzag", "pyramid"):
+            from . import budgets as BG
+
+            ctx = self._full(1)
+            try:
+                lb = BG.apply_layer_budgets(ctx, self.scores, policy, budget, W, kernel=self.kernel,
+                                            **(budget_opts or {}))
+            except BaseException:
+                ctx.close()
+                raise
+            ctx = BG.move_to_context(ctx, n, lb.prompt_cells + max_tokens, n_batch=self.n_batch,
+                                     n_threads=self.n_threads, flash_attn=self.flash_attn)
+            logits, work = self.logits, 1.0
+            k = int(round(float(np.mean(lb.counts))))
+            kv_held = BG.kv_bytes(ctx, lb.counts)
+            extra = {"layer_budgets": [int(c) for c in lb.counts], "prompt_cells": int(lb.prompt_cells)}
         else:
             if policy in ("asl", "asl-2pass"):
                 sel = P.asl_select(self.scores, window=W, budget=budget, tau=tau, l_min=l_min, l_obs=l_obs,
@@ -139,7 +157,7 @@ class SharedPrefill:
             k = len(kept_l)
             if policy in ("asl", "fastkv"):
                 H = self.hidden[stop] if stop < N - 1 else None
-                ctx, logits = _one_shot(model, self._full(1), H, kept_l, self.scores, stop, n, budget=budget,
+                ctx, logits, _ = _one_shot(model, self._full(1), H, kept_l, self.scores, stop, n, budget=budget,
                                         window=W, kernel=self.kernel, max_tokens=max_tokens, n_batch=self.n_batch,
                                         n_threads=self.n_threads, flash_attn=self.flash_attn,
                                         last_logits=self.logits)
@@ -152,6 +170,6 @@ class SharedPrefill:
         info = ctx.kv_info()
         return Derived(ctx=ctx, logits=logits, policy=policy, budget=None if policy == "full" else budget,
                        selected_layer=selected, n_kept=k, prefill_work=work,
-                       kv_bytes=_kv_bytes(info, k, info.used_swa),
+                       kv_bytes=_kv_bytes(info, k, info.used_swa) if kv_held is None else kv_held,
                        kv_bytes_allocated=_kv_bytes(info, info.size_base, info.size_swa),
-                       derive_s=time.perf_counter() - t0, note=note, asl=asl)
+                       derive_s=time.perf_counter() - t0, note=note, asl=asl, extra=extra)

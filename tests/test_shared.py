@@ -78,7 +78,8 @@ def test_asl_selects_somewhere_on_this_prompt(shared):
     assert d.prefill_work < 1.0
 
 
-@pytest.mark.parametrize("policy,layer", [("full", None), ("snapkv", None), ("gemfilter", 9)])
+@pytest.mark.parametrize("policy,layer", [("full", None), ("snapkv", None), ("gemfilter", 9), ("zigzag", None),
+                                          ("pyramid", None)])
 def test_derive_equals_generate(smollm2, shared, policy, layer):
     g = generate(smollm2, shared.tokens, policy=policy, budget=128, window=16, layer=layer, max_tokens=6,
                  n_batch=128, ignore_eos=True)
