@@ -19,7 +19,8 @@ except _native.NativeLibraryError as e:  # pragma: no cover
     pytest.skip(f"pyasl native library not available: {e}", allow_module_level=True)
 
 from pyasl import policies as P  # noqa: E402
-from pyasl.engine import Context, Model, generate, layer_major_prefill, layer_major_supported, prefill  # noqa: E402
+from pyasl.engine import (Context, Model, generate, layer_major_prefill, layer_major_supported, prefill,  # noqa: E402
+                          ranked_layer_mask)
 from pyasl.models import fetch_model  # noqa: E402
 
 N_LAYER = 6
@@ -341,3 +342,82 @@ def test_asl_2pass_first_pass_stops_at_the_selection_layer(tiny_llama):
         c.decode([t[p] for p in kept], positions=kept)
         np.testing.assert_array_equal(c.logits(), lm.logits)
     lm.ctx.close()
+
+
+# ---- Gemma 3 270M (real; sliding window 512, global layers 5, 11, 17) ------------------------
+
+G_N, G_W = 600, 32  # a prompt longer than the sliding window
+
+
+@pytest.fixture(scope="module")
+def gemma270():
+    """The model, the first G_N tokens of examples/long_prompt.txt, an ordinary prefill's window scores
+    and logits, and the logits after one more token (7)."""
+    m = Model(fetch_model("gemma3-270m"))
+    text = (Path(__file__).resolve().parent.parent / "examples" / "long_prompt.txt").read_text()
+    t = m.tokenize(text)[:G_N]
+    assert len(t) == G_N and m.n_swa == 512
+    with Context(m, 1024, n_batch=128, capture=True) as c:
+        pf = prefill(c, t, window=G_W)
+        c.decode([7])
+        nxt = c.logits()
+    return m, t, pf, nxt
+
+
+@pytest.mark.real
+def test_gemma270_swa_layers_do_not_rank(gemma270):
+    m, t, pf, _ = gemma270
+    n = len(t)
+    glob = [il for il, s in enumerate(m.swa_layers) if not s]
+    assert glob == [5, 11, 17]
+    # a sliding-window layer's window queries never see the oldest positions: zero scores, rank ties
+    for il in range(m.n_layer):
+        old = pf.scores[il][:, : n - G_W - m.n_swa + 1]
+        assert (np.all(old == 0) if m.swa_layers[il] else np.all(old > 0)), il
+    mask = ranked_layer_mask(m, n)
+    assert mask.tolist() == [not s for s in m.swa_layers]
+    sel = P.asl_select(pf.scores, G_W, 128, layer_mask=mask)
+    assert sel.ranking_layer in glob and (sel.selected_layer is None or sel.selected_layer in glob)
+    assert [il for il, r in enumerate(sel.variance_ratio) if r is not None] == [11, 17]
+    # the kept tokens come from the whole prompt, not only from the last n_swa positions
+    assert (sel.kept < n - m.n_swa).sum() > 10
+    # layer-major asl makes the same choice, stopping at the same global layer
+    lm = layer_major_prefill(m, t, "asl", budget=128, window=G_W, n_batch=128, max_tokens=2)
+    assert lm.stop_layer == (17 if sel.selected_layer is None else sel.selected_layer)
+    np.testing.assert_array_equal(lm.kept, sel.kept)
+    lm.ctx.close()
+
+
+@pytest.mark.real
+def test_gemma270_layer_major_without_selection_equals_ordinary(gemma270):
+    m, t, pf, _ = gemma270
+    lm = layer_major_prefill(m, t, "fastkv", budget=128, window=G_W, layer=m.n_layer - 1, n_batch=128,
+                             max_tokens=2)
+    assert lm.stop_layer == m.n_layer - 1 and lm.prefill_work == 1.0
+    # quantized weights amplify the summation-order differences of another cell layout
+    np.testing.assert_allclose(lm.scores, pf.scores, atol=2e-3)
+    assert np.argmax(lm.logits) == np.argmax(pf.logits)
+    np.testing.assert_allclose(lm.logits, pf.logits, atol=0.5)
+    assert lm.ctx.kv_info().used_swa == m.n_swa
+    lm.ctx.close()
+
+
+@pytest.mark.real
+def test_gemma270_one_shot_keeping_everything_equals_full(gemma270):
+    m, t, pf, nxt = gemma270
+    lm = layer_major_prefill(m, t, "fastkv", budget=len(t), window=G_W, layer=7, n_batch=128, max_tokens=2)
+    assert lm.n_kept == len(t) and lm.prefill_work == 1.0
+    assert np.argmax(lm.logits) == np.argmax(pf.logits)
+    np.testing.assert_allclose(lm.logits, pf.logits, atol=0.5)
+    lm.ctx.decode([7])
+    np.testing.assert_allclose(lm.ctx.logits(), nxt, atol=0.5)
+    assert np.argmax(lm.ctx.logits()) == np.argmax(nxt)
+    lm.ctx.close()
+
+
+@pytest.mark.real
+def test_gemma270_layer_range_split_equals_whole(gemma270):
+    m, t, _, _ = gemma270
+    want, got, want2, got2 = _split_equals_whole(m, G_N, 8)
+    assert np.array_equal(want, got)
+    assert np.array_equal(want2, got2)
