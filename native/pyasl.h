@@ -75,8 +75,10 @@ PYASL_API int32_t pyasl_set_allow_pos_gaps(struct llama_context * ctx, bool allo
 PYASL_API int32_t pyasl_set_layer_range(struct llama_context * ctx, int32_t begin, int32_t end);
 // A batch whose positions the sequence already holds writes its K/V into those same cells
 // (recomputing a layer for positions cached by an earlier pass). Also allows position gaps.
-// Sliding-window models: refused unless the context was made with swa_full (the SWA cache would
-// otherwise have evicted positions the recomputed layers need).
+// Sliding-window models: only the base (global) cache reuses cells. Turning reuse on starts a new
+// pass: the sliding-window cache is emptied, and the pass must decode its positions in the same
+// ubatches, in the same order, as the pass that filled the cache; it then refills the SWA cache
+// into the same cells (each pass's SWA layers see exactly what an ordinary prefill shows them).
 PYASL_API int32_t pyasl_set_reuse_cells(struct llama_context * ctx, bool reuse);
 // Expose (or stop exposing) the input hidden state of layer lid (0..n_layer) for every batch token;
 // pyasl_get_hidden returns n_batch x n_embd floats valid until the next decode (NULL if not armed).

@@ -354,15 +354,17 @@ int32_t pyasl_set_reuse_cells(struct llama_context * ctx, bool reuse) {
     if (rc != PYASL_OK) {
         return rc;
     }
-    if (reuse && c.swa && pyasl_access::cells(c.swa).size() < pyasl_access::cells(c.base).size()) {
-        // the SWA cache would have evicted positions that a recomputed layer still needs
-        PYASL_FAIL(PYASL_ERR_UNSUPPORTED, "cell reuse on a sliding-window model needs a context whose sliding-window "
-                   "cache is as large as the base one (llama_context_params.swa_full = true)");
-    }
     pyasl_access::cparams(ctx).pyasl_reuse_cells = reuse;
     c.base->pyasl_reuse_cells = reuse;
     if (c.swa) {
-        c.swa->pyasl_reuse_cells = reuse;
+        // the sliding-window cache does not reuse: it keeps only the last positions, which a recompute
+        // pass from the first position cannot find. A pass starts on an empty SWA cache and fills it
+        // like an ordinary prefill (same ubatches -> same cells), so its attention spans ~n_swa + n_ubatch
+        // cells and the K/V it ends with sit where every earlier pass put theirs.
+        c.swa->pyasl_reuse_cells = false;
+        if (reuse) {
+            c.swa->clear(false);
+        }
     }
     return PYASL_OK;
 }

@@ -7,9 +7,7 @@ API in native/. One sequence (seq 0) per context.
 from __future__ import annotations
 
 import codecs
-import contextlib
 import ctypes
-import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -800,24 +798,6 @@ def ranked_layer_mask(model: Model, n_prompt: int) -> Optional[np.ndarray]:
     return P.ranked_layer_mask(model.swa_layers, model.n_swa, n_prompt)
 
 
-@contextlib.contextmanager
-def _quiet_swa_full_warning(model: Model):
-    """llama.cpp warns about every full-size sliding-window cache, and llama-cpp-python's logger maps
-    its warnings to errors (printed even without --verbose): hold its log back while one is made."""
-    from llama_cpp import _logger
-
-    lg = _logger.logger
-    old = lg.level
-    quiet = model.n_swa > 0 and old > logging.WARNING
-    if quiet:
-        lg.setLevel(logging.CRITICAL + 1)
-    try:
-        yield
-    finally:
-        if quiet:
-            lg.setLevel(old)
-
-
 def _swa_window(model: Model, n: int) -> Optional[np.ndarray]:
     """Prompt positions a sliding-window cache keeps after the prompt (the last n_swa, as llama.cpp's
     state save does); None for a model without one."""
@@ -841,12 +821,14 @@ def layer_major_prefill(model: Model, tokens: list[int], policy: str, budget: in
     the SnapKV per-KV-head top-`budget` of their own full KV; layers > L hold the kept tokens.
 
     Sliding-window models (Gemma 3): ranks come from global layers only (ranked_layer_mask; fastkv
-    ranks with the latest global layer <= `layer`). The layer-major pass runs in a context whose
-    sliding-window cache holds the whole prompt (swa_full), so layer l+1 still finds layer l's
-    positions. Past L, the propagated tokens are the kept ones plus the last n_swa prompt positions
-    (the sliding window is always kept, like the observation window): the global caches then keep only
-    the kept tokens (the budget), and every sliding-window layer holds the last n_swa positions, as
-    after an ordinary prefill. prefill_work counts those extra tokens.
+    ranks with the latest global layer <= `layer`). Each layer's pass starts on an empty
+    sliding-window cache and fills it as an ordinary prefill does (set_reuse_cells: only the global
+    cache reuses cells), so a sliding-window layer attends over ~n_swa + n_batch cells and sees
+    exactly what it sees in an ordinary prefill. Past L, the propagated tokens are the kept ones plus
+    the last n_swa prompt positions (the sliding window is always kept, like the observation window):
+    the global caches then keep only the kept tokens (the budget), and every sliding-window layer
+    holds the last n_swa positions, as after an ordinary prefill. prefill_work counts those extra
+    tokens.
     """
     from . import policies as P
 
@@ -865,9 +847,7 @@ def layer_major_prefill(model: Model, tokens: list[int], policy: str, budget: in
     if policy == "fastkv":
         P.latest_ranked_layer(mask, layer)  # refuses a layer before the first global one
     t0 = time.perf_counter()
-    with _quiet_swa_full_warning(model):
-        A = Context(model, _pad(n + 1), n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn, capture=True,
-                    swa_full=True)
+    A = Context(model, _pad(n + 1), n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn, capture=True)
     head = n - window
     chunks = [(i, min(i + n_batch, head)) for i in range(0, head, n_batch)] + [(head, n)]
     scores = np.zeros((N, model.n_head, n), dtype=np.float32)
@@ -907,9 +887,8 @@ def layer_major_prefill(model: Model, tokens: list[int], policy: str, budget: in
             if s.selected_layer is not None:
                 stop, sel = l, s
                 break
-    # full KV for comparison: what an ordinary prefill keeps (its sliding-window cache holds about
-    # n_swa + n_batch cells, not the whole prompt as this swa_full context does)
-    kv_full = _kv_bytes(A.kv_info(), n, min(n, _pad(model.n_swa + n_batch)) if model.n_swa > 0 else 0)
+    info = A.kv_info()
+    kv_full = _kv_bytes(info, n, info.used_swa)  # as an ordinary prefill: it fills the same cells
     if stop is None:  # asl: tau never reached, every layer ran
         stop = N - 1
         sel = P.asl_select(scores, window=window, budget=budget, tau=tau, l_min=l_min, l_obs=l_obs, kernel=kernel,
