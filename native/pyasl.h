@@ -75,6 +75,10 @@ PYASL_API int32_t pyasl_set_allow_pos_gaps(struct llama_context * ctx, bool allo
 PYASL_API int32_t pyasl_set_layer_range(struct llama_context * ctx, int32_t begin, int32_t end);
 // A batch whose positions the sequence already holds writes its K/V into those same cells
 // (recomputing a layer for positions cached by an earlier pass). Also allows position gaps.
+// Sliding-window models: only the base (global) cache reuses cells. Turning reuse on starts a new
+// pass: the sliding-window cache is emptied, and the pass must decode its positions in the same
+// ubatches, in the same order, as the pass that filled the cache; it then refills the SWA cache
+// into the same cells (each pass's SWA layers see exactly what an ordinary prefill shows them).
 PYASL_API int32_t pyasl_set_reuse_cells(struct llama_context * ctx, bool reuse);
 // Expose (or stop exposing) the input hidden state of layer lid (0..n_layer) for every batch token;
 // pyasl_get_hidden returns n_batch x n_embd floats valid until the next decode (NULL if not armed).
@@ -144,9 +148,24 @@ PYASL_API int32_t pyasl_kv_get_layer_cells(struct llama_context * ctx, int32_t *
 PYASL_API int32_t pyasl_kv_layer_cell_bytes(struct llama_context * ctx, int64_t * out, int32_t n_layer);
 
 // Copy the K/V rows of cells [0, n_cells) of model layers [il_begin, il_end) from src's cache to
-// dst's (same model and cache types; plain caches only). Cell metadata of dst is not touched.
+// dst's (same model and cache types). Cell metadata of dst is not touched. Sliding-window
+// contexts: only the layers of the base (global) cache are copied (see pyasl_kv_copy_cells_swa).
 PYASL_API int32_t pyasl_kv_copy_cells(struct llama_context * dst, struct llama_context * src,
                                       int32_t il_begin, int32_t il_end, int32_t n_cells);
+
+// ---- sliding-window models ------------------------------------------------------------------
+// Per layer (up to n_max), whether it uses sliding-window attention (llama.cpp's
+// hparams.is_swa(il); all false for a model without a sliding window). Returns n_layer.
+PYASL_API int32_t pyasl_model_swa_layers(const struct llama_model * model, bool * out, int32_t n_max);
+// llama.cpp's llama_swa_type of the model: 0 none, 1 standard, 2 chunked, 3 symmetric.
+PYASL_API int32_t pyasl_model_swa_type(const struct llama_model * model);
+
+// pyasl_kv_keep for the sliding-window cache of an iSWA context: keep only the listed positions
+// (strictly increasing, the last one = the sequence's last) in cells 0..n-1 of every SWA layer.
+PYASL_API int32_t pyasl_kv_keep_swa(struct llama_context * ctx, llama_seq_id seq_id, const int32_t * pos, int32_t n);
+// pyasl_kv_copy_cells for the layers of the sliding-window cache (both contexts iSWA).
+PYASL_API int32_t pyasl_kv_copy_cells_swa(struct llama_context * dst, struct llama_context * src,
+                                          int32_t il_begin, int32_t il_end, int32_t n_cells);
 
 #ifdef __cplusplus
 }

@@ -245,6 +245,51 @@ int32_t rewrite(llama_kv_cache * kv, llama_seq_id seq_id, const std::vector<int3
     return PYASL_OK;
 }
 
+// copy the K/V rows of cells [0, n_cells) of model layers [il_begin, il_end) stored in cache ks to kd
+int32_t copy_cache_cells(llama_kv_cache * kd, llama_kv_cache * ks, int32_t il_begin, int32_t il_end, int32_t n_cells) {
+    const uint32_t size_d = pyasl_access::cells(kd).size();
+    const uint32_t size_s = pyasl_access::cells(ks).size();
+    if (n_cells < 0 || (uint32_t) n_cells > size_d || (uint32_t) n_cells > size_s || il_begin < 0 || il_begin > il_end) {
+        PYASL_FAIL(PYASL_ERR_ARG, "pyasl_kv_copy_cells: bad cell count or layer range");
+    }
+    if (pyasl_access::v_trans(kd) != pyasl_access::v_trans(ks)) {
+        PYASL_FAIL(PYASL_ERR_UNSUPPORTED, "pyasl_kv_copy_cells: the caches store V differently (flash attention setting)");
+    }
+    const bool vt = pyasl_access::v_trans(kd);
+    std::vector<uint8_t> buf;
+    for (int32_t il = il_begin; il < il_end; ++il) {
+        const int32_t id = pyasl_access::ikv(kd, il), is = pyasl_access::ikv(ks, il);
+        if (id < 0 || is < 0) {
+            continue;
+        }
+        const auto & ld = pyasl_access::layers(kd)[id];
+        const auto & ls = pyasl_access::layers(ks)[is];
+        for (int kv = 0; kv < 2; ++kv) {
+            ggml_tensor * td = kv ? ld.v : ld.k;
+            ggml_tensor * ts = kv ? ls.v : ls.k;
+            if (!td || !ts) {
+                continue;
+            }
+            if (td->type != ts->type || td->ne[0] != ts->ne[0]) {
+                PYASL_FAIL(PYASL_ERR_UNSUPPORTED, "pyasl_kv_copy_cells: cache types differ");
+            }
+            if (kv == 0 || !vt) {
+                const size_t row = ts->nb[1];
+                buf.resize(row*n_cells);
+                ggml_backend_tensor_get(ts, buf.data(), 0, buf.size());
+                ggml_backend_tensor_set(td, buf.data(), 0, buf.size());
+            } else {
+                const size_t es = ggml_type_size(ts->type);
+                buf.resize(es*n_cells);
+                for (int64_t c = 0; c < ts->ne[0]; ++c) {
+                    ggml_backend_tensor_get(ts, buf.data(), (size_t) c*size_s*es, buf.size());
+                    ggml_backend_tensor_set(td, buf.data(), (size_t) c*size_d*es, buf.size());
+                }
+            }
+        }
+    }
+    return PYASL_OK;
+}
 
 } // namespace
 
@@ -324,7 +369,14 @@ int32_t pyasl_set_reuse_cells(struct llama_context * ctx, bool reuse) {
     pyasl_access::cparams(ctx).pyasl_reuse_cells = reuse;
     c.base->pyasl_reuse_cells = reuse;
     if (c.swa) {
-        c.swa->pyasl_reuse_cells = reuse;
+        // the sliding-window cache does not reuse: it keeps only the last positions, which a recompute
+        // pass from the first position cannot find. A pass starts on an empty SWA cache and fills it
+        // like an ordinary prefill (same ubatches -> same cells), so its attention spans ~n_swa + n_ubatch
+        // cells and the K/V it ends with sit where every earlier pass put theirs.
+        c.swa->pyasl_reuse_cells = false;
+        if (reuse) {
+            c.swa->clear(false);
+        }
     }
     return PYASL_OK;
 }
@@ -709,54 +761,62 @@ int32_t pyasl_kv_copy_cells(struct llama_context * dst, struct llama_context * s
     if ((rc = get_caches(dst, cd)) != PYASL_OK || (rc = get_caches(src, cs)) != PYASL_OK) {
         return rc;
     }
-    if (cd.swa || cs.swa) {
-        PYASL_FAIL(PYASL_ERR_UNSUPPORTED, "pyasl_kv_copy_cells: sliding-window caches are not supported");
+    if ((cd.swa == nullptr) != (cs.swa == nullptr)) {
+        PYASL_FAIL(PYASL_ERR_UNSUPPORTED, "pyasl_kv_copy_cells: one context has a sliding-window cache, the other not");
     }
     if (&dst->get_model() != &src->get_model()) {
         PYASL_FAIL(PYASL_ERR_ARG, "pyasl_kv_copy_cells: the contexts use different models");
     }
-    const uint32_t size_d = pyasl_access::cells(cd.base).size();
-    const uint32_t size_s = pyasl_access::cells(cs.base).size();
-    if (n_cells < 0 || (uint32_t) n_cells > size_d || (uint32_t) n_cells > size_s || il_begin < 0 || il_begin > il_end) {
-        PYASL_FAIL(PYASL_ERR_ARG, "pyasl_kv_copy_cells: bad cell count or layer range");
+    return copy_cache_cells(cd.base, cs.base, il_begin, il_end, n_cells);
+}
+
+int32_t pyasl_kv_copy_cells_swa(struct llama_context * dst, struct llama_context * src,
+                                int32_t il_begin, int32_t il_end, int32_t n_cells) {
+    caches cd, cs;
+    int32_t rc;
+    if ((rc = get_caches(dst, cd)) != PYASL_OK || (rc = get_caches(src, cs)) != PYASL_OK) {
+        return rc;
     }
-    if (pyasl_access::v_trans(cd.base) != pyasl_access::v_trans(cs.base)) {
-        PYASL_FAIL(PYASL_ERR_UNSUPPORTED, "pyasl_kv_copy_cells: the caches store V differently (flash attention setting)");
+    if (!cd.swa || !cs.swa) {
+        PYASL_FAIL(PYASL_ERR_UNSUPPORTED, "pyasl_kv_copy_cells_swa: both contexts need a sliding-window cache");
     }
-    const bool vt = pyasl_access::v_trans(cd.base);
-    std::vector<uint8_t> buf;
-    for (int32_t il = il_begin; il < il_end; ++il) {
-        const int32_t id = pyasl_access::ikv(cd.base, il), is = pyasl_access::ikv(cs.base, il);
-        if (id < 0 || is < 0) {
-            continue;
-        }
-        const auto & ld = pyasl_access::layers(cd.base)[id];
-        const auto & ls = pyasl_access::layers(cs.base)[is];
-        for (int kv = 0; kv < 2; ++kv) {
-            ggml_tensor * td = kv ? ld.v : ld.k;
-            ggml_tensor * ts = kv ? ls.v : ls.k;
-            if (!td || !ts) {
-                continue;
-            }
-            if (td->type != ts->type || td->ne[0] != ts->ne[0]) {
-                PYASL_FAIL(PYASL_ERR_UNSUPPORTED, "pyasl_kv_copy_cells: cache types differ");
-            }
-            if (kv == 0 || !vt) {
-                const size_t row = ts->nb[1];
-                buf.resize(row*n_cells);
-                ggml_backend_tensor_get(ts, buf.data(), 0, buf.size());
-                ggml_backend_tensor_set(td, buf.data(), 0, buf.size());
-            } else {
-                const size_t es = ggml_type_size(ts->type);
-                buf.resize(es*n_cells);
-                for (int64_t c = 0; c < ts->ne[0]; ++c) {
-                    ggml_backend_tensor_get(ts, buf.data(), (size_t) c*size_s*es, buf.size());
-                    ggml_backend_tensor_set(td, buf.data(), (size_t) c*size_d*es, buf.size());
-                }
-            }
-        }
+    if (&dst->get_model() != &src->get_model()) {
+        PYASL_FAIL(PYASL_ERR_ARG, "pyasl_kv_copy_cells_swa: the contexts use different models");
     }
-    return PYASL_OK;
+    return copy_cache_cells(cd.swa, cs.swa, il_begin, il_end, n_cells);
+}
+
+int32_t pyasl_kv_keep_swa(struct llama_context * ctx, llama_seq_id seq_id, const int32_t * pos, int32_t n) {
+    caches c;
+    int32_t rc = get_caches(ctx, c);
+    if (rc != PYASL_OK) {
+        return rc;
+    }
+    if (!c.swa) {
+        PYASL_FAIL(PYASL_ERR_UNSUPPORTED, "pyasl_kv_keep_swa: the context has no sliding-window cache");
+    }
+    if (!pos || n <= 0) {
+        PYASL_FAIL(PYASL_ERR_ARG, "pyasl_kv_keep_swa: need at least one position");
+    }
+    std::vector<int32_t> cell_of_pos;
+    llama_pos pos_max;
+    if ((rc = check_and_map(c.swa, seq_id, cell_of_pos, pos_max)) != PYASL_OK) {
+        return rc;
+    }
+    if ((rc = check_positions(pos, n, cell_of_pos, "pyasl_kv_keep_swa")) != PYASL_OK) {
+        return rc;
+    }
+    if (pos[n - 1] != pos_max) {
+        PYASL_FAIL(PYASL_ERR_ARG, "pyasl_kv_keep_swa: the last position " + std::to_string(pos_max) +
+                   " must be kept (decoding continues right after it)");
+    }
+    std::vector<int32_t> src(n);
+    for (int32_t i = 0; i < n; ++i) {
+        src[i] = cell_of_pos[pos[i]];
+    }
+    const size_t n_cl = pyasl_access::layers(c.swa).size();
+    std::vector<std::vector<std::vector<int32_t>>> by_layer(n_cl, std::vector<std::vector<int32_t>>{src});
+    return rewrite(c.swa, seq_id, cell_of_pos, by_layer, std::vector<int32_t>(pos, pos + n));
 }
 
 } // extern "C"

@@ -112,6 +112,11 @@ def load():
         "pyasl_kv_set_layer_cells": ([vp, i32, i32p, i32, i32p, i32], i32),
         "pyasl_kv_get_layer_cells": ([vp, i32p, i32], i32),
         "pyasl_kv_layer_cell_bytes": ([vp, c.POINTER(i64), i32], i32),
+        # sliding-window models
+        "pyasl_model_swa_layers": ([vp, c.POINTER(c.c_bool), i32], i32),
+        "pyasl_model_swa_type": ([vp], i32),
+        "pyasl_kv_keep_swa": ([vp, i32, i32p, i32], i32),
+        "pyasl_kv_copy_cells_swa": ([vp, vp, i32, i32, i32], i32),
     }
     for name, (args, res) in sigs.items():
         f = getattr(lib, name)

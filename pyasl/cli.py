@@ -265,7 +265,7 @@ def inspect(model, prompt, prompt_file, window, raw, system, tau, l_min, l_obs, 
             budget, policy, layer, as_json, layer_budgets, theta, b_min_frac, beta):
     """Per-layer window-attention scores and the ASL decision for a prompt (no generation)."""
     from . import policies as P
-    from .engine import Context, prefill
+    from .engine import Context, prefill, ranked_layer_mask
 
     text = _read_prompt(prompt, prompt_file)
     try:
@@ -283,7 +283,8 @@ def inspect(model, prompt, prompt_file, window, raw, system, tau, l_min, l_obs, 
             pf = prefill(ctx, toks, window=window)
         if budget is not None and budget <= window:
             raise ValueError(f"budget {budget} must be larger than the window {window}")
-        info = P.inspect_layers(pf.scores, window, l_min=l_min, l_obs=l_obs, budget=budget, tau=tau)
+        info = P.inspect_layers(pf.scores, window, l_min=l_min, l_obs=l_obs, budget=budget, tau=tau,
+                                layer_mask=ranked_layer_mask(m, n))
         if policy in ("fastkv", "gemfilter"):
             if layer is None or layer >= m.n_layer:
                 raise ValueError(f"policy {policy} needs --layer in 0..{m.n_layer - 1}")
@@ -301,8 +302,8 @@ def inspect(model, prompt, prompt_file, window, raw, system, tau, l_min, l_obs, 
     out = {"model": str(m.path), "n_layer": m.n_layer, "n_prompt": n, "window": window, "policy": policy,
            "selected_layer": info["selected_layer"], "budget": info["budget"], "tau": tau,
            "l_min": info["l_min"], "l_obs": info["l_obs"], "note": info["note"],
-           "layers": [{"layer": d["layer"], "scores": d["scores"], "variance_ratio": d["variance_ratio"]}
-                      for d in info["layers"]]}
+           "layers": [{"layer": d["layer"], "scores": d["scores"], "variance_ratio": d["variance_ratio"],
+                       "ranked": d["ranked"]} for d in info["layers"]]}
     if lbj is not None:
         out["layer_budgets"] = lbj
         for d, b in zip(out["layers"], lbj["budgets"]):

@@ -24,6 +24,7 @@ POLICIES = ("full", "snapkv", "asl", "fastkv", "asl-2pass", "gemfilter", "zigzag
 LAYER_BUDGET_POLICIES = ("zigzag", "pyramid")  # per-layer budgets (pyasl.budgets)
 LAYER_RANGE_ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "phi3", "mistral3")
 TWO_PASS = ("asl-2pass", "gemfilter")
+SWA_LAYER_MAJOR_ARCHS = ("gemma3",)  # sliding-window (iSWA) caches in layer-major prefill: tested there
 
 
 class ModelLoadError(RuntimeError):
@@ -108,6 +109,23 @@ class Model(_Native):
         n = llama_cpp.llama_model_meta_val_str(self._m, key.encode(), buf, len(buf))
         return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
 
+    @property
+    def swa_layers(self) -> list[bool]:
+        """Per layer, whether it uses sliding-window attention (llama.cpp's hparams.is_swa; all False
+        for a model without a sliding window). Gemma 3: every layer but each sixth (5, 11, 17, ...)."""
+        if getattr(self, "_swa_layers", None) is None:
+            _, lib, _ = _ll()
+            buf = (ctypes.c_bool * max(1, self.n_layer))()
+            check(lib.pyasl_model_swa_layers(self._m, buf, self.n_layer), "sliding-window layers")
+            self._swa_layers = [bool(buf[i]) for i in range(self.n_layer)]
+        return list(self._swa_layers)
+
+    @property
+    def swa_type(self) -> int:
+        """llama.cpp's llama_swa_type: 0 none, 1 standard (Gemma 3), 2 chunked, 3 symmetric."""
+        _, lib, _ = _ll()
+        return check(lib.pyasl_model_swa_type(self._m), "sliding-window type")
+
     def close(self) -> None:
         if getattr(self, "_m", None):
             llama_cpp, _, _ = _ll()
@@ -176,7 +194,7 @@ class Context(_Native):
 
     def __init__(self, model: Model, n_ctx: int, n_batch: int = 512, n_threads: Optional[int] = None,
                  flash_attn: bool = False, capture: bool = False, type_k: Optional[int] = None,
-                 type_v: Optional[int] = None, allow_pos_gaps: bool = False):
+                 type_v: Optional[int] = None, allow_pos_gaps: bool = False, swa_full: bool = False):
         llama_cpp, lib, eval_cb = _ll()
         self.model = model
         self._cap = lib.pyasl_capture_new() if capture else None
@@ -189,7 +207,7 @@ class Context(_Native):
         p.n_threads = nt
         p.n_threads_batch = nt
         p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        p.swa_full = False
+        p.swa_full = swa_full  # sliding-window models: True sizes the SWA cache like the base one
         p.no_perf = True
         if type_k is not None:
             p.type_k = type_k
@@ -382,6 +400,18 @@ class Context(_Native):
     def kv_copy_cells_from(self, src: "Context", il_begin: int, il_end: int, n_cells: int) -> None:
         _, lib, _ = _ll()
         check(lib.pyasl_kv_copy_cells(self._ctx, src._ctx, il_begin, il_end, n_cells), "kv copy cells")
+
+    def kv_copy_swa_cells_from(self, src: "Context", il_begin: int, il_end: int, n_cells: int) -> None:
+        """kv_copy_cells_from for the sliding-window cache's layers."""
+        _, lib, _ = _ll()
+        check(lib.pyasl_kv_copy_cells_swa(self._ctx, src._ctx, il_begin, il_end, n_cells), "kv copy swa cells")
+
+    def kv_keep_swa(self, positions) -> None:
+        """Keep only these positions (increasing, ending with the last) in the sliding-window cache."""
+        _, lib, _ = _ll()
+        p = np.ascontiguousarray(positions, dtype=np.int32)
+        check(lib.pyasl_kv_keep_swa(self._ctx, SEQ, p.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), len(p)),
+              "kv keep swa")
 
     def window_scores(self, n_prompt: int, n_layers: Optional[int] = None) -> np.ndarray:
         """(n_layers, n_head, n_prompt) window attention summed over the window queries, by position
@@ -634,6 +664,11 @@ def generate(model: Model, tokens: list[int], policy: str = "asl", budget: Optio
             note = f"budget {budget} >= prompt length {n}; nothing to prune (full KV)"
             prune = False
 
+    mask = ranked_layer_mask(model, n)
+    if prune and policy in ("gemfilter", "fastkv"):
+        rl = P.latest_ranked_layer(mask, layer)  # ValueError before the first global layer
+        if rl != layer:
+            note = f"ranks from layer {rl}, the latest full-attention layer <= {layer}"
     lm_reason = layer_major_supported(model)
     if prune and policy == "fastkv" and lm_reason:
         raise ValueError(f"policy fastkv needs layer-major prefill: {lm_reason}")
@@ -680,12 +715,13 @@ def generate(model: Model, tokens: list[int], policy: str = "asl", budget: Optio
         if prune and policy in TWO_PASS:
             t0 = time.perf_counter()
             if policy == "gemfilter":
-                kept = P.asl_select_at_layer(pf.scores, window=window, budget=budget, layer=layer, kernel=kernel)
+                kept = P.asl_select_at_layer(pf.scores, window=window, budget=budget, layer=layer, kernel=kernel,
+                                             layer_mask=mask)
                 selected = layer
                 layers_pass1 = layer + 1
             else:
                 sel = P.asl_select(pf.scores, window=window, budget=budget, tau=tau, l_min=l_min, l_obs=l_obs,
-                                   kernel=kernel)
+                                   kernel=kernel, layer_mask=mask)
                 kept, selected = sel.kept, sel.selected_layer
                 asl_info = _asl_info(sel, "ordinary")
                 note = sel.note or note
@@ -704,7 +740,8 @@ def generate(model: Model, tokens: list[int], policy: str = "asl", budget: Optio
         elif prune:
             t0 = time.perf_counter()
             if policy == "asl":
-                sel = P.asl_select(pf.scores, window=window, budget=budget, tau=tau, l_min=l_min, l_obs=l_obs, kernel=kernel)
+                sel = P.asl_select(pf.scores, window=window, budget=budget, tau=tau, l_min=l_min, l_obs=l_obs,
+                                   kernel=kernel, layer_mask=mask)
                 selected = sel.selected_layer
                 asl_info = _asl_info(sel, "ordinary")
                 if sel.note:
@@ -849,9 +886,28 @@ def layer_major_supported(model: Model) -> Optional[str]:
     """None when layer-major prefill works for this model, else the reason."""
     if model.arch not in LAYER_RANGE_ARCHS:
         return f"layer-major prefill is not implemented for architecture {model.arch!r}"
-    if model.n_swa > 0:
-        return "layer-major prefill does not handle sliding-window caches yet"
+    if model.n_swa > 0 and (model.arch not in SWA_LAYER_MAJOR_ARCHS or model.swa_type != 1):
+        return (f"layer-major prefill handles the sliding-window caches of {', '.join(SWA_LAYER_MAJOR_ARCHS)} "
+                f"only, not {model.arch!r}")
     return None
+
+
+def ranked_layer_mask(model: Model, n_prompt: int) -> Optional[np.ndarray]:
+    """The layers whose window scores may rank a prompt of n_prompt tokens (policies.ranked_layer_mask):
+    None (all) unless the model has sliding-window layers and the prompt is longer than the window."""
+    from . import policies as P
+
+    if model.n_swa <= 0:
+        return None
+    return P.ranked_layer_mask(model.swa_layers, model.n_swa, n_prompt)
+
+
+def _swa_window(model: Model, n: int) -> Optional[np.ndarray]:
+    """Prompt positions a sliding-window cache keeps after the prompt (the last n_swa, as llama.cpp's
+    state save does); None for a model without one."""
+    if model.n_swa <= 0:
+        return None
+    return np.arange(max(0, n - model.n_swa), n, dtype=np.int64)
 
 
 def layer_major_prefill(model: Model, tokens: list[int], policy: str, budget: int, window: int, tau: float = 0.3,
@@ -870,6 +926,16 @@ def layer_major_prefill(model: Model, tokens: list[int], policy: str, budget: in
     the SnapKV per-KV-head top-`budget` of their own full KV; layers > L hold the kept tokens.
     With layer_budgets (zigzag, pyramid, uniform; options in budget_opts) layers <= L keep
     per-layer budgets of average `budget` instead (pyasl.budgets).
+
+    Sliding-window models (Gemma 3): ranks come from global layers only (ranked_layer_mask; fastkv
+    ranks with the latest global layer <= `layer`). Each layer's pass starts on an empty
+    sliding-window cache and fills it as an ordinary prefill does (set_reuse_cells: only the global
+    cache reuses cells), so a sliding-window layer attends over ~n_swa + n_batch cells and sees
+    exactly what it sees in an ordinary prefill. Past L, the propagated tokens are the kept ones plus
+    the last n_swa prompt positions (the sliding window is always kept, like the observation window):
+    the global caches then keep only the kept tokens (the budget), and every sliding-window layer
+    holds the last n_swa positions, as after an ordinary prefill. prefill_work counts those extra
+    tokens.
     """
     from . import policies as P
 
@@ -884,14 +950,17 @@ def layer_major_prefill(model: Model, tokens: list[int], policy: str, budget: in
         raise ValueError(f"policy fastkv needs --layer in 0..{N - 1}")
     if not 0 <= l_min < N:
         raise ValueError(f"l_min {l_min} is outside the model's layers 0..{N - 1}")
+    mask = ranked_layer_mask(model, n)
+    if policy == "fastkv":
+        P.latest_ranked_layer(mask, layer)  # refuses a layer before the first global one
     t0 = time.perf_counter()
 
     def decide(l: int, scores: np.ndarray):
         if policy == "fastkv":
             return l == layer, None
-        if l > l_min:
+        if l > l_min and (mask is None or mask[l]):
             s = P.asl_select(scores[: l + 1], window=window, budget=budget, tau=tau, l_min=l_min, l_obs=l_obs,
-                             kernel=kernel)
+                             kernel=kernel, layer_mask=None if mask is None else mask[: l + 1])
             if s.selected_layer is not None:
                 return True, s
         return False, None
@@ -899,12 +968,15 @@ def layer_major_prefill(model: Model, tokens: list[int], policy: str, budget: in
     A, scores, Hs, stop, sel = _layer_major_pass(model, tokens, window, decide, n_batch=n_batch, n_threads=n_threads,
                                                  flash_attn=flash_attn, progress=progress)
     H = Hs[-1] if Hs else None
-    kv_full = _kv_bytes(A.kv_info(), n, 0)
+    info = A.kv_info()
+    kv_full = _kv_bytes(info, n, info.used_swa)  # as an ordinary prefill: it fills the same cells
     if stop is None:  # asl: tau never reached, every layer ran
         stop = N - 1
-        sel = P.asl_select(scores, window=window, budget=budget, tau=tau, l_min=l_min, l_obs=l_obs, kernel=kernel)
-    kept = sel.kept if sel is not None else P.asl_select_at_layer(scores[: stop + 1], window=window, budget=budget,
-                                                                  layer=stop, kernel=kernel)
+        sel = P.asl_select(scores, window=window, budget=budget, tau=tau, l_min=l_min, l_obs=l_obs, kernel=kernel,
+                           layer_mask=mask)
+    kept = sel.kept if sel is not None else P.asl_select_at_layer(
+        scores[: stop + 1], window=window, budget=budget, layer=stop, kernel=kernel,
+        layer_mask=None if mask is None else mask[: stop + 1])
     k = len(kept)
     kept_l = [int(x) for x in kept]
     if policy == "asl-2pass":
@@ -916,11 +988,11 @@ def layer_major_prefill(model: Model, tokens: list[int], policy: str, budget: in
         return LayerMajor(ctx=B, logits=B.logits(), stop_layer=stop, selection=sel, n_kept=k, kept=np.asarray(kept),
                           scores=scores[: stop + 1], kv_bytes_full=kv_full,
                           prefill_s=time.perf_counter() - t0, prefill_work=work)
-    B, logits, lb = _one_shot(model, A, H, kept_l, scores, stop, n, budget=budget, window=window, kernel=kernel,
-                              max_tokens=max_tokens, n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn,
-                              layer_budgets=layer_budgets, budget_opts=budget_opts)
+    B, logits, lb, n_prop = _one_shot(model, A, H, kept_l, scores, stop, n, budget=budget, window=window,
+                                      kernel=kernel, max_tokens=max_tokens, n_batch=n_batch, n_threads=n_threads,
+                                      flash_attn=flash_attn, layer_budgets=layer_budgets, budget_opts=budget_opts)
     cells = k if lb is None else lb.prompt_cells  # prompt cells of the decode context
-    work = ((stop + 1) * n + (N - stop - 1) * k) / (N * n)
+    work = ((stop + 1) * n + (N - stop - 1) * n_prop) / (N * n)
     return LayerMajor(ctx=B, logits=logits, stop_layer=stop, selection=sel, n_kept=cells, kept=np.asarray(kept),
                       scores=scores[: stop + 1], kv_bytes_full=kv_full,
                       prefill_s=time.perf_counter() - t0, prefill_work=work, layer_budgets=lb)
@@ -1011,15 +1083,22 @@ def _one_shot(model: Model, A: Context, H: Optional[np.ndarray], kept: list[int]
     per-KV-head top-`budget` of their own KV; the kept tokens go through layers stop+1..N-1 at
     their positions. With layer_budgets (zigzag, pyramid, uniform; options in budget_opts) layers
     <= stop keep per-layer budgets of average `budget` instead (pyasl.budgets).
-    Returns (decode context of the kept cells + max_tokens, the last prompt token's full-depth
-    logits (when stop is the last layer: last_logits, else A's), the LayerBudgets or None).
+    Sliding-window models: the last n_swa prompt positions are propagated too (every
+    sliding-window layer holds them, as after an ordinary prefill); the global cache keeps the kept
+    tokens. Returns (decode context of the kept cells + max_tokens, the last prompt token's
+    full-depth logits (when stop is the last layer: last_logits, else A's), the LayerBudgets or
+    None, the number of tokens propagated).
     Closes A."""
     from . import policies as P
 
     N, k = model.n_layer, len(kept)
+    swa = model.swa_layers if model.n_swa > 0 else [False] * N
+    win = _swa_window(model, n)  # None, or the positions the sliding-window cache keeps
     lb = None
     try:
         if layer_budgets:
+            if win is not None:
+                raise ValueError("per-layer budgets do not support sliding-window models yet")
             from . import budgets as BG
 
             lb = BG.apply_layer_budgets(A, scores[: stop + 1], layer_budgets, budget, window, kernel=kernel,
@@ -1027,25 +1106,37 @@ def _one_shot(model: Model, A: Context, H: Optional[np.ndarray], kept: list[int]
         else:
             sets = np.empty((N, model.n_head_kv, k), dtype=np.int32)
             for l in range(N):
+                # sliding-window layers live in the SWA cache, which keeps its window (kv_keep_per_head
+                # ignores them)
                 sets[l] = P.snapkv_select(scores[l], window=window, budget=budget, n_head_kv=model.n_head_kv,
-                                          kernel=kernel) if l <= stop else kept
+                                          kernel=kernel) if l <= stop and not swa[l] else kept
             A.kv_keep_per_head(sets)
+            if win is not None:
+                A.kv_keep_swa(win)
         cells = k if lb is None else lb.prompt_cells  # prompt cells of the decode context
         if stop == N - 1:
             logits = A.logits() if last_logits is None else last_logits
             if lb is not None:  # per-layer counts are set again on the new context
                 return BG.move_to_context(A, n, cells + max_tokens, n_batch=n_batch, n_threads=n_threads,
-                                          flash_attn=flash_attn), logits, lb
-            return shrink_context(A, k, n, max_tokens), logits, lb
-        B = Context(model, _pad(cells + max_tokens), n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn,
-                    allow_pos_gaps=True)
+                                          flash_attn=flash_attn), logits, lb, k
+            return shrink_context(A, k, n, max_tokens), logits, lb, k
+        # sliding-window models: the window's tokens are propagated too, so every sliding-window
+        # layer holds them; B's global cache is then pruned back to the kept tokens
+        prop = kept if win is None else sorted(set(kept) | set(int(p) for p in win))
+        B = Context(model, _pad(max(len(prop), cells + max_tokens)), n_batch=n_batch, n_threads=n_threads,
+                    flash_attn=flash_attn, allow_pos_gaps=True)
         try:
             B.set_layer_range(stop + 1, N)
-            for i in range(0, k, n_batch):
-                pos = kept[i: i + n_batch]
-                B.decode_hidden(H[pos], pos, logits_last=i + n_batch >= k)
+            for i in range(0, len(prop), n_batch):
+                pos = prop[i: i + n_batch]
+                B.decode_hidden(H[pos], pos, logits_last=i + n_batch >= len(prop))
             logits = B.logits()
             B.set_layer_range(0, N)
+            if win is not None:
+                if len(prop) != k:
+                    B.kv_keep(np.asarray(kept))
+                B.kv_keep_swa(win)
+                B.kv_copy_swa_cells_from(A, 0, stop + 1, len(win))
             B.kv_copy_cells_from(A, 0, stop + 1, cells)
             if lb is not None:
                 # cells k..P-1 (rows of layers <= stop only) join the metadata of A's compaction
@@ -1053,6 +1144,6 @@ def _one_shot(model: Model, A: Context, H: Optional[np.ndarray], kept: list[int]
         except BaseException:
             B.close()
             raise
-        return B, logits, lb
+        return B, logits, lb, len(prop)
     finally:
         A.close()

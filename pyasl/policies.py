@@ -21,8 +21,20 @@ Policies
 * :func:`snapkv_select` / :func:`snapkv_select_all` -- SnapKV: an independent
   token set per layer and per KV head.
 
+Sliding-window layers
+---------------------
+A sliding-window (SWA) layer's window queries attend only to the last
+``n_swa`` positions, so its scores of older positions are zero: ranking them
+gives ties, and a span of SWA layers has an artificially stable ranking
+(a rank-variance collapse).  :func:`ranked_layer_mask` says which layers'
+scores rank every prefix position (global layers, and SWA layers only when
+the whole prompt fits their window); :func:`asl_select` and
+:func:`asl_select_at_layer` take that mask as ``layer_mask`` and rank with
+those layers only (see there for the exact rule).
+
 Helpers: :func:`pool_scores`, :func:`descending_ranks`,
-:func:`default_layer_params`, :func:`inspect_layers`.
+:func:`default_layer_params`, :func:`ranked_layer_mask`,
+:func:`inspect_layers`.
 """
 
 from __future__ import annotations
@@ -42,6 +54,7 @@ __all__ = [
     "descending_ranks",
     "inspect_layers",
     "pool_scores",
+    "ranked_layer_mask",
     "snapkv_select",
     "snapkv_select_all",
 ]
@@ -237,6 +250,78 @@ def _check_asl_scores(scores) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------
+# layers that may rank (sliding-window models)
+# ---------------------------------------------------------------------------
+
+def ranked_layer_mask(swa_layers, n_swa: int, n_prompt: int) -> np.ndarray | None:
+    """Which layers' window scores may rank the prompt: the ``layer_mask`` of
+    :func:`asl_select`, :func:`asl_select_at_layer` and :func:`inspect_layers`.
+
+    Args:
+        swa_layers: per layer, True for a sliding-window layer (``Model.swa_layers``).
+        n_swa: the sliding-window size in tokens (``Model.n_swa``).
+        n_prompt: prompt length.
+
+    A global (full-attention) layer always ranks.  A sliding-window layer
+    ranks only when ``n_prompt <= n_swa``: then every window query sees every
+    prompt position and the layer attends exactly like a global one.  On a
+    longer prompt its window queries cannot see the oldest positions, whose
+    scores are zero (rank ties), so it does not rank.
+
+    Returns a bool array, or ``None`` (every layer ranks) when no layer is
+    excluded -- and also when *every* layer is sliding-window, where nothing
+    better exists to rank with (the caller should say so).
+    """
+    swa = np.asarray(swa_layers, dtype=bool)
+    if swa.ndim != 1 or swa.size == 0:
+        raise ValueError(f"swa_layers must be a non-empty 1-D list of bools, got shape {swa.shape}")
+    n_swa = _as_int("n_swa", n_swa)
+    n_prompt = _as_int("n_prompt", n_prompt)
+    if n_swa <= 0 or n_prompt <= n_swa or not swa.any() or swa.all():
+        return None
+    return ~swa
+
+
+def _check_layer_mask(layer_mask, n_layer: int) -> np.ndarray:
+    """``layer_mask`` as a bool array of n_layer entries (all True for None)."""
+    if layer_mask is None:
+        return np.ones(n_layer, dtype=bool)
+    mask = np.asarray(layer_mask)
+    if mask.dtype != bool:
+        raise ValueError(f"layer_mask must hold bools (True: the layer ranks), got dtype {mask.dtype}")
+    if mask.shape != (n_layer,):
+        raise ValueError(f"layer_mask must have one entry per layer: shape {mask.shape}, n_layer={n_layer}")
+    if not mask.any():
+        raise ValueError("layer_mask excludes every layer; at least one layer must rank")
+    return mask
+
+
+def latest_ranked_layer(layer_mask, layer: int) -> int:
+    """The ranking layer of selection layer ``layer``: the latest layer
+    ``<= layer`` that ``layer_mask`` lets rank (``layer`` itself for None).
+
+    Raises ValueError when no layer at or before ``layer`` ranks (e.g. a
+    fixed selection layer before a sliding-window model's first global layer).
+    """
+    layer = _as_int("layer", layer)
+    if layer < 0:
+        raise ValueError(f"layer must be >= 0, got {layer}")
+    if layer_mask is None:
+        return layer
+    mask = np.asarray(layer_mask, dtype=bool)
+    if layer >= mask.shape[0]:
+        raise ValueError(f"layer {layer} is outside the mask's {mask.shape[0]} layers")
+    ranked = np.flatnonzero(mask[: layer + 1])
+    if ranked.size == 0:
+        first = np.flatnonzero(mask)
+        raise ValueError(
+            f"no layer at or before layer {layer} ranks every prompt position (sliding-window layers see only "
+            f"the last tokens); the first full-attention layer is "
+            f"{int(first[0]) if first.size else 'none'}: choose a selection layer >= it")
+    return int(ranked[-1])
+
+
+# ---------------------------------------------------------------------------
 # ASL
 # ---------------------------------------------------------------------------
 
@@ -257,6 +342,8 @@ class ASLSelection:
             ``None`` for layers before ``l_min``.
         triggered: whether the ``tau`` criterion fired.
         note: human-readable explanation of the outcome.
+        ranked: per layer, whether its scores took part in the ranking
+            (``layer_mask``; all True without one).
     """
 
     selected_layer: int | None
@@ -266,6 +353,7 @@ class ASLSelection:
     variance_ratio: list[float | None] = field(default_factory=list)
     triggered: bool = False
     note: str = ""
+    ranked: list[bool] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """JSON-friendly dict (``kept`` as a list of ints)."""
@@ -309,7 +397,7 @@ def _rank_variances(ranks: np.ndarray, k: int, l_min: int,
 
 def asl_select(scores, window: int, budget: int, tau: float = 0.3,
                l_min: int | None = None, l_obs: int | None = None,
-               kernel: int = 7, pool: str = "avg") -> ASLSelection:
+               kernel: int = 7, pool: str = "avg", layer_mask=None) -> ASLSelection:
     """ASL (Adaptive Selection Layer) token selection.
 
     Args:
@@ -325,6 +413,8 @@ def asl_select(scores, window: int, budget: int, tau: float = 0.3,
             default from :func:`default_layer_params`.
         kernel, pool: pooling applied to the prefix scores per head
             (see :func:`pool_scores`).
+        layer_mask: optional bools, one per layer: the layers whose scores
+            may rank (:func:`ranked_layer_mask`; None: every layer).
 
     Rule: per layer the prefix scores are pooled per head and summed over
     heads, then ranked (:func:`descending_ranks`).  With ``k = budget - W``,
@@ -337,6 +427,17 @@ def asl_select(scores, window: int, budget: int, tau: float = 0.3,
     plus the window.  If no layer qualifies, the last layer's ranking is
     used and ``selected_layer`` is ``None``.  If ``budget >= n_prompt``
     every position is kept and no variance is computed.
+
+    With a ``layer_mask`` the same rule runs on the subsequence of ranked
+    layers only: the reference is the first ranked layer ``>= l_min``, the
+    span of a ranked layer ``l`` is the last ``l_obs`` ranked layers ``<= l``
+    (``l_obs`` counts ranked layers), only ranked layers can be selected and
+    the fallback ranking is the last ranked layer's.  Unranked layers get
+    ``None`` variances.  So on a sliding-window model the selected layer (and
+    the ranking layer) is always a global layer, and spans of sliding-window
+    layers, whose scores of positions older than their window are zero ties,
+    cannot fake a stable ranking.  Without a mask (or with an all-True one)
+    this is exactly the rule above.
 
     Raises:
         ValueError: on malformed scores or out-of-range arguments.
@@ -360,50 +461,68 @@ def asl_select(scores, window: int, budget: int, tau: float = 0.3,
     if not 0 <= l_min < n_layer:
         raise ValueError(
             f"l_min must satisfy 0 <= l_min < n_layer: l_min={l_min}, n_layer={n_layer}")
+    mask = _check_layer_mask(layer_mask, n_layer)
+    ranked = np.flatnonzero(mask)          # model layer of each ranked index
+    masked = not mask.all()
 
     if budget >= n_prompt:
         return ASLSelection(
             selected_layer=None,
             kept=np.arange(n_prompt, dtype=np.int64),
-            ranking_layer=n_layer - 1,
+            ranking_layer=int(ranked[-1]),
             variance=[None] * n_layer,
             variance_ratio=[None] * n_layer,
             triggered=False,
             note=f"budget={budget} >= n_prompt={n_prompt}: nothing to prune, kept all tokens",
+            ranked=mask.tolist(),
         )
 
     k = budget - window
-    ranks = descending_ranks(_layer_prefix_scores(arr, window, kernel, pool))
-    variance, ratio = _rank_variances(ranks, k, l_min, l_obs)
-
-    selected = next((l for l in range(l_min + 1, n_layer) if ratio[l] < tau), None)
+    ranks = descending_ranks(_layer_prefix_scores(arr[ranked], window, kernel, pool))
+    variance: list[float | None] = [None] * n_layer
+    ratio: list[float | None] = [None] * n_layer
+    after = np.flatnonzero(ranked >= l_min)
+    selected, ref = None, None
+    if after.size:
+        r_min = int(after[0])              # ranked index of the reference layer
+        var_r, ratio_r = _rank_variances(ranks, k, r_min, l_obs)
+        for i, layer in enumerate(ranked):
+            variance[layer], ratio[layer] = var_r[i], ratio_r[i]
+        hit = next((i for i in range(r_min + 1, len(ranked)) if ratio_r[i] < tau), None)
+        selected = None if hit is None else int(ranked[hit])
+        ref = int(ranked[r_min])
+    ref_txt = f"l_min={l_min}" if not masked else (
+        f"l_min={l_min}, reference layer {ref}, ranked layers {ranked.tolist()}" if after.size
+        else f"l_min={l_min}, ranked layers {ranked.tolist()}")
     if selected is not None:
         ranking_layer = selected
         note = (f"variance ratio {ratio[selected]:.4g} < tau={tau} at layer {selected} "
-                f"(reference l_min={l_min}, l_obs={l_obs})")
+                f"(reference {ref_txt}, l_obs={l_obs})")
     else:
-        ranking_layer = n_layer - 1
-        later = [r for r in ratio[l_min + 1:] if r is not None]
+        ranking_layer = int(ranked[-1])
+        later = [ratio[int(layer)] for layer in ranked if after.size and layer > ref]
+        last = "the last layer's ranks" if not masked else f"the last ranked layer's ({ranking_layer}) ranks"
         if later:
             note = (f"tau={tau} never reached (lowest ratio {min(later):.4g} after "
-                    f"l_min={l_min}); used the last layer's ranks")
+                    f"{ref_txt}); used {last}")
         else:
-            note = (f"no layer after l_min={l_min} (n_layer={n_layer}); "
-                    f"used the last layer's ranks")
+            note = (f"no layer after l_min={l_min} (n_layer={n_layer}"
+                    + (f", ranked layers {ranked.tolist()}" if masked else "") + f"); used {last}")
 
     return ASLSelection(
         selected_layer=selected,
-        kept=_kept_from_ranks(ranks[ranking_layer], k, n_prompt),
+        kept=_kept_from_ranks(ranks[int(np.flatnonzero(ranked == ranking_layer)[0])], k, n_prompt),
         ranking_layer=ranking_layer,
         variance=variance,
         variance_ratio=ratio,
         triggered=selected is not None,
         note=note,
+        ranked=mask.tolist(),
     )
 
 
 def asl_select_at_layer(scores, window: int, budget: int, layer: int,
-                        kernel: int = 7, pool: str = "avg") -> np.ndarray:
+                        kernel: int = 7, pool: str = "avg", layer_mask=None) -> np.ndarray:
     """Kept positions (sorted int64) using the ranking of a fixed ``layer``.
 
     Same scoring as :func:`asl_select` (pool per head, sum heads, rank the
@@ -411,6 +530,9 @@ def asl_select_at_layer(scores, window: int, budget: int, layer: int,
     adaptive layer search -- the FastKV / GemFilter style baselines.
     ``layer`` may be negative (Python indexing).  Keeps everything when
     ``budget >= n_prompt``.
+
+    With a ``layer_mask`` the ranking comes from the latest ranked layer
+    ``<= layer`` (:func:`latest_ranked_layer`); ValueError when there is none.
     """
     arr = _check_asl_scores(scores)
     n_layer, n_prompt = arr.shape[0], arr.shape[-1]
@@ -420,9 +542,10 @@ def asl_select_at_layer(scores, window: int, budget: int, layer: int,
     layer = _as_int("layer", layer)
     if not -n_layer <= layer < n_layer:
         raise ValueError(f"layer must be a valid layer index: layer={layer}, n_layer={n_layer}")
+    mask = _check_layer_mask(layer_mask, n_layer)
+    layer = latest_ranked_layer(mask, layer % n_layer)
     if budget >= n_prompt:
         return np.arange(n_prompt, dtype=np.int64)
-    layer %= n_layer
     pooled = _layer_prefix_scores(arr[layer: layer + 1], window, kernel, pool)[0]
     return _kept_from_ranks(descending_ranks(pooled), budget - window, n_prompt)
 
@@ -497,7 +620,8 @@ def snapkv_select_all(scores, window: int, budget: int, n_head_kv: int,
 
 def inspect_layers(scores, window: int, l_min: int | None = None,
                    l_obs: int | None = None, budget: int | None = None,
-                   tau: float = 0.3, kernel: int = 7, pool: str = "avg") -> dict:
+                   tau: float = 0.3, kernel: int = 7, pool: str = "avg",
+                   layer_mask=None) -> dict:
     """Per-layer view of the ASL decision (used by ``pyasl inspect``).
 
     ``budget=None`` means ``min(512, n_prompt)``.  When the (effective)
@@ -509,7 +633,8 @@ def inspect_layers(scores, window: int, l_min: int | None = None,
     ``note``, ``budget`` (effective), ``window``, ``tau``, ``l_min``,
     ``l_obs`` and ``layers``: one dict per layer with ``layer``, ``scores``
     (unpooled window attention summed over heads, prefix positions only, as
-    a list of floats), ``variance`` and ``variance_ratio``.
+    a list of floats), ``variance``, ``variance_ratio`` and ``ranked``
+    (whether ``layer_mask`` let the layer rank, see :func:`asl_select`).
     """
     arr = _check_asl_scores(scores)
     n_layer, n_prompt = arr.shape[0], arr.shape[-1]
@@ -519,7 +644,7 @@ def inspect_layers(scores, window: int, l_min: int | None = None,
     l_min = d_min if l_min is None else l_min
     l_obs = d_obs if l_obs is None else l_obs
     sel = asl_select(arr, window, budget, tau=tau, l_min=l_min, l_obs=l_obs,
-                     kernel=kernel, pool=pool)
+                     kernel=kernel, pool=pool, layer_mask=layer_mask)
 
     n_prefix = n_prompt - int(window)
     raw = np.asarray(arr[..., :n_prefix], dtype=np.float64)
@@ -531,6 +656,7 @@ def inspect_layers(scores, window: int, l_min: int | None = None,
             "scores": raw[layer].tolist(),
             "variance": sel.variance[layer],
             "variance_ratio": sel.variance_ratio[layer],
+            "ranked": sel.ranked[layer],
         }
         for layer in range(n_layer)
     ]

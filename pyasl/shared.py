@@ -60,6 +60,8 @@ class SharedPrefill:
         why = layer_major_supported(model)
         if why:
             raise ValueError(why)
+        if model.n_swa > 0:
+            raise ValueError("the shared prefill does not handle sliding-window models yet")
         n = len(tokens)
         if not 1 <= window < n:
             raise ValueError(f"window {window} must be in 1..{n - 1} (prompt of {n} tokens)")
@@ -157,11 +159,11 @@ class SharedPrefill:
             k = len(kept_l)
             if policy in ("asl", "fastkv"):
                 H = self.hidden[stop] if stop < N - 1 else None
-                ctx, logits, _ = _one_shot(model, self._full(1), H, kept_l, self.scores, stop, n, budget=budget,
+                ctx, logits, _, n_prop = _one_shot(model, self._full(1), H, kept_l, self.scores, stop, n, budget=budget,
                                         window=W, kernel=self.kernel, max_tokens=max_tokens, n_batch=self.n_batch,
                                         n_threads=self.n_threads, flash_attn=self.flash_attn,
                                         last_logits=self.logits)
-                work = ((stop + 1) * n + (N - stop - 1) * k) / (N * n)
+                work = ((stop + 1) * n + (N - stop - 1) * n_prop) / (N * n)
             else:
                 ctx = prefill_kept(model, self.tokens, kept_l, max_tokens, n_batch=self.n_batch,
                                    n_threads=self.n_threads, flash_attn=self.flash_attn)

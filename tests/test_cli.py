@@ -167,3 +167,23 @@ def test_inspect_reports_the_policy_layer(tiny, prompt_file, policy, extra, want
     assert p.returncode == 0, p.stderr
     d = json.loads(p.stdout)
     assert d["policy"] == policy and d["selected_layer"] == want
+
+
+def test_gemma3_inspect_and_generate_use_global_layers(prompt_file):
+    """Sliding-window model, prompt longer than the window: only global layers rank; fastkv works, and a
+    layer before the first global one is a clear error; no llama.cpp warning noise on stderr."""
+    g = tiny_model_path("gemma3", n_layer=6)  # layers 1, 3, 5 global; sliding window 64
+    p = run("inspect", g, "--prompt-file", prompt_file, "--window", 8, "--budget", 32, "--raw", "--json")
+    assert p.returncode == 0, p.stderr
+    d = json.loads(p.stdout)
+    assert [x["ranked"] for x in d["layers"]] == [False, True] * 3
+    assert all(x["variance_ratio"] is None for x in d["layers"] if not x["ranked"])
+    p = run("generate", g, "--prompt-file", prompt_file, "--policy", "fastkv", "--layer", 2, "--budget", 64,
+            "--window", 8, "--max-tokens", 4, "--json", "--raw")
+    assert p.returncode == 0, p.stderr
+    d = json.loads(p.stdout)
+    assert d["selected_layer"] == 2 and d["n_kept"] == 64 and "ranks from layer 1" in d["note"]
+    assert "full-size SWA cache" not in p.stderr
+    p = run("generate", g, "--prompt-file", prompt_file, "--policy", "fastkv", "--layer", 0, "--budget", 64,
+            "--window", 8, "--max-tokens", 4, "--raw")
+    assert p.returncode != 0 and "first full-attention layer is 1" in p.stderr

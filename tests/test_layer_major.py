@@ -19,7 +19,8 @@ except _native.NativeLibraryError as e:  # pragma: no cover
     pytest.skip(f"pyasl native library not available: {e}", allow_module_level=True)
 
 from pyasl import policies as P  # noqa: E402
-from pyasl.engine import Context, Model, generate, layer_major_prefill, layer_major_supported, prefill  # noqa: E402
+from pyasl.engine import (Context, Model, generate, layer_major_prefill, layer_major_supported, prefill,  # noqa: E402
+                          ranked_layer_mask)
 from pyasl.models import fetch_model  # noqa: E402
 
 N_LAYER = 6
@@ -47,14 +48,17 @@ def toks(model: Model, n: int, seed: int = 0) -> list[int]:
 
 
 def _split_equals_whole(model: Model, n: int, a: int, n_batch: int = 128):
+    """Layers [0, a) over every ubatch, then [a, N) over every ubatch (cell reuse) == the whole model.
+    Sliding-window models: the second pass refills the (emptied) sliding-window cache."""
     t = toks(model, n)
-    with Context(model, 512, n_batch=n_batch) as ref:
+    n_ctx = max(512, ((n + 1 + 255) // 256) * 256)
+    with Context(model, n_ctx, n_batch=n_batch) as ref:
         for i in range(0, n, n_batch):
             ref.decode(t[i:i + n_batch], logits_last=i + n_batch >= n)
         want = ref.logits()
         ref.decode([t[0]])
         want2 = ref.logits()
-    with Context(model, 512, n_batch=n_batch) as c:
+    with Context(model, n_ctx, n_batch=n_batch) as c:
         c.set_layer_range(0, a)
         c.set_hidden_output(a)
         h = np.empty((n, model.n_embd), dtype=np.float32)
@@ -75,7 +79,8 @@ def _split_equals_whole(model: Model, n: int, a: int, n_batch: int = 128):
 
 
 def test_layer_range_split_equals_whole_tiny(tiny):
-    want, got, want2, got2 = _split_equals_whole(tiny, 200, 2)
+    # gemma3: 400 tokens > its sliding window (64) and > the SWA cache an ordinary context gets (256)
+    want, got, want2, got2 = _split_equals_whole(tiny, 400 if tiny.n_swa else 200, 2)
     assert np.array_equal(want, got)
     assert np.array_equal(want2, got2)
 
@@ -172,14 +177,159 @@ def test_generate_fastkv_and_asl_layer_major(tiny_llama):
         generate(m, t, policy="fastkv", budget=64, window=16)
 
 
-def test_sliding_window_models_fall_back():
-    g = Model(tinymodels.tiny_model_path("gemma3", n_layer=N_LAYER))
-    assert "sliding-window" in layer_major_supported(g)
-    t = toks(g, 200, seed=6)
-    r = generate(g, t, policy="asl", budget=64, window=16, max_tokens=4, n_batch=128)
-    assert r.asl["prefill"] == "ordinary" and "sliding-window" in r.note
-    with pytest.raises(ValueError, match="layer-major"):
-        generate(g, t, policy="fastkv", layer=2, budget=64, window=16, max_tokens=4, n_batch=128)
+# ---- sliding-window (iSWA) models: Gemma 3 ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_gemma3() -> Model:
+    """6 layers: 0, 2, 4 sliding-window (64 tokens), 1, 3, 5 global."""
+    return Model(tinymodels.tiny_model_path("gemma3", n_layer=N_LAYER))
+
+
+def c_bytes(ctx: Context, cache: str) -> int:
+    info = ctx.kv_info()
+    return info.cell_bytes_base if cache == "base" else info.cell_bytes_swa
+
+
+def _cell_positions_by_layer(ctx: Context, model: Model, n: int) -> list[list[int]]:
+    return [[int(p) for p in ctx.cell_positions(il, n) if p >= 0] for il in range(model.n_layer)]
+
+
+@pytest.mark.parametrize("fa", [False, True], ids=["fa-off", "fa-on"])
+def test_gemma3_layer_major_without_selection_equals_ordinary(tiny_gemma3, fa):
+    m = tiny_gemma3
+    assert layer_major_supported(m) is None and m.swa_layers == [True, False] * 3
+    n = 300  # > n_swa = 64 and > the 256-cell SWA cache of an ordinary context
+    t = toks(m, n, seed=1)
+    lm = layer_major_prefill(m, t, "fastkv", budget=64, window=16, layer=N_LAYER - 1, n_batch=128, max_tokens=4,
+                             flash_attn=fa)
+    assert lm.stop_layer == N_LAYER - 1 and lm.prefill_work == 1.0
+    # each layer's pass fills the sliding-window cache as the ordinary prefill does: identical
+    with Context(m, 512, n_batch=128, capture=True, flash_attn=fa) as c:
+        ref = prefill(c, t, window=16)
+        used_swa = c.kv_info().used_swa
+    np.testing.assert_array_equal(lm.logits, ref.logits)
+    np.testing.assert_array_equal(lm.scores, ref.scores)
+    assert lm.kv_bytes_full == 300 * c_bytes(lm.ctx, "base") + used_swa * c_bytes(lm.ctx, "swa")
+    # sliding-window layers: the last n_swa positions, as llama.cpp's own state keeps them
+    info = lm.ctx.kv_info()
+    assert info.used_base == 64 and info.used_swa == m.n_swa
+    assert lm.ctx.cell_positions(0, 64).tolist() == list(range(n - 64, n))
+    lm.ctx.close()
+
+
+@pytest.mark.parametrize("fa", [False, True], ids=["fa-off", "fa-on"])
+def test_gemma3_one_shot_keeping_everything_equals_full(tiny_gemma3, fa):
+    m = tiny_gemma3
+    n = 300
+    t = toks(m, n, seed=2)
+    with Context(m, 512, n_batch=128, flash_attn=fa) as c:
+        for i in range(0, n, 128):
+            c.decode(t[i:i + 128], logits_last=i + 128 >= n)
+        want0 = c.logits()
+        c.decode([7])
+        want = c.logits()
+        c.decode([9])
+        want2 = c.logits()
+    for layer in (1, 2, 3):  # selection after a global and after a sliding-window layer
+        lm = layer_major_prefill(m, t, "fastkv", budget=n, window=16, layer=layer, n_batch=128, max_tokens=4,
+                                 flash_attn=fa)
+        assert lm.n_kept == n and lm.prefill_work == 1.0
+        tol = 1e-4 if not fa else 5e-3  # the decode context's cells are laid out differently
+        np.testing.assert_allclose(lm.logits, want0, atol=tol)
+        lm.ctx.decode([7])
+        np.testing.assert_allclose(lm.ctx.logits(), want, atol=tol)
+        lm.ctx.decode([9])
+        np.testing.assert_allclose(lm.ctx.logits(), want2, atol=tol)
+        lm.ctx.close()
+
+
+def test_gemma3_one_shot_propagation(tiny_gemma3):
+    m = tiny_gemma3
+    n, w, budget = 300, 16, 64
+    t = toks(m, n, seed=4)
+    lm = layer_major_prefill(m, t, "fastkv", budget=budget, window=w, layer=2, n_batch=128, max_tokens=8)
+    # fastkv at a sliding-window layer ranks with the latest global layer before it (1)
+    with Context(m, 512, n_batch=128, capture=True) as c:
+        ref = prefill(c, t, window=w)
+    np.testing.assert_array_equal(lm.kept, P.asl_select_at_layer(ref.scores, w, budget, 1))
+    # past layer 2 the kept tokens plus the last n_swa positions went on
+    win = list(range(n - m.n_swa, n))
+    prop = sorted(set(lm.kept.tolist()) | set(win))
+    assert lm.prefill_work == pytest.approx((3 * n + 3 * len(prop)) / (6 * n))
+    info = lm.ctx.kv_info()
+    assert info.used_base == budget and info.used_swa == m.n_swa and lm.n_kept == budget
+    # global layers: the kept tokens; sliding-window layers: the window
+    cells = _cell_positions_by_layer(lm.ctx, m, 512)
+    for il in range(N_LAYER):
+        assert cells[il] == (win if m.swa_layers[il] else lm.kept.tolist())
+    # the decode context is sized for the propagated tokens and the generation
+    for tok in (5, 9, 11):
+        lm.ctx.decode([tok])
+        assert np.isfinite(lm.ctx.logits()).all()
+    assert lm.ctx.kv_info().used_base == budget + 3
+    lm.ctx.close()
+
+
+def test_gemma3_fastkv_before_the_first_global_layer_is_refused(tiny_gemma3):
+    t = toks(tiny_gemma3, 300, seed=5)
+    with pytest.raises(ValueError, match="first full-attention layer is 1"):
+        layer_major_prefill(tiny_gemma3, t, "fastkv", budget=64, window=16, layer=0, n_batch=128)
+    with pytest.raises(ValueError, match="first full-attention layer is 1"):
+        generate(tiny_gemma3, t, policy="fastkv", layer=0, budget=64, window=16, max_tokens=2, n_batch=128)
+    # a prompt inside the sliding window: every layer attends to everything and may rank
+    r = generate(tiny_gemma3, t[:60], policy="fastkv", layer=0, budget=32, window=8, max_tokens=2, n_batch=128)
+    assert r.selected_layer == 0 and r.n_kept == 32
+
+
+def test_gemma3_generate_layer_major(tiny_gemma3):
+    m = tiny_gemma3
+    n = 300
+    t = toks(m, n, seed=6)
+    r = generate(m, t, policy="fastkv", layer=3, budget=64, window=16, max_tokens=6, n_batch=128)
+    assert r.selected_layer == 3 and r.n_kept == 64 and r.prefill_work < 1 and r.n_generated == 6
+    r = generate(m, t, policy="fastkv", layer=4, budget=64, window=16, max_tokens=2, n_batch=128)
+    assert "ranks from layer 3" in r.note
+    r = generate(m, t, policy="asl", budget=64, window=16, max_tokens=6, n_batch=128, l_min=1, l_obs=2, tau=1.0)
+    assert r.asl["prefill"] == "layer-major" and r.n_kept == 64
+    # ranks only from global layers; ratios only there
+    assert [il for il, x in enumerate(r.asl["variance_ratio"]) if x is not None] == [1, 3, 5]
+    assert r.selected_layer in (3, 5, None)
+    full = generate(m, t, policy="full", max_tokens=2, n_batch=128)
+    assert r.kv_bytes_full == full.kv_bytes_full
+    o = generate(m, t, policy="asl", budget=64, window=16, max_tokens=6, n_batch=128, l_min=1, l_obs=2, tau=1.0,
+                 prefill_mode="ordinary")
+    assert o.asl["prefill"] == "ordinary" and o.selected_layer == r.selected_layer
+    assert o.asl["variance_ratio"] == pytest.approx(r.asl["variance_ratio"][: len(o.asl["variance_ratio"])])
+
+
+def test_gemma3_asl_2pass_layer_major(tiny_gemma3):
+    m = tiny_gemma3
+    n = 300
+    t = toks(m, n, seed=8)
+    lm = layer_major_prefill(m, t, "asl-2pass", budget=64, window=16, n_batch=128, max_tokens=4, l_min=1, l_obs=2,
+                             tau=1.0)
+    L = lm.stop_layer
+    assert not m.swa_layers[L] and lm.scores.shape[0] == L + 1
+    with Context(m, 512, n_batch=128, capture=True) as c:
+        ref = prefill(c, t, window=16)
+    np.testing.assert_array_equal(lm.scores, ref.scores[: L + 1])
+    with Context(m, 512, n_batch=128, allow_pos_gaps=True) as c:
+        kept = [int(x) for x in lm.kept]
+        c.decode([t[p] for p in kept], positions=kept)
+        np.testing.assert_array_equal(c.logits(), lm.logits)
+    lm.ctx.close()
+
+
+def test_gemma3_cell_reuse_starts_a_pass_on_an_empty_sliding_window_cache(tiny_gemma3):
+    with Context(tiny_gemma3, 512, n_batch=256) as c:
+        c.decode(toks(tiny_gemma3, 200, seed=9))
+        info = c.kv_info()
+        assert info.used_base == 200 and info.used_swa == 200
+        c.set_reuse_cells(True)
+        info = c.kv_info()
+        assert info.used_base == 200 and info.used_swa == 0
+        c.set_reuse_cells(False)
+        assert c.kv_info().used_swa == 0
 
 
 def test_asl_2pass_first_pass_stops_at_the_selection_layer(tiny_llama):
@@ -200,3 +350,81 @@ def test_asl_2pass_first_pass_stops_at_the_selection_layer(tiny_llama):
         c.decode([t[p] for p in kept], positions=kept)
         np.testing.assert_array_equal(c.logits(), lm.logits)
     lm.ctx.close()
+
+
+# ---- Gemma 3 270M (real; sliding window 512, global layers 5, 11, 17) ------------------------
+
+G_N, G_W = 600, 32  # a prompt longer than the sliding window
+
+
+@pytest.fixture(scope="module")
+def gemma270():
+    """The model, the first G_N tokens of examples/long_prompt.txt, an ordinary prefill's window scores
+    and logits, and the logits after one more token (7)."""
+    m = Model(fetch_model("gemma3-270m"))
+    text = (Path(__file__).resolve().parent.parent / "examples" / "long_prompt.txt").read_text()
+    t = m.tokenize(text)[:G_N]
+    assert len(t) == G_N and m.n_swa == 512
+    with Context(m, 1024, n_batch=128, capture=True) as c:
+        pf = prefill(c, t, window=G_W)
+        c.decode([7])
+        nxt = c.logits()
+    return m, t, pf, nxt
+
+
+@pytest.mark.real
+def test_gemma270_swa_layers_do_not_rank(gemma270):
+    m, t, pf, _ = gemma270
+    n = len(t)
+    glob = [il for il, s in enumerate(m.swa_layers) if not s]
+    assert glob == [5, 11, 17]
+    # a sliding-window layer's window queries never see the oldest positions: zero scores, rank ties
+    for il in range(m.n_layer):
+        old = pf.scores[il][:, : n - G_W - m.n_swa + 1]
+        assert (np.all(old == 0) if m.swa_layers[il] else np.all(old > 0)), il
+    mask = ranked_layer_mask(m, n)
+    assert mask.tolist() == [not s for s in m.swa_layers]
+    sel = P.asl_select(pf.scores, G_W, 128, layer_mask=mask)
+    assert sel.ranking_layer in glob and (sel.selected_layer is None or sel.selected_layer in glob)
+    assert [il for il, r in enumerate(sel.variance_ratio) if r is not None] == [11, 17]
+    # the kept tokens come from the whole prompt, not only from the last n_swa positions
+    assert (sel.kept < n - m.n_swa).sum() > 10
+    # layer-major asl makes the same choice, stopping at the same global layer
+    lm = layer_major_prefill(m, t, "asl", budget=128, window=G_W, n_batch=128, max_tokens=2)
+    assert lm.stop_layer == (17 if sel.selected_layer is None else sel.selected_layer)
+    np.testing.assert_array_equal(lm.kept, sel.kept)
+    lm.ctx.close()
+
+
+@pytest.mark.real
+def test_gemma270_layer_major_without_selection_equals_ordinary(gemma270):
+    m, t, pf, _ = gemma270
+    lm = layer_major_prefill(m, t, "fastkv", budget=128, window=G_W, layer=m.n_layer - 1, n_batch=128,
+                             max_tokens=2)
+    assert lm.stop_layer == m.n_layer - 1 and lm.prefill_work == 1.0
+    np.testing.assert_array_equal(lm.scores, pf.scores)
+    np.testing.assert_array_equal(lm.logits, pf.logits)
+    assert lm.ctx.kv_info().used_swa == m.n_swa
+    lm.ctx.close()
+
+
+@pytest.mark.real
+def test_gemma270_one_shot_keeping_everything_equals_full(gemma270):
+    m, t, pf, nxt = gemma270
+    lm = layer_major_prefill(m, t, "fastkv", budget=len(t), window=G_W, layer=7, n_batch=128, max_tokens=2)
+    assert lm.n_kept == len(t) and lm.prefill_work == 1.0
+    # the decode context lays the cells out differently: summation order, amplified by quantized weights
+    assert np.argmax(lm.logits) == np.argmax(pf.logits)
+    np.testing.assert_allclose(lm.logits, pf.logits, atol=0.5)
+    lm.ctx.decode([7])
+    np.testing.assert_allclose(lm.ctx.logits(), nxt, atol=0.5)
+    assert np.argmax(lm.ctx.logits()) == np.argmax(nxt)
+    lm.ctx.close()
+
+
+@pytest.mark.real
+def test_gemma270_layer_range_split_equals_whole(gemma270):
+    m, t, _, _ = gemma270
+    want, got, want2, got2 = _split_equals_whole(m, G_N, 8)
+    assert np.array_equal(want, got)
+    assert np.array_equal(want2, got2)

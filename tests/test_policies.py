@@ -14,7 +14,9 @@ from pyasl.policies import (
     default_layer_params,
     descending_ranks,
     inspect_layers,
+    latest_ranked_layer,
     pool_scores,
+    ranked_layer_mask,
     snapkv_select,
     snapkv_select_all,
 )
@@ -386,3 +388,148 @@ def test_inspect_layers_default_budget_short_prompt():
     info = inspect_layers(np.random.default_rng(0).random((4, 2, 64)), 8, l_min=1, l_obs=2)
     assert info["budget"] == 64 and info["selected_layer"] is None
     assert all(d["variance_ratio"] is None for d in info["layers"])
+
+
+# ---------------------------------------------------------------------------
+# layer masks (sliding-window models)
+# ---------------------------------------------------------------------------
+
+GLOBAL = [2, 5, 8, 11]          # 12 layers, every third one global
+
+
+def swa_scores(n_layer=12, n_head=2, n_prompt=256, n_swa=64, stable_global=8, seed=0):
+    """Global layers (GLOBAL) rank a shared base vector from layer stable_global on
+    (random before); the other layers are sliding-window ones: zero scores for
+    positions the last window query cannot see, one fixed recent ranking otherwise
+    (a span of them looks perfectly stable)."""
+    rng = np.random.default_rng(seed)
+    base = rng.random(n_prompt)
+    recent = rng.random(n_prompt)
+    scores = np.empty((n_layer, n_head, n_prompt))
+    for layer in range(n_layer):
+        if layer in GLOBAL:
+            vec = base * (1.0 + layer) if layer >= stable_global else rng.random(n_prompt)
+        else:
+            vec = recent.copy()
+            vec[: n_prompt - n_swa] = 0.0
+        scores[layer] = vec * rng.dirichlet(np.ones(n_head), size=n_prompt).T
+    mask = np.array([layer in GLOBAL for layer in range(n_layer)])
+    return scores, base, mask
+
+
+def test_all_true_mask_is_no_mask():
+    for seed in range(4):
+        scores, _ = stable_from(seed=seed)
+        a = asl_select(scores, 8, 72, l_min=2, l_obs=3)
+        b = asl_select(scores, 8, 72, l_min=2, l_obs=3, layer_mask=np.ones(scores.shape[0], dtype=bool))
+        assert a.selected_layer == b.selected_layer and a.ranking_layer == b.ranking_layer
+        np.testing.assert_array_equal(a.kept, b.kept)
+        assert a.variance == b.variance and a.variance_ratio == b.variance_ratio and a.note == b.note
+        np.testing.assert_array_equal(asl_select_at_layer(scores, 8, 72, 5),
+                                      asl_select_at_layer(scores, 8, 72, 5, layer_mask=[True] * 12))
+
+
+def test_swa_layers_fake_a_stable_ranking_without_mask():
+    scores, _, _ = swa_scores()
+    sel = asl_select(scores, 8, 40, l_min=3, l_obs=2)
+    # two adjacent sliding-window layers (3, 4) share their ranking: the variance collapses there
+    assert sel.selected_layer == 4 and sel.variance_ratio[4] < 0.3
+    assert sel.kept.min() >= 256 - 64 - 3  # ... and every kept token comes from the recent window
+    masked = asl_select(scores, 8, 40, l_min=3, l_obs=2, layer_mask=[layer in GLOBAL for layer in range(12)])
+    assert masked.selected_layer == 11 and masked.kept.min() < 256 - 64
+
+
+def test_mask_ranks_with_global_layers_only():
+    scores, base, mask = swa_scores()
+    window, budget, n = 8, 72, 256
+    sel = asl_select(scores, window, budget, l_min=3, l_obs=2, layer_mask=mask)
+    # reference: first global layer >= l_min (5), spans of the last 2 global layers: {5, 8} is
+    # unstable, {8, 11} stable -> selects 11
+    assert sel.selected_layer == 11 and sel.ranking_layer == 11 and sel.triggered
+    assert sel.ranked == mask.tolist()
+    assert [layer for layer, r in enumerate(sel.variance_ratio) if r is not None] == [5, 8, 11]
+    assert sel.variance_ratio[5] == 1.0 and sel.variance_ratio[11] == 0.0
+    assert "reference layer 5" in sel.note
+    expected = np.concatenate([top_set(pool_scores(base[: n - window]), budget - window),
+                               np.arange(n - window, n)])
+    np.testing.assert_array_equal(sel.kept, expected)
+    assert sel.kept.min() < n - 64  # old tokens are ranked again
+    check_kept(sel.kept, budget, window, n)
+
+
+def test_mask_equals_asl_on_the_ranked_subsequence():
+    rng = np.random.default_rng(3)
+    for _ in range(10):
+        scores = rng.random((12, 2, 120))
+        mask = rng.random(12) < 0.5
+        mask[rng.integers(12)] = True
+        ranked = np.flatnonzero(mask)
+        l_min = int(rng.integers(0, 12))
+        sel = asl_select(scores, 4, 30, tau=0.9, l_min=l_min, l_obs=2, layer_mask=mask)
+        after = np.flatnonzero(ranked >= l_min)
+        if not after.size:
+            assert sel.selected_layer is None and sel.ranking_layer == ranked[-1]
+            assert "no layer after" in sel.note
+            continue
+        sub = asl_select(scores[ranked], 4, 30, tau=0.9, l_min=int(after[0]), l_obs=2)
+        assert sel.selected_layer == (None if sub.selected_layer is None else ranked[sub.selected_layer])
+        assert sel.ranking_layer == ranked[sub.ranking_layer]
+        np.testing.assert_array_equal(sel.kept, sub.kept)
+        assert [sel.variance_ratio[layer] for layer in ranked] == sub.variance_ratio
+        assert all(sel.variance_ratio[layer] is None for layer in np.flatnonzero(~mask))
+
+
+def test_mask_never_triggered_uses_last_ranked_layer():
+    scores, _, mask = swa_scores(stable_global=99)
+    sel = asl_select(scores, 8, 72, l_min=3, l_obs=2, layer_mask=mask)
+    assert sel.selected_layer is None and sel.ranking_layer == 11
+    assert "never reached" in sel.note
+    mask2 = mask.copy()
+    mask2[11] = False
+    sel = asl_select(scores, 8, 72, l_min=3, l_obs=2, layer_mask=mask2)
+    assert sel.ranking_layer == 8
+    np.testing.assert_array_equal(sel.kept, asl_select_at_layer(scores, 8, 72, 8))
+
+
+def test_select_at_layer_with_mask_uses_latest_ranked_layer():
+    scores, _, mask = swa_scores()
+    for layer, ranking in [(2, 2), (3, 2), (7, 5), (11, 11), (-1, 11)]:
+        np.testing.assert_array_equal(asl_select_at_layer(scores, 8, 72, layer, layer_mask=mask),
+                                      asl_select_at_layer(scores, 8, 72, ranking))
+    assert latest_ranked_layer(mask, 10) == 8 and latest_ranked_layer(None, 4) == 4
+    with pytest.raises(ValueError, match="first full-attention layer is 2"):
+        asl_select_at_layer(scores, 8, 72, 1, layer_mask=mask)
+    # budget covering the prompt keeps everything, but the layer is still checked
+    np.testing.assert_array_equal(asl_select_at_layer(scores, 8, 256, 4, layer_mask=mask), np.arange(256))
+
+
+@pytest.mark.parametrize("mask, match", [
+    ([True] * 11, "one entry per layer"),
+    ([1] * 12, "bools"),
+    ([False] * 12, "excludes every layer"),
+])
+def test_bad_layer_masks(mask, match):
+    scores, _, _ = swa_scores()
+    with pytest.raises(ValueError, match=match):
+        asl_select(scores, 8, 72, layer_mask=mask)
+    with pytest.raises(ValueError, match=match):
+        asl_select_at_layer(scores, 8, 72, 5, layer_mask=mask)
+
+
+def test_ranked_layer_mask():
+    swa = [True, True, False, True, True, False]
+    np.testing.assert_array_equal(ranked_layer_mask(swa, 64, 65), [False, False, True, False, False, True])
+    assert ranked_layer_mask(swa, 64, 64) is None      # the whole prompt fits the window
+    assert ranked_layer_mask(swa, 0, 500) is None       # no sliding window
+    assert ranked_layer_mask([False] * 6, 64, 500) is None
+    assert ranked_layer_mask([True] * 6, 64, 500) is None  # nothing better to rank with
+    with pytest.raises(ValueError, match="swa_layers"):
+        ranked_layer_mask([], 64, 500)
+
+
+def test_inspect_layers_with_mask():
+    scores, _, mask = swa_scores()
+    info = inspect_layers(scores, 8, l_min=3, l_obs=2, budget=72, layer_mask=mask)
+    assert info["selected_layer"] == 11
+    assert [d["ranked"] for d in info["layers"]] == mask.tolist()
+    assert all(d["variance_ratio"] is None for d in info["layers"] if not d["ranked"])
