@@ -1,4 +1,5 @@
-"""pyasl command line: `pyasl models ...`, `pyasl generate ...`, `pyasl inspect ...`, `pyasl chat ...`.
+"""pyasl command line: `pyasl models ...`, `pyasl generate ...`, `pyasl inspect ...`, `pyasl chat ...`,
+`pyasl serve ...`.
 
 The --json outputs are a stable contract for scripts: keys are only ever added.
 """
@@ -298,6 +299,43 @@ def chat(model, docs, policy, budget, window, tau, layer, system, max_tokens, n_
     except (SessionFileError,) + _errors() as e:
         _fail(str(e))
     sys.exit(rc)
+
+
+# ---- serve --------------------------------------------------------------------------------
+@main.command()
+@click.argument("model")
+@click.option("--policy", type=click.Choice(["full", "snapkv", "asl", "fastkv", "asl-2pass", "gemfilter"]),
+              default="asl", show_default=True, help="applied to every request's prompt")
+@click.option("--budget", default=512, show_default=True, type=click.IntRange(min=2), help="KV cells kept (hard cap)")
+@click.option("--window", default=32, show_default=True, type=click.IntRange(min=1), help="observation window")
+@click.option("--tau", default=0.3, show_default=True, type=click.FloatRange(min=0, max=1, min_open=True))
+@click.option("--layer", type=click.IntRange(min=0), help="fixed selection layer (fastkv, gemfilter)")
+@click.option("--ctx", "n_ctx", default=4096, show_default=True, type=click.IntRange(min=16), help="context size")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(min=0, max=65535))
+@click.option("--alias", help="model name in the API (default: the file name)")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads")
+@click.option("--flash-attn/--no-flash-attn", default=False, show_default=True)
+@click.option("--verbose", is_flag=True, help="show llama.cpp's log")
+def serve(model, policy, budget, window, tau, layer, n_ctx, host, port, alias, threads, flash_attn, verbose):
+    """An OpenAI-compatible HTTP server (llama-cpp-python's) whose requests are pruned by POLICY.
+
+    /v1/completions, /v1/chat/completions (stream or not), /v1/models. Needs pip install 'pyasl[server]'.
+    """
+    from .models import resolve_model
+
+    try:
+        from .server import serve as run_server
+
+        pol = _policy_from_options(policy, budget, window, tau, layer)
+        path = resolve_model(model)
+        from .engine import _check_gguf
+
+        _check_gguf(path)
+        run_server(str(path), None if policy == "full" else pol, host=host, port=port, n_ctx=n_ctx, alias=alias,
+                   n_threads=threads, flash_attn=flash_attn, verbose=verbose)
+    except _errors() as e:
+        _fail(str(e))
 
 
 # ---- inspect ------------------------------------------------------------------------------
