@@ -19,7 +19,8 @@ are prefilled once with the session's policy -- the same prefill and selection a
 positions. Every turn is appended after it (positions only ever increase) and the answer is
 decoded from there. When a turn and its answer would not fit into ``n_ctx`` cells any more, the
 policy prunes the cache again: the newest turn is decoded with the window-attention scores armed
-and serves as the observation window (it is always kept), and the policy keeps ``budget`` cells
+and serves as the observation window (it is always kept, up to 3/4 of the budget), and the
+policy keeps ``budget`` cells
 in all (a hard cap) -- text is never cut silently. Policy ``Full`` never prunes and refuses a
 turn that does not fit (:class:`ContextFullError`).
 
@@ -728,7 +729,9 @@ class Session:
             piece = rest[: max(0, min(len(rest), room))]
             if not piece:
                 raise RuntimeError("internal: no room left to score the new turn")
-            w = min(len(piece), self.n_batch, max(self.policy.window, self.policy.budget // 2), self.policy.budget - 1)
+            # the newest turn is the observation window, up to 3/4 of the budget (older tokens keep the rest)
+            w = min(len(piece), self.n_batch, max(self.policy.window, (3 * self.policy.budget) // 4),
+                    self.policy.budget - 1)
             self._decode(piece, scored=w)
             self._reprune(w)
             i += len(piece)
