@@ -475,6 +475,14 @@ _MAGIC = b"PYASLSES"
 _FILE_VERSION = 1
 
 
+def _check_swa(model: E.Model, policy: Policy) -> None:
+    if policy.prunes and model.n_swa > 0:
+        # re-pruning must read the positions of the global-attention cache, and nothing tells Python
+        # yet which layers use it (a native accessor is needed)
+        raise ValueError(f"sessions cannot prune sliding-window models ({model.arch}) yet; use policy full, or "
+                         "pyasl generate for one-shot pruning")
+
+
 def _identity(model: E.Model) -> dict:
     return {"arch": model.arch, "name": model.meta("general.name"), "n_layer": model.n_layer,
             "n_embd": model.n_embd, "n_head_kv": model.n_head_kv, "n_vocab": model.n_vocab,
@@ -538,6 +546,7 @@ class Session:
         if not isinstance(policy, Policy):
             raise ValueError(f"policy must be a pyasl Policy or a name, got {policy!r}")
         policy.check_model(model)
+        _check_swa(model, policy)
         if max_tokens < 1:
             raise ValueError("max_tokens must be >= 1")
         self.model = model
@@ -595,6 +604,7 @@ class Session:
         if isinstance(policy, str):
             policy = make_policy(policy, budget=self.policy.budget if self.policy.prunes else None)
         policy.check_model(self.model)
+        _check_swa(self.model, policy)
         self._check_sizes(policy, self.max_tokens)
         self.policy = policy
 
@@ -688,13 +698,10 @@ class Session:
         self._logits = ctx.logits()
 
     def _present_positions(self) -> np.ndarray:
+        """Positions held by the cache's cells (sorted; per-head caches: the cells' metadata)."""
         ctx = self._ctx
-        info = ctx.kv_info()
-        for il in range(self.model.n_layer):
-            pos = ctx.cell_positions(il, info.size_base + info.size_swa)
-            if len(pos) == info.size_base or info.n_caches == 1:
-                return np.sort(pos[pos >= 0]).astype(np.int64)
-        raise RuntimeError("no layer attends to the base cache")
+        pos = ctx.cell_positions(0, ctx.kv_info().size_base)
+        return np.sort(pos[pos >= 0]).astype(np.int64)
 
     def _reprune(self, window: int) -> None:
         """Prune the cache to the policy's budget; the last `window` positions were just decoded with

@@ -59,6 +59,10 @@ def test_policy_objects():
 
 
 def test_session_too_small_context_is_refused(tiny):
+    gemma = pyasl.Model(tiny_model_path("gemma3", n_layer=6))
+    with pytest.raises(ValueError, match="sliding-window"):
+        S.Session(gemma, policy=pyasl.SnapKV(budget=64, window=8), n_ctx=256)
+    assert S.Session(gemma, policy="full", n_ctx=256, max_tokens=4).ask("hello", max_tokens=2) is not None
     with pytest.raises(ValueError, match="raise n_ctx to at least"):
         S.Session(tiny, policy=pyasl.SnapKV(budget=100, window=8), n_ctx=128, max_tokens=32)
     with pytest.raises(ValueError, match="outside the model's layers"):
