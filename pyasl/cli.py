@@ -393,5 +393,9 @@ def inspect(model, prompt, prompt_file, window, raw, system, tau, l_min, l_obs, 
     click.echo(f"selected layer: {info['selected_layer']}" + (f" ({info['note']})" if info["note"] else ""))
 
 
+from .cli_bench import bench as _bench  # noqa: E402
+
+main.add_command(_bench)
+
 if __name__ == "__main__":
     main()

@@ -209,6 +209,8 @@ class Context(_Native):
         if allow_pos_gaps:
             check(lib.pyasl_set_allow_pos_gaps(self._ctx, True), "allow position gaps")
         self.n_batch = n_batch
+        self.n_threads = n_threads
+        self.flash_attn = flash_attn
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._ebatch = None  # hidden-state batch, made on first use
         self._hidden_lid = None
@@ -662,25 +664,53 @@ def generate(model: Model, tokens: list[int], policy: str = "asl", budget: Optio
                 t0 = time.perf_counter()
                 ctx.kv_keep_per_head(sets)
                 n_kept = sets.shape[-1]
-            # move the pruned sequence into a context sized to what is kept + the generation
-            state = ctx.state_get()
-            swa_used = ctx.kv_info().used_swa
-            ctx.close()
-            ctx = Context(model, _pad(max(n_kept, swa_used) + max_tokens), n_batch=n_batch, n_threads=n_threads,
-                          flash_attn=flash_attn)
-            ctx.state_set(state, n_past=n)
+            ctx = shrink_context(ctx, n_kept, n, max_tokens)
             t_cmp = time.perf_counter() - t0
     info = ctx.kv_info()
     kv_kept = _kv_bytes(info, n_kept, info.used_swa)
     kv_alloc = _kv_bytes(info, info.size_base, info.size_swa)
 
     # decode: the first token comes from the full-depth logits of the last prompt token
+    ttft = pf.seconds + t_sel + t_cmp
+    try:
+        dec = greedy_decode(model, ctx, first_logits, max_tokens, ignore_eos=ignore_eos, on_text=on_text)
+    finally:
+        ctx.close()
+    out, t_dec = dec.tokens, dec.seconds
+    if dec.note:
+        note = (note + "; " if note else "") + dec.note
+    n_dec_steps = max(0, len(out) - 1)
+    return GenerateResult(
+        text=dec.text, policy=policy, n_prompt=n, n_generated=len(out), selected_layer=selected,
+        n_kept=n_kept, kv_bytes_full=kv_full, kv_bytes=kv_kept, kv_bytes_allocated=kv_alloc,
+        prefill_s=prefill_s, prefill_work=prefill_work, select_s=t_sel, compact_s=t_cmp, time_to_first_token_s=ttft, decode_s=t_dec,
+        decode_tokens_per_s=(n_dec_steps / t_dec) if t_dec > 0 and n_dec_steps else 0.0,
+        window=window, budget=budget if policy != "full" else None, tokens=out, note=note, asl=asl_info)
+
+
+@dataclass
+class Decoded:
+    tokens: list[int]
+    text: str
+    seconds: float
+    note: str = ""
+
+    @property
+    def tokens_per_s(self) -> float:
+        steps = max(0, len(self.tokens) - 1)
+        return steps / self.seconds if self.seconds > 0 and steps else 0.0
+
+
+def greedy_decode(model: Model, ctx: Context, first_logits: np.ndarray, max_tokens: int, ignore_eos: bool = False,
+                  on_text: Optional[Callable[[str], None]] = None) -> Decoded:
+    """Greedy decode from `first_logits` (the last prompt token's), appending to ctx; stops at an
+    end-of-generation token (unless ignore_eos), after max_tokens, or when the context is full."""
     out: list[int] = []
+    note = ""
     dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
     text_parts: list[str] = []
     logits = first_logits
-    ttft = pf.seconds + t_sel + t_cmp
-    t_dec0 = time.perf_counter()
+    t0 = time.perf_counter()
     for i in range(max_tokens):
         tok = int(np.argmax(logits))
         if model.is_eog(tok) and not ignore_eos:
@@ -694,7 +724,7 @@ def generate(model: Model, tokens: list[int], policy: str = "asl", budget: Optio
         if i == max_tokens - 1:
             break
         if ctx.n_past >= ctx.n_ctx and not ctx._has_room(1):
-            note = (note + "; " if note else "") + "context full, generation stopped"
+            note = "context full, generation stopped"
             break
         ctx.decode([tok])
         logits = ctx.logits()
@@ -703,15 +733,7 @@ def generate(model: Model, tokens: list[int], policy: str = "asl", budget: Optio
         text_parts.append(tail)
         if on_text:
             on_text(tail)
-    t_dec = time.perf_counter() - t_dec0
-    ctx.close()
-    n_dec_steps = max(0, len(out) - 1)
-    return GenerateResult(
-        text="".join(text_parts), policy=policy, n_prompt=n, n_generated=len(out), selected_layer=selected,
-        n_kept=n_kept, kv_bytes_full=kv_full, kv_bytes=kv_kept, kv_bytes_allocated=kv_alloc,
-        prefill_s=prefill_s, prefill_work=prefill_work, select_s=t_sel, compact_s=t_cmp, time_to_first_token_s=ttft, decode_s=t_dec,
-        decode_tokens_per_s=(n_dec_steps / t_dec) if t_dec > 0 and n_dec_steps else 0.0,
-        window=window, budget=budget if policy != "full" else None, tokens=out, note=note, asl=asl_info)
+    return Decoded(tokens=out, text="".join(text_parts), seconds=time.perf_counter() - t0, note=note)
 
 
 @dataclass
@@ -778,46 +800,20 @@ def layer_major_prefill(model: Model, tokens: list[int], policy: str, budget: in
     if not 0 <= l_min < N:
         raise ValueError(f"l_min {l_min} is outside the model's layers 0..{N - 1}")
     t0 = time.perf_counter()
-    A = Context(model, _pad(n + 1), n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn, capture=True)
-    head = n - window
-    chunks = [(i, min(i + n_batch, head)) for i in range(0, head, n_batch)] + [(head, n)]
-    scores = np.zeros((N, model.n_head, n), dtype=np.float32)
-    H = None
-    stop, sel = None, None
-    for l in range(N):
-        last = l == N - 1
-        A.set_layer_range(l, l + 1)
-        A.set_reuse_cells(l > 0)
-        A.set_hidden_output(None if last else l + 1)
-        newH = None if last else np.empty((n, model.n_embd), dtype=np.float32)
-        for a, b in chunks:
-            win = a == head
-            if win:
-                A.arm_scores(window)
-            try:
-                if l == 0:
-                    A.decode(tokens[a:b], pos0=a, logits_last=win)
-                else:
-                    A.decode_hidden(H[a:b], list(range(a, b)), logits_last=win)
-            finally:
-                if win:
-                    A.disarm_scores()
-            if newH is not None:
-                newH[a:b] = A.hidden(b - a)
-        scores[l] = A.layer_scores(l, n)
-        H = newH
-        if progress:
-            progress((l + 1) * n, N * n)
+
+    def decide(l: int, scores: np.ndarray):
         if policy == "fastkv":
-            if l == layer:
-                stop = l
-                break
-        elif l > l_min:
+            return l == layer, None
+        if l > l_min:
             s = P.asl_select(scores[: l + 1], window=window, budget=budget, tau=tau, l_min=l_min, l_obs=l_obs,
                              kernel=kernel)
             if s.selected_layer is not None:
-                stop, sel = l, s
-                break
+                return True, s
+        return False, None
+
+    A, scores, Hs, stop, sel = _layer_major_pass(model, tokens, window, decide, n_batch=n_batch, n_threads=n_threads,
+                                                 flash_attn=flash_attn, progress=progress)
+    H = Hs[-1] if Hs else None
     kv_full = _kv_bytes(A.kv_info(), n, 0)
     if stop is None:  # asl: tau never reached, every layer ran
         stop = N - 1
@@ -835,32 +831,123 @@ def layer_major_prefill(model: Model, tokens: list[int], policy: str, budget: in
         return LayerMajor(ctx=B, logits=B.logits(), stop_layer=stop, selection=sel, n_kept=k, kept=np.asarray(kept),
                           scores=scores[: stop + 1], kv_bytes_full=kv_full,
                           prefill_s=time.perf_counter() - t0, prefill_work=work)
-    sets = np.empty((N, model.n_head_kv, k), dtype=np.int32)
-    for l in range(N):
-        sets[l] = P.snapkv_select(scores[l], window=window, budget=budget, n_head_kv=model.n_head_kv,
-                                  kernel=kernel) if l <= stop else kept
-    A.set_layer_range(0, N)
-    A.set_reuse_cells(False)
-    A.set_hidden_output(None)
-    A.kv_keep_per_head(sets)
-    if stop == N - 1:
-        logits = A.logits()
-        state = A.state_get()
-        A.close()
-        B = Context(model, _pad(k + max_tokens), n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn)
-        B.state_set(state, n_past=n)
-    else:
-        B = Context(model, _pad(k + max_tokens), n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn,
-                    allow_pos_gaps=True)
-        B.set_layer_range(stop + 1, N)
-        for i in range(0, k, n_batch):
-            pos = kept_l[i: i + n_batch]
-            B.decode_hidden(H[pos], pos, logits_last=i + n_batch >= k)
-        logits = B.logits()
-        B.set_layer_range(0, N)
-        B.kv_copy_cells_from(A, 0, stop + 1, k)
-        A.close()
+    B, logits = _one_shot(model, A, H, kept_l, scores, stop, n, budget=budget, window=window, kernel=kernel,
+                          max_tokens=max_tokens, n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn)
     work = ((stop + 1) * n + (N - stop - 1) * k) / (N * n)
     return LayerMajor(ctx=B, logits=logits, stop_layer=stop, selection=sel, n_kept=k, kept=np.asarray(kept),
                       scores=scores[: stop + 1], kv_bytes_full=kv_full,
                       prefill_s=time.perf_counter() - t0, prefill_work=work)
+
+
+def shrink_context(ctx: Context, n_kept: int, n_past: int, max_tokens: int) -> Context:
+    """Move a pruned sequence (n_kept cells, next position n_past) into a new context sized to the
+    kept cells + max_tokens (+ the sliding-window cells in use), so the memory is really freed.
+    Closes ctx; the new context has ctx's batch size, threads and attention settings."""
+    state = ctx.state_get()
+    swa_used = ctx.kv_info().used_swa
+    model, nb, nt, fa = ctx.model, ctx.n_batch, ctx.n_threads, ctx.flash_attn
+    ctx.close()
+    new = Context(model, _pad(max(n_kept, swa_used) + max_tokens), n_batch=nb, n_threads=nt, flash_attn=fa)
+    new.state_set(state, n_past=n_past)
+    return new
+
+
+def _layer_major_pass(model: Model, tokens: list[int], window: int, decide, n_batch: int = 512,
+                      n_threads: Optional[int] = None, flash_attn: bool = False,
+                      progress: Optional[Callable[[int, int], None]] = None, keep_all_hidden: bool = False):
+    """Run layers 0, 1, ... each over every ubatch of `tokens` (window scores armed on the last
+    ubatch, the last `window` tokens) until decide(l, scores) returns (True, selection).
+
+    Returns (A, scores, Hs, stop, selection): A holds the full KV of layers 0..stop; scores is
+    (n_layer, n_head, n) with rows 0..stop filled; Hs is a list of (n, n_embd) hidden states, the
+    input of layer l + 1 for each layer l that ran (only the last one unless keep_all_hidden);
+    stop is None when decide never said stop (every layer ran; A's logits are full depth).
+    """
+    N, n = model.n_layer, len(tokens)
+    A = Context(model, _pad(n + 1), n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn, capture=True)
+    head = n - window
+    chunks = [(i, min(i + n_batch, head)) for i in range(0, head, n_batch)] + [(head, n)]
+    scores = np.zeros((N, model.n_head, n), dtype=np.float32)
+    Hs: list[np.ndarray] = []
+    H = None
+    stop, sel = None, None
+    try:
+        for l in range(N):
+            last = l == N - 1
+            A.set_layer_range(l, l + 1)
+            A.set_reuse_cells(l > 0)
+            A.set_hidden_output(None if last else l + 1)
+            newH = None if last else np.empty((n, model.n_embd), dtype=np.float32)
+            for a, b in chunks:
+                win = a == head
+                if win:
+                    A.arm_scores(window)
+                try:
+                    if l == 0:
+                        A.decode(tokens[a:b], pos0=a, logits_last=win)
+                    else:
+                        A.decode_hidden(H[a:b], list(range(a, b)), logits_last=win)
+                finally:
+                    if win:
+                        A.disarm_scores()
+                if newH is not None:
+                    newH[a:b] = A.hidden(b - a)
+            scores[l] = A.layer_scores(l, n)
+            H = newH
+            if H is not None:
+                if keep_all_hidden:
+                    Hs.append(H)
+                else:
+                    Hs[:] = [H]
+            if progress:
+                progress((l + 1) * n, N * n)
+            done, s = decide(l, scores)
+            if done:
+                stop, sel = l, s
+                break
+        A.set_layer_range(0, N)
+        A.set_reuse_cells(False)
+        A.set_hidden_output(None)
+    except BaseException:
+        A.close()
+        raise
+    return A, scores, Hs, stop, sel
+
+
+def _one_shot(model: Model, A: Context, H: Optional[np.ndarray], kept: list[int], scores: np.ndarray, stop: int,
+              n: int, budget: int, window: int, kernel: int, max_tokens: int, n_batch: int = 512,
+              n_threads: Optional[int] = None, flash_attn: bool = False,
+              last_logits: Optional[np.ndarray] = None) -> tuple[Context, np.ndarray]:
+    """One-shot token-selective propagation after layer `stop` (A: the full KV of layers 0..stop;
+    H: the input of layer stop + 1 for every prompt token). Layers <= stop keep the SnapKV
+    per-KV-head top-`budget` of their own KV; the kept tokens go through layers stop+1..N-1 at
+    their positions. Returns the decode context (budget + max_tokens cells) and the last prompt
+    token's full-depth logits (when stop is the last layer: last_logits, else A's). Closes A."""
+    from . import policies as P
+
+    N, k = model.n_layer, len(kept)
+    try:
+        sets = np.empty((N, model.n_head_kv, k), dtype=np.int32)
+        for l in range(N):
+            sets[l] = P.snapkv_select(scores[l], window=window, budget=budget, n_head_kv=model.n_head_kv,
+                                      kernel=kernel) if l <= stop else kept
+        A.kv_keep_per_head(sets)
+        if stop == N - 1:
+            logits = A.logits() if last_logits is None else last_logits
+            return shrink_context(A, k, n, max_tokens), logits
+        B = Context(model, _pad(k + max_tokens), n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn,
+                    allow_pos_gaps=True)
+        try:
+            B.set_layer_range(stop + 1, N)
+            for i in range(0, k, n_batch):
+                pos = kept[i: i + n_batch]
+                B.decode_hidden(H[pos], pos, logits_last=i + n_batch >= k)
+            logits = B.logits()
+            B.set_layer_range(0, N)
+            B.kv_copy_cells_from(A, 0, stop + 1, k)
+        except BaseException:
+            B.close()
+            raise
+        return B, logits
+    finally:
+        A.close()

@@ -29,7 +29,7 @@ fi
 . "$VENV/bin/activate"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 python -m pip install -q cmake ninja scikit-build-core "numpy>=1.24" "gguf>=0.10" "click>=8.1" pytest \
-    diskcache jinja2 typing-extensions
+    diskcache jinja2 typing-extensions matplotlib
 # pyasl[server] (llama-cpp-python's server) and the test tools (PTY driver, HTTP client)
 python -m pip install -q fastapi uvicorn sse-starlette starlette-context pydantic-settings pexpect httpx
 

@@ -1,0 +1,96 @@
+"""`pyasl bench ...`: offline long-context accuracy benchmarks (see pyasl.bench)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+
+def _csv(kind):
+    def conv(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            return [kind(x) for x in str(value).split(",") if x.strip()]
+        except ValueError:
+            raise click.BadParameter(f"expected a comma-separated list of {kind.__name__}") from None
+    return conv
+
+
+@click.group()
+def bench() -> None:
+    """Offline long-context accuracy benchmarks (RULER- and InfiniteBench-style tasks, NIAH)."""
+
+
+@bench.command("run")
+@click.option("--models", default="qwen2.5-0.5b", show_default=True, callback=_csv(str),
+              help="comma-separated model names or GGUF paths")
+@click.option("--tasks", default=",".join(t for t in ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "vt", "cwe",
+                                                       "passkey", "number_string", "kv_retrieval", "niah")),
+              show_default=True, callback=_csv(str))
+@click.option("--lengths", default="4096", show_default=True, callback=_csv(int), help="prompt lengths in tokens")
+@click.option("--budgets", default="512,1024", show_default=True, callback=_csv(int))
+@click.option("--policies", default="full,snapkv,fastkv,gemfilter,asl,asl-2pass", show_default=True, callback=_csv(str))
+@click.option("--samples", default=20, show_default=True, type=click.IntRange(min=1),
+              help="samples per task (niah: per depth)")
+@click.option("--depths", default="0,0.25,0.5,0.75,1", show_default=True, callback=_csv(float),
+              help="needle depths of the niah grid")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--window", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--tau", default=0.3, show_default=True, type=click.FloatRange(min=0, max=1, min_open=True))
+@click.option("--fixed-layer", "fixed_frac", default=0.4, show_default=True, type=click.FloatRange(0, 1),
+              help="fastkv's and gemfilter's layer as a fraction of the depth")
+@click.option("--mode", type=click.Choice(["shared", "independent"]), default="shared", show_default=True,
+              help="shared: one prefill per sample feeds every policy; independent: each policy prefills itself")
+@click.option("--threads", type=click.IntRange(min=1))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="results JSONL (appended; resumable)")
+def bench_run(models, tasks, lengths, budgets, policies, samples, depths, seed, window, tau, fixed_frac, mode,
+              threads, out):
+    """Run (or resume) a benchmark; every result is appended to --out as one JSON line."""
+    from . import bench as B
+    from .cli import _errors, _fail
+
+    for d in depths:
+        if not 0 <= d <= 1:
+            _fail(f"depth {d} is outside [0, 1]")
+    try:
+        n = B.run(models, tasks, lengths, budgets, policies, samples, out, seed=seed, window=window, tau=tau,
+                  fixed_frac=fixed_frac, depths=depths, mode=mode, n_threads=threads,
+                  log=lambda s: click.echo(s, err=True))
+    except _errors() as e:
+        _fail(str(e))
+    click.echo(f"{n} new results in {out}", err=True)
+
+
+@bench.command("summary")
+@click.argument("results", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="print the aggregates as JSON")
+def bench_summary(results, as_json):
+    """Accuracy per task and policy, selected layers, speed and memory, from RESULTS (JSONL)."""
+    from . import bench as B
+
+    rows = B.load_rows(results)
+    if not rows:
+        raise click.ClickException(f"{results} holds no results")
+    s = B.summarize(rows)
+    click.echo(json.dumps(s, indent=1) if as_json else B.markdown(s))
+
+
+@bench.command("plot")
+@click.argument("results", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="folder for the PNG files")
+def bench_plot(results, out_dir):
+    """PNG plots (matplotlib) from RESULTS (JSONL)."""
+    from . import bench as B
+
+    rows = B.load_rows(results)
+    if not rows:
+        raise click.ClickException(f"{results} holds no results")
+    try:
+        files = B.plot(rows, out_dir)
+    except ImportError:
+        raise click.ClickException("plots need matplotlib: pip install 'pyasl[bench]'") from None
+    for f in files:
+        click.echo(str(f))

@@ -1,0 +1,150 @@
+"""Offline benchmark tasks (pyasl.benchdata): exact token lengths, needles present once and at the
+asked depth, determinism, scorers; the results summary and plots (pyasl.bench)."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from pyasl import _native
+from pyasl import bench as BR
+from pyasl import benchdata as D
+
+try:
+    _native.load()
+except _native.NativeLibraryError as e:  # pragma: no cover
+    pytest.skip(f"pyasl native library not available: {e}", allow_module_level=True)
+
+from pyasl.engine import Model  # noqa: E402
+from pyasl.models import fetch_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Model:
+    return Model(fetch_model("smollm2"))
+
+
+@pytest.mark.parametrize("task", D.TASKS)
+@pytest.mark.parametrize("n", [1500, 3000])
+def test_exact_length_and_references_present(smollm2, task, n):
+    s = D.build_sample(smollm2, task, n, seed=1, index=2)
+    assert len(s.tokens) == n
+    text = smollm2.detokenize(s.tokens)
+    assert s.references
+    for ref in s.references:
+        assert ref in text
+    # the prompt ends with the answer prefix, after the question
+    assert text.rstrip().endswith(("is", "are:", "is:")), text[-80:]
+
+
+@pytest.mark.parametrize("task", ["niah_single_1", "niah_multikey_2", "niah_multikey_3", "passkey", "number_string",
+                                  "kv_retrieval", "niah"])
+def test_needle_once(smollm2, task):
+    s = D.build_sample(smollm2, task, 2000, seed=0, index=0)
+    text = smollm2.detokenize(s.tokens)
+    ref = s.references[0]
+    if task in ("passkey", "number_string"):
+        assert text.count(ref) == 2  # "The pass key is N. Remember it. N is the pass key."
+    else:
+        assert text.count(ref) == 1
+
+
+def test_vt_chain(smollm2):
+    s = D.build_sample(smollm2, "vt", 2000, seed=0, index=0)
+    text = smollm2.detokenize(s.tokens)
+    assert len(s.references) == 5
+    names = s.references
+    v = s.meta["value"]
+    assert f"VAR {names[0]} = {v}." in text
+    for a, b in zip(names, names[1:]):
+        assert f"VAR {b} = VAR {a}." in text
+    # hops appear in order
+    idx = [text.index(f"VAR {x} =") for x in names]
+    assert idx == sorted(idx)
+
+
+def test_cwe_common_words_are_most_common(smollm2):
+    s = D.build_sample(smollm2, "cwe", 3000, seed=0, index=0)
+    text = smollm2.detokenize(s.tokens)
+    words = re.findall(r"^\d+\. (\S+)$", text, flags=re.M)
+    from collections import Counter
+    c = Counter(words)
+    top = {w for w, _ in c.most_common(10)}
+    assert top == set(s.references)
+    assert min(c[w] for w in s.references) > max(v for w, v in c.items() if w not in top)
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_niah_depth_placement(smollm2, depth):
+    s = D.build_sample(smollm2, "niah", 3000, seed=0, index=0, depth=depth)
+    text = smollm2.detokenize(s.tokens)
+    start = text.index("A question about them follows.") + len("A question about them follows.")
+    end = text.index("What is the secret code")
+    at = text.index(s.references[0])
+    frac = (at - start) / (end - start)
+    assert abs(frac - depth) < 0.06, frac
+
+
+def test_deterministic_and_seeded(smollm2):
+    a = D.build_sample(smollm2, "kv_retrieval", 1200, seed=5, index=3)
+    b = D.build_sample(smollm2, "kv_retrieval", 1200, seed=5, index=3)
+    c = D.build_sample(smollm2, "kv_retrieval", 1200, seed=6, index=3)
+    assert a.tokens == b.tokens and a.references == b.references
+    assert c.references != a.references
+
+
+def test_bad_input(smollm2):
+    with pytest.raises(ValueError, match="unknown task"):
+        D.build_sample(smollm2, "nope", 1000)
+    with pytest.raises(ValueError, match="too short"):
+        D.build_sample(smollm2, "passkey", 20)
+    with pytest.raises(ValueError, match="depth"):
+        D.build_sample(smollm2, "niah", 1000, depth=1.5)
+
+
+def test_scorers():
+    assert D.score("all_refs", "They are ABC, def and x", ["abc", "DEF", "ghi"]) == pytest.approx(2 / 3)
+    assert D.score("first_int", "The pass key is 12345.", ["12345"]) == 1.0
+    assert D.score("first_int", "It is 1234 or 12345", ["12345"]) == 0.0
+    assert D.score("first_int", "no digits", ["1"]) == 0.0
+    assert D.score("substring", " 8b9b-03b6 is it", ["8B9B-03b6"]) == 1.0
+    assert D.score("substring", "nothing", ["x1"]) == 0.0
+    with pytest.raises(ValueError):
+        D.score("bleu", "a", ["a"])
+
+
+def _rows():
+    rows = []
+    for pol, b in [("full", None), ("snapkv", 128), ("asl", 128), ("snapkv", 256), ("asl", 256)]:
+        for task in ("passkey", "niah"):
+            for i, depth in enumerate([0.0, 1.0] if task == "niah" else [None, None]):
+                rows.append({"model": "m", "task": task, "n_tokens": 1000, "index": i, "depth": depth,
+                             "policy": pol, "budget": b, "selected_layer": 5 if pol == "asl" else None,
+                             "n_layer": 12, "score": float((i + (b or 0)) % 2 == 0), "decode_tokens_per_s": 10.0,
+                             "kv_bytes": 1000.0 * (b or 1000), "kv_bytes_full": 1e6, "prefill_work": 0.8})
+    return rows
+
+
+def test_summary_and_plots(tmp_path):
+    rows = _rows()
+    p = tmp_path / "r.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n{\"partial")  # a killed run's last line
+    got = BR.load_rows(p)
+    assert len(got) == len(rows)
+    s = BR.summarize(got)
+    g = s["m@1000"]
+    assert g["accuracy"]["full"]["passkey"] == {"mean": 0.5, "n": 2}
+    assert g["selected_layers"]["asl@128|passkey"] == {"5": 2}
+    md = BR.markdown(s)
+    assert "| asl@128 |" in md and "passkey" in md
+    files = BR.plot(got, tmp_path / "plots")
+    names = {f.name for f in files}
+    assert {"niah-m.png", "accuracy-m-1000.png", "layers-m-1000.png", "perf-m-1000.png"} <= names
+    for f in files:
+        assert f.stat().st_size > 1000
+
+
+def test_row_keys_resume():
+    r = _rows()[0]
+    assert BR.row_key(r) == ("m", "passkey", 1000, 0, None, "full", None)
