@@ -128,16 +128,18 @@ class Llama(llama_cpp.Llama):
                   file=sys.stderr)
         return super().eval([last])
 
-    def _forget_pruned(self) -> None:
-        if getattr(self, "_pyasl_pruned", False):
+    def _forget_pruned(self, force: bool = False) -> None:
+        if force or getattr(self, "_pyasl_pruned", False):
             llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx.ctx), True)
             self.n_tokens = 0
             self._requires_eval = True
             self._pyasl_pruned = False
 
     def generate(self, tokens, *args, **kwargs):
-        # never let the longest-prefix reuse treat a pruned cache as the whole prompt
-        self._forget_pruned()
+        # never let the longest-prefix reuse treat a pruned cache as the whole prompt, and prune every
+        # long prompt from scratch (not a suffix after a reused prefix)
+        self._forget_pruned(force=self.kv_policy is not None and self.kv_policy.prunes
+                            and len(tokens) > max(self.kv_policy.budget, self.kv_policy.window + 1))
         return super().generate(tokens, *args, **kwargs)
 
     def reset(self):

@@ -139,7 +139,10 @@ def make_policy(name: str, **kw) -> "Policy":
     extra = [k for k, v in kw.items() if k not in params and v is not None]
     if extra:
         raise ValueError(f"policy {name} does not take {', '.join(extra)}")
-    return cls(**{k: v for k, v in kw.items() if k in params and v is not None})
+    try:
+        return cls(**{k: v for k, v in kw.items() if k in params and v is not None})
+    except TypeError as e:  # a required argument is missing (fastkv and gemfilter need a layer)
+        raise ValueError(f"policy {name}: {e}".replace("__init__() ", "")) from None
 
 
 class Policy:

@@ -93,3 +93,15 @@ def test_short_prompts_and_no_policy_are_plain_llama_cpp(path):
             pyasl.Llama(path, n_ctx=256, kv_policy=42, verbose=False)
     finally:
         plain.close()
+
+
+@pytest.mark.real
+def test_a_long_prompt_after_a_short_one_is_pruned_whole(llm):
+    """A short unpruned prompt that is a prefix of a long one must not turn the long one into an
+    unpruned suffix evaluation."""
+    n0 = llm.n_prunes
+    llm.create_completion(PROMPT[:40], max_tokens=2, temperature=0)
+    assert llm.n_prunes == n0
+    r = llm.create_completion(PROMPT, max_tokens=4, temperature=0)
+    assert llm.n_prunes == n0 + 1 and llm.last_prune["n_prompt"] == r["usage"]["prompt_tokens"]
+    assert llm.kv_cells() <= BUDGET + 4

@@ -54,6 +54,8 @@ def test_policy_objects():
         S.make_policy("snapkv", tau=0.3)
     with pytest.raises(TypeError):
         pyasl.FastKV(budget=64)  # the layer is required
+    with pytest.raises(ValueError, match="policy fastkv.*layer"):
+        S.make_policy("fastkv", budget=64)
     with pytest.raises(ValueError, match="tau"):
         pyasl.ASL(tau=0)
 
