@@ -122,7 +122,7 @@ def test_chat_long_conversation_save_load(smollm2, doc_file, tmp_path):
 
 @pytest.mark.real
 def test_chat_ctrl_c_stops_the_answer_not_the_session(smollm2):
-    child = spawn(smollm2, "--budget", 128, "--ctx", 1024, "--max-tokens", 400)
+    child = spawn(smollm2, "--budget", 128, "--ctx", 512, "--max-tokens", 160)
     try:
         expect_prompt(child)
         child.sendline("Write a very long story about a dragon who lives in a castle by the sea.")
@@ -132,7 +132,7 @@ def test_chat_ctrl_c_stops_the_answer_not_the_session(smollm2):
         child.expect_exact("[interrupted: the partial answer is kept]")
         expect_prompt(child)
         assert child.isalive()
-        out = say(child, "What is two plus two?")
+        out = say(child, "Say OK.")
         assert out.strip() and "error" not in out.lower()
         st = say(child, "/stats")
         assert re.search(r"turns 2;", st), st
