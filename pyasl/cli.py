@@ -1,4 +1,5 @@
-"""pyasl command line: `pyasl models ...`, `pyasl generate ...`, `pyasl inspect ...`.
+"""pyasl command line: `pyasl models ...`, `pyasl generate ...`, `pyasl inspect ...`, `pyasl chat ...`,
+`pyasl serve ...`.
 
 The --json outputs are a stable contract for scripts: keys are only ever added.
 """
@@ -249,6 +250,130 @@ def generate(model, prompt, prompt_file, window, raw, system, tau, l_min, l_obs,
                    f"(sum {sum(lbj['budgets'])}, {lbj['prompt_cells']} prompt cells allocated per layer)", err=True)
     if res.note:
         click.echo(f"note: {res.note}", err=True)
+
+
+# ---- chat ---------------------------------------------------------------------------------
+def _policy_from_options(name, budget, window, tau, layer, l_min=None, l_obs=None):
+    from .session import make_policy
+
+    if name == "full":
+        return make_policy("full")
+    kw = {"budget": budget, "window": window, "layer": layer}
+    if name in ("asl", "asl-2pass"):
+        kw.update(tau=tau, l_min=l_min, l_obs=l_obs)
+    elif layer is None and name in ("fastkv", "gemfilter"):
+        raise ValueError(f"policy {name} needs a selection layer (--layer N)")
+    if name not in ("fastkv", "gemfilter"):
+        if layer is not None:
+            raise ValueError(f"policy {name} does not take --layer")
+        kw.pop("layer")
+    return make_policy(name, **kw)
+
+
+def _read_doc(path: str) -> tuple:
+    p = Path(path)
+    if not p.is_file():
+        _fail(f"document not found: {p}")
+    data = p.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        _fail(f"{p} is not valid UTF-8 (byte {e.start}); convert it to UTF-8 first")
+    if not text.strip():
+        _fail(f"{p} is empty")
+    return (p.name, text)
+
+
+@main.command()
+@click.argument("model")
+@click.option("--doc", "docs", multiple=True, help="a UTF-8 document to prefill (repeatable)")
+@click.option("--policy", type=click.Choice(["full", "snapkv", "asl", "fastkv", "asl-2pass", "gemfilter"]),
+              default="asl", show_default=True, help="how the cache is pruned (documents, then whenever it is full)")
+@click.option("--budget", default=512, show_default=True, type=click.IntRange(min=2), help="KV cells kept (hard cap)")
+@click.option("--window", default=32, show_default=True, type=click.IntRange(min=1),
+              help="observation window of the document prefill")
+@click.option("--tau", default=0.3, show_default=True, type=click.FloatRange(min=0, max=1, min_open=True))
+@click.option("--layer", type=click.IntRange(min=0), help="fixed selection layer (fastkv, gemfilter)")
+@click.option("--system", help="system message")
+@click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(min=1), help="longest answer")
+@click.option("--ctx", "n_ctx", default=4096, show_default=True, type=click.IntRange(min=16),
+              help="context cells (pruned documents + conversation)")
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0: greedy")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(min=0, max=1, min_open=True))
+@click.option("--seed", type=int, help="sampling seed")
+@click.option("--load", "load_path", type=click.Path(dir_okay=False), help="open a session saved with /save")
+@click.option("--raw", is_flag=True, help="do not apply the chat template")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: all cores)")
+@click.option("--flash-attn/--no-flash-attn", default=False, show_default=True)
+@click.option("--verbose", is_flag=True, help="show llama.cpp's log")
+@click.option("--progress/--no-progress", default=None, help="prefill progress bar (default: when stderr is a tty)")
+def chat(model, docs, policy, budget, window, tau, layer, system, max_tokens, n_ctx, temperature, top_p, seed,
+         load_path, raw, threads, flash_attn, verbose, progress):
+    """Talk with MODEL about long documents over a pruned KV cache.
+
+    The documents are prefilled and pruned by POLICY; each turn is appended; when the context
+    would overflow, the policy prunes again with the newest turn as the observation window.
+    Ctrl-C stops an answer, /help lists the commands (/stats, /save, /load, ...).
+    """
+    from . import chat as C
+    from .session import Session, SessionFileError
+
+    documents = [_read_doc(d) for d in docs]
+    if load_path and documents:
+        _fail("--load opens a saved session; it cannot take --doc as well")
+    try:
+        m = _load_model(model, verbose)
+        if load_path:
+            sess = Session.load(m, load_path, n_threads=threads)
+        else:
+            pol = _policy_from_options(policy, budget, window, tau, layer)
+            sess = Session(m, policy=pol, n_ctx=n_ctx, system=system, max_tokens=max_tokens, raw=raw,
+                           n_threads=threads, flash_attn=flash_attn)
+        bar = _Progress(sys.stderr.isatty() if progress is None else progress)
+        rc = C.run(sess, documents, bar, temperature=temperature, top_p=top_p, seed=seed)
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted", err=True)
+        sys.exit(130)
+    except (SessionFileError,) + _errors() as e:
+        _fail(str(e))
+    sys.exit(rc)
+
+
+# ---- serve --------------------------------------------------------------------------------
+@main.command()
+@click.argument("model")
+@click.option("--policy", type=click.Choice(["full", "snapkv", "asl", "fastkv", "asl-2pass", "gemfilter"]),
+              default="asl", show_default=True, help="applied to every request's prompt")
+@click.option("--budget", default=512, show_default=True, type=click.IntRange(min=2), help="KV cells kept (hard cap)")
+@click.option("--window", default=32, show_default=True, type=click.IntRange(min=1), help="observation window")
+@click.option("--tau", default=0.3, show_default=True, type=click.FloatRange(min=0, max=1, min_open=True))
+@click.option("--layer", type=click.IntRange(min=0), help="fixed selection layer (fastkv, gemfilter)")
+@click.option("--ctx", "n_ctx", default=4096, show_default=True, type=click.IntRange(min=16), help="context size")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(min=0, max=65535))
+@click.option("--alias", help="model name in the API (default: the file name)")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads")
+@click.option("--flash-attn/--no-flash-attn", default=False, show_default=True)
+@click.option("--verbose", is_flag=True, help="show llama.cpp's log")
+def serve(model, policy, budget, window, tau, layer, n_ctx, host, port, alias, threads, flash_attn, verbose):
+    """An OpenAI-compatible HTTP server (llama-cpp-python's) whose requests are pruned by POLICY.
+
+    /v1/completions, /v1/chat/completions (stream or not), /v1/models. Needs pip install 'pyasl[server]'.
+    """
+    from .models import resolve_model
+
+    try:
+        from .server import serve as run_server
+
+        pol = _policy_from_options(policy, budget, window, tau, layer)
+        path = resolve_model(model)
+        from .engine import _check_gguf
+
+        _check_gguf(path)
+        run_server(str(path), None if policy == "full" else pol, host=host, port=port, n_ctx=n_ctx, alias=alias,
+                   n_threads=threads, flash_attn=flash_attn, verbose=verbose)
+    except _errors() as e:
+        _fail(str(e))
 
 
 # ---- inspect ------------------------------------------------------------------------------

@@ -5,7 +5,7 @@
 #   - libllama = llama.cpp from the pinned llama-cpp-python sdist + patches/ + native/,
 #     built into $PYASL_HOME/build/cpu (default ~/.cache/pyasl), outside the clone
 #   - llama-cpp-python's Python layer only (LLAMA_BUILD=OFF): it loads our libllama
-#   - pyasl itself, editable
+#   - pyasl itself, editable, with the server extras and the test tools (pexpect, httpx)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,6 +30,8 @@ fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 python -m pip install -q cmake ninja scikit-build-core "numpy>=1.24" "gguf>=0.10" "click>=8.1" pytest \
     diskcache jinja2 typing-extensions matplotlib
+# pyasl[server] (llama-cpp-python's server) and the test tools (PTY driver, HTTP client)
+python -m pip install -q fastapi uvicorn sse-starlette starlette-context pydantic-settings pexpect httpx
 
 python scripts/build.py
 

@@ -1,0 +1,107 @@
+"""pyasl.Llama: llama-cpp-python's Llama with kv_policy, on SmolLM2 with a prompt long enough to prune.
+
+create_completion, create_chat_completion and streaming go through llama-cpp-python unchanged; the
+prompt's cache is pruned to the budget; a pruned cache is never reused as the whole prompt by the
+longest-prefix reuse (a later call sharing a prefix gives what a fresh Llama gives).
+"""
+from __future__ import annotations
+
+import pytest
+
+import pyasl
+from pyasl.models import fetch_model
+
+BUDGET = 96
+
+
+def _doc() -> str:
+    lines = [f"In year {1900 + i}, traveller number {i} went to city number {i % 7} and wrote about the trains."
+             for i in range(22)]
+    lines.insert(11, "The secret password of the archive is BLUE-HERON-42.")
+    return "\n".join(lines)
+
+
+PROMPT = _doc() + "\n\nQuestion: What is the secret password of the archive?\nAnswer:"
+
+
+@pytest.fixture(scope="module")
+def path() -> str:
+    return str(fetch_model("smollm2"))
+
+
+@pytest.fixture(scope="module")
+def llm(path):
+    m = pyasl.Llama(path, n_ctx=1024, kv_policy=pyasl.ASL(budget=BUDGET, window=16), verbose=False)
+    yield m
+    m.close()
+
+
+def _text(r) -> str:
+    return r["choices"][0]["text"]
+
+
+@pytest.mark.real
+def test_completion_is_pruned_and_prefix_reuse_never_trusts_a_pruned_cache(llm, path):
+    r = llm.create_completion(PROMPT, max_tokens=12, temperature=0)
+    n_prompt = r["usage"]["prompt_tokens"]
+    assert n_prompt > 3 * BUDGET
+    assert llm.n_prunes == 1 and llm.last_prune["n_prompt"] == n_prompt and llm.last_prune["n_kept"] == BUDGET
+    assert BUDGET <= llm.kv_cells() <= BUDGET + r["usage"]["completion_tokens"]
+    assert _text(r).strip()
+
+    # the same prompt again: pruned again from scratch, same greedy answer
+    r2 = llm.create_completion(PROMPT, max_tokens=12, temperature=0)
+    assert llm.n_prunes == 2 and _text(r2) == _text(r)
+
+    # a prompt sharing a long prefix: re-prefilled (not the pruned cache + a suffix), so it answers
+    # exactly like a fresh Llama
+    p2 = PROMPT + " The password is"
+    r3 = llm.create_completion(p2, max_tokens=8, temperature=0)
+    assert llm.n_prunes == 3
+    fresh = pyasl.Llama(path, n_ctx=1024, kv_policy=pyasl.ASL(budget=BUDGET, window=16), verbose=False)
+    try:
+        assert _text(fresh.create_completion(p2, max_tokens=8, temperature=0)) == _text(r3)
+    finally:
+        fresh.close()
+
+    # streaming gives the same text as the non-streamed call
+    chunks = list(llm.create_completion(PROMPT, max_tokens=12, temperature=0, stream=True))
+    assert "".join(c["choices"][0]["text"] for c in chunks) == _text(r)
+    assert llm.n_prunes == 4
+
+
+@pytest.mark.real
+def test_chat_completion_stream_and_not(llm):
+    msgs = [{"role": "user", "content": _doc() + "\n\nWhat is the secret password of the archive?"}]
+    n0 = llm.n_prunes
+    c = llm.create_chat_completion(messages=msgs, max_tokens=12, temperature=0)
+    content = c["choices"][0]["message"]["content"]
+    assert content.strip() and llm.n_prunes == n0 + 1 and llm.last_prune["n_kept"] == BUDGET
+    parts = [ch["choices"][0]["delta"].get("content") or ""
+             for ch in llm.create_chat_completion(messages=msgs, max_tokens=12, temperature=0, stream=True)]
+    assert "".join(parts) == content and llm.n_prunes == n0 + 2
+
+
+@pytest.mark.real
+def test_short_prompts_and_no_policy_are_plain_llama_cpp(path):
+    plain = pyasl.Llama(path, n_ctx=1024, verbose=False)
+    try:
+        r = plain.create_completion(PROMPT, max_tokens=6, temperature=0)
+        assert plain.n_prunes == 0 and plain.last_prune is None
+        assert plain.kv_cells() >= r["usage"]["prompt_tokens"]
+        with pytest.raises(ValueError, match="kv_policy"):
+            pyasl.Llama(path, n_ctx=256, kv_policy=42, verbose=False)
+    finally:
+        plain.close()
+
+
+@pytest.mark.real
+def test_a_long_prompt_after_a_short_one_is_pruned_whole(llm):
+    """A short unpruned prompt that is a prefix of a long one must not turn the long one into an
+    unpruned suffix evaluation."""
+    n0 = llm.n_prunes
+    llm.create_completion(PROMPT[:40], max_tokens=2, temperature=0)
+    assert llm.n_prunes == n0
+    r = llm.create_completion(PROMPT, max_tokens=4, temperature=0)
+    assert llm.n_prunes == n0 + 1 and llm.last_prune["n_prompt"] == r["usage"]["prompt_tokens"]
+    assert llm.kv_cells() <= BUDGET + 4

@@ -1,0 +1,190 @@
+"""The Python API (pyasl.Session and the policy objects): prefill with a policy, turns appended over
+the pruned cache, re-pruning whenever the context would overflow (budget as a hard cap, newest turn
+kept), interrupting an answer, sampling, save/load with the model identity checked.
+
+Mechanics run on tiny random models (fast); one test on SmolLM2 checks that a saved and loaded
+session answers exactly like the one that was saved.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import pyasl
+from pyasl import session as S
+from tinymodels import tiny_model_path
+
+DOC = " ".join(f"Sentence {i}: the quick brown fox number {i} jumps over the lazy dog near the river." for i in range(30))
+QUESTIONS = ["what does the fox do", "where is the dog", "tell me about the river", "which number is the fox",
+             "say something else", "and now?", "one more question", "the last one"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return pyasl.Model(tiny_model_path("llama", n_layer=6))
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen():
+    return pyasl.Model(tiny_model_path("qwen2", n_layer=4))
+
+
+@S.register_policy
+class Recent(S.Policy):
+    """A policy written outside pyasl: keep the most recent cells (StreamingLLM without sinks)."""
+
+    name = "test-recent"
+
+    def select(self, scores, window, model):
+        n = scores.shape[-1]
+        return S.Selection(shared=np.arange(max(0, n - self.budget), n))
+
+
+def test_policy_objects():
+    a = pyasl.ASL(budget=256, tau=0.2)
+    assert a == S.Policy.from_dict(a.to_dict()) and "ASL(budget=256" in repr(a)
+    assert S.make_policy("fastkv", layer=3, budget=64).to_dict() == {"name": "fastkv", "layer": 3, "budget": 64,
+                                                                      "window": 32, "kernel": 7}
+    assert set(["asl", "snapkv", "fastkv", "asl-2pass", "gemfilter", "full", "test-recent"]) <= set(S.policy_names())
+    with pytest.raises(ValueError, match="larger than the window"):
+        pyasl.SnapKV(budget=16, window=32)
+    with pytest.raises(ValueError, match="unknown policy"):
+        S.make_policy("nope")
+    with pytest.raises(ValueError, match="does not take tau"):
+        S.make_policy("snapkv", tau=0.3)
+    with pytest.raises(TypeError):
+        pyasl.FastKV(budget=64)  # the layer is required
+    with pytest.raises(ValueError, match="policy fastkv.*layer"):
+        S.make_policy("fastkv", budget=64)
+    with pytest.raises(ValueError, match="tau"):
+        pyasl.ASL(tau=0)
+
+
+def test_session_too_small_context_is_refused(tiny):
+    gemma = pyasl.Model(tiny_model_path("gemma3", n_layer=6))
+    with pytest.raises(ValueError, match="sliding-window"):
+        S.Session(gemma, policy=pyasl.SnapKV(budget=64, window=8), n_ctx=256)
+    assert S.Session(gemma, policy="full", n_ctx=256, max_tokens=4).ask("hello", max_tokens=2) is not None
+    with pytest.raises(ValueError, match="raise n_ctx to at least"):
+        S.Session(tiny, policy=pyasl.SnapKV(budget=100, window=8), n_ctx=128, max_tokens=32)
+    with pytest.raises(ValueError, match="outside the model's layers"):
+        S.Session(tiny, policy=pyasl.GemFilter(layer=9, budget=64, window=8), n_ctx=256)
+
+
+@pytest.mark.parametrize("policy", [
+    pyasl.ASL(budget=64, window=8), pyasl.SnapKV(budget=64, window=8), pyasl.FastKV(layer=2, budget=64, window=8),
+    pyasl.ASL2Pass(budget=64, window=8), pyasl.GemFilter(layer=2, budget=64, window=8), Recent(budget=64, window=8),
+], ids=lambda p: p.name)
+def test_conversation_reprunes_within_the_context(tiny, policy):
+    s = S.Session(tiny, policy=policy, n_ctx=160, max_tokens=8)
+    st = s.prefill(documents=[("doc.txt", DOC)])
+    assert st["document_tokens"] > 300 and st["kept_tokens"] == 64
+    cells = []
+    for q in QUESTIONS:
+        s.ask(q, max_tokens=8)
+        cells.append(s.n_cells())
+        assert s.n_cells() <= 160
+        pos = s._present_positions()
+        assert pos[-1] == s.n_past - 1 and len(pos) == s.n_cells()
+    st = s.stats()
+    assert st["reprunes"] >= 2 and st["total_tokens"] > 160 + 300
+    assert st["turns"] == len(QUESTIONS) and len(s.messages) == 2 * len(QUESTIONS)
+    assert st["prunings"] == st["reprunes"] + 1
+    # right after a re-prune the cache holds at most the budget plus the rest of the turn and the answer
+    assert min(cells) <= 64 + 8 + 40
+    s.close()
+
+
+def test_reprune_keeps_the_newest_turn(tiny):
+    s = S.Session(tiny, policy=pyasl.ASL(budget=64, window=8), n_ctx=160, max_tokens=8)
+    s.prefill(documents=[DOC])
+    while s.stats_.reprunes == 0:
+        before = s.n_past
+        s.ask("a question about the fox and the dog", max_tokens=8)
+    turn_positions = np.arange(before, s.n_past)  # the turn that triggered the pruning and its answer
+    assert np.isin(turn_positions, s._present_positions()).all()
+
+
+def test_full_policy_refuses_a_turn_that_does_not_fit(tiny):
+    s = S.Session(tiny, policy="full", n_ctx=128, max_tokens=8)
+    with pytest.raises(S.ContextFullError, match="policy full"):
+        s.prefill(documents=[DOC])
+    s = S.Session(tiny, policy=pyasl.Full(), n_ctx=128, max_tokens=8)
+    with pytest.raises(S.ContextFullError, match="does not prune"):
+        for q in QUESTIONS * 3:
+            s.ask(q)
+    n = s.n_past
+    s.reset()
+    assert s.n_past == 0 and s.messages == []
+    s.ask("hello")
+    assert s.n_past > 0 and n > 0
+
+
+def test_interrupt_and_closed_stream_keep_the_partial_answer(tiny):
+    s = S.Session(tiny, policy=pyasl.SnapKV(budget=64, window=8), n_ctx=256, max_tokens=64)
+    s.prefill(documents=[DOC])
+    gen = s.stream("tell me a long story", max_tokens=64)
+    got = ""
+    for piece in gen:
+        got += piece
+        if len(got) > 3:
+            s.interrupt()
+    assert s.messages[-1]["role"] == "assistant" and s.messages[-1].get("interrupted")
+    assert s.messages[-1]["content"] == got
+    g2 = s.stream("again", max_tokens=64)
+    next(g2, None)
+    g2.close()
+    assert s.messages[-1].get("interrupted")
+    assert isinstance(s.ask("and now a normal turn", max_tokens=4), str)
+    assert not s.messages[-1].get("interrupted")
+
+
+def test_seeded_sampling_is_reproducible(tiny):
+    outs = []
+    for _ in range(2):
+        s = S.Session(tiny, policy=pyasl.ASL(budget=64, window=8), n_ctx=256, max_tokens=16)
+        s.prefill(documents=[DOC])
+        outs.append(s.ask("what does the fox do", temperature=0.9, top_p=0.9, seed=7))
+        s.close()
+    assert outs[0] == outs[1]
+
+
+def test_save_load_and_model_mismatch(tiny, tiny_qwen, tmp_path):
+    s = S.Session(tiny, policy=pyasl.ASL(budget=64, window=8), n_ctx=160, max_tokens=8, system="Be brief.")
+    s.prefill(documents=[DOC])
+    for q in QUESTIONS[:5]:
+        s.ask(q)
+    f = tmp_path / "s.pyasl"
+    s.save(f)
+    t = S.Session.load(tiny, f)
+    assert t.messages == s.messages and t.policy == s.policy and t.n_past == s.n_past
+    assert t.stats()["kept_tokens"] == s.stats()["kept_tokens"]
+    assert t.ask("what now", max_tokens=8) == s.ask("what now", max_tokens=8)
+    t.reset()  # back to the prefilled documents
+    assert t.n_past == s.stats()["document_tokens"] and t.messages == []
+    with pytest.raises(S.SessionFileError, match="saved with another model"):
+        S.Session.load(tiny_qwen, f)
+    bad = tmp_path / "bad.pyasl"
+    bad.write_bytes(b"not a session")
+    with pytest.raises(S.SessionFileError, match="not a pyasl session"):
+        S.Session.load(tiny, bad)
+    bad.write_bytes(f.read_bytes()[:200])
+    with pytest.raises(S.SessionFileError):
+        S.Session.load(tiny, bad)
+
+
+@pytest.mark.real
+def test_smollm2_saved_session_answers_like_the_original(tmp_path):
+    m = pyasl.load_model("smollm2")
+    doc = "\n".join(f"In year {1900 + i}, traveller number {i} went to city number {i % 7} and wrote about trains."
+                    for i in range(20)) + "\nThe secret password of the archive is BLUE-HERON-42."
+    s = pyasl.Session(m, policy=pyasl.ASL(budget=128, window=16), n_ctx=192, max_tokens=16)
+    st = s.prefill(documents=[doc])
+    assert st["kept_tokens"] == 128 and st["document_tokens"] > 400
+    for q in ["What is the password?", "Who went to city number 3?", "What did they write about?"]:
+        assert s.ask(q).strip()
+    assert s.stats()["reprunes"] >= 1
+    f = tmp_path / "smol.pyasl"
+    s.save(f)
+    t = pyasl.Session.load(m, f)
+    assert t.ask("Say the password again.") == s.ask("Say the password again.")
