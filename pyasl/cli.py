@@ -41,7 +41,18 @@ def _read_prompt(prompt: Optional[str], prompt_file: Optional[str]) -> str:
             _fail(f"{p} is not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 1]!r}); convert it to UTF-8 first")
     if not prompt or not prompt.strip():
         _fail("the prompt is empty")
+    _check_text(prompt, "--prompt")
     return prompt
+
+
+def _check_text(text: Optional[str], what: str) -> None:
+    """Command-line text that is not valid UTF-8 reaches Python as lone surrogates."""
+    if text is None:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        _fail(f"{what} is not valid UTF-8 (character {e.start}); pass UTF-8 text or use --prompt-file")
 
 
 def _load_model(model: str, verbose: bool):
@@ -179,6 +190,7 @@ def generate(model, prompt, prompt_file, window, raw, system, tau, l_min, l_obs,
     from .engine import generate as run
 
     text = _read_prompt(prompt, prompt_file)
+    _check_text(system, "--system")
     bar = _Progress(sys.stderr.isatty() if progress is None else progress)
     try:
         m = _load_model(model, verbose)
@@ -228,6 +240,7 @@ def inspect(model, prompt, prompt_file, window, raw, system, tau, l_min, l_obs, 
     from .engine import Context, prefill
 
     text = _read_prompt(prompt, prompt_file)
+    _check_text(system, "--system")
     try:
         m = _load_model(model, verbose)
         toks = _tokens(m, text, raw, system)
