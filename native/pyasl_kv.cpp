@@ -537,47 +537,47 @@ int32_t pyasl_kv_copy_cells(struct llama_context * dst, struct llama_context * s
     const bool vt = pyasl_access::v_trans(cd.base);
     std::vector<uint8_t> buf;
     for (int pass = 0; pass < 2; ++pass) { // pass 0 checks every layer, pass 1 copies
-    for (int32_t il = il_begin; il < il_end; ++il) {
-        const int32_t id = pyasl_access::ikv(cd.base, il), is = pyasl_access::ikv(cs.base, il);
-        if ((id < 0) != (is < 0)) {
-            PYASL_FAIL(PYASL_ERR_UNSUPPORTED, "pyasl_kv_copy_cells: layer " + std::to_string(il) + " is cached in one context only");
-        }
-        if (id < 0) {
-            continue;
-        }
-        const auto & ld = pyasl_access::layers(cd.base)[id];
-        const auto & ls = pyasl_access::layers(cs.base)[is];
-        for (int kv = 0; kv < 2; ++kv) {
-            ggml_tensor * td = kv ? ld.v : ld.k;
-            ggml_tensor * ts = kv ? ls.v : ls.k;
-            if (!td != !ts) {
-                PYASL_FAIL(PYASL_ERR_UNSUPPORTED, "pyasl_kv_copy_cells: the caches differ in layout");
+        for (int32_t il = il_begin; il < il_end; ++il) {
+            const int32_t id = pyasl_access::ikv(cd.base, il), is = pyasl_access::ikv(cs.base, il);
+            if ((id < 0) != (is < 0)) {
+                PYASL_FAIL(PYASL_ERR_UNSUPPORTED, "pyasl_kv_copy_cells: layer " + std::to_string(il) + " is cached in one context only");
             }
-            if (!td) {
+            if (id < 0) {
                 continue;
             }
-            if (td->type != ts->type || td->ne[0] != ts->ne[0] || td->ne[1] != (int64_t) size_d ||
-                    ts->ne[1] != (int64_t) size_s || td->ne[2] != 1 || ts->ne[2] != 1) {
-                PYASL_FAIL(PYASL_ERR_UNSUPPORTED, "pyasl_kv_copy_cells: cache types differ");
-            }
-            if (pass == 0) {
-                continue;
-            }
-            if (kv == 0 || !vt) {
-                const size_t row = ts->nb[1];
-                buf.resize(row*n_cells);
-                ggml_backend_tensor_get(ts, buf.data(), 0, buf.size());
-                ggml_backend_tensor_set(td, buf.data(), 0, buf.size());
-            } else {
-                const size_t es = ggml_type_size(ts->type);
-                buf.resize(es*n_cells);
-                for (int64_t c = 0; c < ts->ne[0]; ++c) {
-                    ggml_backend_tensor_get(ts, buf.data(), (size_t) c*size_s*es, buf.size());
-                    ggml_backend_tensor_set(td, buf.data(), (size_t) c*size_d*es, buf.size());
+            const auto & ld = pyasl_access::layers(cd.base)[id];
+            const auto & ls = pyasl_access::layers(cs.base)[is];
+            for (int kv = 0; kv < 2; ++kv) {
+                ggml_tensor * td = kv ? ld.v : ld.k;
+                ggml_tensor * ts = kv ? ls.v : ls.k;
+                if (!td != !ts) {
+                    PYASL_FAIL(PYASL_ERR_UNSUPPORTED, "pyasl_kv_copy_cells: the caches differ in layout");
+                }
+                if (!td) {
+                    continue;
+                }
+                if (td->type != ts->type || td->ne[0] != ts->ne[0] || td->ne[1] != (int64_t) size_d ||
+                        ts->ne[1] != (int64_t) size_s || td->ne[2] != 1 || ts->ne[2] != 1) {
+                    PYASL_FAIL(PYASL_ERR_UNSUPPORTED, "pyasl_kv_copy_cells: cache types differ");
+                }
+                if (pass == 0) {
+                    continue;
+                }
+                if (kv == 0 || !vt) {
+                    const size_t row = ts->nb[1];
+                    buf.resize(row*n_cells);
+                    ggml_backend_tensor_get(ts, buf.data(), 0, buf.size());
+                    ggml_backend_tensor_set(td, buf.data(), 0, buf.size());
+                } else {
+                    const size_t es = ggml_type_size(ts->type);
+                    buf.resize(es*n_cells);
+                    for (int64_t c = 0; c < ts->ne[0]; ++c) {
+                        ggml_backend_tensor_get(ts, buf.data(), (size_t) c*size_s*es, buf.size());
+                        ggml_backend_tensor_set(td, buf.data(), (size_t) c*size_d*es, buf.size());
+                    }
                 }
             }
         }
-    }
     }
     return PYASL_OK;
 }

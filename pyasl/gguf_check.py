@@ -302,6 +302,9 @@ def _check_hparams(info: GGUFInfo) -> None:
     v = info.get("rope.scaling.factor")
     if isinstance(v, float) and v < 0:
         bad(f"{arch}.rope.scaling.factor", "must be >= 0 (0: no scaling)")
+    v = info.get("attention.sliding_window")
+    if isinstance(v, int) and not 0 <= v < (1 << 30):
+        bad(f"{arch}.attention.sliding_window", "is not a usable window size")
     for k in ("attention.layer_norm_rms_epsilon", "attention.layer_norm_epsilon"):
         v = info.get(k)
         if isinstance(v, float) and v < 0:
