@@ -1,6 +1,8 @@
 // pyasl C API, compiled into libllama next to llama.cpp. Called from Python through ctypes
 // (pyasl/_native.py). Every function that can fail returns a negative code and leaves a message
-// in pyasl_last_error(); none of them aborts on bad input.
+// in pyasl_last_error(); none of them aborts on bad input, and a refused call leaves the cache as it
+// was (every layer is checked before the first write). Sequence ids must be < the context's n_seq_max;
+// the KV calls need a cache whose used cells all belong to that one sequence (one stream).
 #pragma once
 
 #include "llama.h"
@@ -81,7 +83,8 @@ PYASL_API int32_t pyasl_set_layer_range(struct llama_context * ctx, int32_t begi
 // into the same cells (each pass's SWA layers see exactly what an ordinary prefill shows them).
 PYASL_API int32_t pyasl_set_reuse_cells(struct llama_context * ctx, bool reuse);
 // Expose (or stop exposing) the input hidden state of layer lid (0..n_layer) for every batch token;
-// pyasl_get_hidden returns n_batch x n_embd floats valid until the next decode (NULL if not armed).
+// pyasl_get_hidden returns n_batch x n_embd floats valid until the next decode (NULL if not armed, or
+// armed but no decode has run since; rows past the last batch's token count are stale).
 PYASL_API int32_t pyasl_set_hidden_output(struct llama_context * ctx, int32_t lid, bool enable);
 PYASL_API float * pyasl_get_hidden(struct llama_context * ctx, int32_t lid);
 
@@ -115,6 +118,7 @@ PYASL_API int32_t pyasl_kv_keep(struct llama_context * ctx, llama_seq_id seq_id,
 // Per-(layer, KV head) selection with a uniform count k: pos[(il*n_head_kv + h)*k + i], each
 // (il, h) list strictly increasing. Layers not stored in the base cache are ignored (their slice
 // must still be present). The cell metadata gets the element-wise max position over all lists.
+// Refused for multi-axis RoPE and ALiBi models (cell positions feed the rotation / bias).
 PYASL_API int32_t pyasl_kv_keep_per_head(struct llama_context * ctx, llama_seq_id seq_id, const int32_t * pos,
                                          int32_t n_layer, int32_t n_head_kv, int32_t k);
 

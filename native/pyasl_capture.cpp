@@ -33,7 +33,7 @@ static int32_t name_layer(const char * name) {
     }
     int32_t v = 0;
     for (const char * p = dash + 1; *p; ++p) {
-        if (*p < '0' || *p > '9') {
+        if (*p < '0' || *p > '9' || v > 100000000) { // not a layer suffix (or one too long for int32)
             return -1;
         }
         v = v*10 + (*p - '0');

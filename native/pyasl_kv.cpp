@@ -20,11 +20,15 @@
 
 struct pyasl_access {
     static llama_cparams & cparams(llama_context * ctx) { return ctx->cparams; }
+    static bool has_layer_inp(llama_context * ctx, int32_t lid) {
+        return (size_t) lid < ctx->embd_layer_inp.size() && ctx->embd_layer_inp[lid].has_data();
+    }
     static llama_kv_cells & cells(llama_kv_cache * kv) { return kv->v_cells[0]; }
     static uint32_t & head(llama_kv_cache * kv) { return kv->v_heads[0]; }
     static auto & layers(llama_kv_cache * kv) { return kv->layers; }
     static bool v_trans(const llama_kv_cache * kv) { return kv->v_trans; }
     static uint32_t n_stream(const llama_kv_cache * kv) { return kv->n_stream; }
+    static uint32_t n_seq_max(const llama_kv_cache * kv) { return kv->n_seq_max; }
     static bool shares_cells(const llama_kv_cache * kv) { return kv->other != nullptr; }
     static const llama_hparams & hparams(const llama_kv_cache * kv) { return kv->hparams; }
     static int32_t ikv(const llama_kv_cache * kv, int32_t il) {
@@ -86,8 +90,13 @@ int64_t cell_bytes(llama_kv_cache * kv) {
 // check the cache holds exactly one sequence, no pending shift; map position -> cell
 int32_t check_and_map(llama_kv_cache * kv, llama_seq_id seq_id, std::vector<int32_t> & cell_of_pos, llama_pos & pos_max) {
     auto & cells = pyasl_access::cells(kv);
-    if (seq_id < 0 || seq_id >= LLAMA_MAX_SEQ) {
-        PYASL_FAIL(PYASL_ERR_ARG, "seq_id " + std::to_string(seq_id) + " out of range");
+    if (pyasl_access::layers(kv).empty()) {
+        PYASL_FAIL(PYASL_ERR_UNSUPPORTED, "the model has no global-attention layers (every layer uses the sliding window): "
+                   "there is no full-context KV cache to prune");
+    }
+    if (seq_id < 0 || seq_id >= LLAMA_MAX_SEQ || (uint32_t) seq_id >= pyasl_access::n_seq_max(kv)) {
+        PYASL_FAIL(PYASL_ERR_ARG, "seq_id " + std::to_string(seq_id) + " out of range (the context has n_seq_max " +
+                   std::to_string(pyasl_access::n_seq_max(kv)) + ")");
     }
     if (cells.get_has_shift()) {
         PYASL_FAIL(PYASL_ERR_STATE, "the KV cache has a pending position shift; run a decode (or llama_memory_update) first");
@@ -132,6 +141,37 @@ int32_t check_positions(const int32_t * pos, int32_t n, const std::vector<int32_
     return PYASL_OK;
 }
 
+// Can move_rows handle tensor t with n_lists (1 = all heads) source lists? Checked for every layer
+// before any tensor is written, so that a refusal leaves the cache untouched.
+int32_t check_layout(const ggml_tensor * t, bool transposed, int64_t n_head, uint32_t kv_size, size_t n_lists) {
+    if (n_lists != 1 && (int64_t) n_lists != n_head) {
+        PYASL_FAIL(PYASL_ERR_ARG, "internal: head count mismatch");
+    }
+    if (n_head <= 0 || t->ne[1] != (int64_t) kv_size || t->ne[2] != 1 || t->ne[3] != 1) {
+        PYASL_FAIL(PYASL_ERR_UNSUPPORTED, std::string("unexpected KV tensor layout ") + t->name);
+    }
+    if (!transposed) {
+        if (n_lists == 1) {
+            return PYASL_OK;
+        }
+        if (t->ne[0] % n_head != 0) {
+            PYASL_FAIL(PYASL_ERR_UNSUPPORTED, "row does not split evenly into heads");
+        }
+        if ((t->ne[0] / n_head) % ggml_blck_size(t->type) != 0) {
+            PYASL_FAIL(PYASL_ERR_UNSUPPORTED, std::string("per-head selection needs head size a multiple of the block size of ") +
+                       ggml_type_name(t->type));
+        }
+        return PYASL_OK;
+    }
+    if (ggml_blck_size(t->type) != 1) {
+        PYASL_FAIL(PYASL_ERR_UNSUPPORTED, "transposed V with a block-quantized type");
+    }
+    if (n_lists != 1 && t->ne[0] % n_head != 0) {
+        PYASL_FAIL(PYASL_ERR_UNSUPPORTED, "V channels do not split evenly into heads");
+    }
+    return PYASL_OK;
+}
+
 // Rewrite one cache tensor so that, for each head h, destination cell i holds source cell src[h][i].
 // K (and non-transposed V) rows: [n_embd_gqa per cell], heads contiguous inside a row.
 // Transposed V: channel-major, element (c, cell) at c*kv_size + cell.
@@ -139,8 +179,9 @@ int32_t move_rows(ggml_tensor * t, bool transposed, int64_t n_head, uint32_t kv_
                   const std::vector<std::vector<int32_t>> & src, std::vector<uint8_t> & buf) {
     const size_t nbytes = ggml_nbytes(t);
     const int64_t k = (int64_t) src[0].size();
-    if (src.size() != 1 && (int64_t) src.size() != n_head) {
-        PYASL_FAIL(PYASL_ERR_ARG, "internal: head count mismatch");
+    int32_t rc = check_layout(t, transposed, n_head, kv_size, src.size());
+    if (rc != PYASL_OK) {
+        return rc;
     }
     buf.resize(nbytes);
     ggml_backend_tensor_get(t, buf.data(), 0, nbytes);
@@ -153,15 +194,7 @@ int32_t move_rows(ggml_tensor * t, bool transposed, int64_t n_head, uint32_t kv_
                 std::memcpy(out.data() + i*row, buf.data() + (size_t) src[0][i]*row, row);
             }
         } else {
-            const int64_t n_embd = t->ne[0];
-            if (n_embd % n_head != 0) {
-                PYASL_FAIL(PYASL_ERR_UNSUPPORTED, "row does not split evenly into heads");
-            }
-            const int64_t d = n_embd / n_head;
-            if (d % ggml_blck_size(t->type) != 0) {
-                PYASL_FAIL(PYASL_ERR_UNSUPPORTED, std::string("per-head selection needs head size a multiple of the block size of ") +
-                           ggml_type_name(t->type));
-            }
+            const int64_t d = t->ne[0] / n_head;
             const size_t hb = ggml_row_size(t->type, d);
             for (int64_t h = 0; h < n_head; ++h) {
                 for (int64_t i = 0; i < k; ++i) {
@@ -173,11 +206,8 @@ int32_t move_rows(ggml_tensor * t, bool transposed, int64_t n_head, uint32_t kv_
         return PYASL_OK;
     }
 
-    if (ggml_blck_size(t->type) != 1) {
-        PYASL_FAIL(PYASL_ERR_UNSUPPORTED, "transposed V with a block-quantized type");
-    }
     const size_t es = ggml_type_size(t->type);
-    const int64_t n_chan = (int64_t) (nbytes / es / kv_size);
+    const int64_t n_chan = t->ne[0];
     const int64_t d = n_chan / n_head;
     for (int64_t c = 0; c < n_chan; ++c) {
         const auto & s = src.size() == 1 ? src[0] : src[c / d];
@@ -224,6 +254,22 @@ int32_t rewrite(llama_kv_cache * kv, llama_seq_id seq_id, const std::vector<int3
     const bool vt = pyasl_access::v_trans(kv);
     std::vector<uint8_t> buf;
 
+    if (src_by_layer.size() != layers.size()) {
+        PYASL_FAIL(PYASL_ERR_ARG, "internal: layer count mismatch");
+    }
+    // validate every layer before the first write: a refusal must leave the cache as it was
+    for (size_t ikv = 0; ikv < layers.size(); ++ikv) {
+        const auto & l = layers[ikv];
+        const int64_t n_head_kv = hp.n_head_kv(l.il);
+        int32_t rc = check_layout(l.k, false, n_head_kv, kv_size, src_by_layer[ikv].size());
+        if (rc == PYASL_OK && l.v) {
+            rc = check_layout(l.v, vt, n_head_kv, kv_size, src_by_layer[ikv].size());
+        }
+        if (rc != PYASL_OK) {
+            return rc;
+        }
+    }
+
     for (size_t ikv = 0; ikv < layers.size(); ++ikv) {
         const auto & l = layers[ikv];
         const auto & src = src_by_layer[ikv];
@@ -257,33 +303,45 @@ int32_t copy_cache_cells(llama_kv_cache * kd, llama_kv_cache * ks, int32_t il_be
     }
     const bool vt = pyasl_access::v_trans(kd);
     std::vector<uint8_t> buf;
-    for (int32_t il = il_begin; il < il_end; ++il) {
-        const int32_t id = pyasl_access::ikv(kd, il), is = pyasl_access::ikv(ks, il);
-        if (id < 0 || is < 0) {
-            continue;
-        }
-        const auto & ld = pyasl_access::layers(kd)[id];
-        const auto & ls = pyasl_access::layers(ks)[is];
-        for (int kv = 0; kv < 2; ++kv) {
-            ggml_tensor * td = kv ? ld.v : ld.k;
-            ggml_tensor * ts = kv ? ls.v : ls.k;
-            if (!td || !ts) {
+    for (int pass = 0; pass < 2; ++pass) { // pass 0 checks every layer, pass 1 copies
+        for (int32_t il = il_begin; il < il_end; ++il) {
+            const int32_t id = pyasl_access::ikv(kd, il), is = pyasl_access::ikv(ks, il);
+            if ((id < 0) != (is < 0)) {
+                PYASL_FAIL(PYASL_ERR_UNSUPPORTED, "pyasl_kv_copy_cells: layer " + std::to_string(il) + " is cached in one context only");
+            }
+            if (id < 0) {
                 continue;
             }
-            if (td->type != ts->type || td->ne[0] != ts->ne[0]) {
-                PYASL_FAIL(PYASL_ERR_UNSUPPORTED, "pyasl_kv_copy_cells: cache types differ");
-            }
-            if (kv == 0 || !vt) {
-                const size_t row = ts->nb[1];
-                buf.resize(row*n_cells);
-                ggml_backend_tensor_get(ts, buf.data(), 0, buf.size());
-                ggml_backend_tensor_set(td, buf.data(), 0, buf.size());
-            } else {
-                const size_t es = ggml_type_size(ts->type);
-                buf.resize(es*n_cells);
-                for (int64_t c = 0; c < ts->ne[0]; ++c) {
-                    ggml_backend_tensor_get(ts, buf.data(), (size_t) c*size_s*es, buf.size());
-                    ggml_backend_tensor_set(td, buf.data(), (size_t) c*size_d*es, buf.size());
+            const auto & ld = pyasl_access::layers(kd)[id];
+            const auto & ls = pyasl_access::layers(ks)[is];
+            for (int kv = 0; kv < 2; ++kv) {
+                ggml_tensor * td = kv ? ld.v : ld.k;
+                ggml_tensor * ts = kv ? ls.v : ls.k;
+                if (!td != !ts) {
+                    PYASL_FAIL(PYASL_ERR_UNSUPPORTED, "pyasl_kv_copy_cells: the caches differ in layout");
+                }
+                if (!td) {
+                    continue;
+                }
+                if (td->type != ts->type || td->ne[0] != ts->ne[0] || td->ne[1] != (int64_t) size_d ||
+                        ts->ne[1] != (int64_t) size_s || td->ne[2] != 1 || ts->ne[2] != 1) {
+                    PYASL_FAIL(PYASL_ERR_UNSUPPORTED, "pyasl_kv_copy_cells: cache types differ");
+                }
+                if (pass == 0) {
+                    continue;
+                }
+                if (kv == 0 || !vt) {
+                    const size_t row = ts->nb[1];
+                    buf.resize(row*n_cells);
+                    ggml_backend_tensor_get(ts, buf.data(), 0, buf.size());
+                    ggml_backend_tensor_set(td, buf.data(), 0, buf.size());
+                } else {
+                    const size_t es = ggml_type_size(ts->type);
+                    buf.resize(es*n_cells);
+                    for (int64_t c = 0; c < ts->ne[0]; ++c) {
+                        ggml_backend_tensor_get(ts, buf.data(), (size_t) c*size_s*es, buf.size());
+                        ggml_backend_tensor_set(td, buf.data(), (size_t) c*size_d*es, buf.size());
+                    }
                 }
             }
         }
@@ -357,6 +415,10 @@ float * pyasl_get_hidden(struct llama_context * ctx, int32_t lid) {
         pyasl_set_error("pyasl_get_hidden: layer input not armed");
         return nullptr;
     }
+    if (!pyasl_access::has_layer_inp(ctx, lid)) {
+        pyasl_set_error("pyasl_get_hidden: no hidden states yet (armed, but no decode has run since)");
+        return nullptr;
+    }
     return ctx->get_embeddings_layer_inp((uint32_t) lid);
 }
 
@@ -421,7 +483,7 @@ int32_t pyasl_kv_layer_cell_pos(struct llama_context * ctx, int32_t il, llama_se
     if (rc != PYASL_OK) {
         return rc;
     }
-    if (!pos_out || n_max < 0 || seq_id < 0 || seq_id >= LLAMA_MAX_SEQ) {
+    if (!pos_out || n_max < 0 || seq_id < 0 || seq_id >= LLAMA_MAX_SEQ || (uint32_t) seq_id >= pyasl_access::n_seq_max(c.base)) {
         PYASL_FAIL(PYASL_ERR_ARG, "pyasl_kv_layer_cell_pos: bad arguments");
     }
     llama_kv_cache * kv = nullptr;
@@ -480,13 +542,21 @@ int32_t pyasl_kv_keep_per_head(struct llama_context * ctx, llama_seq_id seq_id, 
     if (!pos || n_layer <= 0 || n_head_kv <= 0 || k <= 0) {
         PYASL_FAIL(PYASL_ERR_ARG, "pyasl_kv_keep_per_head: bad sizes");
     }
+    const auto & hp = pyasl_access::hparams(c.base);
+    if (hp.use_mrope()) {
+        PYASL_FAIL(PYASL_ERR_UNSUPPORTED, "pyasl_kv_keep_per_head: multi-axis RoPE needs one token set for all heads "
+                   "(use pyasl_kv_keep)");
+    }
+    if (hp.use_alibi) {
+        PYASL_FAIL(PYASL_ERR_UNSUPPORTED, "pyasl_kv_keep_per_head: ALiBi biases by cell position; per-head sets would "
+                   "use wrong positions (use pyasl_kv_keep)");
+    }
     std::vector<int32_t> cell_of_pos;
     llama_pos pos_max;
     if ((rc = check_and_map(c.base, seq_id, cell_of_pos, pos_max)) != PYASL_OK) {
         return rc;
     }
     const auto & layers = pyasl_access::layers(c.base);
-    const auto & hp = pyasl_access::hparams(c.base);
     std::vector<std::vector<std::vector<int32_t>>> by_layer(layers.size());
     std::vector<int32_t> meta(k, -1);
     for (size_t ikv = 0; ikv < layers.size(); ++ikv) {

@@ -28,21 +28,37 @@ def _errors():
     return (ModelError, ModelLoadError, NativeLibraryError, PyaslError, ValueError, OSError, RuntimeError)
 
 
+def _read_utf8(path: str, what: str) -> str:
+    """The text of a UTF-8 file, or a clear error (missing file, invalid UTF-8)."""
+    p = Path(path)
+    if not p.is_file():
+        _fail(f"{what} not found: {p}")
+    data = p.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        _fail(f"{p} is not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 1]!r}); convert it to UTF-8 first")
+
+
 def _read_prompt(prompt: Optional[str], prompt_file: Optional[str]) -> str:
     if (prompt is None) == (prompt_file is None):
         _fail("give exactly one of --prompt TEXT or --prompt-file PATH")
     if prompt_file is not None:
-        p = Path(prompt_file)
-        if not p.is_file():
-            _fail(f"prompt file not found: {p}")
-        data = p.read_bytes()
-        try:
-            prompt = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            _fail(f"{p} is not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 1]!r}); convert it to UTF-8 first")
+        prompt = _read_utf8(prompt_file, "prompt file")
     if not prompt or not prompt.strip():
         _fail("the prompt is empty")
+    _check_text(prompt, "--prompt")
     return prompt
+
+
+def _check_text(text: Optional[str], what: str) -> None:
+    """Command-line text that is not valid UTF-8 reaches Python as lone surrogates."""
+    if text is None:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        _fail(f"{what} is not valid UTF-8 (character {e.start}); pass UTF-8 text or use --prompt-file")
 
 
 def _load_model(model: str, verbose: bool):
@@ -212,6 +228,7 @@ def generate(model, prompt, prompt_file, window, raw, system, tau, l_min, l_obs,
     from .engine import generate as run
 
     text = _read_prompt(prompt, prompt_file)
+    _check_text(system, "--system")
     bar = _Progress(sys.stderr.isatty() if progress is None else progress)
     try:
         _budget_method(policy, layer_budgets)
@@ -272,13 +289,7 @@ def _policy_from_options(name, budget, window, tau, layer, l_min=None, l_obs=Non
 
 def _read_doc(path: str) -> tuple:
     p = Path(path)
-    if not p.is_file():
-        _fail(f"document not found: {p}")
-    data = p.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        _fail(f"{p} is not valid UTF-8 (byte {e.start}); convert it to UTF-8 first")
+    text = _read_utf8(path, "document")
     if not text.strip():
         _fail(f"{p} is empty")
     return (p.name, text)
@@ -393,6 +404,7 @@ def inspect(model, prompt, prompt_file, window, raw, system, tau, l_min, l_obs, 
     from .engine import Context, prefill, ranked_layer_mask
 
     text = _read_prompt(prompt, prompt_file)
+    _check_text(system, "--system")
     try:
         method = _budget_method(policy, layer_budgets)
         m = _load_model(model, verbose)

@@ -10,6 +10,7 @@ import codecs
 import ctypes
 import os
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -31,6 +32,10 @@ class ModelLoadError(RuntimeError):
     pass
 
 
+class ClosedError(RuntimeError):
+    """A Model or Context was used after close() (its native handle is gone)."""
+
+
 def _ll():
     llama_cpp, lib, cb = _native.load()
     return llama_cpp, lib, cb
@@ -40,17 +45,64 @@ def _pad(n: int, to: int = 256) -> int:
     return ((n + to - 1) // to) * to
 
 
-def _check_gguf(path: Path) -> None:
-    if not path.exists():
-        raise ModelLoadError(f"model file not found: {path}")
-    if path.is_dir():
-        raise ModelLoadError(f"{path} is a directory, not a GGUF file")
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if head[:4] != b"GGUF":
-        raise ModelLoadError(f"{path} is not a GGUF file (bad magic {head[:4]!r})")
-    if len(head) < 8:
-        raise ModelLoadError(f"{path} is truncated")
+def _check_int(name: str, v, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {v!r}")
+    if not lo <= v <= hi:
+        raise ValueError(f"{name} must be in {lo}..{hi}, got {v}")
+    return int(v)
+
+
+def _int32_array(values, what: str) -> np.ndarray:
+    """values as a C-contiguous int32 array; refuses floats and values that int32 would wrap."""
+    a = np.asarray(values)
+    if a.size == 0:
+        return np.ascontiguousarray(a, dtype=np.int32)
+    if a.dtype.kind not in "iu":
+        raise ValueError(f"{what} must be integers, got dtype {a.dtype}")
+    if int(a.min()) < -(1 << 31) or int(a.max()) >= (1 << 31):
+        raise ValueError(f"{what} out of the int32 range")
+    return np.ascontiguousarray(a, dtype=np.int32)
+
+
+def _check_positions(positions, n: int) -> None:
+    p = _int32_array(positions, "positions")
+    if p.ndim != 1 or len(p) != n:
+        raise ValueError(f"positions must be a list of {n} integers")
+    if n and (p[0] < 0 or np.any(np.diff(p) <= 0)):
+        raise ValueError("positions must be >= 0 and strictly increasing")
+
+
+def _check_gguf(path: Path):
+    """Refuse a missing, non-GGUF, truncated, corrupt or unsupported file before llama.cpp sees it."""
+    from .gguf_check import GGUFError, read_header, unsupported_reason
+
+    try:
+        info = read_header(path)
+    except GGUFError as e:
+        raise ModelLoadError(str(e)) from None
+    why = unsupported_reason(info)
+    if why:
+        raise ModelLoadError(why)
+    return info
+
+
+class _Handle:
+    """A native pointer attribute that raises ClosedError once its owner is closed, instead of handing
+    a freed pointer (or NULL) to llama.cpp, which would crash the process."""
+
+    def __set_name__(self, owner, name):
+        self.key = "_handle_" + name
+
+    def __get__(self, obj, cls=None):
+        if obj is None:
+            return self
+        if obj.__dict__.get("_closed"):
+            raise ClosedError(f"this {type(obj).__name__} is closed")
+        return obj.__dict__.get(self.key)
+
+    def __set__(self, obj, value):
+        obj.__dict__[self.key] = value
 
 
 class _Native:
@@ -75,19 +127,54 @@ class _Native:
 class Model(_Native):
     """A loaded GGUF model (weights only; contexts are made per request)."""
 
+    _m = _Handle()
+    vocab = _Handle()
+
     def __init__(self, path: str | os.PathLike, n_gpu_layers: int = 0, verbose: bool = False):
         llama_cpp, _, _ = _ll()
         from llama_cpp import _logger
 
         _logger.set_verbose(verbose)
+        self._contexts = weakref.WeakSet()  # closed before the model is freed
         self.path = Path(path)
-        _check_gguf(self.path)
+        self.gguf = _check_gguf(self.path)
+        if not isinstance(n_gpu_layers, int) or isinstance(n_gpu_layers, bool):
+            raise ValueError(f"n_gpu_layers must be an integer, got {n_gpu_layers!r}")
         mp = llama_cpp.llama_model_default_params()
         mp.n_gpu_layers = n_gpu_layers
         self._m = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mp)
         if not self._m:
-            raise ModelLoadError(f"llama.cpp could not load {self.path} (corrupt, truncated or unsupported GGUF; "
-                                 "run with verbose=True / --verbose for its log)")
+            raise ModelLoadError(f"llama.cpp could not load {self.path} (architecture {self.gguf.arch!r}: one this "
+                                 "llama.cpp does not know, or tensors/metadata it does not expect); "
+                                 "run with verbose=True / --verbose for its log")
+        self._read_sizes()
+        if llama_cpp.llama_model_is_recurrent(self._m) or llama_cpp.llama_model_is_hybrid(self._m):
+            raise ModelLoadError(f"{self.path.name}: recurrent/hybrid architecture {self.arch!r} has no "
+                                 "attention KV cache to prune")
+        if llama_cpp.llama_model_has_encoder(self._m) or not llama_cpp.llama_model_has_decoder(self._m):
+            raise ModelLoadError(f"{self.path.name}: architecture {self.arch!r} is an encoder(-decoder) model; "
+                                 "pyasl generates text with decoder-only models")
+        tmpl = llama_cpp.llama_model_chat_template(self._m, None)
+        self.chat_template = tmpl.decode("utf-8", errors="replace") if tmpl else None
+
+    def pruning_unsupported(self, per_head: bool) -> Optional[str]:
+        """None when the KV cache of this model can be pruned (per_head: a different token set per KV
+        head), else why not. Full KV (policy full) works whenever the model loads."""
+        g = self.gguf
+        if (g.get("attention.kv_lora_rank") or 0) > 0:
+            return (f"architecture {self.arch!r} uses multi-head latent attention (MLA), whose compressed KV "
+                    "cache pyasl does not prune yet")
+        if per_head and g.get("rope.dimension_sections") is not None:
+            return (f"architecture {self.arch!r} uses multi-axis RoPE, which needs one token set for all KV "
+                    "heads (per-head selection would mix positions)")
+        if per_head and (g.get("attention.max_alibi_bias") or 0) > 0:
+            return (f"architecture {self.arch!r} uses ALiBi, which biases by cell position: per-head "
+                    "selection would bias with the wrong positions")
+        return None
+
+    def _read_sizes(self) -> None:
+        """Sizes and architecture of the loaded weights (self._m)."""
+        llama_cpp, _, _ = _ll()
         self.vocab = llama_cpp.llama_model_get_vocab(self._m)
         self.n_layer = llama_cpp.llama_model_n_layer(self._m)
         self.n_head = llama_cpp.llama_model_n_head(self._m)
@@ -97,11 +184,6 @@ class Model(_Native):
         self.n_swa = llama_cpp.llama_model_n_swa(self._m)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.arch = self.meta("general.architecture") or "?"
-        if llama_cpp.llama_model_is_recurrent(self._m) or llama_cpp.llama_model_is_hybrid(self._m):
-            raise ModelLoadError(f"{self.path.name}: recurrent/hybrid architecture {self.arch!r} has no "
-                                 "attention KV cache to prune")
-        tmpl = llama_cpp.llama_model_chat_template(self._m, None)
-        self.chat_template = tmpl.decode("utf-8", errors="replace") if tmpl else None
 
     def meta(self, key: str) -> Optional[str]:
         llama_cpp, _, _ = _ll()
@@ -127,10 +209,15 @@ class Model(_Native):
         return check(lib.pyasl_model_swa_type(self._m), "sliding-window type")
 
     def close(self) -> None:
+        if self.__dict__.get("_closed"):
+            return
+        for c in list(getattr(self, "_contexts", ())):
+            c.close()
         if getattr(self, "_m", None):
             llama_cpp, _, _ = _ll()
             llama_cpp.llama_model_free(self._m)
             self._m = None
+        self._closed = True
 
 
     # ---- text -------------------------------------------------------------------------
@@ -192,10 +279,24 @@ class Model(_Native):
 class Context(_Native):
     """A llama_context for one sequence, optionally wired to a score capture."""
 
+    _ctx = _Handle()
+    _batch = _Handle()
+    # defaults for instances built around a raw llama_context (tests)
+    _layer_begin = 0
+    _last_batch = 0
+    _hidden_lid = None
+    _ebatch = None
+
     def __init__(self, model: Model, n_ctx: int, n_batch: int = 512, n_threads: Optional[int] = None,
                  flash_attn: bool = False, capture: bool = False, type_k: Optional[int] = None,
                  type_v: Optional[int] = None, allow_pos_gaps: bool = False, swa_full: bool = False):
         llama_cpp, lib, eval_cb = _ll()
+        _check_int("n_ctx", n_ctx, 1, 1 << 24)
+        _check_int("n_batch", n_batch, 1, 1 << 20)
+        if n_threads is not None:
+            _check_int("n_threads", n_threads, 1, 4096)
+        if model._m is None:
+            raise ClosedError("the Model is closed")
         self.model = model
         self._cap = lib.pyasl_capture_new() if capture else None
         p = llama_cpp.llama_context_default_params()
@@ -233,9 +334,14 @@ class Context(_Native):
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._ebatch = None  # hidden-state batch, made on first use
         self._hidden_lid = None
+        self._layer_begin = 0
+        self._last_batch = 0  # tokens in the last decoded batch (rows of hidden())
         self.n_past = 0  # next position
+        model._contexts.add(self)
 
     def close(self) -> None:
+        if self.__dict__.get("_closed"):
+            return
         llama_cpp, lib, _ = _ll()
         if getattr(self, "_ctx", None):
             llama_cpp.llama_batch_free(self._batch)
@@ -246,7 +352,7 @@ class Context(_Native):
         if getattr(self, "_cap", None):
             lib.pyasl_capture_free(self._cap)
             self._cap = None
-
+        self._closed = True
 
 
     # ---- decoding ---------------------------------------------------------------------
@@ -255,6 +361,14 @@ class Context(_Native):
         """Decode tokens at consecutive positions from pos0 (default: after the last one), or at
         explicit increasing `positions` (gaps need a context made with allow_pos_gaps)."""
         llama_cpp, _, _ = _ll()
+        self._ctx  # ClosedError before the (freed) batch is touched
+        if not len(tokens):
+            raise ValueError("decode: no tokens")
+        if self._layer_begin > 0:
+            raise ValueError(f"decode: the layer range starts at layer {self._layer_begin}; it takes hidden states "
+                             "(decode_hidden), not tokens")
+        if positions is not None:
+            _check_positions(positions, len(tokens))
         if pos0 is None:
             pos0 = self.n_past if positions is None else int(positions[0])
         if len(tokens) > self.n_batch:
@@ -283,12 +397,15 @@ class Context(_Native):
             b.seq_id[i][0] = SEQ
             b.logits[i] = 1 if (logits_last and i == n - 1) else 0
         b.n_tokens = n
-        return llama_cpp.llama_decode(self._ctx, b)
+        rc = llama_cpp.llama_decode(self._ctx, b)
+        self._last_batch = n if rc == 0 else 0
+        return rc
 
     # ---- layer ranges (layer-major prefill) ---------------------------------------------
     def set_layer_range(self, begin: int, end: int) -> None:
         _, lib, _ = _ll()
         check(lib.pyasl_set_layer_range(self._ctx, begin, end), "layer range")
+        self._layer_begin = 0 if (begin, end) == (0, self.model.n_layer) else begin
 
     def set_reuse_cells(self, reuse: bool) -> None:
         _, lib, _ = _ll()
@@ -308,6 +425,8 @@ class Context(_Native):
         _, lib, _ = _ll()
         if self._hidden_lid is None:
             raise RuntimeError("no hidden output armed")
+        if not 0 < n <= self._last_batch:
+            raise ValueError(f"hidden: asked for {n} rows, the last batch had {self._last_batch} tokens")
         ptr = lib.pyasl_get_hidden(self._ctx, self._hidden_lid)
         if not ptr:
             raise PyaslError(lib.pyasl_last_error().decode())
@@ -316,9 +435,13 @@ class Context(_Native):
     def decode_hidden(self, hidden: np.ndarray, positions: list[int], logits_last: bool = True) -> None:
         """Decode hidden states (n, n_embd) at the given positions (for a layer range starting > 0)."""
         llama_cpp, _, _ = _ll()
+        self._ctx  # ClosedError before the (freed) batch is touched
+        if getattr(hidden, "ndim", 0) != 2:
+            raise ValueError("decode_hidden: hidden states must be (n, n_embd)")
         n, d = hidden.shape
-        if d != self.model.n_embd or n > self.n_batch or n != len(positions):
+        if d != self.model.n_embd or n > self.n_batch or n != len(positions) or n == 0:
             raise ValueError("decode_hidden: bad shape")
+        _check_positions(positions, n)
         if self._ebatch is None:
             self._ebatch = llama_cpp.llama_batch_init(self.n_batch, self.model.n_embd, 1)
         b = self._ebatch
@@ -441,13 +564,15 @@ class Context(_Native):
 
     def kv_keep(self, positions: np.ndarray) -> None:
         _, lib, _ = _ll()
-        p = np.ascontiguousarray(positions, dtype=np.int32)
+        p = _int32_array(positions, "kv_keep positions")
+        if p.ndim != 1:
+            raise ValueError("kv_keep positions must be 1-D")
         check(lib.pyasl_kv_keep(self._ctx, SEQ, p.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), len(p)), "kv keep")
 
     def kv_keep_per_head(self, positions: np.ndarray) -> None:
         """positions: (n_layer, n_head_kv, k) sorted per (layer, head)."""
         _, lib, _ = _ll()
-        p = np.ascontiguousarray(positions, dtype=np.int32)
+        p = _int32_array(positions, "per-head positions")
         if p.ndim != 3:
             raise ValueError("per-head positions must be (n_layer, n_head_kv, k)")
         check(lib.pyasl_kv_keep_per_head(self._ctx, SEQ, p.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
@@ -634,8 +759,18 @@ def generate(model: Model, tokens: list[int], policy: str = "asl", budget: Optio
     n = len(tokens)
     if n == 0:
         raise ValueError("empty prompt")
-    if max_tokens < 1:
-        raise ValueError("max_tokens must be >= 1")
+    _check_int("max_tokens", max_tokens, 1, 1 << 24)
+    _check_int("window", window, 1, 1 << 24)
+    _check_int("n_batch", n_batch, 1, 1 << 20)
+    if n_threads is not None:
+        _check_int("n_threads", n_threads, 1, 4096)
+    if budget is not None:
+        _check_int("budget", budget, 1, 1 << 31)
+    toks = _int32_array(tokens, "tokens")
+    if toks.ndim != 1 or int(toks.min()) < 0 or int(toks.max()) >= model.n_vocab:
+        raise ValueError(f"tokens must be a list of token ids in 0..{model.n_vocab - 1}")
+    if policy in ("asl", "asl-2pass") and not (isinstance(tau, (int, float)) and 0 < tau <= 1):
+        raise ValueError(f"tau must satisfy 0 < tau <= 1, got {tau!r}")
     need = n + max_tokens
     if n_ctx is not None and n > n_ctx:
         raise ValueError(f"the prompt has {n} tokens, more than the context size --ctx {n_ctx}")
@@ -670,6 +805,13 @@ def generate(model: Model, tokens: list[int], policy: str = "asl", budget: Optio
         if rl != layer:
             note = f"ranks from layer {rl}, the latest full-attention layer <= {layer}"
     lm_reason = layer_major_supported(model)
+    if prune:
+        per_head = policy in ("snapkv", "fastkv") or (policy == "asl" and prefill_mode != "ordinary" and not lm_reason)
+        why = model.pruning_unsupported(per_head)
+        if why:
+            alt = "; use policy full" if model.pruning_unsupported(False) else \
+                "; use asl with prefill_mode ordinary (--prefill ordinary), asl-2pass, gemfilter or full"
+            raise ValueError(f"policy {policy} cannot run on this model: {why}{alt}")
     if prune and policy == "fastkv" and lm_reason:
         raise ValueError(f"policy fastkv needs layer-major prefill: {lm_reason}")
     if prefill_mode == "layer-major" and lm_reason and prune:
@@ -702,6 +844,12 @@ def generate(model: Model, tokens: list[int], policy: str = "asl", budget: Optio
         pre_ctx = max(n_ctx or 0, _pad(need if not prune else n + 1))
         ctx = Context(model, pre_ctx, n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn, capture=prune)
         info = ctx.kv_info()
+        if prune and policy not in TWO_PASS and info.n_layer_base == 0:
+            note = "every layer uses the sliding window (no full-context KV cache): nothing to prune (full KV)"
+            prune = False
+            ctx.close()
+            ctx = Context(model, max(n_ctx or 0, _pad(need)), n_batch=n_batch, n_threads=n_threads,
+                          flash_attn=flash_attn)
         stop = layer if (prune and policy == "gemfilter") else None
         pf = prefill(ctx, tokens, window=window if prune else 0, progress=progress, stop_layer=stop)
         info = ctx.kv_info()
@@ -716,7 +864,7 @@ def generate(model: Model, tokens: list[int], policy: str = "asl", budget: Optio
             t0 = time.perf_counter()
             if policy == "gemfilter":
                 kept = P.asl_select_at_layer(pf.scores, window=window, budget=budget, layer=layer, kernel=kernel,
-                                             layer_mask=mask)
+                                             layer_mask=None if mask is None else mask[: layer + 1])
                 selected = layer
                 layers_pass1 = layer + 1
             else:
@@ -830,6 +978,9 @@ def greedy_decode(model: Model, ctx: Context, first_logits: np.ndarray, max_toke
     logits = first_logits
     t0 = time.perf_counter()
     for i in range(max_tokens):
+        if not np.all(np.isfinite(logits)):
+            raise RuntimeError("the model produced NaN or infinite logits (corrupt weights or hyper-parameters "
+                               f"in {model.path.name}?); no text generated from them")
         tok = int(np.argmax(logits))
         if model.is_eog(tok) and not ignore_eos:
             break
@@ -889,6 +1040,8 @@ def layer_major_supported(model: Model) -> Optional[str]:
     if model.n_swa > 0 and (model.arch not in SWA_LAYER_MAJOR_ARCHS or model.swa_type != 1):
         return (f"layer-major prefill handles the sliding-window caches of {', '.join(SWA_LAYER_MAJOR_ARCHS)} "
                 f"only, not {model.arch!r}")
+    if model.n_swa > 0 and all(model.swa_layers):
+        return "every layer uses the sliding window (no full-context KV cache)"
     return None
 
 

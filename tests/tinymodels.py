@@ -244,6 +244,8 @@ def make_tiny_model(
     tie_embeddings: bool = False,
     init_scale: float = 1.0,
     name: str | None = None,
+    arch_name: str | None = None,
+    extra_kv: dict | None = None,
 ) -> Path:
     """Write a random ``arch`` model to ``path`` (parents created) and return it as a Path.
 
@@ -252,6 +254,9 @@ def make_tiny_model(
     q8_0 needs n_embd, n_ff and n_head*head_dim to be multiples of 32).
     gemma3 only: ``sliding_window`` tokens for the SWA layers, ``swa_pattern`` N
     makes every N-th layer global (N=2: layers 0,2,.. SWA, 1,3,.. global).
+    ``arch_name`` writes the ``arch`` tensor layout under another architecture name (e.g. qwen2's
+    layout as ``qwen2vl``); ``extra_kv`` adds metadata, keys without an arch prefix get
+    ``<arch_name>.`` in front; values: int (uint32), float, bool, str or a list of ints.
     """
     if arch not in ARCHS:
         raise ValueError(f"unsupported arch {arch!r}; supported: {', '.join(ARCHS)}")
@@ -279,8 +284,21 @@ def make_tiny_model(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
-    w = gguf.GGUFWriter(str(tmp), arch)
+    w = gguf.GGUFWriter(str(tmp), arch_name or arch)
     try:
+        for key, val in (extra_kv or {}).items():
+            key = key if "." in key and key.split(".")[0] in ("general", "tokenizer") else \
+                f"{arch_name or arch}.{key}"
+            if isinstance(val, bool):
+                w.add_bool(key, val)
+            elif isinstance(val, int):
+                w.add_uint32(key, val)
+            elif isinstance(val, float):
+                w.add_float32(key, val)
+            elif isinstance(val, str):
+                w.add_string(key, val)
+            else:
+                w.add_array(key, list(val))
         # ---- general
         w.add_type("model")
         # llama.cpp's vocab loader applies Phi-3 token attributes to any model whose general.name
