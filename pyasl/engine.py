@@ -1095,7 +1095,13 @@ def layer_major_prefill(model: Model, tokens: list[int], policy: str, budget: in
     why = layer_major_supported(model)
     if why:
         raise ValueError(why)
+    if policy not in ("asl", "fastkv", "asl-2pass"):
+        raise ValueError(f"layer-major prefill runs asl, fastkv or asl-2pass, not {policy!r}")
     N, n = model.n_layer, len(tokens)
+    _check_int("window", window, 1, min(n - 1, n_batch) if n > 1 else 0)
+    _check_int("budget", budget, window + 1, 1 << 31)
+    if policy != "fastkv" and not (isinstance(tau, (int, float)) and 0 < tau <= 1):
+        raise ValueError(f"tau must satisfy 0 < tau <= 1, got {tau!r}")
     d_min, d_obs = P.default_layer_params(N)
     l_min = d_min if l_min is None else l_min
     l_obs = d_obs if l_obs is None else l_obs

@@ -271,6 +271,9 @@ def _check_hparams(info: GGUFInfo) -> None:
     def bad(key: str, why: str):
         raise GGUFError(f"{info.path} is corrupt: {key} = {info.metadata.get(key)!r} {why}")
 
+    ftype = info.metadata.get("general.file_type")
+    if isinstance(ftype, int) and not 0 <= ftype <= 1024:  # llama_ftype; llama.cpp loads it as the enum (UB)
+        bad("general.file_type", "is not a llama_ftype value")
     if arch is None:
         return
     for key, val in info.metadata.items():

@@ -354,7 +354,7 @@ def test_keep_subset_equals_seq_rm(request, which, fa):
         print(f"{which} fa={fa}: keep vs seq_rm max |dlogit| = {d:.3g}")
         assert int(np.argmax(a)) == int(np.argmax(b))
         if which == "tiny":
-            assert d < (1e-5 if not fa else 5e-3), d
+            assert d < (5e-5 if not fa else 5e-3), d  # 1.8e-5 seen on a GGML_NATIVE=OFF build (ASan)
         else:
             assert d < 1.5, d
 

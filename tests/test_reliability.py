@@ -599,3 +599,19 @@ def test_model_without_global_attention_layers(tmp_path):
             assert c.kv_info().n_layer_base == 0
             with pytest.raises(PyaslError, match="no global-attention layers"):
                 c.kv_keep(np.arange(100, 150))
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(policy="snapkv"), "runs asl, fastkv or asl-2pass"),
+    (dict(window=0), "window"), (dict(window=100), "window"), (dict(window=200, n_batch=128), "window"),
+    (dict(budget=8), "budget"), (dict(tau=0), "tau"),
+    (dict(policy="fastkv", layer=None), "needs --layer"), (dict(policy="fastkv", layer=9), "needs --layer"),
+    (dict(l_min=7), "l_min"),
+])
+def test_layer_major_prefill_refuses(tiny, kw, message):
+    from pyasl.engine import layer_major_prefill
+
+    args = dict(policy="asl", budget=40, window=8, n_threads=1)
+    args.update(kw)
+    with pytest.raises(ValueError, match=message):
+        layer_major_prefill(tiny, _toks(tiny, 100), **args)
