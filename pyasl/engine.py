@@ -213,11 +213,19 @@ class Model(_Native):
             return
         for c in list(getattr(self, "_contexts", ())):
             c.close()
-        if getattr(self, "_m", None):
-            llama_cpp, _, _ = _ll()
-            llama_cpp.llama_model_free(self._m)
-            self._m = None
+        m = self.__dict__.get("_handle__m")
         self._closed = True
+        if self.__dict__.get("_n_open", 0) > 0:
+            # a context still lives on these weights: garbage collection can clear the weak set of
+            # contexts before finalizing them, so the weights are freed when the last one closes
+            return
+        self._free_weights(m)
+
+    def _free_weights(self, m) -> None:
+        if m:
+            llama_cpp, _, _ = _ll()
+            llama_cpp.llama_model_free(m)
+        self.__dict__["_handle__m"] = None
 
 
     # ---- text -------------------------------------------------------------------------
@@ -338,6 +346,8 @@ class Context(_Native):
         self._last_batch = 0  # tokens in the last decoded batch (rows of hidden())
         self.n_past = 0  # next position
         model._contexts.add(self)
+        model.__dict__["_n_open"] = model.__dict__.get("_n_open", 0) + 1
+        self._counted = True
 
     def close(self) -> None:
         if self.__dict__.get("_closed"):
@@ -353,6 +363,11 @@ class Context(_Native):
             lib.pyasl_capture_free(self._cap)
             self._cap = None
         self._closed = True
+        if self.__dict__.pop("_counted", False):
+            md = self.model.__dict__
+            md["_n_open"] = md.get("_n_open", 1) - 1
+            if md["_n_open"] == 0 and md.get("_closed") and md.get("_handle__m"):
+                self.model._free_weights(md["_handle__m"])  # the model was closed while this context lived
 
 
     # ---- decoding ---------------------------------------------------------------------

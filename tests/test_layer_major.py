@@ -234,7 +234,7 @@ def test_gemma3_one_shot_keeping_everything_equals_full(tiny_gemma3, fa):
         lm = layer_major_prefill(m, t, "fastkv", budget=n, window=16, layer=layer, n_batch=128, max_tokens=4,
                                  flash_attn=fa)
         assert lm.n_kept == n and lm.prefill_work == 1.0
-        tol = 1e-4 if not fa else 5e-3  # the decode context's cells are laid out differently
+        tol = 1e-4 if not fa else 1e-2  # the decode context's cells are laid out differently (F16 flash attention)
         np.testing.assert_allclose(lm.logits, want0, atol=tol)
         lm.ctx.decode([7])
         np.testing.assert_allclose(lm.ctx.logits(), want, atol=tol)
