@@ -14,7 +14,6 @@ and niah check that the reference is a substring.
 """
 from __future__ import annotations
 
-import json
 import random
 import re
 import uuid
@@ -281,7 +280,6 @@ def build_sample(model, task: str, n_tokens: int, seed: int = 0, index: int = 0,
         raise ValueError(f"depth must be in [0, 1], got {depth}")
     rng = random.Random(f"{task}/{n_tokens}/{seed}/{index}/{depth}")
     spec = _spec(task, rng, depth, n_tokens)
-    cache: dict[int, str] = {}
     units: list[str] = []
 
     def unit_list(m: int) -> list[str]:
@@ -346,11 +344,3 @@ def build_sample(model, task: str, n_tokens: int, seed: int = 0, index: int = 0,
                   references=list(spec.references), metric=spec.metric, max_tokens=MAX_TOKENS[task],
                   depth=(spec.depths[0] if spec.depths and len(spec.depths) == 1 else None),
                   meta=dict(spec.meta, units=m, pad=len(pad)))
-
-
-def prompt_text(model, sample: Sample) -> str:
-    return model.detokenize(sample.tokens)
-
-
-def sample_json(sample: Sample) -> str:
-    return json.dumps(sample.header())

@@ -406,8 +406,7 @@ class GemFilter(_FixedLayer):
         with E.Context(model, E._pad(n + 1), n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn,
                        capture=True) as ctx:
             pf = E.prefill(ctx, tokens, window=self.window, progress=progress, stop_layer=self.layer)
-        kept = P.asl_select_at_layer(pf.scores, window=self.window, budget=self.budget, layer=self.layer,
-                                     kernel=self.kernel)
+        kept = self.select(pf.scores, self.window, model).shared
         B = E.prefill_kept(model, tokens, kept, 1, n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn)
         return _from_ctx(B, n, len(kept), self.layer, t0)
 

@@ -495,19 +495,6 @@ def test_ordinary_asl_with_layer_budgets(tiny6):
 # ---------------------------------------------------------------- SmolLM2 end to end
 
 
-@pytest.fixture(scope="module")
-def smollm2() -> Model:
-    from pyasl.models import ModelError, fetch_model
-
-    try:
-        path = fetch_model("smollm2")
-    except ModelError as e:  # pragma: no cover - offline machine without the cached model
-        pytest.skip(f"SmolLM2 not available: {e}")
-    m = Model(path)
-    yield m
-    m.close()
-
-
 @REAL
 def test_generate_real(smollm2):
     from test_native import FACT_PROMPT_FILLER

@@ -51,19 +51,6 @@ def tiny_gemma3() -> Model:
     m.close()
 
 
-@pytest.fixture(scope="module")
-def smollm2() -> Model:
-    from pyasl.models import ModelError, fetch_model
-
-    try:
-        path = fetch_model("smollm2")
-    except ModelError as e:  # pragma: no cover - offline machine without the cached model
-        pytest.skip(f"SmolLM2 not available: {e}")
-    m = Model(path)
-    yield m
-    m.close()
-
-
 def _model(request, name: str) -> Model:
     return request.getfixturevalue(name)
 
