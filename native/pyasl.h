@@ -20,7 +20,7 @@
 extern "C" {
 #endif
 
-#define PYASL_ABI_VERSION 2
+#define PYASL_ABI_VERSION 3
 
 enum pyasl_status {
     PYASL_OK              =  0,
@@ -147,6 +147,11 @@ PYASL_API int32_t pyasl_kv_set_layer_cells(struct llama_context * ctx, llama_seq
 // The per-layer counts in force: returns P (0 when none are set) and writes min(n_layer, model
 // layers) counts (-1 for a layer without a count).
 PYASL_API int32_t pyasl_kv_get_layer_cells(struct llama_context * ctx, int32_t * counts_out, int32_t n_layer);
+
+// Give the cells of seq_id the contiguous positions 0..k-1 in their order and rotate their keys
+// (llama.cpp's K-shift, applied before returning). Returns k, the next free position. Refused for
+// sliding-window caches, models whose cache cannot shift (multi-axis RoPE, ...) and per-layer counts.
+PYASL_API int32_t pyasl_kv_renumber(struct llama_context * ctx, llama_seq_id seq_id);
 
 // K+V bytes of one cell of each model layer (0 for a layer without KV cache); returns the number written.
 PYASL_API int32_t pyasl_kv_layer_cell_bytes(struct llama_context * ctx, int64_t * out, int32_t n_layer);

@@ -799,6 +799,47 @@ int32_t pyasl_kv_get_layer_cells(struct llama_context * ctx, int32_t * counts_ou
     return c.base->pyasl_layer_mask_active() ? (int32_t) c.base->pyasl_prompt_cells : 0;
 }
 
+int32_t pyasl_kv_renumber(struct llama_context * ctx, llama_seq_id seq_id) {
+    caches c;
+    int32_t rc = get_caches(ctx, c);
+    if (rc != PYASL_OK) {
+        return rc;
+    }
+    if (c.swa) {
+        PYASL_FAIL(PYASL_ERR_UNSUPPORTED, "pyasl_kv_renumber: sliding-window caches cannot be renumbered");
+    }
+    if (!c.base->get_can_shift()) {
+        PYASL_FAIL(PYASL_ERR_UNSUPPORTED, "pyasl_kv_renumber: this model's KV cache cannot shift positions");
+    }
+    if (c.base->pyasl_layer_mask_active()) {
+        PYASL_FAIL(PYASL_ERR_STATE, "pyasl_kv_renumber: per-layer cell counts are set (their prompt cells have fixed positions)");
+    }
+    std::vector<int32_t> cell_of_pos;
+    llama_pos pos_max = -1;
+    if ((rc = check_and_map(c.base, seq_id, cell_of_pos, pos_max)) != PYASL_OK) {
+        return rc;
+    }
+    // cell of the j-th smallest position moves to position j; in increasing order a moved cell
+    // (now at a position <= j) never falls into a later range [p, p+1) with p > j
+    int32_t j = 0;
+    for (llama_pos p = 0; p <= pos_max; ++p) {
+        if (cell_of_pos[p] < 0) {
+            continue;
+        }
+        if (p != j) {
+            c.base->seq_add(seq_id, p, p + 1, j - p);
+        }
+        ++j;
+    }
+    // rotate the keys now (K-shift): a state saved before the next decode must hold shifted keys,
+    // and the pruning calls refuse a cache with a pending shift
+    ctx->memory_update(false);
+    if (pyasl_access::cells(c.base).get_has_shift()) {
+        PYASL_FAIL(PYASL_ERR_BACKEND, "pyasl_kv_renumber: the position shift could not be applied");
+    }
+    return j;
+}
+
 int32_t pyasl_kv_layer_cell_bytes(struct llama_context * ctx, int64_t * out, int32_t n_layer) {
     caches c;
     int32_t rc = get_caches(ctx, c);

@@ -66,7 +66,7 @@ class PyaslKvInfo(ctypes.Structure):
     ]
 
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 _LOADED = None
 
 
@@ -112,6 +112,7 @@ def load():
         "pyasl_kv_set_layer_cells": ([vp, i32, i32p, i32, i32p, i32], i32),
         "pyasl_kv_get_layer_cells": ([vp, i32p, i32], i32),
         "pyasl_kv_layer_cell_bytes": ([vp, c.POINTER(i64), i32], i32),
+        "pyasl_kv_renumber": ([vp, i32], i32),
         # sliding-window models
         "pyasl_model_swa_layers": ([vp, c.POINTER(c.c_bool), i32], i32),
         "pyasl_model_swa_type": ([vp], i32),

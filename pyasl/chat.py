@@ -49,11 +49,13 @@ def format_stats(st: dict) -> str:
 
 class Chat:
     def __init__(self, session: S.Session, out=None, err=None, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: Optional[int] = None, read_line: Optional[Callable[[str], str]] = None):
+                 seed: Optional[int] = None, read_line: Optional[Callable[[str], str]] = None,
+                 repeat_penalty: float = 1.0):
         self.s = session
         self.out = out or sys.stdout
         self.err = err or sys.stderr
         self.temperature, self.top_p, self.seed = temperature, top_p, seed
+        self.repeat_penalty = repeat_penalty
         self.read_line = read_line or input
 
     def say(self, msg: str) -> None:
@@ -65,7 +67,8 @@ class Chat:
         before = s.stats_.reprunes
         old = signal.signal(signal.SIGINT, lambda *_: s.interrupt())
         try:
-            gen = s.stream(prompt, temperature=self.temperature, top_p=self.top_p, seed=self.seed)
+            gen = s.stream(prompt, temperature=self.temperature, top_p=self.top_p, seed=self.seed,
+                           repeat_penalty=self.repeat_penalty)
             if s.stats_.reprunes > before:
                 st = s.stats()
                 lay = st["selected_layers"][-1]
@@ -184,9 +187,9 @@ def _write_history(readline, hist: Path) -> None:
 
 
 def run(session: S.Session, documents: list[tuple[str, str]], progress, temperature: float = 0.0,
-        top_p: float = 1.0, seed: Optional[int] = None) -> int:
+        top_p: float = 1.0, seed: Optional[int] = None, repeat_penalty: float = 1.0) -> int:
     """Prefill the documents (with the progress callback), then talk until /quit or Ctrl-D."""
-    chat = Chat(session, temperature=temperature, top_p=top_p, seed=seed)
+    chat = Chat(session, temperature=temperature, top_p=top_p, seed=seed, repeat_penalty=repeat_penalty)
     if documents:
         st = session.prefill(documents=documents, progress=progress)
         if hasattr(progress, "close"):

@@ -312,6 +312,8 @@ def _read_doc(path: str) -> tuple:
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0: greedy")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(min=0, max=1, min_open=True))
 @click.option("--seed", type=int, help="sampling seed")
+@click.option("--repeat-penalty", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="llama.cpp's repetition penalty over the last 64 tokens (1.0: off)")
 @click.option("--load", "load_path", type=click.Path(dir_okay=False), help="open a session saved with /save")
 @click.option("--raw", is_flag=True, help="do not apply the chat template")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: all cores)")
@@ -319,7 +321,7 @@ def _read_doc(path: str) -> tuple:
 @click.option("--verbose", is_flag=True, help="show llama.cpp's log")
 @click.option("--progress/--no-progress", default=None, help="prefill progress bar (default: when stderr is a tty)")
 def chat(model, docs, policy, budget, window, tau, layer, system, max_tokens, n_ctx, temperature, top_p, seed,
-         load_path, raw, threads, flash_attn, verbose, progress):
+         repeat_penalty, load_path, raw, threads, flash_attn, verbose, progress):
     """Talk with MODEL about long documents over a pruned KV cache.
 
     The documents are prefilled and pruned by POLICY; each turn is appended; when the context
@@ -341,7 +343,8 @@ def chat(model, docs, policy, budget, window, tau, layer, system, max_tokens, n_
             sess = Session(m, policy=pol, n_ctx=n_ctx, system=system, max_tokens=max_tokens, raw=raw,
                            n_threads=threads, flash_attn=flash_attn)
         bar = _Progress(sys.stderr.isatty() if progress is None else progress)
-        rc = C.run(sess, documents, bar, temperature=temperature, top_p=top_p, seed=seed)
+        rc = C.run(sess, documents, bar, temperature=temperature, top_p=top_p, seed=seed,
+                   repeat_penalty=repeat_penalty)
     except KeyboardInterrupt:
         click.echo("\ninterrupted", err=True)
         sys.exit(130)

@@ -638,6 +638,16 @@ class Context(_Native):
         llama_cpp, _, _ = _ll()
         return bool(llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx), SEQ, p0, p1))
 
+    def renumber_positions(self) -> int:
+        """Give the sequence's cells the contiguous positions 0..k-1 in their order (llama.cpp's
+        K-shift re-rotates the keys now), so a long conversation never runs past the model's
+        training context. Returns k, the next position. Raises RuntimeError for sliding-window
+        caches and models whose cache cannot shift (multi-axis RoPE, ...)."""
+        _, lib, _ = _ll()
+        k = check(lib.pyasl_kv_renumber(self._ctx, SEQ), "renumber positions")
+        self.n_past = int(k)
+        return int(k)
+
     def state_get(self) -> bytes:
         llama_cpp, _, _ = _ll()
         n = llama_cpp.llama_state_seq_get_size(self._ctx, SEQ)

@@ -19,10 +19,10 @@ are prefilled once with the session's policy -- the same prefill and selection a
 positions. Every turn is appended after it (positions only ever increase) and the answer is
 decoded from there. When a turn and its answer would not fit into ``n_ctx`` cells any more, the
 policy prunes the cache again: the newest turn is decoded with the window-attention scores armed
-and serves as the observation window (it is always kept, up to 3/4 of the budget), and the
-policy keeps ``budget`` cells
-in all (a hard cap) -- text is never cut silently. Policy ``Full`` never prunes and refuses a
-turn that does not fit (:class:`ContextFullError`).
+and serves as the observation window (it is always kept, up to 3/4 of the budget); the first
+``sink`` cells (attention sinks; optionally the latest ``keep_recent`` cells too) are kept as
+they are, and the policy chooses the rest, ``budget`` cells in all (a hard cap) -- text is never cut
+silently. Policy ``Full`` never prunes and refuses a turn that does not fit (:class:`ContextFullError`).
 
 Policies are small objects (:class:`ASL`, :class:`SnapKV`, :class:`FastKV`, :class:`ASL2Pass`,
 :class:`GemFilter`, :class:`Full`); a new one subclasses :class:`Policy`, implements
@@ -472,6 +472,7 @@ class _Format:
 
 
 # ---- the session ----------------------------------------------------------------------------------
+_RECENT_MAX = 4096  # tokens remembered for the repetition penalty
 _SLACK = 8      # cells kept free after an answer, so the next turn always has room to be scored
 _MAGIC = b"PYASLSES"
 _FILE_VERSION = 1
@@ -489,6 +490,18 @@ def _identity(model: E.Model) -> dict:
     return {"arch": model.arch, "name": model.meta("general.name"), "n_layer": model.n_layer,
             "n_embd": model.n_embd, "n_head_kv": model.n_head_kv, "n_vocab": model.n_vocab,
             "file_size": model.path.stat().st_size if model.path.exists() else None}
+
+
+def _penalize(logits: np.ndarray, recent: Sequence[int], penalty: float) -> np.ndarray:
+    """llama.cpp's repetition penalty: the logits of tokens seen in `recent` are divided by
+    `penalty` where positive and multiplied where negative."""
+    if penalty == 1.0 or not len(recent):
+        return logits
+    ids = np.unique(np.asarray(recent, dtype=np.int64))
+    out = np.array(logits, dtype=np.float32, copy=True)
+    v = out[ids]
+    out[ids] = np.where(v > 0, v / penalty, v * penalty)
+    return out
 
 
 def _sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
@@ -516,6 +529,7 @@ class _Stats:
     prefill_kept: int = 0
     selected_layers: list = field(default_factory=list)  # one entry per pruning (prefill, then re-prunes)
     reprunes: int = 0
+    renumbers: int = 0       # times the positions were renumbered (see Session._bound_positions)
     turns: int = 0
     decode_tokens: int = 0
     decode_s: float = 0.0
@@ -535,12 +549,18 @@ class Session:
         max_tokens: the longest answer (cells reserved for it before each answer).
         raw: do not use the model's chat template (plain "User:/Assistant:" text).
         n_threads, flash_attn, n_batch: llama.cpp context settings.
+        sink: cells at the start of the conversation that every re-prune keeps (attention sinks:
+            without them a small model's answers fall into repetition after a few re-prunes).
+        keep_recent: cells just before the newest turn that every re-prune keeps verbatim (the
+            latest exchange; default 0: on the soak of docs/RELIABILITY.md it cost the document's
+            facts their room and bought no coherence).
 
     Raises ValueError when ``n_ctx`` cannot hold ``budget`` cells plus an answer."""
 
     def __init__(self, model: E.Model, policy: Union[Policy, str, None] = None, n_ctx: int = 4096,
                  system: Optional[str] = None, max_tokens: int = 256, raw: bool = False,
-                 n_threads: Optional[int] = None, flash_attn: bool = False, n_batch: int = 512):
+                 n_threads: Optional[int] = None, flash_attn: bool = False, n_batch: int = 512,
+                 sink: int = 4, keep_recent: int = 0):
         if policy is None:
             policy = ASL(budget=512)
         elif isinstance(policy, str):
@@ -551,6 +571,10 @@ class Session:
         _check_swa(model, policy)
         if max_tokens < 1:
             raise ValueError("max_tokens must be >= 1")
+        if int(sink) < 0 or int(keep_recent) < 0:
+            raise ValueError("sink and keep_recent must be >= 0")
+        self.sink = int(sink)
+        self.keep_recent = int(keep_recent)
         self.model = model
         self.n_ctx = int(n_ctx)
         self.max_tokens = int(max_tokens)
@@ -573,8 +597,10 @@ class Session:
         self._struct: list[dict] = []           # messages as rendered (answers as placeholders)
         self._cached_text = ""                  # rendering of what the cache holds
         self._started = False
-        self._n_past = 0
+        self._n_past = 0                        # the next position
+        self._pos_shift = 0                     # positions given back by renumbering (tokens seen - _n_past)
         self._logits: Optional[np.ndarray] = None
+        self._recent: list[int] = []            # the newest tokens (repetition penalty)
         self._base_state: Optional[tuple[bytes, int, str, list]] = None
         self.stats_ = _Stats()
 
@@ -594,8 +620,24 @@ class Session:
 
     @property
     def n_past(self) -> int:
-        """Tokens seen by the session so far (the next position)."""
+        """The next position (tokens seen so far, less what renumbering gave back)."""
         return self._n_past
+
+    @property
+    def n_seen(self) -> int:
+        """Tokens seen by the session so far."""
+        return self._n_past + self._pos_shift
+
+    def _bound_positions(self) -> None:
+        """Keep positions inside the model's training context: when the cells that may still be
+        appended before the next pruning could pass it, the kept cells are renumbered 0..k-1 (as in
+        llama.cpp's context shift: distances between kept tokens shrink, their order stays)."""
+        if not self.policy.prunes or self._n_past + self.n_ctx <= self.model.n_ctx_train:
+            return
+        old = self._n_past
+        self._n_past = self._ctx.renumber_positions()
+        self._pos_shift += old - self._n_past
+        self.stats_.renumbers += 1
 
     def n_cells(self) -> int:
         """KV cells in use (the kept tokens)."""
@@ -669,6 +711,8 @@ class Session:
                                      n_batch=self.n_batch, progress=progress)
             self._ctx.state_set(pp.state, n_past=pp.n_tokens)
             self._n_past = pp.n_tokens
+            self._remember(toks[-_RECENT_MAX:])
+            self._bound_positions()
             self.stats_.prefill_tokens, self.stats_.prefill_s, self.stats_.prefill_kept = n, pp.seconds, pp.n_kept
             if self.policy.prunes and pp.n_kept < n:
                 self.stats_.selected_layers.append(pp.selected_layer)
@@ -685,6 +729,7 @@ class Session:
     def _decode(self, toks: list[int], scored: int = 0) -> None:
         """Decode toks at the next positions; the last `scored` tokens in one ubatch with scores armed."""
         ctx = self._ctx
+        self._remember(toks)
         head = toks[: len(toks) - scored]
         for i in range(0, len(head), self.n_batch):
             chunk = head[i: i + self.n_batch]
@@ -699,23 +744,53 @@ class Session:
             self._n_past += scored
         self._logits = ctx.logits()
 
+    def _remember(self, toks: Sequence[int]) -> None:
+        self._recent.extend(int(t) for t in toks)
+        if len(self._recent) > 2 * _RECENT_MAX:
+            del self._recent[:-_RECENT_MAX]
+
     def _present_positions(self) -> np.ndarray:
         """Positions held by the cache's cells (sorted; per-head caches: the cells' metadata)."""
         ctx = self._ctx
         pos = ctx.cell_positions(0, ctx.kv_info().size_base)
         return np.sort(pos[pos >= 0]).astype(np.int64)
 
-    def _reprune(self, window: int) -> None:
-        """Prune the cache to the policy's budget; the last `window` positions were just decoded with
-        scores armed and are the observation window."""
+    def _protected(self, n: int, window: int) -> tuple[int, int]:
+        """How many of the `n` cells before the observation window a re-prune keeps verbatim: the
+        first cells (attention sinks: the start of the system prompt) and the newest ones (the latest
+        exchange), as far as the budget allows: at least a quarter of it is left to the policy's
+        own choice."""
+        budget = self.policy.budget
+        free = max(0, budget - window - max(1, budget // 4))
+        n_sink = min(self.sink, n, free)
+        n_recent = min(self.keep_recent, n - n_sink, free - n_sink)
+        return n_sink, max(0, n_recent)
+
+    def _reprune(self, window: int, n_new: int) -> None:
+        """Prune the cache to the policy's budget; the last `n_new` positions were just decoded, the
+        last `window` of them with scores armed (the observation window). The first `sink` cells and
+        the `keep_recent` cells before the new ones (the latest exchange) are kept as they are; the
+        policy ranks the others."""
         ctx = self._ctx
         scores = ctx.window_scores(self._n_past)
         present = self._present_positions()
-        if len(present) <= self.policy.budget:
+        n = len(present)
+        if n <= self.policy.budget:
             return
-        sc = np.ascontiguousarray(scores[:, :, present])
-        sel = self.policy.select(sc, window, self.model).map(present)
+        older = n - n_new
+        n_sink, n_recent = self._protected(older, window)
+        idx = np.arange(n)
+        # the policy keeps the last `window` columns it is given: put the protected cells there
+        order = np.concatenate([idx[n_sink: older - n_recent], idx[older: n - window], idx[:n_sink],
+                                idx[older - n_recent: older], idx[n - window:]])
+        sc = np.ascontiguousarray(scores[:, :, present[order]])
+        sel = self.policy.select(sc, window + n_sink + n_recent, self.model).map(present[order])
+        if sel.shared is not None:
+            sel.shared = np.sort(sel.shared)
+        if sel.per_head is not None:
+            sel.per_head = np.sort(sel.per_head, axis=-1)
         sel.apply(ctx)
+        self._bound_positions()
         self.stats_.reprunes += 1
         self.stats_.selected_layers.append(sel.layer)
 
@@ -742,17 +817,20 @@ class Session:
             w = min(len(piece), self.n_batch, max(self.policy.window, (3 * self.policy.budget) // 4),
                     self.policy.budget - 1)
             self._decode(piece, scored=w)
-            self._reprune(w)
+            self._reprune(w, len(piece))
             i += len(piece)
             if i >= len(toks) and self.n_cells() + reserve <= self.n_ctx:
                 return
 
     # -- turns ----------------------------------------------------------------------------------
     def stream(self, prompt: str, max_tokens: Optional[int] = None, temperature: float = 0.0, top_p: float = 1.0,
-               seed: Optional[int] = None, stop: Sequence[str] = ()) -> Iterator[str]:
+               seed: Optional[int] = None, stop: Sequence[str] = (), repeat_penalty: float = 1.0,
+               repeat_last_n: int = 64) -> Iterator[str]:
         """Append a user turn and yield the answer's text as it is decoded.
 
-        Greedy unless ``temperature > 0`` (then top-p sampling with ``seed``). The answer ends at
+        Greedy unless ``temperature > 0`` (then top-p sampling with ``seed``); ``repeat_penalty``
+        (llama.cpp's, 1.0 = off) applies to the last ``repeat_last_n`` tokens of the conversation
+        (at most 4096). The answer ends at
         the model's end-of-turn token, at ``max_tokens`` tokens, at one of the ``stop`` strings, or
         when :meth:`interrupt` is called; it is appended to :attr:`messages` in every case (an
         interrupted answer with ``"interrupted": True``)."""
@@ -761,6 +839,10 @@ class Session:
         mt = self.max_tokens if max_tokens is None else int(max_tokens)
         if mt < 1:
             raise ValueError("max_tokens must be >= 1")
+        if not float(repeat_penalty) > 0:
+            raise ValueError(f"repeat_penalty must be > 0, got {repeat_penalty}")
+        if not 0 <= int(repeat_last_n) <= _RECENT_MAX:
+            raise ValueError(f"repeat_last_n must be in [0, {_RECENT_MAX}], got {repeat_last_n}")
         if mt > self.max_tokens and self.policy.prunes and self.policy.budget + mt + _SLACK + 1 > self.n_ctx:
             raise ValueError(f"max_tokens {mt} does not fit next to the budget in {self.n_ctx} cells")
         if not self._started:
@@ -778,9 +860,10 @@ class Session:
         self._struct = new_struct + [{"role": "assistant", "content": _ANSWER}]
         self._cached_text = new_text + _ANSWER
         self.stats_.turns += 1
-        return self._answer(mt, temperature, top_p, seed, list(stop) + (["\nUser:"] if self._fmt.raw else []))
+        return self._answer(mt, temperature, top_p, seed, list(stop) + (["\nUser:"] if self._fmt.raw else []),
+                            float(repeat_penalty), int(repeat_last_n))
 
-    def _answer(self, max_tokens, temperature, top_p, seed, stop) -> Iterator[str]:
+    def _answer(self, max_tokens, temperature, top_p, seed, stop, penalty=1.0, last_n=64) -> Iterator[str]:
         rng = np.random.default_rng(seed)
         dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
         text = ""
@@ -793,12 +876,15 @@ class Session:
             while n_tok < max_tokens:
                 if self._stop.is_set():
                     break
+                if penalty != 1.0 and last_n:
+                    logits = _penalize(logits, self._recent[-last_n:], penalty)
                 tok = _sample(logits, temperature, top_p, rng)
                 if self.model.is_eog(tok):
                     break
                 if self.n_cells() + 1 > self.n_ctx:  # cannot happen: the answer's cells were reserved
                     break
                 self._ctx.decode([tok], pos0=self._n_past)
+                self._remember([tok])
                 self._n_past += 1
                 n_tok += 1
                 logits = self._ctx.logits()
@@ -846,8 +932,9 @@ class Session:
             cell = info.cell_bytes_base
         mib = 1024 * 1024
         return {
-            "policy": self.policy.to_dict(), "n_ctx": self.n_ctx, "kept_tokens": kept, "total_tokens": self._n_past,
-            "kv_mib": kept * cell / mib, "kv_mib_unpruned": self._n_past * cell / mib,
+            "policy": self.policy.to_dict(), "n_ctx": self.n_ctx, "kept_tokens": kept, "total_tokens": self.n_seen,
+            "kv_mib": kept * cell / mib, "kv_mib_unpruned": self.n_seen * cell / mib, "next_position": self._n_past,
+            "renumbers": st.renumbers,
             "selected_layers": list(st.selected_layers), "prunings": len(st.selected_layers), "reprunes": st.reprunes,
             "turns": st.turns, "document_tokens": st.prefill_tokens, "document_kept": st.prefill_kept,
             "prefill_s": st.prefill_s,
@@ -868,6 +955,7 @@ class Session:
             "version": _FILE_VERSION, "model": _identity(self.model), "policy": self.policy.to_dict(),
             "n_ctx": self.n_ctx, "max_tokens": self.max_tokens, "system": self.system, "raw": self._fmt.raw,
             "flash_attn": self.flash_attn, "n_batch": self.n_batch, "n_past": self._n_past,
+            "sink": self.sink, "keep_recent": self.keep_recent, "pos_shift": self._pos_shift,
             "documents": [[n, t] for n, t in self.documents], "messages": self.messages, "struct": self._struct,
             "cached_text": self._cached_text, "stats": self.stats_.__dict__,
             "base": None if base is None else {"n_past": base[1], "text": base[2], "struct": base[3],
@@ -915,7 +1003,7 @@ class Session:
                 f"({', '.join(f'{k} {have.get(k)!r}' for k in diff)}); load it with the model it was saved with")
         s = cls(model, policy=Policy.from_dict(head["policy"]), n_ctx=head["n_ctx"], system=head["system"],
                 max_tokens=head["max_tokens"], raw=head["raw"], n_threads=n_threads, flash_attn=head["flash_attn"],
-                n_batch=head["n_batch"])
+                n_batch=head["n_batch"], sink=head.get("sink", 4), keep_recent=head.get("keep_recent", 0))
         s._ctx = s._new_ctx()
         try:
             s._ctx.state_set(state, n_past=head["n_past"])
@@ -923,6 +1011,7 @@ class Session:
             s.close()
             raise SessionFileError(f"{p}: the saved cache does not load into this context ({e})") from None
         s._n_past = head["n_past"]
+        s._pos_shift = int(head.get("pos_shift", 0))
         s.documents = [(n, t) for n, t in head["documents"]]
         s.messages = head["messages"]
         s._struct = head["struct"]

@@ -58,6 +58,9 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--doc", default=str(ROOT / "examples" / "long_prompt.txt"))
+    ap.add_argument("--sink", type=int, default=4, help="cells at the start every re-prune keeps")
+    ap.add_argument("--keep-recent", type=int, default=0, help="cells before the newest turn every re-prune keeps")
+    ap.add_argument("--repeat-penalty", type=float, default=1.0, help="llama.cpp's repetition penalty (1.0: off)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--plot")
     args = ap.parse_args()
@@ -66,7 +69,8 @@ def main() -> None:
 
     model = pyasl.load_model(args.model)
     policy = pyasl.make_policy(args.policy, budget=args.budget)
-    s = pyasl.Session(model, policy=policy, n_ctx=args.ctx, max_tokens=args.max_tokens)
+    s = pyasl.Session(model, policy=policy, n_ctx=args.ctx, max_tokens=args.max_tokens, sink=args.sink,
+                      keep_recent=args.keep_recent)
     doc = FACT + "\n\n" + Path(args.doc).read_text(encoding="utf-8")
     t0 = time.perf_counter()
     st = s.prefill(documents=[doc])
@@ -77,11 +81,11 @@ def main() -> None:
     for turn in range(1, args.turns + 1):
         q = QUESTIONS[(turn - 1) % len(QUESTIONS)]
         t1 = time.perf_counter()
-        ans = s.ask(q)
+        ans = s.ask(q, repeat_penalty=args.repeat_penalty)
         dt = time.perf_counter() - t1
         stt = s.stats()
         row = {"turn": turn, "rss_mib": rss_mib(), "kept": stt["kept_tokens"], "total": stt["total_tokens"],
-               "reprunes": stt["reprunes"], "seconds": dt, "question": q, "answer": ans,
+               "reprunes": stt["reprunes"], "next_position": stt["next_position"], "seconds": dt, "question": q, "answer": ans,
                "coherent": coherent(ans), "fact": "bluefin" in ans.lower() if "code word" in q else None}
         rows.append(row)
         if stt["kept_tokens"] > args.ctx:
@@ -100,11 +104,14 @@ def main() -> None:
     facts = [r["fact"] for r in rows if r["fact"] is not None]
     result = {
         "meta": {"command": " ".join(sys.argv), "machine": f"{platform.machine()}", "model": args.model,
-                 "policy": policy.to_dict(), "ctx": args.ctx, "turns": args.turns, "date": time.strftime("%Y-%m-%d"),
+                 "policy": policy.to_dict(), "ctx": args.ctx, "repeat_penalty": args.repeat_penalty,
+                 "sink": s.sink, "keep_recent": s.keep_recent, "turns": args.turns, "date": time.strftime("%Y-%m-%d"),
                  "document_tokens": st.get("document_tokens"), "document_kept": st.get("kept_tokens")},
         "summary": {"rss_after_prefill_mib": rss0, "rss_first_turn_mib": rss[0], "rss_max_mib": max(rss),
                     "rss_last_mib": rss[-1], "rss_growth_last_100_turns_mib": rss[-1] - rss[max(0, len(rss) - 101)],
                     "reprunes": rows[-1]["reprunes"], "total_tokens": rows[-1]["total"],
+                    "renumbers": s.stats()["renumbers"], "max_position": max(r["next_position"] for r in rows) - 1,
+                    "coherent_turns_101_200": sum(r["coherent"] for r in rows[100:]),
                     "coherent_share": sum(r["coherent"] for r in rows) / len(rows),
                     "fact_recalled": f"{sum(facts)}/{len(facts)}", "failures": failures,
                     "wall_s": time.perf_counter() - t0},

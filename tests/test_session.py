@@ -105,6 +105,47 @@ def test_reprune_keeps_the_newest_turn(tiny):
     assert np.isin(turn_positions, s._present_positions()).all()
 
 
+@pytest.mark.parametrize("policy", [pyasl.ASL(budget=64, window=8), pyasl.SnapKV(budget=64, window=8)],
+                         ids=lambda p: p.name)
+def test_reprune_keeps_the_sinks_and_the_latest_exchange(tiny, policy):
+    s = S.Session(tiny, policy=policy, n_ctx=160, max_tokens=8, keep_recent=12)
+    s.prefill(documents=[DOC])
+    first = s._present_positions()[:4]
+    while True:
+        before = s._present_positions()
+        start = s.n_past
+        s.ask("a question about the fox and the dog", max_tokens=8)
+        if s.stats_.reprunes:
+            break
+    present = s._present_positions()
+    assert np.isin(first, present).all()                    # attention sinks
+    assert np.isin(before[-6:], present).all()              # the latest exchange, verbatim (as room allows)
+    assert np.isin(np.arange(start, s.n_past), present).all()  # the newest turn and its answer
+    assert len(present) <= 64 + 8 + 8
+    with pytest.raises(ValueError, match="sink and keep_recent"):
+        S.Session(tiny, policy=policy, n_ctx=160, max_tokens=8, sink=-1)
+
+
+def test_repeat_penalty():
+    logits = np.array([2.0, -2.0, 1.0, 0.5], dtype=np.float32)
+    out = S._penalize(logits, [0, 1, 1], 2.0)
+    assert out.tolist() == [1.0, -4.0, 1.0, 0.5] and logits[0] == 2.0
+    assert S._penalize(logits, [0], 1.0) is logits
+
+
+def test_repeat_penalty_is_validated_and_changes_greedy_answers(tiny):
+    s = S.Session(tiny, policy="full", n_ctx=512, max_tokens=24)
+    with pytest.raises(ValueError, match="repeat_penalty"):
+        s.ask("hello", repeat_penalty=0)
+    with pytest.raises(ValueError, match="repeat_last_n"):
+        s.ask("hello", repeat_last_n=-1)
+    plain = s.ask("count the foxes", max_tokens=24)
+    s.reset()
+    pen = s.ask("count the foxes", max_tokens=24, repeat_penalty=50.0, repeat_last_n=4096)
+    assert plain != pen
+    s.close()
+
+
 def test_full_policy_refuses_a_turn_that_does_not_fit(tiny):
     s = S.Session(tiny, policy="full", n_ctx=128, max_tokens=8)
     with pytest.raises(S.ContextFullError, match="policy full"):
@@ -188,3 +229,44 @@ def test_smollm2_saved_session_answers_like_the_original(tmp_path):
     s.save(f)
     t = pyasl.Session.load(m, f)
     assert t.ask("Say the password again.") == s.ask("Say the password again.")
+
+
+def test_renumbered_positions_answer_like_contiguous_ones(smollm2):
+    """Cells at positions 500.. renumbered to 0.. (keys re-rotated) give the logits of a cache
+    decoded at 0.. (up to the f16 cache's rounding)."""
+    from pyasl import engine as E
+
+    toks = smollm2.tokenize("The quick brown fox jumps over the lazy dog near the river bank. " * 12)
+    n = len(toks)
+    with E.Context(smollm2, 1024) as a, E.Context(smollm2, 1024) as b:
+        a.decode(toks[:-1], pos0=0)
+        a.decode(toks[-1:], pos0=n - 1)
+        b.decode(toks[:-1], pos0=500)
+        assert b.renumber_positions() == n - 1
+        assert (np.sort(b.cell_positions(0, n - 1)) == np.arange(n - 1)).all()
+        b.decode(toks[-1:], pos0=n - 1)
+        la, lb = a.logits(), b.logits()
+    assert np.argmax(la) == np.argmax(lb)
+    assert np.abs(la - lb).max() < 0.05 * np.abs(la).max()
+
+
+def test_long_conversation_stays_inside_the_training_context():
+    """A session whose conversation outgrows the model's training context renumbers its kept
+    cells instead of running past it: positions stay below n_ctx_train, the count of tokens seen
+    keeps growing, the chat goes on."""
+    m = pyasl.Model(tiny_model_path("llama", n_layer=4, n_ctx=1024))
+    s = S.Session(m, policy=pyasl.ASL(budget=64, window=8), n_ctx=160, max_tokens=8)
+    s.prefill(documents=[DOC[:1200]])
+    for q in QUESTIONS * 4:
+        s.ask(q, max_tokens=8)
+        pos = s._present_positions()
+        assert pos[-1] == s.n_past - 1 < 1024
+    st = s.stats()
+    assert st["total_tokens"] > 1024 + 200 and st["renumbers"] >= 2 and st["next_position"] == s.n_past < 1024
+    s.close()
+    gemma = pyasl.Model(tiny_model_path("gemma3", n_layer=6))
+    from pyasl import engine as E
+    with E.Context(gemma, 256) as c:
+        c.decode(list(range(5, 40)), pos0=0)
+        with pytest.raises(RuntimeError, match="sliding-window"):
+            c.renumber_positions()
