@@ -346,6 +346,64 @@ def test_keep_subset_equals_seq_rm(request, which, fa):
             assert d < 1.5, d
 
 
+@pytest.mark.parametrize("fa", [False, True], ids=["fa-off", "fa-on"])
+def test_renumber_positions(tiny, fa):
+    """pyasl_kv_renumber: a prompt decoded at 100.. and renumbered gives the logits of the prompt
+    decoded at 0.. (RoPE keeps only distances); after a pruning (cells with gaps) it equals
+    llama.cpp's own lazy shift (llama_memory_seq_add per cell, applied by the next decode), and the
+    rotated keys are what a saved state holds."""
+    llama_cpp = _native.load()[0]
+    n = 120
+    toks = rand_tokens(tiny, n + 1, seed=7)
+    a = Context(tiny, 256, flash_attn=fa)
+    a.decode(toks[:n], pos0=100, logits_last=False)
+    assert a.renumber_positions() == n
+    la = step_logits(a, toks[n:], n)
+    a.close()
+    b = Context(tiny, 256, flash_attn=fa)
+    b.decode(toks[:n], pos0=0, logits_last=False)
+    lb = step_logits(b, toks[n:], n)
+    b.close()
+    assert np.abs(la - lb).max() < 1e-3 * max(1.0, float(np.abs(lb).max()))  # f16 cache: keys rotated after rounding
+
+    _, keep = _drop_ranges(n)
+    k = len(keep)
+    res = {}
+    for how in ("pyasl", "lazy"):
+        c = Context(tiny, 256, flash_attn=fa)
+        c.decode(toks[:n], pos0=100, logits_last=False)
+        c.kv_keep(keep + 100)
+        if how == "pyasl":
+            assert c.renumber_positions() == k
+            np.testing.assert_array_equal(c.cell_positions(0, k), np.arange(k))
+            state = c.state_get()
+        else:
+            mem = llama_cpp.llama_get_memory(c._ctx)
+            for j, p in enumerate((keep + 100).tolist()):
+                llama_cpp.llama_memory_seq_add(mem, 0, p, p + 1, j - p)
+        res[how] = step_logits(c, toks[n:], k)
+        if how == "pyasl":
+            assert c.renumber_positions() == k + 1  # contiguous already: nothing moves
+        c.close()
+    np.testing.assert_allclose(res["pyasl"], res["lazy"], rtol=0, atol=1e-5)
+    d = Context(tiny, 256, flash_attn=fa)
+    d.state_set(state, n_past=k)
+    np.testing.assert_allclose(step_logits(d, toks[n:], k), res["pyasl"], rtol=0, atol=1e-5)
+    d.close()
+
+
+def test_renumber_refusals(tiny, tiny_gemma3):
+    c = Context(tiny_gemma3, 256)
+    c.decode(rand_tokens(tiny_gemma3, 20), pos0=0)
+    with pytest.raises(PyaslError, match="sliding-window"):
+        c.renumber_positions()
+    c.close()
+    c = Context(tiny, 256)
+    with pytest.raises(PyaslError, match="no cells"):
+        c.renumber_positions()
+    c.close()
+
+
 @pytest.mark.parametrize("fa", [False, True], ids=["fa-off-k-q8_0", "fa-on-kv-q8_0"])
 def test_keep_quantized_cache(fa):
     """Block-quantized cache rows (q8_0 K; V too with flash attention) move whole, per cell and per head."""
