@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--policies", default="full,snapkv,asl")
     ap.add_argument("--budget", type=int, default=512)
     ap.add_argument("--window", type=int, default=32)
+    ap.add_argument("--tau", type=float, default=0.3, help="ASL variance-ratio threshold")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--flash-attn", action="store_true")
@@ -77,11 +78,11 @@ def main() -> None:
         for pol in args.policies.split(","):
             t0 = time.perf_counter()
             layer = int(round(args.fixed_layer * (model.n_layer - 1))) if pol in ("gemfilter", "fastkv") else None
-            r = generate(model, toks, policy=pol, budget=args.budget, window=args.window, layer=layer,
+            r = generate(model, toks, policy=pol, budget=args.budget, window=args.window, layer=layer, tau=args.tau,
                          prefill_mode=args.prefill,
                          max_tokens=args.max_tokens, ignore_eos=True, flash_attn=args.flash_attn)
             d = r.to_json()
-            d.update(model=name, flash_attn=args.flash_attn, n_tokens_target=args.tokens, wall_s=time.perf_counter() - t0, answer_has_needle="4817" in r.text)
+            d.update(model=name, tau=args.tau, flash_attn=args.flash_attn, n_tokens_target=args.tokens, wall_s=time.perf_counter() - t0, answer_has_needle="4817" in r.text)
             runs.append(d)
             print(f"{name:14s} {pol:7s} prefill {d['prefill_s']:6.1f}s decode {d['decode_tokens_per_s']:6.1f} tok/s "
                   f"kv {d['kv_bytes'] / 2**20:6.1f}/{d['kv_bytes_full'] / 2**20:6.1f} MiB layer {d['selected_layer']} "
