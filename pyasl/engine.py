@@ -26,6 +26,9 @@ LAYER_BUDGET_POLICIES = ("zigzag", "pyramid")  # per-layer budgets (pyasl.budget
 LAYER_RANGE_ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "phi3", "mistral3")
 TWO_PASS = ("asl-2pass", "gemfilter")
 SWA_LAYER_MAJOR_ARCHS = ("gemma3",)  # sliding-window (iSWA) caches in layer-major prefill: tested there
+# architectures whose llama.cpp loader turns ALiBi on itself, without attention.max_alibi_bias in the GGUF
+# (src/models/{bloom,refact,jina-bert-v2}.cpp; baichuan only for its 40-layer 13B: models/baichuan.cpp)
+ALIBI_ARCHS = ("bloom", "refact", "jina-bert-v2")
 
 
 class ModelLoadError(RuntimeError):
@@ -167,10 +170,18 @@ class Model(_Native):
         if per_head and g.get("rope.dimension_sections") is not None:
             return (f"architecture {self.arch!r} uses multi-axis RoPE, which needs one token set for all KV "
                     "heads (per-head selection would mix positions)")
-        if per_head and (g.get("attention.max_alibi_bias") or 0) > 0:
+        if per_head and self.uses_alibi():
             return (f"architecture {self.arch!r} uses ALiBi, which biases by cell position: per-head "
                     "selection would bias with the wrong positions")
         return None
+
+    def uses_alibi(self) -> bool:
+        """Whether llama.cpp runs this model with ALiBi (hparams.use_alibi): the GGUF key
+        attention.max_alibi_bias > 0, or an architecture whose loader sets the bias itself."""
+        g = self.gguf
+        if (g.get("attention.max_alibi_bias") or 0) > 0:
+            return True
+        return self.arch in ALIBI_ARCHS or (self.arch == "baichuan" and g.get("block_count") == 40)
 
     def _read_sizes(self) -> None:
         """Sizes and architecture of the loaded weights (self._m)."""
@@ -597,6 +608,11 @@ class Context(_Native):
     def kv_keep_per_layer(self, sets) -> None:
         """sets[l]: (n_head_kv, B_l) positions of layer l, sorted per KV head (see pyasl.budgets)."""
         _, lib, _ = _ll()
+        if self.model.uses_alibi():
+            # every layer packs its own rows into cells 0..B_l-1 under one set of cell positions, which
+            # ALiBi turns into biases: layers (and heads) whose sets differ would use the wrong positions
+            raise ValueError(f"kv_keep_per_layer: architecture {self.model.arch!r} uses ALiBi, which biases by cell "
+                             "position; per-layer/per-head sets would use the wrong positions (use kv_keep)")
         if len(sets) == 0 or any(np.ndim(s) != 2 or np.shape(s)[0] != self.model.n_head_kv for s in sets):
             raise ValueError(f"per-layer sets must each be (n_head_kv={self.model.n_head_kv}, B_l)")
         counts = np.array([np.shape(s)[-1] for s in sets], dtype=np.int32)
@@ -831,11 +847,15 @@ def generate(model: Model, tokens: list[int], policy: str = "asl", budget: Optio
             note = f"ranks from layer {rl}, the latest full-attention layer <= {layer}"
     lm_reason = layer_major_supported(model)
     if prune:
-        per_head = policy in ("snapkv", "fastkv") or (policy == "asl" and prefill_mode != "ordinary" and not lm_reason)
+        # per-head selection: snapkv, fastkv, layer-major asl, and the per-layer budgets (each layer's
+        # SnapKV sets per KV head: zigzag, pyramid, asl --layer-budgets)
+        per_head = (policy in (("snapkv", "fastkv") + LAYER_BUDGET_POLICIES) or layer_budgets is not None
+                    or (policy == "asl" and prefill_mode != "ordinary" and not lm_reason))
         why = model.pruning_unsupported(per_head)
         if why:
             alt = "; use policy full" if model.pruning_unsupported(False) else \
-                "; use asl with prefill_mode ordinary (--prefill ordinary), asl-2pass, gemfilter or full"
+                ("; use asl with prefill_mode ordinary (--prefill ordinary) and no layer budgets, asl-2pass, "
+                 "gemfilter or full")
             raise ValueError(f"policy {policy} cannot run on this model: {why}{alt}")
     if prune and policy == "fastkv" and lm_reason:
         raise ValueError(f"policy fastkv needs layer-major prefill: {lm_reason}")

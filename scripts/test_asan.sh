@@ -37,7 +37,7 @@ export GGML_NO_BACKTRACE=1  # ggml's gdb backtrace on abort would hang under ptr
 
 # the tests that drive the native code on tiny models (override with PYASL_ASAN_TESTS); arguments are
 # passed on to pytest
-read -r -a TESTS <<< "${PYASL_ASAN_TESTS:-tests/test_native.py tests/test_reliability.py tests/test_fuzz.py tests/test_layer_major.py tests/test_two_pass.py}"
+read -r -a TESTS <<< "${PYASL_ASAN_TESTS:-tests/test_native.py tests/test_reliability.py tests/test_fuzz.py tests/test_layer_major.py tests/test_two_pass.py tests/test_arch_limits.py}"
 set -- "${TESTS[@]}" -m "not real" "$@"
 "$PY" -c "import pyasl._native as n; n.load(); print('pyasl ASan+UBSan library:', n.lib_dir())"
 exec "$PY" -m pytest -q -p no:cacheprovider "$@"

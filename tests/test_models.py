@@ -99,7 +99,7 @@ def _run_llama(script: str, args: list[str], env: dict, timeout: float = 120) ->
 # ---------------------------------------------------------------- tiny models
 
 
-@pytest.mark.parametrize("arch", tinymodels.ARCHS)
+@pytest.mark.parametrize("arch", tinymodels.ARCHS + tinymodels.LIMITED_ARCHS)
 def test_tiny_model_runs_in_llama_cpp(arch, llama_lib_env):
     path = tinymodels.tiny_model_path(arch)
     r = _run_llama(_RUN_TINY, [str(path)], llama_lib_env)
@@ -126,7 +126,7 @@ def test_tiny_model_other_ftypes_write(ftype, tmp_path):
     assert kinds["blk.0.attn_norm.weight"] == "F32"
 
 
-@pytest.mark.parametrize("arch", tinymodels.ARCHS)
+@pytest.mark.parametrize("arch", tinymodels.ARCHS + tinymodels.LIMITED_ARCHS)
 def test_tiny_model_deterministic(arch, tmp_path):
     a = tinymodels.make_tiny_model(tmp_path / "a.gguf", arch=arch, seed=3)
     b = tinymodels.make_tiny_model(tmp_path / "b.gguf", arch=arch, seed=3)

@@ -14,6 +14,18 @@ the ``gguf`` package.  Supported architectures:
   (gate and up stacked, 2*n_ff rows), NeoX RoPE, no rope scaling factors.
 * ``mistral3`` - the dense (non-MoE) Ministral 3 layout, i.e. llama's tensors
   under the ``mistral3`` architecture (no attention temperature, no YaRN).
+* ``deepseek2`` - multi-head latent attention (MLA, ``attention.kv_lora_rank`` > 0)
+  with low-rank q (``attn_q_a``, ``attn_q_a_norm``, ``attn_q_b``), the compressed
+  KV projection ``attn_kv_a_mqa`` (latent + one shared RoPE key part),
+  ``attn_kv_a_norm`` and the per-head up-projections ``attn_k_b`` / ``attn_v_b``
+  (3-D).  Dense: ``leading_dense_block_count`` = n_layer, no experts.  The cache
+  holds one "KV head" of kv_lora_rank + rope dims; ``n_head_kv`` is ignored.
+  Query head size head_dim = nope + rope halves, value head size head_dim.
+* ``mpt``    - ALiBi (``attention.max_alibi_bias`` 8), LayerNorm without biases,
+  fused ``attn_qkv``, GELU FFN (``ffn_up``/``ffn_down``), no RoPE.
+* ``bloom``  - ALiBi hard-coded by llama.cpp (no GGUF key), embedding LayerNorm
+  (``token_embd_norm``), LayerNorms and linear layers with biases, fused
+  ``attn_qkv``, GELU FFN, no RoPE.
 
 Weights are drawn from a seeded numpy generator, so the same arguments give
 byte-identical files.  Linear weights use std ``init_scale / sqrt(fan_in)``:
@@ -47,6 +59,7 @@ import gguf
 
 __all__ = [
     "ARCHS",
+    "LIMITED_ARCHS",
     "BOS_ID",
     "CHAT_TEMPLATE",
     "EOS_ID",
@@ -57,7 +70,11 @@ __all__ = [
     "tiny_model_path",
 ]
 
+# the architectures pyasl runs layer ranges on (tests iterate over these), then the ones whose KV
+# pruning pyasl limits (MLA: deepseek2; ALiBi: mpt, bloom; tests/test_arch_limits.py)
 ARCHS = ("llama", "qwen2", "gemma3", "qwen3", "phi3", "mistral3")
+LIMITED_ARCHS = ("deepseek2", "mpt", "bloom")
+_ALIBI_ARCHS = ("mpt", "bloom")  # no RoPE; LayerNorm with epsilon, GELU FFN, fused attn_qkv
 
 BOS_ID, EOS_ID, IM_START_ID, EOT_ID = 0, 1, 2, 3
 _SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
@@ -246,6 +263,9 @@ def make_tiny_model(
     name: str | None = None,
     arch_name: str | None = None,
     extra_kv: dict | None = None,
+    kv_lora_rank: int = 32,
+    q_lora_rank: int = 32,
+    max_alibi_bias: float = 8.0,
 ) -> Path:
     """Write a random ``arch`` model to ``path`` (parents created) and return it as a Path.
 
@@ -257,9 +277,11 @@ def make_tiny_model(
     ``arch_name`` writes the ``arch`` tensor layout under another architecture name (e.g. qwen2's
     layout as ``qwen2vl``); ``extra_kv`` adds metadata, keys without an arch prefix get
     ``<arch_name>.`` in front; values: int (uint32), float, bool, str or a list of ints.
+    deepseek2 only: ``kv_lora_rank`` (the cached latent size) and ``q_lora_rank``; head_dim must be a
+    multiple of 4 (its second half is the RoPE part). mpt only: ``max_alibi_bias`` (bloom's is fixed 8).
     """
-    if arch not in ARCHS:
-        raise ValueError(f"unsupported arch {arch!r}; supported: {', '.join(ARCHS)}")
+    if arch not in ARCHS + LIMITED_ARCHS:
+        raise ValueError(f"unsupported arch {arch!r}; supported: {', '.join(ARCHS + LIMITED_ARCHS)}")
     if ftype not in _FTYPES:
         raise ValueError(f"unsupported ftype {ftype!r}; supported: {', '.join(_FTYPES)}")
     if n_head % n_head_kv:
@@ -270,9 +292,16 @@ def make_tiny_model(
         head_dim = n_embd // n_head
     if head_dim % 2:
         raise ValueError("head_dim must be even (RoPE)")
-    if arch in ("qwen2", "phi3") and head_dim * n_head != n_embd:
-        # llama.cpp's qwen2 and phi3 loaders hard-code wq/wo as n_embd x n_embd
+    if arch in ("qwen2", "phi3") + _ALIBI_ARCHS and head_dim * n_head != n_embd:
+        # llama.cpp's qwen2, phi3, mpt and bloom loaders hard-code wq/wo as n_embd x n_embd
         raise ValueError(f"{arch} requires head_dim * n_head == n_embd")
+    if arch == "deepseek2":
+        if head_dim % 4:
+            raise ValueError("deepseek2 needs head_dim % 4 == 0 (half of it is the even RoPE part)")
+        if kv_lora_rank < 1 or q_lora_rank < 1:
+            raise ValueError("deepseek2 needs kv_lora_rank >= 1 and q_lora_rank >= 1")
+        n_head_kv = 1  # MLA caches one latent "head" shared by all query heads
+    n_rope = head_dim // 2 if arch == "deepseek2" else head_dim
     tokens, token_types, merges = build_vocab(vocab_size)
     n_vocab = len(tokens)
     n_q = n_head * head_dim
@@ -316,10 +345,29 @@ def make_tiny_model(
         w.add_feed_forward_length(n_ff)
         w.add_head_count(n_head)
         w.add_head_count_kv(n_head_kv)
-        w.add_rope_freq_base(rope_freq_base)
-        w.add_layer_norm_rms_eps(1e-6 if arch != "llama" else 1e-5)
+        if arch in _ALIBI_ARCHS:
+            w.add_layer_norm_eps(1e-5)
+        else:
+            w.add_rope_freq_base(rope_freq_base)
+            w.add_layer_norm_rms_eps(1e-6 if arch != "llama" else 1e-5)
         w.add_vocab_size(n_vocab)
-        if arch == "gemma3":
+        if arch == "mpt":
+            w.add_max_alibi_bias(float(max_alibi_bias))
+        if arch in _ALIBI_ARCHS:
+            pass  # no RoPE; bloom's ALiBi is hard-coded in llama.cpp
+        elif arch == "deepseek2":
+            # MLA as current converters write it: the cache row is [latent (kv_lora_rank) | rope key]
+            w.add_rope_dimension_count(n_rope)
+            w.add_key_length(kv_lora_rank + n_rope)
+            w.add_value_length(kv_lora_rank)
+            w.add_key_length_mla(head_dim)
+            w.add_value_length_mla(head_dim)
+            w.add_q_lora_rank(q_lora_rank)
+            w.add_kv_lora_rank(kv_lora_rank)
+            w.add_leading_dense_block_count(n_layer)  # every layer dense: no experts
+            w.add_expert_feed_forward_length(n_ff)    # required keys, unused without MoE layers
+            w.add_expert_shared_count(0)
+        elif arch == "gemma3":
             w.add_key_length(head_dim)
             w.add_value_length(head_dim)
             w.add_sliding_window(sliding_window)
@@ -350,12 +398,27 @@ def make_tiny_model(
         # gemma3 multiplies the embeddings by sqrt(n_embd) in the graph
         embd_std = 1.0 / np.sqrt(n_embd) if arch == "gemma3" else 1.0
         t.embedding("token_embd.weight", n_embd, n_vocab, std=embd_std)
+        if arch == "bloom":
+            t.norm("token_embd_norm.weight", n_embd)
+            t.bias("token_embd_norm.bias", n_embd)
         t.norm("output_norm.weight", n_embd)
+        if arch == "bloom":
+            t.bias("output_norm.bias", n_embd)
         if not tie_embeddings:
             t.linear("output.weight", n_embd, n_vocab)
         for i in range(n_layer):
             p = f"blk.{i}."
+            if arch in _ALIBI_ARCHS:
+                _alibi_layer(t, p, arch == "bloom", n_embd, n_kv, n_ff)
+                continue
             t.norm(p + "attn_norm.weight", n_embd)
+            if arch == "deepseek2":
+                _mla_attention(t, p, n_embd, n_head, head_dim, n_rope, q_lora_rank, kv_lora_rank)
+                t.norm(p + "ffn_norm.weight", n_embd)
+                t.linear(p + "ffn_gate.weight", n_embd, n_ff)
+                t.linear(p + "ffn_up.weight", n_embd, n_ff)
+                t.linear(p + "ffn_down.weight", n_ff, n_embd)
+                continue
             if arch == "phi3":
                 # one matrix whose output rows are q, then k, then v
                 t.linear(p + "attn_qkv.weight", n_embd, n_q + 2 * n_kv)
@@ -391,6 +454,45 @@ def make_tiny_model(
         w.close()
     os.replace(tmp, path)
     return path
+
+
+def _mla_attention(t: _Tensors, p: str, n_embd: int, n_head: int, head_dim: int, n_rope: int,
+                   q_lora_rank: int, kv_lora_rank: int) -> None:
+    """deepseek2 MLA attention tensors of one layer (llama.cpp's absorbed form, split k_b / v_b)."""
+    n_nope = head_dim - n_rope
+    t.linear(p + "attn_q_a.weight", n_embd, q_lora_rank)
+    t.norm(p + "attn_q_a_norm.weight", q_lora_rank)
+    t.linear(p + "attn_q_b.weight", q_lora_rank, n_head * head_dim)
+    # [latent | rope key] from the hidden state
+    t.linear(p + "attn_kv_a_mqa.weight", n_embd, kv_lora_rank + n_rope)
+    t.norm(p + "attn_kv_a_norm.weight", kv_lora_rank)
+    # per head: nope query -> latent (ggml ne {n_nope, kv_lora_rank, n_head}),
+    # latent -> value (ggml ne {kv_lora_rank, head_dim, n_head})
+    k_b = t.rng.standard_normal((n_head, kv_lora_rank, n_nope)) * (t.scale / np.sqrt(n_nope))
+    t._add(p + "attn_k_b.weight", k_b, matrix=True)
+    v_b = t.rng.standard_normal((n_head, head_dim, kv_lora_rank)) * (t.scale / np.sqrt(kv_lora_rank))
+    t._add(p + "attn_v_b.weight", v_b, matrix=True)
+    t.linear(p + "attn_output.weight", n_head * head_dim, n_embd)
+
+
+def _alibi_layer(t: _Tensors, p: str, biases: bool, n_embd: int, n_kv: int, n_ff: int) -> None:
+    """One mpt (biases=False) or bloom (biases=True) block: LayerNorm, fused qkv, output, LayerNorm, GELU FFN."""
+    def norm(name: str) -> None:
+        t.norm(p + name + ".weight", n_embd)
+        if biases:
+            t.bias(p + name + ".bias", n_embd)
+
+    def linear(name: str, n_in: int, n_out: int) -> None:
+        t.linear(p + name + ".weight", n_in, n_out)
+        if biases:
+            t.bias(p + name + ".bias", n_out)
+
+    norm("attn_norm")
+    linear("attn_qkv", n_embd, n_embd + 2 * n_kv)
+    linear("attn_output", n_embd, n_embd)
+    norm("ffn_norm")
+    linear("ffn_up", n_embd, n_ff)
+    linear("ffn_down", n_ff, n_embd)
 
 
 # ---------------------------------------------------------------- per-process cache
