@@ -144,6 +144,10 @@ class Chat:
             except KeyboardInterrupt:
                 self.out.write("^C\n")
                 continue
+            except UnicodeDecodeError as e:  # a terminal or pipe that is not UTF-8: the session goes on
+                self.say(f"error: the line is not valid UTF-8 ({e.reason}, byte {e.object[e.start:e.start + 1]!r}); "
+                         "type it again")
+                continue
             line = line.strip()
             if not line:
                 continue

@@ -332,6 +332,7 @@ def chat(model, docs, policy, budget, window, tau, layer, system, max_tokens, n_
     from .session import Session, SessionFileError
 
     documents = [_read_doc(d) for d in docs]
+    _check_text(system, "--system")
     if load_path and documents:
         _fail("--load opens a saved session; it cannot take --doc as well")
     try:

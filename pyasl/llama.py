@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
+import warnings
 import weakref
 from pathlib import Path
 from typing import Optional, Union
@@ -46,6 +47,11 @@ def _borrow_model(llm: "llama_cpp.Llama") -> E.Model:
     return m
 
 
+class LlamaModelError(E.ModelLoadError, ValueError):
+    """A model file pyasl refuses before llama.cpp sees it (missing, not GGUF, truncated, corrupt metadata
+    llama.cpp would abort on, unsupported architecture); a ValueError like llama-cpp-python's load errors."""
+
+
 class _Borrowed(E.Model):
     def close(self) -> None:
         self._m = None  # owned by llama_cpp.Llama
@@ -59,6 +65,12 @@ class Llama(llama_cpp.Llama):
     report what was pruned."""
 
     def __init__(self, *args, kv_policy: Union[S.Policy, str, None] = None, **kwargs):
+        path = kwargs.get("model_path", args[0] if args else None)
+        if path is not None:  # the GGUF pre-check first: llama.cpp aborts the process on some corrupt files
+            try:
+                E._check_gguf(Path(path))
+            except E.ModelLoadError as e:
+                raise LlamaModelError(str(e)) from None
         super().__init__(*args, **kwargs)
         if isinstance(kv_policy, str):
             kv_policy = S.make_policy(kv_policy)
@@ -67,13 +79,21 @@ class Llama(llama_cpp.Llama):
         self._pyasl_model = _borrow_model(self)
         if kv_policy is not None:
             kv_policy.check_model(self._pyasl_model)
+            S._check_arch(self._pyasl_model, kv_policy)
             if self._pyasl_model.n_swa > 0:
                 raise ValueError("pyasl.Llama does not prune sliding-window models yet")
         self.kv_policy = kv_policy
+        if kv_policy is not None and kv_policy.prunes and kv_policy.budget >= self.n_ctx() - 1:
+            warnings.warn(f"pyasl.Llama: budget {kv_policy.budget} >= n_ctx {self.n_ctx()} - 1: every prompt that fits "
+                          "the context is within the budget, so none will be pruned", stacklevel=2)
         self._pyasl_pruned = False
         self.last_prune: Optional[dict] = None
         self.n_prunes = 0
         self.on_prune = None  # optional callable(last_prune), e.g. a server's request log
+
+    def close(self) -> None:
+        if "_stack" in self.__dict__:  # a Llama refused before llama-cpp-python's __init__ ran holds nothing
+            super().close()
 
     # -- the pruned prefill ----------------------------------------------------------------------
     def _kv_info(self):
@@ -92,6 +112,11 @@ class Llama(llama_cpp.Llama):
 
     def eval(self, tokens):
         tokens = list(tokens)
+        if tokens and (min(tokens) < 0 or max(tokens) >= self._n_vocab):
+            raise ValueError(f"tokens must be token ids in 0..{self._n_vocab - 1}")
+        room = min(len(self.input_ids), self._n_ctx)  # llama.cpp may round n_ctx up past input_ids' size
+        if self.n_tokens + len(tokens) > room:  # llama-cpp-python's wording: its server answers 400 to it
+            raise ValueError(f"Requested tokens ({self.n_tokens + len(tokens)}) exceed context window of {room}")
         if self.n_tokens == 0:
             self._pyasl_pruned = False  # llama-cpp-python's eval clears the sequence from position 0
         if not self._should_prune(tokens):

@@ -486,6 +486,32 @@ def _check_swa(model: E.Model, policy: Policy) -> None:
                          "pyasl generate for one-shot pruning")
 
 
+def _check_arch(model: E.Model, policy: Policy) -> None:
+    """The architecture limits engine.generate enforces (Model.pruning_unsupported): MLA caches are not
+    pruned at all; ALiBi and multi-axis RoPE need one token set for all heads (snapkv, fastkv and
+    layer-major asl select per head)."""
+    if not policy.prunes:
+        return
+    per_head = isinstance(policy, (SnapKV, FastKV)) or (
+        isinstance(policy, ASL) and policy.prefill_mode != "ordinary" and E.layer_major_supported(model) is None)
+    why = model.pruning_unsupported(per_head)
+    if why:
+        alt = "full" if model.pruning_unsupported(False) else "asl (prefill ordinary), asl-2pass, gemfilter or full"
+        raise ValueError(f"policy {policy.name} cannot run on this model: {why}; use policy {alt}")
+
+
+def _check_text(text, what: str) -> None:
+    """A clear error for text that is not a str or not encodable as UTF-8 (lone surrogates, e.g. from
+    bytes decoded with errors='surrogateescape'), instead of a UnicodeEncodeError from the tokenizer."""
+    if not isinstance(text, str):
+        raise ValueError(f"{what} must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid UTF-8 text (character {e.start} is the lone surrogate "
+                         f"{text[e.start]!r}); decode its bytes with errors='replace' first") from None
+
+
 def _identity(model: E.Model) -> dict:
     return {"arch": model.arch, "name": model.meta("general.name"), "n_layer": model.n_layer,
             "n_embd": model.n_embd, "n_head_kv": model.n_head_kv, "n_vocab": model.n_vocab,
@@ -569,6 +595,13 @@ class Session:
             raise ValueError(f"policy must be a pyasl Policy or a name, got {policy!r}")
         policy.check_model(model)
         _check_swa(model, policy)
+        _check_arch(model, policy)
+        for k, v in (("n_ctx", n_ctx), ("max_tokens", max_tokens), ("n_batch", n_batch), ("sink", sink),
+                     ("keep_recent", keep_recent)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise ValueError(f"{k} must be an integer, got {v!r}")
+        if system is not None:
+            _check_text(system, "the system message")
         if max_tokens < 1:
             raise ValueError("max_tokens must be >= 1")
         if int(sink) < 0 or int(keep_recent) < 0:
@@ -649,6 +682,7 @@ class Session:
             policy = make_policy(policy, budget=self.policy.budget if self.policy.prunes else None)
         policy.check_model(self.model)
         _check_swa(self.model, policy)
+        _check_arch(self.model, policy)
         self._check_sizes(policy, self.max_tokens)
         self.policy = policy
 
@@ -691,8 +725,13 @@ class Session:
         documents otherwise). Returns :meth:`stats`."""
         if self._started:
             raise RuntimeError("the session is already prefilled; documents go in before the first turn")
-        docs = [(None, d) if isinstance(d, str) else (d[0], d[1]) for d in documents]
+        if isinstance(documents, (str, bytes)):
+            raise ValueError("documents must be a list of texts (or (name, text) pairs), not one "
+                             f"{type(documents).__name__}")
+        docs = [(None, d) if isinstance(d, str) else (d[0], d[1]) if isinstance(d, (tuple, list)) and len(d) == 2
+                else (None, d) for d in documents]
         for name, text in docs:
+            _check_text(text, f"document {name or ''}".rstrip())
             if not text or not text.strip():
                 raise ValueError(f"document {name or ''} is empty".replace("  ", " "))
         pre = self._fmt.preamble(self.system, docs)
@@ -834,8 +873,17 @@ class Session:
         the model's end-of-turn token, at ``max_tokens`` tokens, at one of the ``stop`` strings, or
         when :meth:`interrupt` is called; it is appended to :attr:`messages` in every case (an
         interrupted answer with ``"interrupted": True``)."""
-        if not isinstance(prompt, str) or not prompt.strip():
+        if prompt is None or (isinstance(prompt, str) and not prompt.strip()):
             raise ValueError("the prompt is empty")
+        _check_text(prompt, "the prompt")
+        if stop is None or isinstance(stop, str):  # one stop string, not its characters
+            stop = [] if stop is None else [stop]
+        if any(not isinstance(x, str) or not x for x in stop):
+            raise ValueError(f"stop must be a list of non-empty strings, got {stop!r}")
+        if not 0.0 <= float(temperature) < float("inf"):
+            raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+        if not 0.0 < float(top_p) <= 1.0:
+            raise ValueError(f"top_p must satisfy 0 < top_p <= 1, got {top_p}")
         mt = self.max_tokens if max_tokens is None else int(max_tokens)
         if mt < 1:
             raise ValueError("max_tokens must be >= 1")
@@ -982,42 +1030,72 @@ class Session:
             magic = f.read(len(_MAGIC))
             if magic != _MAGIC:
                 raise SessionFileError(f"{p} is not a pyasl session file")
+            size = p.stat().st_size
             try:
                 nh, ns = struct.unpack("<QQ", f.read(16))
+                if 24 + nh + ns > size:  # before reading: a damaged count must not allocate exabytes
+                    raise SessionFileError(f"{p} is truncated (its header counts {24 + nh + ns} bytes, the file "
+                                           f"has {size})")
                 head = json.loads(f.read(nh).decode("utf-8"))
+                if not isinstance(head, dict):
+                    raise ValueError("the header is not a JSON object")
                 state = f.read(ns)
                 base = head.get("base")
-                base_state = f.read(base["size"]) if base else None
-            except (struct.error, ValueError, KeyError) as e:
+                if base and not 0 <= int(base["size"]) <= size:
+                    raise ValueError(f"base size {base['size']}")
+                base_state = f.read(int(base["size"])) if base else None
+            except (struct.error, ValueError, KeyError, TypeError) as e:
+                if isinstance(e, SessionFileError):
+                    raise
                 raise SessionFileError(f"{p} is a damaged pyasl session file ({e})") from None
         if len(state) != ns or (base and len(base_state) != base["size"]):
             raise SessionFileError(f"{p} is truncated")
         if head.get("version") != _FILE_VERSION:
             raise SessionFileError(f"{p} has session format {head.get('version')}, this pyasl reads {_FILE_VERSION}")
-        want, have = head["model"], _identity(model)
-        diff = [k for k in want if want[k] != have.get(k)]
+        try:
+            want, have = head["model"], _identity(model)
+            diff = [k for k in want if want[k] != have.get(k)]
+        except (KeyError, TypeError, AttributeError) as e:
+            raise SessionFileError(f"{p} is a damaged pyasl session file (model identity: {e!r})") from None
         if diff:
             raise SessionFileError(
                 f"{p} was saved with another model: {want.get('name') or want.get('arch')} "
                 f"({', '.join(f'{k} {want[k]!r}' for k in diff)}), not {model.path.name} "
                 f"({', '.join(f'{k} {have.get(k)!r}' for k in diff)}); load it with the model it was saved with")
-        s = cls(model, policy=Policy.from_dict(head["policy"]), n_ctx=head["n_ctx"], system=head["system"],
-                max_tokens=head["max_tokens"], raw=head["raw"], n_threads=n_threads, flash_attn=head["flash_attn"],
-                n_batch=head["n_batch"], sink=head.get("sink", 4), keep_recent=head.get("keep_recent", 0))
-        s._ctx = s._new_ctx()
-        try:
-            s._ctx.state_set(state, n_past=head["n_past"])
-        except RuntimeError as e:
-            s.close()
-            raise SessionFileError(f"{p}: the saved cache does not load into this context ({e})") from None
-        s._n_past = head["n_past"]
-        s._pos_shift = int(head.get("pos_shift", 0))
-        s.documents = [(n, t) for n, t in head["documents"]]
-        s.messages = head["messages"]
-        s._struct = head["struct"]
-        s._cached_text = head["cached_text"]
-        s._started = True
-        s.stats_ = _Stats(**head["stats"])
-        if base:
-            s._base_state = (base_state, base["n_past"], base["text"], base["struct"])
+        s = None
+        try:  # every field a damaged (or hand-edited) header may lack or hold with the wrong type
+            s = cls(model, policy=Policy.from_dict(head["policy"]), n_ctx=head["n_ctx"], system=head["system"],
+                    max_tokens=head["max_tokens"], raw=head["raw"], n_threads=n_threads,
+                    flash_attn=head["flash_attn"], n_batch=head["n_batch"], sink=head.get("sink", 4),
+                    keep_recent=head.get("keep_recent", 0))
+            n_past = head["n_past"]
+            if isinstance(n_past, bool) or not isinstance(n_past, int) or n_past < 0:
+                raise ValueError(f"n_past {n_past!r}")
+            s._ctx = s._new_ctx()
+            try:
+                s._ctx.state_set(state, n_past=n_past)
+            except RuntimeError as e:
+                raise SessionFileError(f"{p}: the saved cache does not load into this context ({e})") from None
+            pos = s._present_positions()
+            if n_past != (int(pos[-1]) + 1 if len(pos) else 0):  # the next position follows the last cached one
+                raise ValueError(f"n_past {n_past} does not follow the cached positions (last "
+                                 f"{int(pos[-1]) if len(pos) else None})")
+            s._n_past = n_past
+            s._pos_shift = int(head.get("pos_shift", 0))
+            s.documents = [(n, t) for n, t in head["documents"]]
+            s.messages = list(head["messages"])
+            s._struct = list(head["struct"])
+            s._cached_text = str(head["cached_text"])
+            s._started = True
+            s.stats_ = _Stats(**head["stats"])
+            if base:
+                s._base_state = (base_state, int(base["n_past"]), str(base["text"]), list(base["struct"]))
+        except SessionFileError:
+            if s is not None:
+                s.close()
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            if s is not None:
+                s.close()
+            raise SessionFileError(f"{p} is a damaged pyasl session file ({type(e).__name__}: {e})") from None
         return s
