@@ -20,6 +20,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tinymodels  # noqa: E402
+from kvcheck import keep_vs_seq_rm, random_tokens  # noqa: E402
 from pyasl import _native  # noqa: E402
 
 try:
@@ -60,13 +61,6 @@ def alibi(request) -> Model:
     m.close()
 
 
-def _toks(model: Model, n: int, seed: int = 0) -> list[int]:
-    rng = np.random.default_rng(seed)
-    t = [int(x) for x in rng.integers(4, model.n_vocab, n)]
-    t[0] = tinymodels.BOS_ID
-    return t
-
-
 @pytest.fixture
 def no_context(monkeypatch):
     """Any attempt to build a llama.cpp context fails the test: refusals must come before any work."""
@@ -83,7 +77,7 @@ def test_mla_model_loads_and_runs_full(mla):
     assert mla.arch == "deepseek2"
     assert mla.gguf.get("attention.kv_lora_rank") == 32
     assert mla.n_head_kv == 1  # the latent cache is one shared "head"
-    toks = _toks(mla, 120)
+    toks = random_tokens(mla, 120)
     r = generate(mla, toks, policy="full", max_tokens=5, ignore_eos=True, n_threads=1)
     assert r.n_generated == 5 and r.n_kept == 120 and r.note == ""
     assert all(0 <= t < mla.n_vocab for t in r.tokens)
@@ -103,12 +97,12 @@ def test_mla_pruning_unsupported(mla):
 @pytest.mark.parametrize("policy", PRUNING)
 def test_mla_refuses_every_pruning_policy(mla, policy, no_context):
     with pytest.raises(ValueError, match=r"policy \S+ cannot run on this model: .*\(MLA\).*; use policy full$"):
-        generate(mla, _toks(mla, 120), policy=policy, **KW)
+        generate(mla, random_tokens(mla, 120), policy=policy, **KW)
 
 
 def test_mla_refuses_layer_budgets(mla, no_context):
     with pytest.raises(ValueError, match=r"\(MLA\)"):
-        generate(mla, _toks(mla, 120), policy="asl", layer_budgets="zigzag", prefill_mode="ordinary", **KW)
+        generate(mla, random_tokens(mla, 120), policy="asl", layer_budgets="zigzag", prefill_mode="ordinary", **KW)
 
 
 def test_mla_cli():
@@ -161,18 +155,12 @@ def test_alibi_is_detected(alibi):
 
 
 def test_alibi_full_runs(alibi):
-    toks = _toks(alibi, 120)
+    toks = random_tokens(alibi, 120)
     r = generate(alibi, toks, policy="full", max_tokens=5, ignore_eos=True, n_threads=1)
     assert r.n_generated == 5 and r.n_kept == 120
     with Context(alibi, 256, n_threads=1) as c:
         c.decode(toks)
         assert int(np.argmax(c.logits())) == r.tokens[0]
-
-
-def _drop_ranges(n: int):
-    drop = [(5, 31), (70, 96), (120, 133)]
-    keep = np.setdiff1d(np.arange(n), np.concatenate([np.arange(a, b) for a, b in drop])).astype(np.int32)
-    return drop, keep
 
 
 @pytest.mark.parametrize("fa", [False, True], ids=["fa-off", "fa-on"])
@@ -183,30 +171,10 @@ def test_alibi_shared_keep_equals_seq_rm(alibi, fa):
     positions: compare layer-0 attention (identical inputs) and the logits of two decode steps.
     """
     n = 180
-    toks = _toks(alibi, n + 3, seed=5)
-    drop, keep = _drop_ranges(n)
-    res, att0 = {}, {}
-    for how in ("full", "seq_rm", "keep"):
-        with Context(alibi, 256, flash_attn=fa, capture=True, n_threads=1) as ctx:
-            ctx.decode(toks[:n], logits_last=False)
-            if how == "seq_rm":
-                for a, b in drop:
-                    assert ctx.seq_rm(a, b)
-            elif how == "keep":
-                ctx.kv_keep(keep)
-                np.testing.assert_array_equal(ctx.cell_positions(0, len(keep)), keep)
-            assert ctx.kv_info().used_base == (n if how == "full" else len(keep))
-            ctx.add_capture_prefix("kqv_out")
-            ctx.decode(toks[n:n + 1], pos0=n)
-            first = ctx.logits()
-            att0[how] = ctx.captured()["kqv_out-0"]
-            ctx.decode(toks[n + 1:n + 3], pos0=n + 1)
-            res[how] = [first, ctx.logits()]
-    d_att = float(np.abs(att0["keep"] - att0["seq_rm"]).max())
-    d_att_full = float(np.abs(att0["keep"] - att0["full"]).max())
+    d_att, d_att_full, pairs = keep_vs_seq_rm(alibi, random_tokens(alibi, n + 3, seed=5), n, fa, n_threads=1)
     assert d_att < (1e-6 if not fa else 2e-3), d_att  # flash attention accumulates V in f16
     assert d_att_full > 10 * d_att                     # and the pruning is real
-    for a, b in zip(res["seq_rm"], res["keep"]):
+    for a, b in pairs:
         d = float(np.abs(a - b).max())
         assert int(np.argmax(a)) == int(np.argmax(b))
         assert d < (5e-5 if not fa else 5e-3), d
@@ -215,7 +183,7 @@ def test_alibi_shared_keep_equals_seq_rm(alibi, fa):
 def test_alibi_per_head_keep_refused(alibi):
     n = 120
     with Context(alibi, 256, n_threads=1) as c:
-        c.decode(_toks(alibi, n))
+        c.decode(random_tokens(alibi, n))
         with pytest.raises(PyaslError, match="ALiBi"):
             c.kv_keep_per_head(np.broadcast_to(np.arange(n - 20, n), (alibi.n_layer, alibi.n_head_kv, 20)))
         assert c.kv_info().used_base == n  # untouched
@@ -228,19 +196,19 @@ def test_alibi_per_head_keep_refused(alibi):
 @pytest.mark.parametrize("policy", ["snapkv", "fastkv", "zigzag", "pyramid"])
 def test_alibi_per_head_policies_refused(alibi, policy, no_context):
     with pytest.raises(ValueError, match=r"uses ALiBi, which biases by cell position.*asl-2pass, gemfilter or full"):
-        generate(alibi, _toks(alibi, 120), policy=policy, **KW)
+        generate(alibi, random_tokens(alibi, 120), policy=policy, **KW)
 
 
 def test_alibi_asl_layer_budgets_refused(alibi, no_context):
     with pytest.raises(ValueError, match="ALiBi"):
-        generate(alibi, _toks(alibi, 120), policy="asl", layer_budgets="pyramid", prefill_mode="ordinary", **KW)
+        generate(alibi, random_tokens(alibi, 120), policy="asl", layer_budgets="pyramid", prefill_mode="ordinary", **KW)
 
 
 def test_alibi_asl_end_to_end(alibi):
     """asl runs with an ordinary prefill and one shared set; its decode equals seq_rm of the dropped
     positions followed by greedy decoding."""
     n, budget, window, steps = 120, 40, 8, 6
-    toks = _toks(alibi, n, seed=3)
+    toks = random_tokens(alibi, n, seed=3)
     r = generate(alibi, toks, policy="asl", budget=budget, window=window, max_tokens=steps, ignore_eos=True,
                  n_threads=1)
     assert r.n_kept == budget and r.n_generated == steps
@@ -260,7 +228,7 @@ def test_alibi_asl_end_to_end(alibi):
 
 @pytest.mark.parametrize("policy", ["asl-2pass", "gemfilter"])
 def test_alibi_two_pass_policies_run(alibi, policy):
-    r = generate(alibi, _toks(alibi, 120), policy=policy, **KW)
+    r = generate(alibi, random_tokens(alibi, 120), policy=policy, **KW)
     assert r.n_kept == 40 and r.n_generated == 2
 
 
@@ -274,7 +242,7 @@ def test_per_layer_sets_use_shared_cell_positions(arch, monkeypatch):
     with Model(path) as m:
         monkeypatch.setattr(Model, "uses_alibi", lambda self: False)  # reach the native call
         n = 120
-        toks = _toks(m, n + 1, seed=1)
+        toks = random_tokens(m, n + 1, seed=1)
         win = np.arange(n - 8, n)
         A, B = np.concatenate([np.arange(0, 10), win]), np.concatenate([np.arange(50, 60), win])
         att0 = {}

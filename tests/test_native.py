@@ -21,6 +21,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tinymodels  # noqa: E402
+from kvcheck import DROP, keep_set, keep_vs_seq_rm  # noqa: E402
 from pyasl import _native  # noqa: E402
 from pyasl._native import PyaslError  # noqa: E402
 
@@ -294,12 +295,6 @@ def test_keep_all_is_bit_identical(request, which, fa):
 # ---------------------------------------------------------------- 6. keep a subset == seq_rm the rest
 
 
-def _drop_ranges(n: int):
-    drop = [(5, 31), (70, 96), (120, 133)]
-    keep = np.setdiff1d(np.arange(n), np.concatenate([np.arange(a, b) for a, b in drop])).astype(np.int32)
-    return drop, keep
-
-
 @pytest.mark.parametrize("fa", [False, True], ids=["fa-off-vtrans", "fa-on-vplain"])
 @pytest.mark.parametrize("which", MODELS)
 def test_keep_subset_equals_seq_rm(request, which, fa):
@@ -312,31 +307,11 @@ def test_keep_subset_equals_seq_rm(request, which, fa):
     """
     model = _model(request, which)
     n = 180
-    toks = rand_tokens(model, n + 3, seed=5)
-    drop, keep = _drop_ranges(n)
-    res, att0 = {}, {}
-    for how in ("full", "seq_rm", "keep"):
-        ctx = Context(model, 256, flash_attn=fa, capture=True)
-        assert ctx.kv_info().v_trans == (0 if fa else 1)
-        decode_all(ctx, toks[:n], logits_last=False)
-        if how == "seq_rm":
-            for a, b in drop:
-                assert ctx.seq_rm(a, b)
-        elif how == "keep":
-            ctx.kv_keep(keep)
-            np.testing.assert_array_equal(ctx.cell_positions(0, len(keep)), keep)
-        assert ctx.kv_info().used_base == (n if how == "full" else len(keep))
-        ctx.add_capture_prefix("kqv_out")
-        first = step_logits(ctx, toks[n:n + 1], n)
-        att0[how] = ctx.captured()["kqv_out-0"]
-        res[how] = [first, step_logits(ctx, toks[n + 1:n + 3], n + 1)]
-        ctx.close()
-    d_att = float(np.abs(att0["keep"] - att0["seq_rm"]).max())
-    d_att_full = float(np.abs(att0["keep"] - att0["full"]).max())
+    d_att, d_att_full, pairs = keep_vs_seq_rm(model, rand_tokens(model, n + 3, seed=5), n, fa)
     print(f"{which} fa={fa}: layer-0 attention keep vs seq_rm {d_att:.3g}, vs unpruned {d_att_full:.3g}")
     assert d_att < (1e-6 if not fa else 2e-3), d_att   # flash attention accumulates V in f16
     assert d_att_full > 10 * d_att                      # and the pruning is real
-    for a, b in zip(res["seq_rm"], res["keep"]):
+    for a, b in pairs:
         d = float(np.abs(a - b).max())
         print(f"{which} fa={fa}: keep vs seq_rm max |dlogit| = {d:.3g}")
         assert int(np.argmax(a)) == int(np.argmax(b))
@@ -366,7 +341,7 @@ def test_renumber_positions(tiny, fa):
     b.close()
     assert np.abs(la - lb).max() < 1e-3 * max(1.0, float(np.abs(lb).max()))  # f16 cache: keys rotated after rounding
 
-    _, keep = _drop_ranges(n)
+    keep = keep_set(n)
     k = len(keep)
     res = {}
     for how in ("pyasl", "lazy"):
@@ -412,7 +387,7 @@ def test_keep_quantized_cache(fa):
     model = Model(tinymodels.tiny_model_path("llama", n_embd=128))   # head size 32 = one q8_0 block
     n = 180
     toks = rand_tokens(model, n + 1, seed=13)
-    drop, keep = _drop_ranges(n)
+    drop, keep = DROP, keep_set(n)
     lg = {}
     for how in ("full", "seq_rm", "keep", "per_head"):
         ctx = Context(model, 256, flash_attn=fa, type_k=q8, type_v=q8 if fa else None)
@@ -443,7 +418,7 @@ def test_per_head_identical_sets_equal_global(request, which, fa):
     model = _model(request, which)
     n = 160
     toks = rand_tokens(model, n + 1, seed=6)
-    _, keep = _drop_ranges(n)
+    keep = keep_set(n)
     out = []
     for per_head in (False, True):
         ctx = Context(model, 256, flash_attn=fa)

@@ -30,6 +30,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tinymodels  # noqa: E402
+from kvcheck import random_tokens  # noqa: E402
 from pyasl import _native, models  # noqa: E402
 from pyasl.gguf_check import GGUFError, read_header, unsupported_reason  # noqa: E402
 
@@ -49,13 +50,6 @@ def tiny() -> Model:
     m = Model(TINY)
     yield m
     m.close()
-
-
-def _toks(model: Model, n: int, seed: int = 0) -> list[int]:
-    rng = np.random.default_rng(seed)
-    t = [int(x) for x in rng.integers(4, model.n_vocab, n)]
-    t[0] = tinymodels.BOS_ID
-    return t
 
 
 def _with_value(tmp_path: Path, src: Path, key: str, value) -> Path:
@@ -216,7 +210,7 @@ def test_multi_axis_rope_model():
     path = tinymodels.tiny_model_path("qwen2", arch_name="qwen2vl", extra_kv={"rope.dimension_sections": [4, 2, 2, 0]},
                                       seed=5)
     with Model(path) as m:
-        toks = _toks(m, 120)
+        toks = random_tokens(m, 120)
         for policy in ("snapkv", "fastkv"):
             with pytest.raises(ValueError, match="multi-axis RoPE"):
                 generate(m, toks, policy=policy, budget=40, window=8, layer=1, max_tokens=2, n_threads=1)
@@ -236,7 +230,7 @@ def test_multi_axis_rope_model():
 def test_closed_handles_raise_instead_of_crashing():
     m = Model(TINY)
     c = Context(m, 256, n_threads=1)
-    c.decode(_toks(m, 10))
+    c.decode(random_tokens(m, 10))
     c.close()
     c.close()  # twice is fine
     for call in (lambda: c.decode([5]), c.logits, c.kv_info, lambda: c.kv_keep(np.arange(3)), c.state_get,
@@ -266,7 +260,7 @@ def test_decode_arguments(tiny):
         with pytest.raises(ValueError, match="no tokens"):
             c.decode([])
         with pytest.raises(ValueError, match="n_batch"):
-            c.decode(_toks(tiny, 65))
+            c.decode(random_tokens(tiny, 65))
         with pytest.raises(ValueError, match="strictly increasing"):
             c.decode([5, 6], positions=[3, 3])
         with pytest.raises(ValueError, match="2 integers"):
@@ -274,7 +268,7 @@ def test_decode_arguments(tiny):
         for bad in ([tiny.n_vocab], [-1]):  # llama.cpp's own batch check refuses them
             with pytest.raises(RuntimeError, match="llama_decode failed"):
                 c.decode(bad)
-        c.decode(_toks(tiny, 20))
+        c.decode(random_tokens(tiny, 20))
         with pytest.raises(RuntimeError, match="rejected"):
             c.decode([5], pos0=5)  # before the cached positions
         assert c.n_past == 20
@@ -293,7 +287,7 @@ def test_hidden_states_at_the_wrong_time(tiny):
         assert not lib.pyasl_get_hidden(c._ctx, 2)
         assert "no decode has run" in lib.pyasl_last_error().decode()
         assert not lib.pyasl_get_hidden(c._ctx, 3)  # not armed
-        c.decode(_toks(tiny, 12))
+        c.decode(random_tokens(tiny, 12))
         assert c.hidden(12).shape == (12, tiny.n_embd)
         with pytest.raises(ValueError, match="last batch had 12"):
             c.hidden(13)
@@ -313,7 +307,7 @@ def test_hidden_states_at_the_wrong_time(tiny):
 
 def test_keep_positions_are_checked_before_they_reach_c(tiny):
     with Context(tiny, 256, n_threads=1) as c:
-        c.decode(_toks(tiny, 40))
+        c.decode(random_tokens(tiny, 40))
         with pytest.raises(ValueError, match="integers"):
             c.kv_keep(np.array([1.0, 39.0]))
         with pytest.raises(ValueError, match="int32"):
@@ -328,7 +322,7 @@ def test_keep_positions_are_checked_before_they_reach_c(tiny):
 def test_copy_cells_between_different_models(tiny):
     other = Model(tinymodels.tiny_model_path("llama", seed=7))
     with Context(tiny, 256, n_threads=1) as a, Context(other, 256, n_threads=1) as b:
-        a.decode(_toks(tiny, 10))
+        a.decode(random_tokens(tiny, 10))
         with pytest.raises(PyaslError, match="different models"):
             b.kv_copy_cells_from(a, 0, 1, 10)
     with Context(tiny, 256, n_threads=1) as a, Context(tiny, 512, n_threads=1) as b:
@@ -362,7 +356,7 @@ def test_copy_cells_between_different_models(tiny):
 ])
 def test_generate_refuses(tiny, kw, message):
     kw = dict(kw)
-    toks = kw.pop("tokens", _toks(tiny, 100))
+    toks = kw.pop("tokens", random_tokens(tiny, 100))
     if toks == "n_vocab":
         toks = [0, tiny.n_vocab]
     args = dict(policy="asl", budget=40, window=8, max_tokens=2, n_threads=1)
@@ -374,11 +368,11 @@ def test_generate_refuses(tiny, kw, message):
 def test_prompt_longer_than_the_training_context(tmp_path):
     with Model(tinymodels.make_tiny_model(tmp_path / "short.gguf", n_ctx=64)) as m:
         with pytest.raises(ValueError, match="training context 64"):
-            generate(m, _toks(m, 65), policy="full", max_tokens=1)
+            generate(m, random_tokens(m, 65), policy="full", max_tokens=1)
 
 
 def test_nothing_to_prune_is_the_full_answer(tiny):
-    toks = _toks(tiny, 60, seed=3)
+    toks = random_tokens(tiny, 60, seed=3)
     full = generate(tiny, toks, policy="full", max_tokens=4, ignore_eos=True, n_threads=1)
     for kw in (dict(budget=60, window=8), dict(budget=100, window=60), dict(budget=200, window=100, n_batch=512)):
         for policy in ("asl", "snapkv", "asl-2pass"):
@@ -420,7 +414,7 @@ def test_two_sequences_in_one_context(tiny):
     sequence is refused (message names the cell), a wrong seq id is refused, bad ids are refused;
     a context with n_seq_max > 1 that holds one sequence (any id) prunes correctly."""
     _, lib, _ = _native.load()
-    toks = _toks(tiny, 60, seed=4)
+    toks = random_tokens(tiny, 60, seed=4)
     keep = np.r_[0:10, 30:60].astype(np.int32)
     ptr = keep.ctypes.data_as(_native.ctypes.POINTER(_native.ctypes.c_int32))
     c = _two_seq_context(tiny)
@@ -589,7 +583,7 @@ def test_model_without_global_attention_layers(tmp_path):
     runs full KV with a note; the native calls refuse with that reason."""
     p = tinymodels.make_tiny_model(tmp_path / "allswa.gguf", arch="gemma3", n_layer=2, swa_pattern=3)
     with Model(p) as m:
-        toks = _toks(m, 150)
+        toks = random_tokens(m, 150)
         full = generate(m, toks, policy="full", max_tokens=3, ignore_eos=True, n_threads=1)
         for policy in ("snapkv", "asl"):
             r = generate(m, toks, policy=policy, budget=40, window=8, max_tokens=3, ignore_eos=True, n_threads=1)
@@ -614,4 +608,4 @@ def test_layer_major_prefill_refuses(tiny, kw, message):
     args = dict(policy="asl", budget=40, window=8, n_threads=1)
     args.update(kw)
     with pytest.raises(ValueError, match=message):
-        layer_major_prefill(tiny, _toks(tiny, 100), **args)
+        layer_major_prefill(tiny, random_tokens(tiny, 100), **args)
