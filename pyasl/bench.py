@@ -171,7 +171,8 @@ def summarize(rows: list[dict]) -> dict:
         n_layer[r["model"]] = r.get("n_layer")
         if r["policy"] in ("asl", "asl-2pass"):
             layers[g][(lab, r["task"])][r["selected_layer"]] += 1
-        for k in ("decode_tokens_per_s", "kv_bytes", "kv_bytes_full", "prefill_work", "prefill_s"):
+        for k in ("decode_tokens_per_s", "kv_bytes", "kv_bytes_full", "kv_bytes_allocated", "prefill_work",
+                  "prefill_s"):
             if r.get(k) is not None:
                 perf[g][lab][k].append(float(r[k]))
     out = {}
@@ -203,15 +204,18 @@ def markdown(summary: dict) -> str:
         tasks = sorted({t for d in g["accuracy"].values() for t in d}, key=lambda t: D.TASKS.index(t))
         labs = _order(g["accuracy"])
         lines.append(f"### {g['model']}, {g['n_tokens']} tokens\n")
-        lines.append("| policy | " + " | ".join(tasks) + " | mean | KV MiB | prefill work | decode tok/s |")
-        lines.append("|---" * (len(tasks) + 5) + "|")
+        lines.append("| policy | " + " | ".join(tasks) + " | mean | KV MiB held | KV MiB allocated | prefill work | "
+                     "decode tok/s |")
+        lines.append("|---" * (len(tasks) + 6) + "|")
         for lab in labs:
             d = g["accuracy"][lab]
             cells = [f"{d[t]['mean'] * 100:.0f} ({d[t]['n']})" if t in d else "–" for t in tasks]
             means = [d[t]["mean"] for t in tasks if t in d]
             pf = g["perf"].get(lab, {})
             lines.append(f"| {lab} | " + " | ".join(cells) + f" | {100 * sum(means) / max(1, len(means)):.0f} | "
-                         f"{pf.get('kv_bytes', 0) / 2**20:.1f} | {pf.get('prefill_work', float('nan')):.2f} | "
+                         f"{pf.get('kv_bytes', 0) / 2**20:.1f} | "
+                         f"{pf.get('kv_bytes_allocated', float('nan')) / 2**20:.1f} | "
+                         f"{pf.get('prefill_work', float('nan')):.2f} | "
                          f"{pf.get('decode_tokens_per_s', float('nan')):.1f} |")
         lines.append("")
         if g["selected_layers"]:
