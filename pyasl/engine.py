@@ -847,16 +847,7 @@ def generate(model: Model, tokens: list[int], policy: str = "asl", budget: Optio
             note = f"ranks from layer {rl}, the latest full-attention layer <= {layer}"
     lm_reason = layer_major_supported(model)
     if prune:
-        # per-head selection: snapkv, fastkv, layer-major asl, and the per-layer budgets (each layer's
-        # SnapKV sets per KV head: zigzag, pyramid, asl --layer-budgets)
-        per_head = (policy in (("snapkv", "fastkv") + LAYER_BUDGET_POLICIES) or layer_budgets is not None
-                    or (policy == "asl" and prefill_mode != "ordinary" and not lm_reason))
-        why = model.pruning_unsupported(per_head)
-        if why:
-            alt = "; use policy full" if model.pruning_unsupported(False) else \
-                ("; use asl with prefill_mode ordinary (--prefill ordinary) and no layer budgets, asl-2pass, "
-                 "gemfilter or full")
-            raise ValueError(f"policy {policy} cannot run on this model: {why}{alt}")
+        check_prunable(model, policy, selects_per_head(model, policy, prefill_mode, layer_budgets))
     if prune and policy == "fastkv" and lm_reason:
         raise ValueError(f"policy fastkv needs layer-major prefill: {lm_reason}")
     if prefill_mode == "layer-major" and lm_reason and prune:
@@ -1076,6 +1067,25 @@ def prefill_kept(model: Model, tokens: list[int], kept, max_tokens: int, n_batch
         pos = kept_l[i: i + n_batch]
         ctx.decode([tokens[p] for p in pos], positions=pos, logits_last=i + n_batch >= len(kept_l))
     return ctx
+
+
+def selects_per_head(model: Model, policy: str, prefill_mode: str = "auto",
+                     layer_budgets: Optional[str] = None) -> bool:
+    """Whether `policy` keeps a different token set per KV head: snapkv, fastkv, layer-major asl, and
+    the per-layer budgets (each layer's SnapKV sets per KV head: zigzag, pyramid, asl --layer-budgets)."""
+    return (policy in (("snapkv", "fastkv") + LAYER_BUDGET_POLICIES) or layer_budgets is not None
+            or (policy == "asl" and prefill_mode != "ordinary" and layer_major_supported(model) is None))
+
+
+def check_prunable(model: Model, policy: str, per_head: bool) -> None:
+    """Raise ValueError when this model's architecture forbids pruning with `policy` (MLA: no pruning;
+    multi-axis RoPE and ALiBi: no per-head selection). Used by generate, pyasl.Session and pyasl.Llama."""
+    why = model.pruning_unsupported(per_head)
+    if why:
+        alt = "; use policy full" if model.pruning_unsupported(False) else \
+            ("; use policy asl with prefill_mode ordinary (--prefill ordinary) and no layer budgets, asl-2pass, "
+             "gemfilter or full")
+        raise ValueError(f"policy {policy} cannot run on this model: {why}{alt}")
 
 
 def layer_major_supported(model: Model) -> Optional[str]:

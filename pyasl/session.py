@@ -487,17 +487,12 @@ def _check_swa(model: E.Model, policy: Policy) -> None:
 
 
 def _check_arch(model: E.Model, policy: Policy) -> None:
-    """The architecture limits engine.generate enforces (Model.pruning_unsupported): MLA caches are not
-    pruned at all; ALiBi and multi-axis RoPE need one token set for all heads (snapkv, fastkv and
-    layer-major asl select per head)."""
-    if not policy.prunes:
-        return
-    per_head = isinstance(policy, (SnapKV, FastKV)) or (
-        isinstance(policy, ASL) and policy.prefill_mode != "ordinary" and E.layer_major_supported(model) is None)
-    why = model.pruning_unsupported(per_head)
-    if why:
-        alt = "full" if model.pruning_unsupported(False) else "asl (prefill ordinary), asl-2pass, gemfilter or full"
-        raise ValueError(f"policy {policy.name} cannot run on this model: {why}; use policy {alt}")
+    """The architecture limits engine.generate enforces (engine.check_prunable); SnapKV, FastKV and
+    layer-major ASL (and their subclasses) select per KV head."""
+    if policy.prunes:
+        per_head = isinstance(policy, (SnapKV, FastKV)) or (
+            isinstance(policy, ASL) and E.selects_per_head(model, "asl", policy.prefill_mode))
+        E.check_prunable(model, policy.name, per_head)
 
 
 def _check_text(text, what: str) -> None:
