@@ -50,6 +50,44 @@ def build_prompt(model: Model, n_tokens: int, depth: float = 0.35) -> list[int]:
     return toks
 
 
+TOWNS = ["Aldermoor", "Brightwater", "Cinderford", "Dunmere", "Eastvale", "Fernhollow", "Glenrock",
+         "Harrowgate", "Ivybridge"]
+PROGRAMMES = ["bus timetable", "festival permits", "harbour repairs", "library hours", "market stalls",
+              "park lighting", "recycling rounds", "road resurfacing", "school meals", "water supply"]
+REPORT_NEEDLE = ("The board agreed that the emergency generator at the Dunmere pumping station will be replaced "
+                 "by the contractor Halvorsen & Pike on 14 March, at a fixed price of 38,400 euros.")
+REPORT_QUESTION = ("Which contractor will replace the emergency generator at the Dunmere pumping station, "
+                   "on what date, and at what price?")
+
+
+def build_report_prompt(model: Model, n_tokens: int, depth: float = 0.35, seed: int = 0) -> list[int]:
+    """The examples/long_prompt.txt kind of prompt, at most n_tokens long (the most items that fit): numbered
+    report items that differ in town, programme and figures, one decision item (the needle) at `depth`, and
+    a question about it."""
+    import random
+    rng = random.Random(seed)
+    items: list[str] = []
+
+    def render(m: int) -> list[int]:
+        k = int(m * depth)
+        lines = [f"Item {i + 1}. {t}" for i, t in enumerate(items[:k])] + [f"Item {k}b. {REPORT_NEEDLE}"] + \
+            [f"Item {i + 1}. {t}" for i, t in enumerate(items[k:m], start=k)]
+        body = "Annual report of the Regional Services Board\n\n" + "\n".join(lines)
+        return model.prompt_tokens(body + "\n\nQuestion: " + REPORT_QUESTION)
+
+    while not items or len(render(len(items))) <= n_tokens:
+        for _ in range(50):
+            items.append(f"In {rng.choice(TOWNS)}, the {rng.choice(PROGRAMMES)} programme completed "
+                         f"{rng.randint(3, 40)} work orders this quarter; costs came in {rng.randint(1, 30)}% "
+                         f"{rng.choice(['under', 'over'])} the estimate, and the residents' panel asked for a "
+                         f"follow-up review in the spring.")
+    lo, hi = 1, len(items)          # the most items whose prompt fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if len(render(mid)) <= n_tokens else (lo, mid - 1)
+    return render(lo)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="smollm2,qwen2.5-0.5b")
@@ -59,6 +97,9 @@ def main() -> None:
     ap.add_argument("--tau", type=float, default=0.3, help="ASL variance-ratio threshold")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--prompt", default="needle", choices=["needle", "report"],
+                    help="needle: repeated filler sentences + an access code (default); report: numbered report "
+                         "items + a contractor decision (the examples/long_prompt.txt kind)")
     ap.add_argument("--flash-attn", action="store_true")
     ap.add_argument("--fixed-layer", type=float, default=0.4,
                     help="fastkv's and gemfilter's fixed layer as a fraction of the depth (default 0.4)")
@@ -74,7 +115,7 @@ def main() -> None:
     runs = []
     for name in args.models.split(","):
         model = Model(fetch_model(name))
-        toks = build_prompt(model, args.tokens)
+        toks = (build_report_prompt if args.prompt == "report" else build_prompt)(model, args.tokens)
         for pol in args.policies.split(","):
             t0 = time.perf_counter()
             layer = int(round(args.fixed_layer * (model.n_layer - 1))) if pol in ("gemfilter", "fastkv") else None
@@ -82,7 +123,8 @@ def main() -> None:
                          prefill_mode=args.prefill,
                          max_tokens=args.max_tokens, ignore_eos=True, flash_attn=args.flash_attn)
             d = r.to_json()
-            d.update(model=name, tau=args.tau, flash_attn=args.flash_attn, n_tokens_target=args.tokens, wall_s=time.perf_counter() - t0, answer_has_needle="4817" in r.text)
+            d.update(model=name, tau=args.tau, flash_attn=args.flash_attn, n_tokens_target=args.tokens, wall_s=time.perf_counter() - t0, prompt=args.prompt,
+                     answer_has_needle=("4817" if args.prompt == "needle" else "Halvorsen") in r.text)
             runs.append(d)
             print(f"{name:14s} {pol:7s} prefill {d['prefill_s']:6.1f}s decode {d['decode_tokens_per_s']:6.1f} tok/s "
                   f"kv {d['kv_bytes'] / 2**20:6.1f}/{d['kv_bytes_full'] / 2**20:6.1f} MiB layer {d['selected_layer']} "
