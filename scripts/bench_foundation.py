@@ -2,6 +2,7 @@
 """Foundation benchmark: full vs snapkv vs asl (and the two-pass policies) on a ~4K-token prompt.
 
     python scripts/bench_foundation.py [--models smollm2,qwen2.5-0.5b] [--budget 512] [--tokens 4096]
+                                       [--prompt needle|report] [--tau 0.3] [--fixed-layer 0.4]
 
 Writes docs/bench/foundation.json and prints a Markdown table (pasted into docs/BENCHMARKS.md).
 Run on a quiet machine: timings are wall-clock.
