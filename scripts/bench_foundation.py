@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import sys
 import time
 from pathlib import Path
@@ -65,7 +66,6 @@ def build_report_prompt(model: Model, n_tokens: int, depth: float = 0.35, seed: 
     """The examples/long_prompt.txt kind of prompt, at most n_tokens long (the most items that fit): numbered
     report items that differ in town, programme and figures, one decision item (the needle) at `depth`, and
     a question about it."""
-    import random
     rng = random.Random(seed)
     items: list[str] = []
 
@@ -89,6 +89,10 @@ def build_report_prompt(model: Model, n_tokens: int, depth: float = 0.35, seed: 
     return render(lo)
 
 
+# --prompt choice -> (prompt builder, the string a right answer contains)
+PROMPTS = {"needle": (build_prompt, "4817"), "report": (build_report_prompt, "Halvorsen")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="smollm2,qwen2.5-0.5b")
@@ -98,7 +102,7 @@ def main() -> None:
     ap.add_argument("--tau", type=float, default=0.3, help="ASL variance-ratio threshold")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--prompt", default="needle", choices=["needle", "report"],
+    ap.add_argument("--prompt", default="needle", choices=list(PROMPTS),
                     help="needle: repeated filler sentences + an access code (default); report: numbered report "
                          "items + a contractor decision (the examples/long_prompt.txt kind)")
     ap.add_argument("--flash-attn", action="store_true")
@@ -113,10 +117,11 @@ def main() -> None:
         print(table(json.loads(Path(args.table).read_text())["runs"]))
         return
 
+    build, answer_key = PROMPTS[args.prompt]
     runs = []
     for name in args.models.split(","):
         model = Model(fetch_model(name))
-        toks = (build_report_prompt if args.prompt == "report" else build_prompt)(model, args.tokens)
+        toks = build(model, args.tokens)
         for pol in args.policies.split(","):
             t0 = time.perf_counter()
             layer = int(round(args.fixed_layer * (model.n_layer - 1))) if pol in ("gemfilter", "fastkv") else None
@@ -125,7 +130,7 @@ def main() -> None:
                          max_tokens=args.max_tokens, ignore_eos=True, flash_attn=args.flash_attn)
             d = r.to_json()
             d.update(model=name, tau=args.tau, flash_attn=args.flash_attn, n_tokens_target=args.tokens, wall_s=time.perf_counter() - t0, prompt=args.prompt,
-                     answer_has_needle=("4817" if args.prompt == "needle" else "Halvorsen") in r.text)
+                     answer_has_needle=answer_key in r.text)
             runs.append(d)
             print(f"{name:14s} {pol:7s} prefill {d['prefill_s']:6.1f}s decode {d['decode_tokens_per_s']:6.1f} tok/s "
                   f"kv {d['kv_bytes'] / 2**20:6.1f}/{d['kv_bytes_full'] / 2**20:6.1f} MiB layer {d['selected_layer']} "
