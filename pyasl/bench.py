@@ -83,72 +83,92 @@ def run(models: list[str], tasks: list[str], lengths: list[int], budgets: list[i
     outp = Path(out)
     outp.parent.mkdir(parents=True, exist_ok=True)
     done = {row_key(r) for r in load_rows(outp)}
-    new = 0
+    # the plan: every sample (model, length, task, index, depth) that still lacks a row for some
+    # policy x budget; round-robin over tasks (sample 0 of every task, then sample 1, ...), so a
+    # partial run covers every task
+    plan = []
     for name in models:
-        m = Model(resolve_model(name))
-        try:
-            for n_tok in lengths:
-                # round-robin over tasks (sample 0 of every task, then sample 1, ...), so a partial
-                # run covers every task
-                work = [(task, it) for task in tasks for it in _items(task, samples, depths)]
-                work.sort(key=lambda x: (x[1][0], tasks.index(x[0])))
-                for task, (index, depth) in work:
-                    base = {"model": name, "task": task, "n_tokens": n_tok, "index": index, "depth": depth}
-                    want = [(p, None if p == "full" else b) for p in policies
-                            for b in ([None] if p == "full" else budgets)]
-                    want = [(p, b) for p, b in want if row_key(dict(base, policy=p, budget=b)) not in done]
-                    if not want:
-                        continue
-                    s = D.build_sample(m, task, n_tok, seed=seed, index=index, depth=depth)
-                    t0 = time.perf_counter()
-                    rows = []
-                    if mode == "shared":
-                        sp = SharedPrefill(m, s.tokens, window=window, n_threads=n_threads)
-                        for p, b in want:
-                            layer = fixed_layer(m.n_layer, fixed_frac) if p in FIXED_LAYER_POLICIES else None
-                            d = sp.derive(p, budget=b, max_tokens=s.max_tokens, tau=tau, layer=layer)
-                            try:
-                                dec = greedy_decode(m, d.ctx, d.logits, s.max_tokens)
-                            finally:
-                                d.ctx.close()
-                            rows.append(dict(
-                                base, policy=p, budget=b, layer=layer, selected_layer=d.selected_layer,
-                                n_kept=d.n_kept, prefill_work=d.prefill_work, kv_bytes=d.kv_bytes,
-                                kv_bytes_full=sp.kv_bytes_full, kv_bytes_allocated=d.kv_bytes_allocated,
-                                shared_prefill_s=sp.prefill_s, derive_s=d.derive_s,
-                                decode_tokens_per_s=dec.tokens_per_s, n_generated=len(dec.tokens),
-                                output=dec.text, note=d.note,
-                                asl=None if d.asl is None else {k: d.asl[k] for k in ("ranking_layer", "triggered")},
-                                **d.extra))
-                        del sp
-                    else:
-                        for p, b in want:
-                            layer = fixed_layer(m.n_layer, fixed_frac) if p in FIXED_LAYER_POLICIES else None
-                            g = generate(m, s.tokens, policy=p, budget=b if b is not None else 512, window=window,
-                                         tau=tau, layer=layer, max_tokens=s.max_tokens, n_threads=n_threads)
-                            rows.append(dict(
-                                base, policy=p, budget=b, layer=layer, selected_layer=g.selected_layer,
-                                n_kept=g.n_kept, prefill_work=g.prefill_work, kv_bytes=g.kv_bytes,
-                                kv_bytes_full=g.kv_bytes_full, kv_bytes_allocated=g.kv_bytes_allocated,
-                                prefill_s=g.prefill_s, time_to_first_token_s=g.time_to_first_token_s,
-                                decode_tokens_per_s=g.decode_tokens_per_s, n_generated=g.n_generated,
-                                output=g.text, note=g.note,
-                                asl=None if g.asl is None else {k: g.asl[k] for k in ("ranking_layer", "triggered")}))
-                    with outp.open("a", encoding="utf-8") as f:
-                        for r in rows:
-                            r.update(mode=mode, seed=seed, window=window, tau=tau, n_layer=m.n_layer,
-                                     references=s.references, metric=s.metric,
-                                     score=D.score(s.metric, r["output"], s.references))
-                            f.write(json.dumps(r) + "\n")
-                            done.add(row_key(r))
-                    new += len(rows)
-                    acc = " ".join(f"{r['policy']}{'' if r['budget'] is None else '@' + str(r['budget'])}="
-                                   f"{r['score']:.2f}" for r in rows)
-                    log(f"[{name} {n_tok} {task} #{index}{'' if depth is None else f' depth {depth:.2f}'}] "
-                        f"{time.perf_counter() - t0:.0f}s {acc}")
-        finally:
+        for n_tok in lengths:
+            work = [(task, it) for task in tasks for it in _items(task, samples, depths)]
+            work.sort(key=lambda x: (x[1][0], tasks.index(x[0])))
+            for task, (index, depth) in work:
+                base = {"model": name, "task": task, "n_tokens": n_tok, "index": index, "depth": depth}
+                want = [(p, None if p == "full" else b) for p in policies
+                        for b in ([None] if p == "full" else budgets)]
+                want = [(p, b) for p, b in want if row_key(dict(base, policy=p, budget=b)) not in done]
+                if want:
+                    plan.append((base, want))
+    log(f"samples to run: {len(plan)} ({len(done)} results already in {outp})")
+    new = 0
+    t_start = time.perf_counter()
+    m, m_name = None, None
+    try:
+        for n_done, (base, want) in enumerate(plan, 1):
+            name, task, n_tok, index, depth = (base[x] for x in ("model", "task", "n_tokens", "index", "depth"))
+            if m_name != name:  # the plan is grouped by model: load each once
+                if m is not None:
+                    m.close()
+                    m = None
+                m = Model(resolve_model(name))
+                m_name = name
+            s = D.build_sample(m, task, n_tok, seed=seed, index=index, depth=depth)
+            t0 = time.perf_counter()
+            rows = []
+            if mode == "shared":
+                sp = SharedPrefill(m, s.tokens, window=window, n_threads=n_threads)
+                for p, b in want:
+                    layer = fixed_layer(m.n_layer, fixed_frac) if p in FIXED_LAYER_POLICIES else None
+                    d = sp.derive(p, budget=b, max_tokens=s.max_tokens, tau=tau, layer=layer)
+                    try:
+                        dec = greedy_decode(m, d.ctx, d.logits, s.max_tokens)
+                    finally:
+                        d.ctx.close()
+                    rows.append(dict(
+                        base, policy=p, budget=b, layer=layer, selected_layer=d.selected_layer,
+                        n_kept=d.n_kept, prefill_work=d.prefill_work, kv_bytes=d.kv_bytes,
+                        kv_bytes_full=sp.kv_bytes_full, kv_bytes_allocated=d.kv_bytes_allocated,
+                        shared_prefill_s=sp.prefill_s, derive_s=d.derive_s,
+                        decode_tokens_per_s=dec.tokens_per_s, n_generated=len(dec.tokens),
+                        output=dec.text, note=d.note,
+                        asl=None if d.asl is None else {k: d.asl[k] for k in ("ranking_layer", "triggered")},
+                        **d.extra))
+                del sp
+            else:
+                for p, b in want:
+                    layer = fixed_layer(m.n_layer, fixed_frac) if p in FIXED_LAYER_POLICIES else None
+                    g = generate(m, s.tokens, policy=p, budget=b if b is not None else 512, window=window,
+                                 tau=tau, layer=layer, max_tokens=s.max_tokens, n_threads=n_threads)
+                    rows.append(dict(
+                        base, policy=p, budget=b, layer=layer, selected_layer=g.selected_layer,
+                        n_kept=g.n_kept, prefill_work=g.prefill_work, kv_bytes=g.kv_bytes,
+                        kv_bytes_full=g.kv_bytes_full, kv_bytes_allocated=g.kv_bytes_allocated,
+                        prefill_s=g.prefill_s, time_to_first_token_s=g.time_to_first_token_s,
+                        decode_tokens_per_s=g.decode_tokens_per_s, n_generated=g.n_generated,
+                        output=g.text, note=g.note,
+                        asl=None if g.asl is None else {k: g.asl[k] for k in ("ranking_layer", "triggered")}))
+            with outp.open("a", encoding="utf-8") as f:
+                for r in rows:
+                    r.update(mode=mode, seed=seed, window=window, tau=tau, n_layer=m.n_layer,
+                             references=s.references, metric=s.metric,
+                             score=D.score(s.metric, r["output"], s.references))
+                    f.write(json.dumps(r) + "\n")
+                    done.add(row_key(r))
+            new += len(rows)
+            acc = " ".join(f"{r['policy']}{'' if r['budget'] is None else '@' + str(r['budget'])}="
+                           f"{r['score']:.2f}" for r in rows)
+            elapsed = time.perf_counter() - t_start
+            eta = elapsed / n_done * (len(plan) - n_done)
+            log(f"[{n_done}/{len(plan)} {name} {n_tok} {task} #{index}{'' if depth is None else f' depth {depth:.2f}'}] "
+                f"{time.perf_counter() - t0:.0f}s {acc} | eta {_duration(eta)}")
+    finally:
+        if m is not None:
             m.close()
     return new
+
+
+def _duration(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 # ---- summary -------------------------------------------------------------------------------

@@ -148,3 +148,32 @@ def test_summary_and_plots(tmp_path):
 def test_row_keys_resume():
     r = _rows()[0]
     assert BR.row_key(r) == ("m", "passkey", 1000, 0, None, "full", None)
+
+
+def test_run_appends_and_resumes(tmp_path):
+    """`pyasl bench run` on a real model: one row per policy x budget, scored; a rerun skips what is
+    in the file; more samples or policies run only what is missing."""
+    out = tmp_path / "r.jsonl"
+    logs: list[str] = []
+    args = (["smollm2"], ["passkey"], [600], [128])
+    assert BR.run(*args, ["full", "snapkv", "asl"], 1, out, log=logs.append) == 3
+    rows = BR.load_rows(out)
+    assert {(r["policy"], r["budget"]) for r in rows} == {("full", None), ("snapkv", 128), ("asl", 128)}
+    for r in rows:
+        assert (r["model"], r["task"], r["n_tokens"], r["index"]) == ("smollm2", "passkey", 600, 0)
+        assert r["score"] in (0.0, 1.0) and r["references"] and r["n_generated"] >= 1
+    assert rows[0]["n_kept"] == 600 and rows[1]["n_kept"] == 128
+    assert logs[0] == f"samples to run: 1 (0 results already in {out})"
+    assert logs[1].startswith("[1/1 smollm2 600 passkey #0] ") and "| eta 0m00s" in logs[1]
+
+    logs.clear()
+    assert BR.run(*args, ["full", "snapkv", "asl"], 1, out, log=logs.append) == 0
+    assert logs == [f"samples to run: 0 (3 results already in {out})"]
+
+    logs.clear()
+    # sample 0 lacks only fastkv; sample 1 lacks everything
+    assert BR.run(*args, ["full", "snapkv", "asl", "fastkv"], 2, out, log=logs.append) == 1 + 4
+    assert logs[0] == f"samples to run: 2 (3 results already in {out})"
+    assert "fastkv@128=" in logs[1] and "full=" not in logs[1]
+    rows = BR.load_rows(out)
+    assert len(rows) == 8 and len({BR.row_key(r) for r in rows}) == 8
