@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -218,35 +219,67 @@ def _order(labels) -> list[str]:
     return sorted(labels, key=key)
 
 
+def _group_markdown(g: dict, fold: bool = False) -> list[str]:
+    """One (model, length) group: the accuracy table, then the selected-layer distribution (folded
+    into a <details> block when `fold`)."""
+    tasks = sorted({t for d in g["accuracy"].values() for t in d}, key=lambda t: D.TASKS.index(t))
+    labs = _order(g["accuracy"])
+    lines = ["| policy | " + " | ".join(tasks) + " | mean | KV MiB held | KV MiB allocated | prefill work | "
+             "decode tok/s |", "|---" * (len(tasks) + 6) + "|"]
+    for lab in labs:
+        d = g["accuracy"][lab]
+        cells = [f"{d[t]['mean'] * 100:.0f} ({d[t]['n']})" if t in d else "–" for t in tasks]
+        means = [d[t]["mean"] for t in tasks if t in d]
+        pf = g["perf"].get(lab, {})
+        lines.append(f"| {lab} | " + " | ".join(cells) + f" | {100 * sum(means) / max(1, len(means)):.0f} | "
+                     f"{pf.get('kv_bytes', 0) / 2**20:.1f} | "
+                     f"{pf.get('kv_bytes_allocated', float('nan')) / 2**20:.1f} | "
+                     f"{pf.get('prefill_work', float('nan')):.2f} | "
+                     f"{pf.get('decode_tokens_per_s', float('nan')):.1f} |")
+    lines.append("")
+    if g["selected_layers"]:
+        title = (f"Selected layer (of {g['n_layer']}) per task, count of samples (None: τ never reached, "
+                 "every layer ran)")
+        lines += [f"<details><summary>{title}</summary>", ""] if fold else [title + ":", ""]
+        for k in sorted(g["selected_layers"]):
+            lab, t = k.split("|")
+            dist = ", ".join(f"{l}: {c}" for l, c in g["selected_layers"][k].items())
+            lines.append(f"- {lab} / {t}: {dist}")
+        lines.append("")
+        if fold:
+            lines += ["</details>", ""]
+    return lines
+
+
 def markdown(summary: dict) -> str:
     lines = []
-    for gname, g in summary.items():
-        tasks = sorted({t for d in g["accuracy"].values() for t in d}, key=lambda t: D.TASKS.index(t))
-        labs = _order(g["accuracy"])
+    for g in summary.values():
         lines.append(f"### {g['model']}, {g['n_tokens']} tokens\n")
-        lines.append("| policy | " + " | ".join(tasks) + " | mean | KV MiB held | KV MiB allocated | prefill work | "
-                     "decode tok/s |")
-        lines.append("|---" * (len(tasks) + 6) + "|")
-        for lab in labs:
-            d = g["accuracy"][lab]
-            cells = [f"{d[t]['mean'] * 100:.0f} ({d[t]['n']})" if t in d else "–" for t in tasks]
-            means = [d[t]["mean"] for t in tasks if t in d]
-            pf = g["perf"].get(lab, {})
-            lines.append(f"| {lab} | " + " | ".join(cells) + f" | {100 * sum(means) / max(1, len(means)):.0f} | "
-                         f"{pf.get('kv_bytes', 0) / 2**20:.1f} | "
-                         f"{pf.get('kv_bytes_allocated', float('nan')) / 2**20:.1f} | "
-                         f"{pf.get('prefill_work', float('nan')):.2f} | "
-                         f"{pf.get('decode_tokens_per_s', float('nan')):.1f} |")
-        lines.append("")
-        if g["selected_layers"]:
-            lines.append(f"Selected layer (of {g['n_layer']}) per task, count of samples (None: τ never reached, "
-                         "every layer ran):\n")
-            for k in sorted(g["selected_layers"]):
-                lab, t = k.split("|")
-                dist = ", ".join(f"{l}: {c}" for l, c in g["selected_layers"][k].items())
-                lines.append(f"- {lab} / {t}: {dist}")
-            lines.append("")
+        lines += _group_markdown(g)
     return "\n".join(lines)
+
+
+_MARK = re.compile(r"<!-- accuracy:(?P<model>[^ :]+):(?P<n>\d+) -->\n.*?<!-- /accuracy -->", re.S)
+
+
+def update_doc(text: str, summary: dict) -> tuple[str, list[str], list[str]]:
+    """Rewrites every block `<!-- accuracy:MODEL:N_TOKENS -->` ... `<!-- /accuracy -->` of a
+    markdown document with that group's table and folded selected-layer list. Returns the new text,
+    the groups rewritten and the groups of the summary that the document has no block for."""
+    groups = {(g["model"], int(g["n_tokens"])): g for g in summary.values()}
+    done = []
+
+    def repl(mt: re.Match) -> str:
+        key = (mt["model"], int(mt["n"]))
+        if key not in groups:
+            raise ValueError(f"the document has a block for {key[0]} at {key[1]} tokens, but the results have no rows for it")
+        done.append(f"{key[0]}@{key[1]}")
+        body = "\n".join(_group_markdown(groups[key], fold=True)).rstrip("\n")
+        return f"<!-- accuracy:{key[0]}:{key[1]} -->\n{body}\n<!-- /accuracy -->"
+
+    new = _MARK.sub(repl, text)
+    missing = [f"{m}@{n}" for m, n in groups if f"{m}@{n}" not in done]
+    return new, done, missing
 
 
 # ---- plots ---------------------------------------------------------------------------------

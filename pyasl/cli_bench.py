@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
@@ -67,7 +66,10 @@ def bench_run(models, tasks, lengths, budgets, policies, samples, depths, seed, 
 @bench.command("summary")
 @click.argument("results", type=click.Path(exists=True, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="print the aggregates as JSON")
-def bench_summary(results, as_json):
+@click.option("--into", "into", type=click.Path(exists=True, dir_okay=False),
+              help="instead of printing, rewrite the tables in this markdown file: every block between "
+                   "'<!-- accuracy:MODEL:N_TOKENS -->' and '<!-- /accuracy -->'")
+def bench_summary(results, as_json, into):
     """Accuracy per task and policy, selected layers, speed and memory, from RESULTS (JSONL)."""
     from . import bench as B
 
@@ -75,6 +77,19 @@ def bench_summary(results, as_json):
     if not rows:
         raise click.ClickException(f"{results} holds no results")
     s = B.summarize(rows)
+    if into:
+        p = Path(into)
+        try:
+            text, done, missing = B.update_doc(p.read_text(encoding="utf-8"), s)
+        except ValueError as e:
+            raise click.ClickException(str(e)) from None
+        if not done:
+            raise click.ClickException(f"{into} has no '<!-- accuracy:MODEL:N_TOKENS -->' blocks")
+        p.write_text(text, encoding="utf-8")
+        click.echo(f"rewrote {len(done)} tables in {into}: {', '.join(done)}", err=True)
+        if missing:
+            click.echo(f"no block in {into} for: {', '.join(missing)}", err=True)
+        return
     click.echo(json.dumps(s, indent=1) if as_json else B.markdown(s))
 
 

@@ -177,3 +177,33 @@ def test_run_appends_and_resumes(tmp_path):
     assert "fastkv@128=" in logs[1] and "full=" not in logs[1]
     rows = BR.load_rows(out)
     assert len(rows) == 8 and len({BR.row_key(r) for r in rows}) == 8
+
+
+def test_update_doc_rewrites_marked_tables(tmp_path):
+    from click.testing import CliRunner
+
+    from pyasl.cli import main
+
+    rows = _rows()
+    s = BR.summarize(rows)
+    doc = "intro\n\n<!-- accuracy:m:1000 -->\nold table\n<!-- /accuracy -->\n\nPlots: ...\n"
+    new, done, missing = BR.update_doc(doc, s)
+    assert (done, missing) == (["m@1000"], [])
+    assert "old table" not in new and "| asl@128 |" in new
+    assert "<details><summary>Selected layer (of 12)" in new and "- asl@128 / passkey: 5: 2" in new
+    assert new.startswith("intro\n\n<!-- accuracy:m:1000 -->\n| policy |")
+    assert new.endswith("</details>\n<!-- /accuracy -->\n\nPlots: ...\n")
+    assert BR.update_doc(new, s)[0] == new  # idempotent
+    with pytest.raises(ValueError, match="no rows for it"):
+        BR.update_doc("<!-- accuracy:other:1000 -->\n<!-- /accuracy -->\n", s)
+
+    res = tmp_path / "r.jsonl"
+    res.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    md = tmp_path / "doc.md"
+    md.write_text(doc)
+    r = CliRunner().invoke(main, ["bench", "summary", str(res), "--into", str(md)])
+    assert r.exit_code == 0, r.output
+    assert md.read_text() == new
+    md.write_text("no blocks here\n")
+    r = CliRunner().invoke(main, ["bench", "summary", str(res), "--into", str(md)])
+    assert r.exit_code != 0 and "has no '<!-- accuracy:MODEL:N_TOKENS -->' blocks" in r.output
