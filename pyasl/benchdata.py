@@ -227,8 +227,8 @@ def _spec(task: str, rng: random.Random, depth: Optional[float], n_tokens: int) 
             needle = f"The sequence of digits is {value}. Remember it. {value} is the sequence of digits."
             q, prefix = "What is the sequence of digits?", "The sequence of digits is"
         return _Spec(
-            intro=f"There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-                  f"I will quiz you about the important information there.\n\n",
+            intro="There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+                  "I will quiz you about the important information there.\n\n",
             question=q, answer_prefix=prefix, unit=lambda i: NOISE, needles=[needle], references=[value],
             metric="first_int", depths=[depth if depth is not None else rng.random()], meta={"what": what})
     if task == "kv_retrieval":

@@ -12,7 +12,6 @@ from typing import Optional
 
 import click
 
-from ._paths import cache_home
 
 
 def _fail(msg: str) -> None:

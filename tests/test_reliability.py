@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tinymodels  # noqa: E402
 from kvcheck import random_tokens  # noqa: E402
 from pyasl import _native, models  # noqa: E402
-from pyasl.gguf_check import GGUFError, read_header, unsupported_reason  # noqa: E402
+from pyasl.gguf_check import read_header, unsupported_reason  # noqa: E402
 
 try:
     _native.load()

@@ -119,3 +119,9 @@ def test_shared_on_tiny_model_keep_all_is_full(tiny):
     d = sp.derive("fastkv", budget=299, layer=2, max_tokens=4)
     assert d.n_kept == 299
     assert d.prefill_work < 1.0
+    d.ctx.close()
+    # a budget that keeps every token: the derived context decodes exactly as full
+    for policy, layer in (("fastkv", 2), ("snapkv", None), ("asl", None)):
+        d = sp.derive(policy, budget=300, layer=layer, max_tokens=4)
+        assert d.n_kept == 300, policy
+        assert _toks(d, tiny, 4) == want, policy
