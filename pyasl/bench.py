@@ -342,6 +342,8 @@ def plot(rows: list[dict], out_dir: str | os.PathLike) -> list[Path]:
             cols = min(3, len(tasks))
             rws = (len(tasks) + cols - 1) // cols
             fig, axes = plt.subplots(rws, cols, figsize=(3.6 * cols, 2.8 * rws), squeeze=False)
+            pruned = [p for p in pols if p != "full"]
+            markers = "osD^vP*X"
             for ax, t in zip(axes.flat, tasks):
                 for p in pols:
                     if p == "full":
@@ -353,10 +355,15 @@ def plot(rows: list[dict], out_dir: str | os.PathLike) -> list[Path]:
                     for b in budgets:
                         v = [r["score"] for r in lr if r["task"] == t and r["policy"] == p and r.get("budget") == b]
                         ys.append(sum(v) / len(v) if v else np.nan)
-                    ax.plot(budgets, ys, marker="o", label=p)
+                    # budgets at evenly spaced x positions, each policy dodged sideways a little, so
+                    # policies with equal scores (asl that never selects is snapkv) stay visible
+                    i = pruned.index(p)
+                    xs = [j + 0.06 * (i - (len(pruned) - 1) / 2) for j in range(len(budgets))]
+                    ax.plot(xs, ys, marker=markers[i % len(markers)], ms=4, lw=1, label=p)
                 ax.set_title(t, fontsize=9)
                 ax.set_ylim(-0.05, 1.05)
-                ax.set_xticks(budgets, [str(b) for b in budgets], fontsize=7)
+                ax.set_xlim(-0.5, len(budgets) - 0.5)
+                ax.set_xticks(range(len(budgets)), [str(b) for b in budgets], fontsize=7)
                 ax.set_xlabel("KV budget", fontsize=7)
             for ax in list(axes.flat)[len(tasks):]:
                 ax.axis("off")
