@@ -153,7 +153,6 @@ def run(models: list[str], tasks: list[str], lengths: list[int], budgets: list[i
                              references=s.references, metric=s.metric,
                              score=D.score(s.metric, r["output"], s.references))
                     f.write(json.dumps(r) + "\n")
-                    done.add(row_key(r))
             new += len(rows)
             acc = " ".join(f"{r['policy']}{'' if r['budget'] is None else '@' + str(r['budget'])}="
                            f"{r['score']:.2f}" for r in rows)
@@ -259,7 +258,10 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
-_MARK = re.compile(r"<!-- accuracy:(?P<model>[^ :]+):(?P<n>\d+) -->\n.*?<!-- /accuracy -->", re.S)
+_START = r"<!-- accuracy:(?P<model>[^ :]+):(?P<n>\d+) -->"
+# a block may not run into the next block's start: an unterminated block is an error, not a
+# reason to swallow the text up to some later end marker
+_MARK = re.compile(_START + r"\n(?:(?!<!-- accuracy:).)*?<!-- /accuracy -->", re.S)
 
 
 def update_doc(text: str, summary: dict) -> tuple[str, list[str], list[str]]:
@@ -277,7 +279,11 @@ def update_doc(text: str, summary: dict) -> tuple[str, list[str], list[str]]:
         body = "\n".join(_group_markdown(groups[key], fold=True)).rstrip("\n")
         return f"<!-- accuracy:{key[0]}:{key[1]} -->\n{body}\n<!-- /accuracy -->"
 
-    new = _MARK.sub(repl, text)
+    new, n = _MARK.subn(repl, text)
+    starts = len(re.findall(_START, text))
+    if n != starts:
+        raise ValueError(f"{starts - n} of the document's '<!-- accuracy:MODEL:N_TOKENS -->' blocks "
+                         "have no '<!-- /accuracy -->' before the next block")
     missing = [f"{m}@{n}" for m, n in groups if f"{m}@{n}" not in done]
     return new, done, missing
 

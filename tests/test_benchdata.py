@@ -196,6 +196,10 @@ def test_update_doc_rewrites_marked_tables(tmp_path):
     assert BR.update_doc(new, s)[0] == new  # idempotent
     with pytest.raises(ValueError, match="no rows for it"):
         BR.update_doc("<!-- accuracy:other:1000 -->\n<!-- /accuracy -->\n", s)
+    # an unterminated block must not swallow the text up to the next block's end marker
+    broken = "<!-- accuracy:m:1000 -->\nold\nprose to keep\n" + doc
+    with pytest.raises(ValueError, match="1 of the document's .* blocks have no"):
+        BR.update_doc(broken, s)
 
     res = tmp_path / "r.jsonl"
     res.write_text("".join(json.dumps(r) + "\n" for r in rows))
