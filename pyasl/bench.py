@@ -27,7 +27,7 @@ NIAH_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def fixed_layer(n_layer: int, frac: float) -> int:
-    """fastkv's / gemfilter's layer: `frac` of the depth (as in scripts/bench_foundation.py)."""
+    """fastkv's / gemfilter's layer: `frac` of the depth (also used by scripts/bench_foundation.py)."""
     return int(round(frac * (n_layer - 1)))
 
 
@@ -154,8 +154,7 @@ def run(models: list[str], tasks: list[str], lengths: list[int], budgets: list[i
                              score=D.score(s.metric, r["output"], s.references))
                     f.write(json.dumps(r) + "\n")
             new += len(rows)
-            acc = " ".join(f"{r['policy']}{'' if r['budget'] is None else '@' + str(r['budget'])}="
-                           f"{r['score']:.2f}" for r in rows)
+            acc = " ".join(f"{_label(r['policy'], r['budget'])}={r['score']:.2f}" for r in rows)
             elapsed = time.perf_counter() - t_start
             eta = elapsed / n_done * (len(plan) - n_done)
             log(f"[{n_done}/{len(plan)} {name} {n_tok} {task} #{index}{'' if depth is None else f' depth {depth:.2f}'}] "
@@ -284,7 +283,7 @@ def update_doc(text: str, summary: dict) -> tuple[str, list[str], list[str]]:
     if n != starts:
         raise ValueError(f"{starts - n} of the document's '<!-- accuracy:MODEL:N_TOKENS -->' blocks "
                          "have no '<!-- /accuracy -->' before the next block")
-    missing = [f"{m}@{n}" for m, n in groups if f"{m}@{n}" not in done]
+    missing = [f"{model}@{n_tok}" for model, n_tok in groups if f"{model}@{n_tok}" not in done]
     return new, done, missing
 
 

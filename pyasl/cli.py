@@ -13,7 +13,6 @@ from typing import Optional
 import click
 
 
-
 def _fail(msg: str) -> None:
     raise click.ClickException(msg)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from pyasl.bench import FIXED_LAYER_POLICIES, fixed_layer  # noqa: E402
 from pyasl.engine import Model, generate  # noqa: E402
 from pyasl.models import fetch_model  # noqa: E402
 
@@ -124,7 +125,7 @@ def main() -> None:
         toks = build(model, args.tokens)
         for pol in args.policies.split(","):
             t0 = time.perf_counter()
-            layer = int(round(args.fixed_layer * (model.n_layer - 1))) if pol in ("gemfilter", "fastkv") else None
+            layer = fixed_layer(model.n_layer, args.fixed_layer) if pol in FIXED_LAYER_POLICIES else None
             r = generate(model, toks, policy=pol, budget=args.budget, window=args.window, layer=layer, tau=args.tau,
                          prefill_mode=args.prefill,
                          max_tokens=args.max_tokens, ignore_eos=True, flash_attn=args.flash_attn)
