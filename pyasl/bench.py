@@ -31,8 +31,14 @@ def fixed_layer(n_layer: int, frac: float) -> int:
     return int(round(frac * (n_layer - 1)))
 
 
+def row_span(r: dict) -> Optional[str]:
+    """A row's span stage (pyasl.spans): None for full KV; rows written before spans existed are token."""
+    return None if r["policy"] == "full" else (r.get("span") or "token")
+
+
 def row_key(r: dict) -> tuple:
-    return (r["model"], r["task"], int(r["n_tokens"]), int(r["index"]), r.get("depth"), r["policy"], r.get("budget"))
+    return (r["model"], r["task"], int(r["n_tokens"]), int(r["index"]), r.get("depth"), r["policy"], r.get("budget"),
+            row_span(r))
 
 
 def load_rows(path: str | os.PathLike) -> list[dict]:
@@ -62,11 +68,17 @@ def _items(task: str, samples: int, depths: Iterable[float]) -> list[tuple[int, 
 def run(models: list[str], tasks: list[str], lengths: list[int], budgets: list[int], policies: list[str],
         samples: int, out: str | os.PathLike, seed: int = 0, window: int = 32, tau: float = 0.3,
         fixed_frac: float = 0.4, depths: Iterable[float] = NIAH_DEPTHS, mode: str = "shared",
-        n_threads: Optional[int] = None, log: Callable[[str], None] = print) -> int:
-    """Run (resuming) and append rows to `out`. Returns the number of new rows."""
+        n_threads: Optional[int] = None, log: Callable[[str], None] = print,
+        spans: Optional[Iterable] = None) -> int:
+    """Run (resuming) and append rows to `out`. Returns the number of new rows. `spans`: the span
+    stages (pyasl.spans) every pruning policy runs with, each a row of its own (default: the
+    library default only)."""
     from .engine import Model, generate, greedy_decode
     from .models import resolve_model
     from .shared import SHARED_POLICIES, SharedPrefill
+    from .spans import Spans
+
+    span_list = [str(Spans.parse(x)) for x in (spans or [None])]
 
     if mode not in ("shared", "independent"):
         raise ValueError("mode must be shared or independent")
@@ -94,9 +106,11 @@ def run(models: list[str], tasks: list[str], lengths: list[int], budgets: list[i
             work.sort(key=lambda x: (x[1][0], tasks.index(x[0])))
             for task, (index, depth) in work:
                 base = {"model": name, "task": task, "n_tokens": n_tok, "index": index, "depth": depth}
-                want = [(p, None if p == "full" else b) for p in policies
-                        for b in ([None] if p == "full" else budgets)]
-                want = [(p, b) for p, b in want if row_key(dict(base, policy=p, budget=b)) not in done]
+                want = [(p, None, None) if p == "full" else (p, b, sp) for p in policies
+                        for b in ([None] if p == "full" else budgets) for sp in ([None] if p == "full" else span_list)]
+                want = list(dict.fromkeys(want))
+                want = [(p, b, sp) for p, b, sp in want
+                        if row_key(dict(base, policy=p, budget=b, span=sp)) not in done]
                 if want:
                     plan.append((base, want))
     log(f"samples to run: {len(plan)} ({len(done)} results already in {outp})")
@@ -117,15 +131,15 @@ def run(models: list[str], tasks: list[str], lengths: list[int], budgets: list[i
             rows = []
             if mode == "shared":
                 sp = SharedPrefill(m, s.tokens, window=window, n_threads=n_threads)
-                for p, b in want:
+                for p, b, span in want:
                     layer = fixed_layer(m.n_layer, fixed_frac) if p in FIXED_LAYER_POLICIES else None
-                    d = sp.derive(p, budget=b, max_tokens=s.max_tokens, tau=tau, layer=layer)
+                    d = sp.derive(p, budget=b, max_tokens=s.max_tokens, tau=tau, layer=layer, span=span)
                     try:
                         dec = greedy_decode(m, d.ctx, d.logits, s.max_tokens)
                     finally:
                         d.ctx.close()
                     rows.append(dict(
-                        base, policy=p, budget=b, layer=layer, selected_layer=d.selected_layer,
+                        base, policy=p, budget=b, span=span, layer=layer, selected_layer=d.selected_layer,
                         n_kept=d.n_kept, prefill_work=d.prefill_work, kv_bytes=d.kv_bytes,
                         kv_bytes_full=sp.kv_bytes_full, kv_bytes_allocated=d.kv_bytes_allocated,
                         shared_prefill_s=sp.prefill_s, derive_s=d.derive_s,
@@ -135,12 +149,12 @@ def run(models: list[str], tasks: list[str], lengths: list[int], budgets: list[i
                         **d.extra))
                 del sp
             else:
-                for p, b in want:
+                for p, b, span in want:
                     layer = fixed_layer(m.n_layer, fixed_frac) if p in FIXED_LAYER_POLICIES else None
                     g = generate(m, s.tokens, policy=p, budget=b if b is not None else 512, window=window,
-                                 tau=tau, layer=layer, max_tokens=s.max_tokens, n_threads=n_threads)
+                                 tau=tau, layer=layer, max_tokens=s.max_tokens, n_threads=n_threads, span=span)
                     rows.append(dict(
-                        base, policy=p, budget=b, layer=layer, selected_layer=g.selected_layer,
+                        base, policy=p, budget=b, span=span, layer=layer, selected_layer=g.selected_layer,
                         n_kept=g.n_kept, prefill_work=g.prefill_work, kv_bytes=g.kv_bytes,
                         kv_bytes_full=g.kv_bytes_full, kv_bytes_allocated=g.kv_bytes_allocated,
                         prefill_s=g.prefill_s, time_to_first_token_s=g.time_to_first_token_s,
@@ -154,7 +168,7 @@ def run(models: list[str], tasks: list[str], lengths: list[int], budgets: list[i
                              score=D.score(s.metric, r["output"], s.references))
                     f.write(json.dumps(r) + "\n")
             new += len(rows)
-            acc = " ".join(f"{_label(r['policy'], r['budget'])}={r['score']:.2f}" for r in rows)
+            acc = " ".join(f"{row_label(r)}={r['score']:.2f}" for r in rows)
             elapsed = time.perf_counter() - t_start
             eta = elapsed / n_done * (len(plan) - n_done)
             log(f"[{n_done}/{len(plan)} {name} {n_tok} {task} #{index}{'' if depth is None else f' depth {depth:.2f}'}] "
@@ -171,8 +185,14 @@ def _duration(s: float) -> str:
 
 
 # ---- summary -------------------------------------------------------------------------------
-def _label(policy: str, budget) -> str:
-    return policy if budget is None else f"{policy}@{budget}"
+def _label(policy: str, budget, span: Optional[str] = None) -> str:
+    """policy[+span]@budget: snapkv@512 (token-level), snapkv+forward:16@512, full."""
+    name = policy if span in (None, "token") else f"{policy}+{span}"
+    return name if budget is None else f"{name}@{budget}"
+
+
+def row_label(r: dict) -> str:
+    return _label(r["policy"], r.get("budget"), row_span(r))
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -185,7 +205,7 @@ def summarize(rows: list[dict]) -> dict:
     n_layer = {}
     for r in rows:
         g = (r["model"], int(r["n_tokens"]))
-        lab = _label(r["policy"], r.get("budget"))
+        lab = row_label(r)
         acc[g][lab][r["task"]].append(float(r["score"]))
         n_layer[r["model"]] = r.get("n_layer")
         if r["policy"] in ("asl", "asl-2pass"):
@@ -212,8 +232,9 @@ def _order(labels) -> list[str]:
                                        "asl-2pass"))}
 
     def key(lab: str):
-        p, _, b = lab.partition("@")
-        return (int(b) if b else -1, pol.get(p, 99), lab)
+        name, _, b = lab.partition("@")
+        p, _, span = name.partition("+")
+        return (int(b) if b else -1, pol.get(p, 99), span, lab)
     return sorted(labels, key=key)
 
 
@@ -313,7 +334,7 @@ def plot(rows: list[dict], out_dir: str | os.PathLike) -> list[Path]:
         # NIAH heatmaps
         nr = [r for r in mr if r["task"] == "niah"]
         if nr:
-            labs = _order({_label(r["policy"], r.get("budget")) for r in nr})
+            labs = _order({row_label(r) for r in nr})
             lens = sorted({int(r["n_tokens"]) for r in nr})
             deps = sorted({float(r["depth"]) for r in nr})
             cols = min(4, len(labs))
@@ -323,7 +344,7 @@ def plot(rows: list[dict], out_dir: str | os.PathLike) -> list[Path]:
                 grid = np.full((len(deps), len(lens)), np.nan)
                 for i, dp in enumerate(deps):
                     for j, ln in enumerate(lens):
-                        v = [r["score"] for r in nr if _label(r["policy"], r.get("budget")) == lab
+                        v = [r["score"] for r in nr if row_label(r) == lab
                              and float(r["depth"]) == dp and int(r["n_tokens"]) == ln]
                         if v:
                             grid[i, j] = sum(v) / len(v)
@@ -394,12 +415,12 @@ def plot(rows: list[dict], out_dir: str | os.PathLike) -> list[Path]:
                 fig.suptitle(f"ASL selected layer: {model}, {n_tok} tokens", fontsize=10)
                 save(fig, f"layers-{model}-{n_tok}.png")
             # speed and memory
-            labs = _order({_label(r["policy"], r.get("budget")) for r in lr})
-            dec = [np.mean([r["decode_tokens_per_s"] for r in lr if _label(r["policy"], r.get("budget")) == lab
+            labs = _order({row_label(r) for r in lr})
+            dec = [np.mean([r["decode_tokens_per_s"] for r in lr if row_label(r) == lab
                             and r["decode_tokens_per_s"]] or [np.nan]) for lab in labs]
-            kv = [np.mean([r["kv_bytes"] for r in lr if _label(r["policy"], r.get("budget")) == lab]) / 2**20
+            kv = [np.mean([r["kv_bytes"] for r in lr if row_label(r) == lab]) / 2**20
                   for lab in labs]
-            work = [np.mean([r["prefill_work"] for r in lr if _label(r["policy"], r.get("budget")) == lab])
+            work = [np.mean([r["prefill_work"] for r in lr if row_label(r) == lab])
                     for lab in labs]
             fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
             for ax, vals, title in zip(axes, (dec, kv, work), ("decode tokens/s", "KV MiB held",

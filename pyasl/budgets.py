@@ -270,15 +270,16 @@ def layer_budgets(method: str, scores, window: int, b_avg: int, theta: float = D
 # ---------------------------------------------------------------------------
 
 def per_layer_sets(scores, budgets, window: int, n_head_kv: int, kernel: int = 7,
-                   shared=None, n_layer: Optional[int] = None) -> list[np.ndarray]:
+                   shared=None, n_layer: Optional[int] = None, span=None) -> list[np.ndarray]:
     """Per-layer, per-KV-head token sets: ``(n_head_kv, budgets[l])`` SnapKV top-k plus the window for
     every layer of ``scores``; with ``shared`` (sorted positions), layers ``len(scores) .. n_layer - 1``
-    all keep ``shared`` in every head."""
+    all keep ``shared`` in every head. ``span``: the span stage of the top-k (pyasl.spans)."""
     arr = P._check_scores(scores, (3,), "scores (n_layer, n_head, n_prompt)")
     b = np.asarray(budgets)
     if b.shape != (arr.shape[0],):
         raise ValueError(f"need one budget per scored layer ({arr.shape[0]}), got shape {b.shape}")
-    sets = [P.snapkv_select(arr[l], window, int(b[l]), n_head_kv, kernel=kernel) for l in range(arr.shape[0])]
+    sets = [P.snapkv_select(arr[l], window, int(b[l]), n_head_kv, kernel=kernel, span=span)
+            for l in range(arr.shape[0])]
     n_layer = arr.shape[0] if n_layer is None else int(n_layer)
     if n_layer > arr.shape[0]:
         if shared is None:
@@ -313,7 +314,7 @@ class LayerBudgets:
 
 def apply_layer_budgets(ctx, scores, method: str, b_avg: int, window: int, kernel: int = 7,
                         shared=None, theta: float = DEFAULT_THETA, b_min_frac: float = DEFAULT_B_MIN_FRAC,
-                        beta: float = DEFAULT_BETA, budgets=None) -> LayerBudgets:
+                        beta: float = DEFAULT_BETA, budgets=None, span=None) -> LayerBudgets:
     """Compact ``ctx`` (an engine.Context holding the full prompt KV of one sequence) to per-layer budgets.
 
     scores: ``(n_sel, n_head, n_prompt)`` window scores (engine.prefill(...).scores) of layers
@@ -337,7 +338,8 @@ def apply_layer_budgets(ctx, scores, method: str, b_avg: int, window: int, kerne
     else:
         b = np.asarray(budgets, dtype=np.int64)
         info = {"method": method, "b_avg": int(b_avg)}
-    sets = per_layer_sets(arr, b, window, model.n_head_kv, kernel=kernel, shared=shared, n_layer=model.n_layer)
+    sets = per_layer_sets(arr, b, window, model.n_head_kv, kernel=kernel, shared=shared, n_layer=model.n_layer,
+                          span=span)
     counts = np.array([s.shape[-1] for s in sets], dtype=np.int64)
     t1 = time.perf_counter()
     ctx.kv_keep_per_layer(sets)

@@ -12,6 +12,8 @@ from typing import Optional
 
 import click
 
+from .spans import DEFAULT_SPAN
+
 
 def _fail(msg: str) -> None:
     raise click.ClickException(msg)
@@ -142,6 +144,20 @@ def models_path(name: str) -> None:
 
 
 # ---- generate -----------------------------------------------------------------------------
+def _parse_span(ctx, param, value):
+    from .spans import Spans
+
+    try:
+        return Spans.parse(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+span_option = click.option(
+    "--span", callback=_parse_span, metavar="token|forward:S|chunk:C",
+    help="how scores become kept cells: token (top-k tokens), forward:S (a kept token brings the S-1 after it), "
+         f"chunk:C (whole chunks of C tokens); default: {DEFAULT_SPAN}")
+
 _common = [
     click.argument("model"),
     click.option("--prompt", help="prompt text"),
@@ -157,6 +173,7 @@ _common = [
     click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: all cores)"),
     click.option("--flash-attn/--no-flash-attn", default=False, show_default=True),
     click.option("--verbose", is_flag=True, help="show llama.cpp's log"),
+    span_option,
 ]
 
 
@@ -216,7 +233,7 @@ def _tokens(m, prompt: str, raw: bool, system: Optional[str]) -> list[int]:
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @click.option("--progress/--no-progress", default=None, help="prefill progress bar (default: when stderr is a tty)")
 @budget_options
-def generate(model, prompt, prompt_file, window, raw, system, tau, l_min, l_obs, threads, flash_attn, verbose,
+def generate(model, prompt, prompt_file, window, raw, system, tau, l_min, l_obs, threads, flash_attn, verbose, span,
              policy, layer, prefill_mode, budget, max_tokens, n_ctx, as_json, progress, layer_budgets, theta, b_min_frac,
              beta):
     """Answer a (long) prompt with the KV cache pruned by POLICY.
@@ -236,7 +253,7 @@ def generate(model, prompt, prompt_file, window, raw, system, tau, l_min, l_obs,
         res = run(m, toks, policy=policy, layer=layer, prefill_mode=prefill_mode, budget=budget, window=window, tau=tau, l_min=l_min, l_obs=l_obs,
                   max_tokens=max_tokens, n_ctx=n_ctx, n_threads=threads, flash_attn=flash_attn,
                   progress=bar, on_text=stream, layer_budgets=layer_budgets,
-                  budget_opts={"theta": theta, "b_min_frac": b_min_frac, "beta": beta})
+                  budget_opts={"theta": theta, "b_min_frac": b_min_frac, "beta": beta}, span=span)
     except _errors() as e:
         bar.close()
         _fail(str(e))
@@ -251,7 +268,8 @@ def generate(model, prompt, prompt_file, window, raw, system, tau, l_min, l_obs,
     mib = 1024 * 1024
     sel = "none" if res.selected_layer is None else f"{res.selected_layer} of {m.n_layer}"
     click.echo("-" * 60, err=True)
-    click.echo(f"policy {res.policy}: prompt {res.n_prompt} tokens, kept {res.n_kept}"
+    click.echo(f"policy {res.policy}{'' if res.policy == 'full' else f' (span {res.span})'}: "
+               f"prompt {res.n_prompt} tokens, kept {res.n_kept}"
                + (f", selected layer {sel}" if res.policy in ("asl", "fastkv", "asl-2pass", "gemfilter") else "")
                + (f", prefill work {res.prefill_work:.2f}x" if res.prefill_work != 1.0 else ""), err=True)
     click.echo(f"KV memory {res.kv_bytes_full / mib:.1f} MiB -> {res.kv_bytes / mib:.1f} MiB "
@@ -268,12 +286,12 @@ def generate(model, prompt, prompt_file, window, raw, system, tau, l_min, l_obs,
 
 
 # ---- chat ---------------------------------------------------------------------------------
-def _policy_from_options(name, budget, window, tau, layer, l_min=None, l_obs=None):
+def _policy_from_options(name, budget, window, tau, layer, l_min=None, l_obs=None, span=None):
     from .session import make_policy
 
     if name == "full":
         return make_policy("full")
-    kw = {"budget": budget, "window": window, "layer": layer}
+    kw = {"budget": budget, "window": window, "layer": layer, "span": span}
     if name in ("asl", "asl-2pass"):
         kw.update(tau=tau, l_min=l_min, l_obs=l_obs)
     elif layer is None and name in ("fastkv", "gemfilter"):
@@ -303,6 +321,7 @@ def _read_doc(path: str) -> tuple:
               help="observation window of the document prefill")
 @click.option("--tau", default=0.3, show_default=True, type=click.FloatRange(min=0, max=1, min_open=True))
 @click.option("--layer", type=click.IntRange(min=0), help="fixed selection layer (fastkv, gemfilter)")
+@span_option
 @click.option("--system", help="system message")
 @click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(min=1), help="longest answer")
 @click.option("--ctx", "n_ctx", default=4096, show_default=True, type=click.IntRange(min=16),
@@ -318,7 +337,7 @@ def _read_doc(path: str) -> tuple:
 @click.option("--flash-attn/--no-flash-attn", default=False, show_default=True)
 @click.option("--verbose", is_flag=True, help="show llama.cpp's log")
 @click.option("--progress/--no-progress", default=None, help="prefill progress bar (default: when stderr is a tty)")
-def chat(model, docs, policy, budget, window, tau, layer, system, max_tokens, n_ctx, temperature, top_p, seed,
+def chat(model, docs, policy, budget, window, tau, layer, span, system, max_tokens, n_ctx, temperature, top_p, seed,
          repeat_penalty, load_path, raw, threads, flash_attn, verbose, progress):
     """Talk with MODEL about long documents over a pruned KV cache.
 
@@ -338,7 +357,7 @@ def chat(model, docs, policy, budget, window, tau, layer, system, max_tokens, n_
         if load_path:
             sess = Session.load(m, load_path, n_threads=threads)
         else:
-            pol = _policy_from_options(policy, budget, window, tau, layer)
+            pol = _policy_from_options(policy, budget, window, tau, layer, span=span)
             sess = Session(m, policy=pol, n_ctx=n_ctx, system=system, max_tokens=max_tokens, raw=raw,
                            n_threads=threads, flash_attn=flash_attn)
         bar = _Progress(sys.stderr.isatty() if progress is None else progress)
@@ -361,6 +380,7 @@ def chat(model, docs, policy, budget, window, tau, layer, system, max_tokens, n_
 @click.option("--window", default=32, show_default=True, type=click.IntRange(min=1), help="observation window")
 @click.option("--tau", default=0.3, show_default=True, type=click.FloatRange(min=0, max=1, min_open=True))
 @click.option("--layer", type=click.IntRange(min=0), help="fixed selection layer (fastkv, gemfilter)")
+@span_option
 @click.option("--ctx", "n_ctx", default=4096, show_default=True, type=click.IntRange(min=16), help="context size")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(min=0, max=65535))
@@ -368,7 +388,7 @@ def chat(model, docs, policy, budget, window, tau, layer, system, max_tokens, n_
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads")
 @click.option("--flash-attn/--no-flash-attn", default=False, show_default=True)
 @click.option("--verbose", is_flag=True, help="show llama.cpp's log")
-def serve(model, policy, budget, window, tau, layer, n_ctx, host, port, alias, threads, flash_attn, verbose):
+def serve(model, policy, budget, window, tau, layer, span, n_ctx, host, port, alias, threads, flash_attn, verbose):
     """An OpenAI-compatible HTTP server (llama-cpp-python's) whose requests are pruned by POLICY.
 
     /v1/completions, /v1/chat/completions (stream or not), /v1/models. Needs pip install 'pyasl[server]'.
@@ -378,7 +398,7 @@ def serve(model, policy, budget, window, tau, layer, n_ctx, host, port, alias, t
     try:
         from .server import serve as run_server
 
-        pol = _policy_from_options(policy, budget, window, tau, layer)
+        pol = _policy_from_options(policy, budget, window, tau, layer, span=span)
         path = resolve_model(model)
         from .engine import _check_gguf
 
@@ -399,7 +419,7 @@ def serve(model, policy, budget, window, tau, layer, n_ctx, host, port, alias, t
 @click.option("--layer", type=click.IntRange(min=0), help="fixed selection layer (fastkv, gemfilter)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @budget_options
-def inspect(model, prompt, prompt_file, window, raw, system, tau, l_min, l_obs, threads, flash_attn, verbose,
+def inspect(model, prompt, prompt_file, window, raw, system, tau, l_min, l_obs, threads, flash_attn, verbose, span,
             budget, policy, layer, as_json, layer_budgets, theta, b_min_frac, beta):
     """Per-layer window-attention scores and the ASL decision for a prompt (no generation)."""
     from . import policies as P
@@ -422,8 +442,9 @@ def inspect(model, prompt, prompt_file, window, raw, system, tau, l_min, l_obs, 
             pf = prefill(ctx, toks, window=window)
         if budget is not None and budget <= window:
             raise ValueError(f"budget {budget} must be larger than the window {window}")
+        mask = ranked_layer_mask(m, n)
         info = P.inspect_layers(pf.scores, window, l_min=l_min, l_obs=l_obs, budget=budget, tau=tau,
-                                layer_mask=ranked_layer_mask(m, n))
+                                layer_mask=mask, span=span)
         if policy in ("fastkv", "gemfilter"):
             if layer is None or layer >= m.n_layer:
                 raise ValueError(f"policy {policy} needs --layer in 0..{m.n_layer - 1}")
@@ -436,17 +457,21 @@ def inspect(model, prompt, prompt_file, window, raw, system, tau, l_min, l_obs, 
 
             lbj = inspect_budgets(pf.scores, method, info["budget"], window, asl=policy == "asl",
                                   selected_layer=info["selected_layer"], theta=theta, b_min_frac=b_min_frac, beta=beta)
+        kept = _inspect_kept(m, pf.scores, policy, info, window, layer, span, mask, lbj)
     except _errors() as e:
         _fail(str(e))
     out = {"model": str(m.path), "n_layer": m.n_layer, "n_prompt": n, "window": window, "policy": policy,
            "selected_layer": info["selected_layer"], "budget": info["budget"], "tau": tau,
            "l_min": info["l_min"], "l_obs": info["l_obs"], "note": info["note"],
+           "span": str(span), "kept_spans": kept.get("shared"),
            "layers": [{"layer": d["layer"], "scores": d["scores"], "variance_ratio": d["variance_ratio"],
                        "ranked": d["ranked"]} for d in info["layers"]]}
     if lbj is not None:
         out["layer_budgets"] = lbj
         for d, b in zip(out["layers"], lbj["budgets"]):
             d["budget"] = b
+    for d, per_head in zip(out["layers"], kept.get("per_layer") or []):
+        d["kept_spans"] = per_head
     if as_json:
         click.echo(json.dumps(out))
         return
@@ -458,8 +483,35 @@ def inspect(model, prompt, prompt_file, window, raw, system, tau, l_min, l_obs, 
         click.echo(f"  layer {d['layer']:3d}  ratio {'-' if r is None else f'{r:.3f}':>7}  top position {top}"
                    + (f"  budget {d['budget']}" if "budget" in d else ""))
     click.echo(f"selected layer: {info['selected_layer']}" + (f" ({info['note']})" if info["note"] else ""))
+    if out["kept_spans"] is not None:
+        runs = out["kept_spans"]
+        click.echo(f"kept ({span}): {sum(b - a + 1 for a, b in runs)} positions in {len(runs)} runs: "
+                   + " ".join(f"{a}-{b}" if b > a else str(a) for a, b in runs[:40]) + (" ..." if len(runs) > 40 else ""))
     if lbj is not None:
         click.echo(f"layer budgets ({lbj['method']}): sum {sum(lbj['budgets'])} = {m.n_layer} x {lbj['b_avg']}")
+
+
+def _inspect_kept(m, scores, policy: str, info: dict, window: int, layer, span, mask, lbj) -> dict:
+    """Which positions `policy` keeps, as runs of consecutive positions (pyasl.spans.runs):
+    {"shared": runs} for the one-set policies (asl, asl-2pass, fastkv, gemfilter), {"per_layer":
+    [per KV head runs] per layer} for the per-head ones (snapkv, zigzag, pyramid), {} for full."""
+    from . import policies as P
+    from .budgets import per_layer_sets
+    from .spans import runs
+
+    n = scores.shape[-1]
+    b = info["budget"]
+    if policy == "full" or b >= n:
+        return {}
+    if policy in ("asl", "asl-2pass"):
+        return {"shared": runs(info["kept"])}
+    if policy in ("fastkv", "gemfilter"):
+        kept = P.asl_select_at_layer(scores[: layer + 1], window, b, layer, layer_mask=None if mask is None
+                                     else mask[: layer + 1], span=span)
+        return {"shared": runs(kept)}
+    budgets = lbj["budgets"] if lbj is not None else [b] * scores.shape[0]
+    sets = per_layer_sets(scores, budgets, window, m.n_head_kv, span=span)
+    return {"per_layer": [[runs(h) for h in s] for s in sets]}
 
 
 from .cli_bench import bench as _bench  # noqa: E402

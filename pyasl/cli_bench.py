@@ -44,9 +44,12 @@ def bench() -> None:
 @click.option("--mode", type=click.Choice(["shared", "independent"]), default="shared", show_default=True,
               help="shared: one prefill per sample feeds every policy; independent: each policy prefills itself")
 @click.option("--threads", type=click.IntRange(min=1))
+@click.option("--spans", default=None, callback=_csv(str), metavar="SPAN,...",
+              help="span stages every pruning policy runs with, a row each: token, forward:S, chunk:C "
+                   "(default: the library default)")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="results JSONL (appended; resumable)")
 def bench_run(models, tasks, lengths, budgets, policies, samples, depths, seed, window, tau, fixed_frac, mode,
-              threads, out):
+              threads, spans, out):
     """Run (or resume) a benchmark; every result is appended to --out as one JSON line."""
     from . import bench as B
     from .cli import _errors, _fail
@@ -57,7 +60,7 @@ def bench_run(models, tasks, lengths, budgets, policies, samples, depths, seed, 
     try:
         n = B.run(models, tasks, lengths, budgets, policies, samples, out, seed=seed, window=window, tau=tau,
                   fixed_frac=fixed_frac, depths=depths, mode=mode, n_threads=threads,
-                  log=lambda s: click.echo(s, err=True))
+                  log=lambda s: click.echo(s, err=True), spans=spans)
     except _errors() as e:
         _fail(str(e))
     click.echo(f"{n} new results in {out}", err=True)

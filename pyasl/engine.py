@@ -754,6 +754,7 @@ class GenerateResult:
     note: str = ""
     asl: Optional[dict] = None
     layer_budgets: Optional[dict] = None  # per-layer budgets (zigzag, pyramid, asl --layer-budgets)
+    span: str = "token"                    # the span stage of every selection (pyasl.spans)
 
     def to_json(self) -> dict:
         d = dict(self.__dict__)
@@ -771,7 +772,7 @@ def generate(model: Model, tokens: list[int], policy: str = "asl", budget: Optio
              flash_attn: bool = False, n_batch: int = 512, ignore_eos: bool = False, layer: Optional[int] = None,
              prefill_mode: str = "auto", progress: Optional[Callable[[int, int], None]] = None,
              on_text: Optional[Callable[[str], None]] = None, layer_budgets: Optional[str] = None,
-             budget_opts: Optional[dict] = None) -> GenerateResult:
+             budget_opts: Optional[dict] = None, span=None) -> GenerateResult:
     """Prefill `tokens`, prune the KV cache with `policy`, then decode greedily.
 
     Policies: full; snapkv (per-layer, per-KV-head top-k); asl (selection layer by rank variance);
@@ -787,6 +788,9 @@ def generate(model: Model, tokens: list[int], policy: str = "asl", budget: Optio
     `budget`, same total); asl with layer_budgets ("zigzag", "pyramid", "uniform") gives layers up to
     the selection layer per-layer budgets and keeps asl's token set in the later ones. budget_opts:
     theta, b_min_frac (zigzag), beta (pyramid).
+
+    span: how every selection turns scores into kept positions (pyasl.spans: token, forward:S,
+    chunk:C; None: token).
     """
     if prefill_mode not in ("auto", "layer-major", "ordinary"):
         raise ValueError(f"prefill_mode must be auto, layer-major or ordinary, not {prefill_mode!r}")
@@ -795,6 +799,9 @@ def generate(model: Model, tokens: list[int], policy: str = "asl", budget: Optio
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
     from . import budgets as BG
+    from .spans import Spans
+
+    span = Spans.parse(span)
 
     bopts = BG.check_budget_options(model, policy, layer_budgets, budget_opts)
     n = len(tokens)
@@ -862,7 +869,8 @@ def generate(model: Model, tokens: list[int], policy: str = "asl", budget: Optio
         lm = layer_major_prefill(model, tokens, policy, budget, window, tau=tau, l_min=l_min, l_obs=l_obs,
                                  kernel=kernel, layer=layer, max_tokens=max_tokens, n_batch=n_batch,
                                  n_threads=n_threads, flash_attn=flash_attn, progress=progress,
-                                 layer_budgets=layer_budgets if policy == "asl" else None, budget_opts=bopts)
+                                 layer_budgets=layer_budgets if policy == "asl" else None, budget_opts=bopts,
+                                 span=span)
         ctx, first_logits, n_kept, kv_full = lm.ctx, lm.logits, lm.n_kept, lm.kv_bytes_full
         lb = lm.layer_budgets
         prefill_s = lm.prefill_s
@@ -900,12 +908,12 @@ def generate(model: Model, tokens: list[int], policy: str = "asl", budget: Optio
             t0 = time.perf_counter()
             if policy == "gemfilter":
                 kept = P.asl_select_at_layer(pf.scores, window=window, budget=budget, layer=layer, kernel=kernel,
-                                             layer_mask=None if mask is None else mask[: layer + 1])
+                                             layer_mask=None if mask is None else mask[: layer + 1], span=span)
                 selected = layer
                 layers_pass1 = layer + 1
             else:
                 sel = P.asl_select(pf.scores, window=window, budget=budget, tau=tau, l_min=l_min, l_obs=l_obs,
-                                   kernel=kernel, layer_mask=mask)
+                                   kernel=kernel, layer_mask=mask, span=span)
                 kept, selected = sel.kept, sel.selected_layer
                 asl_info = _asl_info(sel, "ordinary")
                 note = sel.note or note
@@ -925,7 +933,7 @@ def generate(model: Model, tokens: list[int], policy: str = "asl", budget: Optio
             t0 = time.perf_counter()
             if policy == "asl":
                 sel = P.asl_select(pf.scores, window=window, budget=budget, tau=tau, l_min=l_min, l_obs=l_obs,
-                                   kernel=kernel, layer_mask=mask)
+                                   kernel=kernel, layer_mask=mask, span=span)
                 selected = sel.selected_layer
                 asl_info = _asl_info(sel, "ordinary")
                 if sel.note:
@@ -935,7 +943,7 @@ def generate(model: Model, tokens: list[int], policy: str = "asl", budget: Optio
                 if layer_budgets:
                     last = sel.selected_layer if sel.selected_layer is not None else N - 1
                     lb = BG.apply_layer_budgets(ctx, pf.scores[: last + 1], layer_budgets, budget, window,
-                                                kernel=kernel, shared=sel.kept, **bopts)
+                                                kernel=kernel, shared=sel.kept, span=span, **bopts)
                     t_sel += lb.select_s
                     t0 += lb.select_s
                     n_kept = lb.prompt_cells
@@ -943,12 +951,14 @@ def generate(model: Model, tokens: list[int], policy: str = "asl", budget: Optio
                     ctx.kv_keep(sel.kept)
                     n_kept = len(sel.kept)
             elif policy in LAYER_BUDGET_POLICIES:
-                lb = BG.apply_layer_budgets(ctx, pf.scores, policy, budget, window, kernel=kernel, **bopts)
+                lb = BG.apply_layer_budgets(ctx, pf.scores, policy, budget, window, kernel=kernel, span=span,
+                                            **bopts)
                 t_sel = lb.select_s
                 t0 += lb.select_s
                 n_kept = lb.prompt_cells
             else:  # snapkv
-                sets = P.snapkv_select_all(pf.scores, window=window, budget=budget, n_head_kv=model.n_head_kv, kernel=kernel)
+                sets = P.snapkv_select_all(pf.scores, window=window, budget=budget, n_head_kv=model.n_head_kv,
+                                           kernel=kernel, span=span)
                 t_sel = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 ctx.kv_keep_per_head(sets)
@@ -987,7 +997,7 @@ def generate(model: Model, tokens: list[int], policy: str = "asl", budget: Optio
         prefill_s=prefill_s, prefill_work=prefill_work, select_s=t_sel, compact_s=t_cmp, time_to_first_token_s=ttft, decode_s=t_dec,
         decode_tokens_per_s=(n_dec_steps / t_dec) if t_dec > 0 and n_dec_steps else 0.0,
         window=window, budget=budget if policy != "full" else None, tokens=out, note=note, asl=asl_info,
-        layer_budgets=lb_json)
+        layer_budgets=lb_json, span=str(span))
 
 
 @dataclass
@@ -1123,7 +1133,7 @@ def layer_major_prefill(model: Model, tokens: list[int], policy: str, budget: in
                         layer: Optional[int] = None, max_tokens: int = 128, n_batch: int = 512,
                         n_threads: Optional[int] = None, flash_attn: bool = False,
                         progress: Optional[Callable[[int, int], None]] = None, layer_budgets: Optional[str] = None,
-                        budget_opts: Optional[dict] = None) -> LayerMajor:
+                        budget_opts: Optional[dict] = None, span=None) -> LayerMajor:
     """Layer-major prefill with one-shot token-selective propagation (policies asl and fastkv), or
     with a second pass over the kept tokens (asl-2pass: the first pass stops at the ASL layer).
 
@@ -1174,7 +1184,7 @@ def layer_major_prefill(model: Model, tokens: list[int], policy: str, budget: in
             return l == layer, None
         if l > l_min and (mask is None or mask[l]):
             s = P.asl_select(scores[: l + 1], window=window, budget=budget, tau=tau, l_min=l_min, l_obs=l_obs,
-                             kernel=kernel, layer_mask=None if mask is None else mask[: l + 1])
+                             kernel=kernel, layer_mask=None if mask is None else mask[: l + 1], span=span)
             if s.selected_layer is not None:
                 return True, s
         return False, None
@@ -1187,10 +1197,10 @@ def layer_major_prefill(model: Model, tokens: list[int], policy: str, budget: in
     if stop is None:  # asl: tau never reached, every layer ran
         stop = N - 1
         sel = P.asl_select(scores, window=window, budget=budget, tau=tau, l_min=l_min, l_obs=l_obs, kernel=kernel,
-                           layer_mask=mask)
+                           layer_mask=mask, span=span)
     kept = sel.kept if sel is not None else P.asl_select_at_layer(
         scores[: stop + 1], window=window, budget=budget, layer=stop, kernel=kernel,
-        layer_mask=None if mask is None else mask[: stop + 1])
+        layer_mask=None if mask is None else mask[: stop + 1], span=span)
     k = len(kept)
     kept_l = [int(x) for x in kept]
     if policy == "asl-2pass":
@@ -1204,7 +1214,8 @@ def layer_major_prefill(model: Model, tokens: list[int], policy: str, budget: in
                           prefill_s=time.perf_counter() - t0, prefill_work=work)
     B, logits, lb, n_prop = _one_shot(model, A, H, kept_l, scores, stop, n, budget=budget, window=window,
                                       kernel=kernel, max_tokens=max_tokens, n_batch=n_batch, n_threads=n_threads,
-                                      flash_attn=flash_attn, layer_budgets=layer_budgets, budget_opts=budget_opts)
+                                      flash_attn=flash_attn, layer_budgets=layer_budgets, budget_opts=budget_opts,
+                                      span=span)
     cells = k if lb is None else lb.prompt_cells  # prompt cells of the decode context
     work = ((stop + 1) * n + (N - stop - 1) * n_prop) / (N * n)
     return LayerMajor(ctx=B, logits=logits, stop_layer=stop, selection=sel, n_kept=cells, kept=np.asarray(kept),
@@ -1291,7 +1302,7 @@ def _one_shot(model: Model, A: Context, H: Optional[np.ndarray], kept: list[int]
               n: int, budget: int, window: int, kernel: int, max_tokens: int, n_batch: int = 512,
               n_threads: Optional[int] = None, flash_attn: bool = False,
               last_logits: Optional[np.ndarray] = None, layer_budgets: Optional[str] = None,
-              budget_opts: Optional[dict] = None):
+              budget_opts: Optional[dict] = None, span=None):
     """One-shot token-selective propagation after layer `stop` (A: the full KV of layers 0..stop;
     H: the input of layer stop + 1 for every prompt token). Layers <= stop keep the SnapKV
     per-KV-head top-`budget` of their own KV; the kept tokens go through layers stop+1..N-1 at
@@ -1316,14 +1327,14 @@ def _one_shot(model: Model, A: Context, H: Optional[np.ndarray], kept: list[int]
             from . import budgets as BG
 
             lb = BG.apply_layer_budgets(A, scores[: stop + 1], layer_budgets, budget, window, kernel=kernel,
-                                        shared=np.asarray(kept), **(budget_opts or {}))
+                                        shared=np.asarray(kept), span=span, **(budget_opts or {}))
         else:
             sets = np.empty((N, model.n_head_kv, k), dtype=np.int32)
             for l in range(N):
                 # sliding-window layers live in the SWA cache, which keeps its window (kv_keep_per_head
                 # ignores them)
                 sets[l] = P.snapkv_select(scores[l], window=window, budget=budget, n_head_kv=model.n_head_kv,
-                                          kernel=kernel) if l <= stop and not swa[l] else kept
+                                          kernel=kernel, span=span) if l <= stop and not swa[l] else kept
             A.kv_keep_per_head(sets)
             if win is not None:
                 A.kv_keep_swa(win)

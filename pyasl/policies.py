@@ -46,6 +46,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from .spans import Spans
+
 __all__ = [
     "ASLSelection",
     "asl_select",
@@ -236,11 +238,11 @@ def _layer_prefix_scores(scores: np.ndarray, window: int, kernel: int,
     return _pool_then_sum(prefix, 1, kernel, pool)
 
 
-def _kept_from_ranks(ranks: np.ndarray, k: int, n_prompt: int) -> np.ndarray:
-    """Top-``k`` prefix positions of one ranking plus the window, sorted."""
-    n_prefix = ranks.shape[-1]
-    top = np.flatnonzero(ranks < k).astype(np.int64)
-    window = np.arange(n_prefix, n_prompt, dtype=np.int64)
+def _kept(pooled: np.ndarray, k: int, n_prompt: int, span: Spans) -> np.ndarray:
+    """The ``k`` prefix positions ``span`` keeps from one layer's pooled scores, plus the window,
+    sorted (with ``span`` token: the top-``k`` of the ranking, ties to the lower position)."""
+    top = span.top_k(pooled, k)
+    window = np.arange(pooled.shape[-1], n_prompt, dtype=np.int64)
     return np.concatenate([top, window])
 
 
@@ -397,7 +399,7 @@ def _rank_variances(ranks: np.ndarray, k: int, l_min: int,
 
 def asl_select(scores, window: int, budget: int, tau: float = 0.3,
                l_min: int | None = None, l_obs: int | None = None,
-               kernel: int = 7, pool: str = "avg", layer_mask=None) -> ASLSelection:
+               kernel: int = 7, pool: str = "avg", layer_mask=None, span=None) -> ASLSelection:
     """ASL (Adaptive Selection Layer) token selection.
 
     Args:
@@ -415,6 +417,9 @@ def asl_select(scores, window: int, budget: int, tau: float = 0.3,
             (see :func:`pool_scores`).
         layer_mask: optional bools, one per layer: the layers whose scores
             may rank (:func:`ranked_layer_mask`; None: every layer).
+        span: how the ranking layer's scores become kept positions
+            (:class:`pyasl.spans.Spans` or its text; None: token).  The
+            rule itself always ranks tokens.
 
     Rule: per layer the prefix scores are pooled per head and summed over
     heads, then ranked (:func:`descending_ranks`).  With ``k = budget - W``,
@@ -462,6 +467,7 @@ def asl_select(scores, window: int, budget: int, tau: float = 0.3,
         raise ValueError(
             f"l_min must satisfy 0 <= l_min < n_layer: l_min={l_min}, n_layer={n_layer}")
     mask = _check_layer_mask(layer_mask, n_layer)
+    span = Spans.parse(span)
     ranked = np.flatnonzero(mask)          # model layer of each ranked index
     masked = not mask.all()
 
@@ -478,7 +484,8 @@ def asl_select(scores, window: int, budget: int, tau: float = 0.3,
         )
 
     k = budget - window
-    ranks = descending_ranks(_layer_prefix_scores(arr[ranked], window, kernel, pool))
+    pooled = _layer_prefix_scores(arr[ranked], window, kernel, pool)
+    ranks = descending_ranks(pooled)
     variance: list[float | None] = [None] * n_layer
     ratio: list[float | None] = [None] * n_layer
     after = np.flatnonzero(ranked >= l_min)
@@ -511,7 +518,7 @@ def asl_select(scores, window: int, budget: int, tau: float = 0.3,
 
     return ASLSelection(
         selected_layer=selected,
-        kept=_kept_from_ranks(ranks[int(np.flatnonzero(ranked == ranking_layer)[0])], k, n_prompt),
+        kept=_kept(pooled[int(np.flatnonzero(ranked == ranking_layer)[0])], k, n_prompt, span),
         ranking_layer=ranking_layer,
         variance=variance,
         variance_ratio=ratio,
@@ -522,12 +529,13 @@ def asl_select(scores, window: int, budget: int, tau: float = 0.3,
 
 
 def asl_select_at_layer(scores, window: int, budget: int, layer: int,
-                        kernel: int = 7, pool: str = "avg", layer_mask=None) -> np.ndarray:
+                        kernel: int = 7, pool: str = "avg", layer_mask=None, span=None) -> np.ndarray:
     """Kept positions (sorted int64) using the ranking of a fixed ``layer``.
 
     Same scoring as :func:`asl_select` (pool per head, sum heads, rank the
     prefix, keep top ``budget - window`` plus the window) without the
     adaptive layer search -- the FastKV / GemFilter style baselines.
+    ``span`` turns the ranking into kept positions (:class:`pyasl.spans.Spans`).
     ``layer`` may be negative (Python indexing).  Keeps everything when
     ``budget >= n_prompt``.
 
@@ -544,10 +552,11 @@ def asl_select_at_layer(scores, window: int, budget: int, layer: int,
         raise ValueError(f"layer must be a valid layer index: layer={layer}, n_layer={n_layer}")
     mask = _check_layer_mask(layer_mask, n_layer)
     layer = latest_ranked_layer(mask, layer % n_layer)
+    span = Spans.parse(span)
     if budget >= n_prompt:
         return np.arange(n_prompt, dtype=np.int64)
     pooled = _layer_prefix_scores(arr[layer: layer + 1], window, kernel, pool)[0]
-    return _kept_from_ranks(descending_ranks(pooled), budget - window, n_prompt)
+    return _kept(pooled, budget - window, n_prompt, span)
 
 
 # ---------------------------------------------------------------------------
@@ -555,7 +564,7 @@ def asl_select_at_layer(scores, window: int, budget: int, layer: int,
 # ---------------------------------------------------------------------------
 
 def snapkv_select(layer_scores, window: int, budget: int, n_head_kv: int,
-                  kernel: int = 7, pool: str = "avg") -> np.ndarray:
+                  kernel: int = 7, pool: str = "avg", span=None) -> np.ndarray:
     """SnapKV selection for one layer, independently per KV head.
 
     Args:
@@ -564,6 +573,8 @@ def snapkv_select(layer_scores, window: int, budget: int, n_head_kv: int,
         n_head_kv: number of KV heads; must divide ``n_head``.  Under GQA,
             query head ``h`` belongs to KV head ``h // (n_head // n_head_kv)``.
         kernel, pool: pooling of the prefix scores (see :func:`pool_scores`).
+        span: how each KV head's scores become kept positions
+            (:class:`pyasl.spans.Spans`; None: token).
 
     Each query head's prefix scores are pooled, then the query heads of a
     group are *summed* into their KV head's score.  Each KV head keeps its
@@ -585,6 +596,7 @@ def snapkv_select(layer_scores, window: int, budget: int, n_head_kv: int,
         raise ValueError(
             f"n_head_kv must be >= 1 and divide n_head: n_head={n_head}, "
             f"n_head_kv={n_head_kv}")
+    span = Spans.parse(span)
 
     if budget >= n_prompt:
         return np.tile(np.arange(n_prompt, dtype=np.int64), (n_head_kv, 1))
@@ -593,14 +605,13 @@ def snapkv_select(layer_scores, window: int, budget: int, n_head_kv: int,
     n_prefix = n_prompt - window
     grouped = arr[:, :n_prefix].reshape(n_head_kv, n_head // n_head_kv, n_prefix)
     per_kv = _pool_then_sum(grouped, 1, kernel, pool)
-    order = np.argsort(-per_kv, axis=-1, kind="stable")[:, :k]
-    top = np.sort(order, axis=-1).astype(np.int64)
+    top = span.top_k(per_kv, k)
     win = np.broadcast_to(np.arange(n_prefix, n_prompt, dtype=np.int64), (n_head_kv, window))
     return np.concatenate([top, win], axis=-1)
 
 
 def snapkv_select_all(scores, window: int, budget: int, n_head_kv: int,
-                      kernel: int = 7, pool: str = "avg") -> np.ndarray:
+                      kernel: int = 7, pool: str = "avg", span=None) -> np.ndarray:
     """:func:`snapkv_select` for every layer.
 
     ``scores`` is ``(n_layer, n_head, n_prompt)``; returns int64
@@ -609,7 +620,7 @@ def snapkv_select_all(scores, window: int, budget: int, n_head_kv: int,
     """
     arr = _check_scores(scores, (3,), "scores (n_layer, n_head, n_prompt)")
     return np.stack([
-        snapkv_select(arr[layer], window, budget, n_head_kv, kernel=kernel, pool=pool)
+        snapkv_select(arr[layer], window, budget, n_head_kv, kernel=kernel, pool=pool, span=span)
         for layer in range(arr.shape[0])
     ])
 
@@ -621,7 +632,7 @@ def snapkv_select_all(scores, window: int, budget: int, n_head_kv: int,
 def inspect_layers(scores, window: int, l_min: int | None = None,
                    l_obs: int | None = None, budget: int | None = None,
                    tau: float = 0.3, kernel: int = 7, pool: str = "avg",
-                   layer_mask=None) -> dict:
+                   layer_mask=None, span=None) -> dict:
     """Per-layer view of the ASL decision (used by ``pyasl inspect``).
 
     ``budget=None`` means ``min(512, n_prompt)``.  When the (effective)
@@ -630,7 +641,7 @@ def inspect_layers(scores, window: int, l_min: int | None = None,
     the ratios on short prompts.
 
     Returns a dict with ``selected_layer``, ``ranking_layer``, ``triggered``,
-    ``note``, ``budget`` (effective), ``window``, ``tau``, ``l_min``,
+    ``note``, ``kept`` (the positions ASL keeps with ``span``), ``budget`` (effective), ``window``, ``tau``, ``l_min``,
     ``l_obs`` and ``layers``: one dict per layer with ``layer``, ``scores``
     (unpooled window attention summed over heads, prefix positions only, as
     a list of floats), ``variance``, ``variance_ratio`` and ``ranked``
@@ -644,7 +655,7 @@ def inspect_layers(scores, window: int, l_min: int | None = None,
     l_min = d_min if l_min is None else l_min
     l_obs = d_obs if l_obs is None else l_obs
     sel = asl_select(arr, window, budget, tau=tau, l_min=l_min, l_obs=l_obs,
-                     kernel=kernel, pool=pool, layer_mask=layer_mask)
+                     kernel=kernel, pool=pool, layer_mask=layer_mask, span=span)
 
     n_prefix = n_prompt - int(window)
     raw = np.asarray(arr[..., :n_prefix], dtype=np.float64)
@@ -665,6 +676,7 @@ def inspect_layers(scores, window: int, l_min: int | None = None,
         "ranking_layer": sel.ranking_layer,
         "triggered": sel.triggered,
         "note": sel.note,
+        "kept": [int(p) for p in sel.kept],
         "budget": int(budget),
         "window": int(window),
         "tau": float(tau),

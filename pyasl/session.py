@@ -44,6 +44,7 @@ import numpy as np
 
 from . import engine as E
 from . import policies as P
+from .spans import Spans
 
 __all__ = [
     "ASL", "ASL2Pass", "ContextFullError", "FastKV", "Full", "GemFilter", "Policy", "PrunedPrefill",
@@ -151,12 +152,13 @@ class Policy:
 
     ``budget`` counts every kept cell, observation window included (a hard cap); ``window`` is the
     observation window of the document prefill (the last ``window`` tokens); ``kernel`` is the
-    pooling kernel of the scores."""
+    pooling kernel of the scores; ``span`` how scores become kept cells (:mod:`pyasl.spans`:
+    ``token``, ``forward:S``, ``chunk:C``; None: the default)."""
 
     name: ClassVar[str] = "?"
     prunes: ClassVar[bool] = True
 
-    def __init__(self, budget: int = 512, window: int = 32, kernel: int = 7):
+    def __init__(self, budget: int = 512, window: int = 32, kernel: int = 7, span=None):
         for k, v in (("budget", budget), ("window", window), ("kernel", kernel)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
                 raise ValueError(f"{k} must be an integer, got {v!r}")
@@ -167,10 +169,11 @@ class Policy:
         if kernel < 1 or kernel % 2 == 0:
             raise ValueError("kernel must be an odd integer >= 1")
         self.budget, self.window, self.kernel = int(budget), int(window), int(kernel)
+        self.span = Spans.parse(span)
 
     # -- description -----------------------------------------------------------------------
     def params(self) -> dict:
-        return {"budget": self.budget, "window": self.window, "kernel": self.kernel}
+        return {"budget": self.budget, "window": self.window, "kernel": self.kernel, "span": str(self.span)}
 
     def to_dict(self) -> dict:
         return {"name": self.name, **self.params()}
@@ -242,7 +245,7 @@ class Full(Policy):
     prunes = False
 
     def __init__(self):
-        self.budget, self.window, self.kernel = None, 32, 7
+        self.budget, self.window, self.kernel, self.span = None, 32, 7, Spans.parse("token")
 
     def params(self) -> dict:
         return {}
@@ -259,14 +262,14 @@ class SnapKV(Policy):
 
     def select(self, scores, window, model) -> Selection:
         sets = P.snapkv_select_all(scores, window=window, budget=self.budget, n_head_kv=model.n_head_kv,
-                                   kernel=self.kernel)
+                                   kernel=self.kernel, span=self.span)
         return Selection(per_head=sets)
 
 
 class _ASLParams(Policy):
     def __init__(self, budget: int = 512, window: int = 32, tau: float = 0.3, l_min: Optional[int] = None,
-                 l_obs: Optional[int] = None, kernel: int = 7):
-        super().__init__(budget=budget, window=window, kernel=kernel)
+                 l_obs: Optional[int] = None, kernel: int = 7, span=None):
+        super().__init__(budget=budget, window=window, kernel=kernel, span=span)
         if not 0.0 < float(tau) <= 1.0:
             raise ValueError(f"tau must satisfy 0 < tau <= 1, got {tau}")
         self.tau, self.l_min, self.l_obs = float(tau), l_min, l_obs
@@ -276,7 +279,7 @@ class _ASLParams(Policy):
 
     def _asl(self, scores, window):
         return P.asl_select(scores, window=window, budget=self.budget, tau=self.tau, l_min=self.l_min,
-                            l_obs=self.l_obs, kernel=self.kernel)
+                            l_obs=self.l_obs, kernel=self.kernel, span=self.span)
 
     def select(self, scores, window, model) -> Selection:
         sel = self._asl(scores, window)
@@ -292,8 +295,8 @@ class ASL(_ASLParams):
     name = "asl"
 
     def __init__(self, budget: int = 512, window: int = 32, tau: float = 0.3, l_min: Optional[int] = None,
-                 l_obs: Optional[int] = None, kernel: int = 7, prefill: str = "auto"):
-        super().__init__(budget=budget, window=window, tau=tau, l_min=l_min, l_obs=l_obs, kernel=kernel)
+                 l_obs: Optional[int] = None, kernel: int = 7, prefill: str = "auto", span=None):
+        super().__init__(budget=budget, window=window, tau=tau, l_min=l_min, l_obs=l_obs, kernel=kernel, span=span)
         if prefill not in ("auto", "layer-major", "ordinary"):
             raise ValueError(f"prefill must be auto, layer-major or ordinary, not {prefill!r}")
         self.prefill_mode = prefill
@@ -309,14 +312,14 @@ class ASL(_ASLParams):
             return super().prefill(model, tokens, n_threads, flash_attn, n_batch, progress)
         t0 = time.perf_counter()
         lm = E.layer_major_prefill(model, tokens, "asl", self.budget, self.window, tau=self.tau, l_min=self.l_min,
-                                   l_obs=self.l_obs, kernel=self.kernel, max_tokens=1, n_batch=n_batch,
+                                   l_obs=self.l_obs, kernel=self.kernel, span=self.span, max_tokens=1, n_batch=n_batch,
                                    n_threads=n_threads, flash_attn=flash_attn, progress=progress)
         return _from_ctx(lm.ctx, len(tokens), lm.n_kept, lm.selection.selected_layer, t0, lm.selection.note)
 
 
 class _FixedLayer(Policy):
-    def __init__(self, layer: int, budget: int = 512, window: int = 32, kernel: int = 7):
-        super().__init__(budget=budget, window=window, kernel=kernel)
+    def __init__(self, layer: int, budget: int = 512, window: int = 32, kernel: int = 7, span=None):
+        super().__init__(budget=budget, window=window, kernel=kernel, span=span)
         if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or layer < 0:
             raise ValueError(f"policy {self.name} needs a selection layer >= 0, got {layer!r}")
         self.layer = int(layer)
@@ -343,11 +346,12 @@ class FastKV(_FixedLayer):
             raise ValueError(f"policy fastkv needs layer-major prefill: {why}")
 
     def select(self, scores, window, model) -> Selection:
-        kept = P.asl_select_at_layer(scores, window=window, budget=self.budget, layer=self.layer, kernel=self.kernel)
+        kept = P.asl_select_at_layer(scores, window=window, budget=self.budget, layer=self.layer, kernel=self.kernel,
+                                     span=self.span)
         sets = np.empty((model.n_layer, model.n_head_kv, len(kept)), dtype=np.int64)
         for l in range(model.n_layer):
             sets[l] = P.snapkv_select(scores[l], window=window, budget=self.budget, n_head_kv=model.n_head_kv,
-                                      kernel=self.kernel) if l <= self.layer else kept
+                                      kernel=self.kernel, span=self.span) if l <= self.layer else kept
         return Selection(per_head=sets, layer=self.layer)
 
     def prefill(self, model, tokens, n_threads=None, flash_attn=False, n_batch=512, progress=None) -> PrunedPrefill:
@@ -356,6 +360,7 @@ class FastKV(_FixedLayer):
             return _plain_prefill(model, tokens, n_threads, flash_attn, n_batch, progress)
         t0 = time.perf_counter()
         lm = E.layer_major_prefill(model, tokens, "fastkv", self.budget, self.window, kernel=self.kernel,
+                                   span=self.span,
                                    layer=self.layer, max_tokens=1, n_batch=n_batch, n_threads=n_threads,
                                    flash_attn=flash_attn, progress=progress)
         return _from_ctx(lm.ctx, len(tokens), lm.n_kept, self.layer, t0)
@@ -375,7 +380,7 @@ class ASL2Pass(_ASLParams):
         t0 = time.perf_counter()
         if E.layer_major_supported(model) is None:
             lm = E.layer_major_prefill(model, tokens, "asl-2pass", self.budget, self.window, tau=self.tau,
-                                       l_min=self.l_min, l_obs=self.l_obs, kernel=self.kernel, max_tokens=1,
+                                       l_min=self.l_min, l_obs=self.l_obs, kernel=self.kernel, span=self.span, max_tokens=1,
                                        n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn, progress=progress)
             return _from_ctx(lm.ctx, n, lm.n_kept, lm.selection.selected_layer, t0, lm.selection.note)
         with E.Context(model, E._pad(n + 1), n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn,
@@ -394,7 +399,8 @@ class GemFilter(_FixedLayer):
     name = "gemfilter"
 
     def select(self, scores, window, model) -> Selection:
-        kept = P.asl_select_at_layer(scores, window=window, budget=self.budget, layer=self.layer, kernel=self.kernel)
+        kept = P.asl_select_at_layer(scores, window=window, budget=self.budget, layer=self.layer, kernel=self.kernel,
+                                     span=self.span)
         return Selection(shared=kept, layer=self.layer)
 
     def prefill(self, model, tokens, n_threads=None, flash_attn=False, n_batch=512, progress=None) -> PrunedPrefill:

@@ -96,14 +96,15 @@ class SharedPrefill:
             raise
         return ctx
 
-    def _kept_at(self, layer: int, budget: int) -> np.ndarray:
+    def _kept_at(self, layer: int, budget: int, span) -> np.ndarray:
         return P.asl_select_at_layer(self.scores[: layer + 1], window=self.window, budget=budget, layer=layer,
-                                     kernel=self.kernel)
+                                     kernel=self.kernel, span=span)
 
     def derive(self, policy: str, budget: Optional[int] = None, max_tokens: int = 64, tau: float = 0.3,
                l_min: Optional[int] = None, l_obs: Optional[int] = None, layer: Optional[int] = None,
-               budget_opts: Optional[dict] = None) -> Derived:
-        """The decode context `policy` at `budget` would produce for this prompt (see the module doc)."""
+               budget_opts: Optional[dict] = None, span=None) -> Derived:
+        """The decode context `policy` at `budget` with the span stage `span` (pyasl.spans) would
+        produce for this prompt (see the module doc)."""
         if policy not in SHARED_POLICIES:
             raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(SHARED_POLICIES)}")
         model, n, N, W = self.model, self.n, self.model.n_layer, self.window
@@ -122,7 +123,7 @@ class SharedPrefill:
             ctx, logits, k, work = self._full(max_tokens), self.logits, n, 1.0
         elif policy == "snapkv":
             sets = P.snapkv_select_all(self.scores, window=W, budget=budget, n_head_kv=model.n_head_kv,
-                                       kernel=self.kernel)
+                                       kernel=self.kernel, span=span)
             ctx = self._full(1)
             ctx.kv_keep_per_head(sets)
             ctx = shrink_context(ctx, budget, n, max_tokens)
@@ -132,7 +133,7 @@ class SharedPrefill:
 
             ctx = self._full(1)
             try:
-                lb = BG.apply_layer_budgets(ctx, self.scores, policy, budget, W, kernel=self.kernel,
+                lb = BG.apply_layer_budgets(ctx, self.scores, policy, budget, W, kernel=self.kernel, span=span,
                                             **(budget_opts or {}))
             except BaseException:
                 ctx.close()
@@ -146,7 +147,7 @@ class SharedPrefill:
         else:
             if policy in ("asl", "asl-2pass"):
                 sel = P.asl_select(self.scores, window=W, budget=budget, tau=tau, l_min=l_min, l_obs=l_obs,
-                                   kernel=self.kernel)
+                                   kernel=self.kernel, span=span)
                 stop = N - 1 if sel.selected_layer is None else sel.selected_layer
                 kept, selected = sel.kept, sel.selected_layer
                 note = sel.note
@@ -154,7 +155,7 @@ class SharedPrefill:
                        "variance_ratio": sel.variance_ratio, "prefill": "shared"}
             else:
                 stop = selected = layer
-                kept = self._kept_at(layer, budget)
+                kept = self._kept_at(layer, budget, span)
             kept_l = [int(x) for x in kept]
             k = len(kept_l)
             if policy in ("asl", "fastkv"):
@@ -162,7 +163,7 @@ class SharedPrefill:
                 ctx, logits, _, n_prop = _one_shot(model, self._full(1), H, kept_l, self.scores, stop, n, budget=budget,
                                         window=W, kernel=self.kernel, max_tokens=max_tokens, n_batch=self.n_batch,
                                         n_threads=self.n_threads, flash_attn=self.flash_attn,
-                                        last_logits=self.logits)
+                                        last_logits=self.logits, span=span)
                 work = ((stop + 1) * n + (N - stop - 1) * n_prop) / (N * n)
             else:
                 ctx = prefill_kept(model, self.tokens, kept_l, max_tokens, n_batch=self.n_batch,

@@ -147,7 +147,11 @@ def test_summary_and_plots(tmp_path):
 
 def test_row_keys_resume():
     r = _rows()[0]
-    assert BR.row_key(r) == ("m", "passkey", 1000, 0, None, "full", None)
+    assert BR.row_key(r) == ("m", "passkey", 1000, 0, None, "full", None, None)
+    # rows written before spans existed are token-level; a span variant is a row of its own
+    old = dict(r, policy="snapkv", budget=128)
+    assert BR.row_key(old) == BR.row_key(dict(old, span="token"))
+    assert BR.row_key(old) != BR.row_key(dict(old, span="forward:16"))
 
 
 def test_run_appends_and_resumes(tmp_path):

@@ -44,7 +44,9 @@ def test_policy_objects():
     a = pyasl.ASL(budget=256, tau=0.2)
     assert a == S.Policy.from_dict(a.to_dict()) and "ASL(budget=256" in repr(a)
     assert S.make_policy("fastkv", layer=3, budget=64).to_dict() == {"name": "fastkv", "layer": 3, "budget": 64,
-                                                                      "window": 32, "kernel": 7}
+                                                                      "window": 32, "kernel": 7, "span": "token"}
+    f16 = S.make_policy("snapkv", budget=64, span="forward:16")
+    assert f16.to_dict()["span"] == "forward:16" and S.Policy.from_dict(f16.to_dict()) == f16
     assert set(["asl", "snapkv", "fastkv", "asl-2pass", "gemfilter", "full", "test-recent"]) <= set(S.policy_names())
     with pytest.raises(ValueError, match="larger than the window"):
         pyasl.SnapKV(budget=16, window=32)

@@ -1,0 +1,146 @@
+"""Span-aware top-k: keep whole values, not the tokens where they start.
+
+The observation window attends to where an answer *starts* (the first digits of a code, the key of
+a key-value pair); the tokens that continue it get little attention of their own. Token-level
+top-k then keeps the head of a value and drops its tail, and the model, which found the right
+entry, invents the rest ("8b9b03b6-ba5f-..." comes back as "8b9b9b9b..."). A span stage turns
+per-position scores into kept positions in contiguous pieces instead. It composes with every
+policy: each one computes its (pooled) scores as before and asks :meth:`Spans.top_k` for the
+``k`` positions to keep, per layer and KV head or shared by all of them.
+
+Modes (``Spans.parse`` reads ``token``, ``forward:S``, ``chunk:C``):
+
+* ``token`` -- plain top-k (ties to the lower position): the selection SnapKV, ASL, FastKV and
+  GemFilter publish.
+* ``forward:S`` -- every position's score is raised to the best score of itself and the ``S - 1``
+  positions before it, then plain top-k. What follows an attended token inherits its score, so a
+  kept token brings the ``S - 1`` tokens after it (ties go to the lower position, so a span that
+  does not fit whole keeps its head).
+* ``chunk:C`` -- ChunkKV (arXiv 2502.00299): the positions are cut into chunks of ``C`` (the last
+  one may be shorter), a chunk scores the mean of its positions, and whole chunks are kept in score
+  order; the last one that does not fit keeps its first positions.
+
+Size 1 is plain top-k in every mode. The budget stays a hard cap: ``top_k`` returns exactly ``k``
+positions. The callers keep the observation window outside the scored prefix, and the attention
+sinks (the first positions, attended by every query) come first in any mode.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+__all__ = ["DEFAULT_SPAN", "SPAN_MODES", "Spans", "TOKEN", "runs"]
+
+SPAN_MODES = ("token", "forward", "chunk")
+DEFAULT_SPAN = "token"   # what every policy uses unless told otherwise (docs/BENCHMARKS.md, "Spans")
+
+
+@dataclass(frozen=True)
+class Spans:
+    """How scores become kept positions: ``mode`` (``SPAN_MODES``) and ``size`` (tokens)."""
+
+    mode: str = "token"
+    size: int = 1
+
+    def __post_init__(self):
+        if self.mode not in SPAN_MODES:
+            raise ValueError(f"span mode must be one of {', '.join(SPAN_MODES)}, got {self.mode!r}")
+        if isinstance(self.size, bool):
+            raise ValueError(f"span size must be an integer, got {self.size!r}")
+        try:
+            size = operator.index(self.size)
+        except TypeError:
+            raise ValueError(f"span size must be an integer, got {self.size!r}") from None
+        if self.mode == "token" and size != 1:
+            raise ValueError(f"span mode token has size 1, got {size}")
+        if not 1 <= size <= 4096:
+            raise ValueError(f"span size must be in 1..4096, got {size}")
+        object.__setattr__(self, "size", int(size))
+
+    @classmethod
+    def parse(cls, spec) -> "Spans":
+        """A Spans from ``None`` (:data:`DEFAULT_SPAN`), a Spans, or text: ``token``, ``forward:S``,
+        ``chunk:C``."""
+        if spec is None:
+            spec = DEFAULT_SPAN
+        if isinstance(spec, Spans):
+            return spec
+        if not isinstance(spec, str):
+            raise ValueError(f"a span is written token, forward:S or chunk:C, got {spec!r}")
+        text = spec.strip().lower()
+        mode, sep, size = text.partition(":")
+        if mode == "token" and not sep:
+            return TOKEN
+        if mode not in SPAN_MODES or not sep or not size.strip().isdigit():
+            raise ValueError(f"a span is written token, forward:S or chunk:C (S, C: tokens), got {spec!r}")
+        return cls(mode, int(size))
+
+    def __str__(self) -> str:
+        return "token" if self.mode == "token" else f"{self.mode}:{self.size}"
+
+    @property
+    def is_token(self) -> bool:
+        """Whether this is plain token-level top-k (size 1 in any mode)."""
+        return self.size == 1
+
+    def spread(self, scores) -> np.ndarray:
+        """``forward`` scores: each position gets the max of itself and the ``size - 1`` before it
+        (float64, same shape). Other modes return the scores as float64."""
+        arr = np.asarray(scores, dtype=np.float64)
+        if self.mode != "forward" or self.size == 1 or arr.shape[-1] == 0:
+            return arr.copy()
+        widths = [(0, 0)] * (arr.ndim - 1) + [(self.size - 1, 0)]
+        padded = np.pad(arr, widths, constant_values=-np.inf)
+        return sliding_window_view(padded, self.size, axis=-1).max(axis=-1)
+
+    def top_k(self, scores, k: int) -> np.ndarray:
+        """The ``k`` positions to keep along the last axis of ``scores`` (``(n,)`` or ``(rows, n)``):
+        sorted int64, shape ``(..., k)``. ``k`` must be in ``0..n``."""
+        arr = np.asarray(scores, dtype=np.float64)
+        if arr.ndim not in (1, 2):
+            raise ValueError(f"scores must be (n,) or (rows, n), got shape {arr.shape}")
+        n = arr.shape[-1]
+        k = operator.index(k)
+        if not 0 <= k <= n:
+            raise ValueError(f"k must be in 0..{n}, got {k}")
+        if self.mode == "chunk" and self.size > 1:
+            order = _chunk_order(arr, self.size)
+        else:
+            order = np.argsort(-self.spread(arr), axis=-1, kind="stable")
+        return np.sort(order[..., :k], axis=-1).astype(np.int64)
+
+
+TOKEN = Spans()
+
+
+def _chunk_order(arr: np.ndarray, c: int) -> np.ndarray:
+    """Positions ordered by their chunk's mean score (best first, ties to the earlier chunk), in
+    position order inside a chunk."""
+    n = arr.shape[-1]
+    n_chunks = -(-n // c)
+    pad = n_chunks * c - n
+    rows = arr.reshape(-1, n)
+    padded = np.pad(rows, [(0, 0), (0, pad)])
+    sums = padded.reshape(rows.shape[0], n_chunks, c).sum(axis=-1)
+    lengths = np.full(n_chunks, c, dtype=np.float64)
+    lengths[-1] = c - pad
+    chunk_rank = np.argsort(-(sums / lengths), axis=-1, kind="stable")      # (rows, n_chunks)
+    pos = chunk_rank[:, :, None] * c + np.arange(c)                         # (rows, n_chunks, c)
+    pos = pos.reshape(rows.shape[0], -1)
+    if pad:  # every row holds the same `pad` positions >= n (the last chunk's padding)
+        pos = pos[pos < n].reshape(rows.shape[0], n)
+    return pos.reshape(arr.shape[:-1] + (n,))
+
+
+def runs(positions) -> list[list[int]]:
+    """Sorted positions as ``[first, last]`` runs of consecutive positions (what a span kept)."""
+    p = np.unique(np.asarray(positions, dtype=np.int64).ravel())
+    if p.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(p) != 1)
+    starts = np.concatenate([[0], breaks + 1])
+    ends = np.concatenate([breaks, [p.size - 1]])
+    return [[int(p[a]), int(p[b])] for a, b in zip(starts, ends)]
