@@ -22,7 +22,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_foundation import build_report_prompt  # noqa: E402
-from pyasl.engine import Model, generate  # noqa: E402
+from pyasl.engine import Model  # noqa: E402
+from pyasl import generate  # noqa: E402
 from pyasl.models import fetch_model  # noqa: E402
 
 

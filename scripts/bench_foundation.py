@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pyasl.bench import FIXED_LAYER_POLICIES, fixed_layer  # noqa: E402
-from pyasl.engine import Model, generate  # noqa: E402
+from pyasl.engine import Model  # noqa: E402
+from pyasl import generate  # noqa: E402
 from pyasl.models import fetch_model  # noqa: E402
 
 FILLER = [

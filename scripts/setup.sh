@@ -39,4 +39,4 @@ if ! python -c "import importlib.metadata as m, sys; sys.exit(m.version('llama_c
     CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" python -m pip install -q --no-deps "$(python scripts/build.py --print-sdist)"
 fi
 python -m pip install -q -e .
-python -c "import pyasl.engine as e; e._native.load(); print('pyasl ready:', e._native.lib_dir())"
+python -c "from pyasl import _native; _native.load(); print('pyasl ready:', _native.lib_dir())"

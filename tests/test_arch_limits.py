@@ -33,7 +33,8 @@ from click.testing import CliRunner  # noqa: E402
 from pyasl import engine  # noqa: E402
 from pyasl import policies as P  # noqa: E402
 from pyasl._native import PyaslError  # noqa: E402
-from pyasl.engine import Context, Model, generate  # noqa: E402
+from pyasl.engine import Context, Model  # noqa: E402
+from pyasl import generate  # noqa: E402
 
 PRUNING = ("snapkv", "asl", "fastkv", "asl-2pass", "gemfilter", "zigzag", "pyramid")
 ALIBI = ("mpt", "bloom")
@@ -106,7 +107,7 @@ def test_mla_refuses_layer_budgets(mla, no_context):
 
 
 def test_mla_cli():
-    from pyasl.cli import main
+    from pyasl.apps.cli import main
 
     prompt = " ".join(["The cache holds the keys and the values of every token the model has seen so far."] * 12)
     base = ["generate", str(MLA_PATH), "--raw", "--prompt", prompt, "--budget", "40", "--window", "8",

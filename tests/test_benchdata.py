@@ -9,7 +9,7 @@ import pytest
 
 from pyasl import _native
 from pyasl import bench as BR
-from pyasl import benchdata as D
+from pyasl.bench import data as D
 
 try:
     _native.load()
@@ -186,7 +186,7 @@ def test_run_appends_and_resumes(tmp_path):
 def test_update_doc_rewrites_marked_tables(tmp_path):
     from click.testing import CliRunner
 
-    from pyasl.cli import main
+    from pyasl.apps.cli import main
 
     rows = _rows()
     s = BR.summarize(rows)

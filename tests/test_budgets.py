@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tinymodels  # noqa: E402
 from pyasl import _native  # noqa: E402
-from pyasl import budgets as BG  # noqa: E402
+from pyasl.engine.prefill import apply_selection, move_to_context  # noqa: E402
+from pyasl.policies import layer_budgets as BG  # noqa: E402
 from pyasl import policies as P  # noqa: E402
 from pyasl._native import PyaslError  # noqa: E402
 
@@ -30,7 +31,8 @@ try:
 except _native.NativeLibraryError as e:  # pragma: no cover - depends on the machine
     pytest.skip(f"pyasl native library not available: {e}", allow_module_level=True)
 
-from pyasl.engine import Context, Model, generate, layer_major_prefill, prefill  # noqa: E402
+from pyasl.engine import Context, Model, layer_major_prefill, prefill  # noqa: E402
+from pyasl import generate  # noqa: E402
 
 REAL = pytest.mark.real
 FA = pytest.mark.parametrize("fa", [False, True], ids=["fa-off", "fa-on"])
@@ -158,6 +160,13 @@ def tiny() -> Model:
     m.close()
 
 
+def apply_layer_budgets(ctx, scores, method, b_avg, window, **opts):
+    """Per-layer budgets by `method` applied to ctx (the full prompt's KV): the policy's selection,
+    then the engine's pruning."""
+    sel = BG.budget_selection(scores, method, b_avg, window, ctx.model, opts=opts)
+    return apply_selection(ctx, sel)
+
+
 def rand_tokens(model: Model, n: int, seed: int = 0) -> list[int]:
     rng = np.random.default_rng(seed)
     toks = [int(t) for t in rng.integers(4, model.n_vocab, n)]
@@ -269,7 +278,7 @@ def test_uniform_budgets_equal_snapkv(tiny, fa):
             ctx.kv_keep_per_head(P.snapkv_select_all(pf.scores, W, b, model.n_head_kv))
             assert ctx.kv_layer_cells()[0] == 0
         else:
-            lb = BG.apply_layer_budgets(ctx, pf.scores, "uniform" if how == "uniform" else "pyramid", b, W,
+            lb = apply_layer_budgets(ctx, pf.scores, "uniform" if how == "uniform" else "pyramid", b, W,
                                         beta=1.0)
             assert lb.counts.tolist() == [b] * model.n_layer and ctx.kv_layer_cells()[0] == b
         pos = [ctx.cell_positions(il, b) for il in range(model.n_layer)]
@@ -304,13 +313,13 @@ def test_counts_survive_the_move_into_the_decode_context(tiny, fa):
     toks = rand_tokens(model, n + 3, seed=6)
     ref = Context(model, 512, flash_attn=fa, capture=True)
     pf = prefill(ref, toks[:n], window=W)
-    lb = BG.apply_layer_budgets(ref, pf.scores, "pyramid", 40, W)
+    lb = apply_layer_budgets(ref, pf.scores, "pyramid", 40, W)
     state = ref.state_get()
 
     moved = Context(model, 512, flash_attn=fa, capture=True)
     prefill(moved, toks[:n], window=W)
-    BG.apply_layer_budgets(moved, pf.scores, "pyramid", 40, W)
-    moved = BG.move_to_context(moved, n, lb.prompt_cells + 8, flash_attn=fa)
+    apply_layer_budgets(moved, pf.scores, "pyramid", 40, W)
+    moved = move_to_context(moved, n, lb.prompt_cells + 8, flash_attn=fa)
     assert moved.kv_info().size_base == 256
     assert moved.kv_layer_cells()[0] == lb.prompt_cells
     np.testing.assert_array_equal(moved.kv_layer_cells()[1], lb.counts)
@@ -335,7 +344,7 @@ def test_counts_reset_and_graph_reuse(tiny):
     toks = rand_tokens(model, n + 2, seed=7)
     ctx = Context(model, 256, capture=True)
     pf = prefill(ctx, toks[:n], window=W)
-    lb = BG.apply_layer_budgets(ctx, pf.scores, "pyramid", 40, W)
+    lb = apply_layer_budgets(ctx, pf.scores, "pyramid", 40, W)
     step = lambda: ctx.decode(toks[n: n + 1], pos0=n) or ctx.logits()  # noqa: E731
     a = step()
     assert ctx.seq_rm(n, -1) and ctx.kv_layer_cells()[0] == lb.prompt_cells

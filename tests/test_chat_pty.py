@@ -30,7 +30,7 @@ def _doc(n_lines: int = 30) -> str:
 
 
 def spawn(*args) -> "pexpect.spawn":
-    child = pexpect.spawn(sys.executable, ["-m", "pyasl.cli", "chat", *map(str, args)], encoding="utf-8",
+    child = pexpect.spawn(sys.executable, ["-m", "pyasl", "chat", *map(str, args)], encoding="utf-8",
                           timeout=TIMEOUT, dimensions=(40, 200))
     return child
 

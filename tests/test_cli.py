@@ -18,7 +18,7 @@ KEYS = {"text", "policy", "n_prompt", "n_generated", "selected_layer", "n_kept",
 
 
 def run(*args, timeout=300):
-    p = subprocess.run([sys.executable, "-m", "pyasl.cli", *map(str, args)], capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "-m", "pyasl", *map(str, args)], capture_output=True, text=True,
                        timeout=timeout)
     assert p.returncode >= 0, f"killed by signal {-p.returncode}: {p.stderr}"
     return p
@@ -151,9 +151,11 @@ def test_two_pass_policies_tiny(tiny, prompt_file, policy, extra):
         assert d["selected_layer"] == 2
 
 
-def test_gemfilter_needs_layer(tiny, prompt_file):
-    p = run("generate", tiny, "--prompt-file", prompt_file, "--policy", "gemfilter", "--budget", 64, "--raw")
-    assert p.returncode != 0 and "--layer" in p.stderr
+def test_gemfilter_layer(tiny, prompt_file):
+    # without --layer: GemFilter's layer 13 of 32, scaled by depth (6 layers: 2)
+    p = run("generate", tiny, "--prompt-file", prompt_file, "--policy", "gemfilter", "--budget", 64, "--raw",
+            "--max-tokens", 2, "--json")
+    assert p.returncode == 0 and json.loads(p.stdout)["selected_layer"] == 2
     p = run("generate", tiny, "--prompt-file", prompt_file, "--policy", "gemfilter", "--layer", 99, "--budget", 64,
             "--raw")
     assert p.returncode != 0 and "outside" in p.stderr
@@ -187,3 +189,21 @@ def test_gemma3_inspect_and_generate_use_global_layers(prompt_file):
     p = run("generate", g, "--prompt-file", prompt_file, "--policy", "fastkv", "--layer", 0, "--budget", 64,
             "--window", 8, "--max-tokens", 4, "--raw")
     assert p.returncode != 0 and "first full-attention layer is 1" in p.stderr
+
+
+def test_inspect_reports_whole_spans(tiny, prompt_file):
+    """inspect --json says which spans a policy keeps: with forward:8 every run of kept positions
+    before the window is at least 8 long (but the one the budget cut); token-level keeps shorter runs."""
+    def kept(*args):
+        p = run("inspect", tiny, "--prompt-file", prompt_file, "--window", 8, "--budget", 96, "--raw", "--json", *args)
+        assert p.returncode == 0, p.stderr
+        d = json.loads(p.stdout)
+        return d, [r for r in d["kept_spans"] or [] if r[1] < d["n_prompt"] - 8]
+
+    d, runs = kept("--policy", "fastkv", "--layer", 3, "--span", "forward:8")
+    assert d["span"] == "forward:8" and sum(b - a + 1 for a, b in d["kept_spans"]) == 96
+    assert sum(1 for a, b in runs if b - a + 1 < 8) <= 1
+    _, token_runs = kept("--policy", "fastkv", "--layer", 3, "--span", "token")
+    assert sum(1 for a, b in token_runs if b - a + 1 < 8) > 1
+    d, _ = kept("--policy", "snapkv", "--span", "chunk:4")
+    assert d["kept_spans"] is None and all(len(layer["kept_spans"]) == 2 for layer in d["layers"])

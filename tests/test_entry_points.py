@@ -73,7 +73,7 @@ def test_load_model_refuses_bad_files(files, what):
 
 @pytest.mark.parametrize("what", [w for w in MESSAGES if w != "block_count 0"])
 def test_llama_refuses_bad_files_before_llama_cpp(files, what):
-    from pyasl.llama import LlamaModelError
+    from pyasl.apps.llama import LlamaModelError
 
     with pytest.raises(LlamaModelError, match=MESSAGES[what]) as e:
         pyasl.Llama(str(files[what]), verbose=False)
@@ -91,7 +91,7 @@ def test_llama_refuses_a_file_llama_cpp_aborts_on(files):
 
 
 def test_create_app_refuses_bad_files(files):
-    from pyasl.server import create_app
+    from pyasl.apps.server import create_app
 
     for what in ("missing", "text", "truncated tensors"):
         with pytest.raises(ValueError, match=MESSAGES[what]):
@@ -103,7 +103,7 @@ def test_create_app_refuses_bad_files(files):
 
 def test_session_arguments(model):
     for kw, msg in ((dict(policy="nope"), "unknown policy"), (dict(policy=3), "must be a pyasl Policy"),
-                    (dict(policy=S.FastKV(layer=9, budget=64)), "outside the model's layers"),
+                    (dict(policy=pyasl.FastKV(layer=9, budget=64)), "outside the model's layers"),
                     (dict(n_ctx=8), "n_ctx must be >= 16"), (dict(n_ctx=100.5), "n_ctx must be an integer"),
                     (dict(max_tokens="5"), "max_tokens must be an integer"),
                     (dict(policy=pyasl.ASL(budget=512), n_ctx=256), "raise n_ctx to at least"),
@@ -240,7 +240,7 @@ def test_session_load_refuses_damaged_files(model, tmp_path):
 
 def test_llama_arguments():
     for kw, msg in ((dict(kv_policy="nope"), "unknown policy"), (dict(kv_policy=3), "must be a pyasl Policy"),
-                    (dict(kv_policy=S.FastKV(layer=9, budget=64)), "outside the model's layers")):
+                    (dict(kv_policy=pyasl.FastKV(layer=9, budget=64)), "outside the model's layers")):
         with pytest.raises(ValueError, match=msg):
             pyasl.Llama(str(TINY), n_ctx=256, verbose=False, **kw)
     with pytest.raises(ValueError, match="sliding-window"):
@@ -297,7 +297,7 @@ def client():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from starlette.testclient import TestClient
-    from pyasl.server import create_app
+    from pyasl.apps.server import create_app
 
     app = create_app(str(TINY), pyasl.ASL(budget=32, window=8), n_ctx=256, alias="tiny")
     with TestClient(app, raise_server_exceptions=False) as c:
@@ -369,17 +369,17 @@ def test_server_still_answers(client):
 def cli(monkeypatch):
     import uvicorn
 
-    import pyasl.chat
+    import pyasl.apps.chat
 
     def no_listen(app, **kw):
         print(f"(would listen on {kw.get('host')}:{kw.get('port')})", file=sys.stderr)
 
     monkeypatch.setattr(uvicorn, "run", no_listen)  # `serve` must never bind a port here
-    monkeypatch.setattr(pyasl.chat, "_setup_readline", lambda: None)  # no history file
+    monkeypatch.setattr(pyasl.apps.chat, "_setup_readline", lambda: None)  # no history file
     runner = CliRunner()
 
     def run(*args, input="/quit\n"):
-        from pyasl.cli import main
+        from pyasl.apps.cli import main
 
         r = runner.invoke(main, [str(a) for a in args], input=input)
         assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)  # no traceback
@@ -411,7 +411,7 @@ def test_cli_chat_refusals(cli, tmp_path):
             (["--system", "caf\udce9"], "--system is not valid UTF-8"),
             (["--budget", "16", "--window", "32"], "larger than the window"),
             (["--tau", "0"], "0<x<=1"), (["--tau", "1.5"], "0<x<=1"),
-            (["--policy", "fastkv"], "needs a selection layer"),
+            (["--policy", "snapkv", "--layer", "3"], "does not take --layer"),
             (["--policy", "fastkv", "--layer", "9", "--budget", "64", "--ctx", "512"], "outside the model's layers"),
             (["--policy", "bogus"], "'bogus' is not one of"),
             (["--ctx", "64"], "raise n_ctx to at least"), (["--ctx", "8"], "x>=16"),
@@ -454,7 +454,7 @@ def test_cli_chat_line_not_utf8(cli):
     assert r.exit_code == 0 and "error: the line is not valid UTF-8" in r.output, r.output
     # a lone surrogate (surrogateescape stdin, the C locale): the Session names it
     with pyasl.Session(pyasl.load_model(TINY), policy="full", n_ctx=128, max_tokens=4) as s:
-        from pyasl.chat import Chat
+        from pyasl.apps.chat import Chat
 
         lines = iter(["caf\udce9 au lait", "/quit"])
         err = __import__("io").StringIO()
@@ -465,14 +465,14 @@ def test_cli_chat_line_not_utf8(cli):
 def test_cli_chat_exit_code_in_a_child(tmp_path):
     bad = tmp_path / "latin1.txt"
     bad.write_bytes(b"caf\xe9\n")
-    p = subprocess.run([sys.executable, "-m", "pyasl.cli", "chat", str(TINY), "--doc", str(bad)],
+    p = subprocess.run([sys.executable, "-m", "pyasl", "chat", str(TINY), "--doc", str(bad)],
                        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert p.returncode == 1 and "not valid UTF-8" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_cli_serve_refusals_and_note(cli):
     for args, msg in ((["--budget", "16", "--window", "32"], "larger than the window"),
-                      (["--policy", "fastkv"], "needs a selection layer"),
+                      (["--policy", "snapkv", "--layer", "3"], "does not take --layer"),
                       (["--policy", "fastkv", "--layer", "9", "--budget", "64"], "outside the model's layers"),
                       (["--tau", "0"], "0<x<=1"), (["--ctx", "8"], "x>=16"), (["--port", "70000"], "0<=x<=65535")):
         r = cli("serve", TINY, *args)

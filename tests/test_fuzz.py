@@ -37,7 +37,8 @@ try:
 except _native.NativeLibraryError as e:  # pragma: no cover - depends on the machine
     pytest.skip(f"pyasl native library not available: {e}", allow_module_level=True)
 
-from pyasl.engine import POLICIES, Context, Model, generate, layer_major_supported  # noqa: E402
+from pyasl.engine import POLICIES, Context, Model, layer_major_supported  # noqa: E402
+from pyasl import generate  # noqa: E402
 
 SEED = int(os.environ.get("PYASL_FUZZ_SEED", "0"))
 SCALE = float(os.environ.get("PYASL_FUZZ_SCALE", "1"))

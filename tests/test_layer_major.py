@@ -19,7 +19,8 @@ except _native.NativeLibraryError as e:  # pragma: no cover
     pytest.skip(f"pyasl native library not available: {e}", allow_module_level=True)
 
 from pyasl import policies as P  # noqa: E402
-from pyasl.engine import (Context, Model, generate, layer_major_prefill, layer_major_supported, prefill,  # noqa: E402
+from pyasl import generate  # noqa: E402
+from pyasl.engine import (Context, Model, layer_major_prefill, layer_major_supported, prefill,  # noqa: E402
                           ranked_layer_mask)
 from pyasl.models import fetch_model  # noqa: E402
 
@@ -174,7 +175,10 @@ def test_generate_fastkv_and_asl_layer_major(tiny_llama):
     r = generate(m, t, policy="asl", budget=64, window=16, max_tokens=6, n_batch=128)
     assert r.asl["prefill"] == "layer-major" and r.n_kept == 64
     with pytest.raises(ValueError, match="--layer"):
-        generate(m, t, policy="fastkv", budget=64, window=16)
+        generate(m, t, policy="fastkv", layer=m.n_layer, budget=64, window=16)
+    # without --layer: 15 of 32 layers, scaled by depth
+    r = generate(m, t, policy="fastkv", budget=64, window=16, max_tokens=2, n_batch=128)
+    assert r.selected_layer == round(15 * m.n_layer / 32)
 
 
 # ---- sliding-window (iSWA) models: Gemma 3 ------------------------------------------------

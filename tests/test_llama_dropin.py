@@ -105,3 +105,16 @@ def test_a_long_prompt_after_a_short_one_is_pruned_whole(llm):
     r = llm.create_completion(PROMPT, max_tokens=4, temperature=0)
     assert llm.n_prunes == n0 + 1 and llm.last_prune["n_prompt"] == r["usage"]["prompt_tokens"]
     assert llm.kv_cells() <= BUDGET + 4
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("name", ["zigzag", "pyramid", "fastkv"])
+def test_every_policy_by_name_prunes_a_prompt(path, name):
+    """zigzag and pyramid (per-layer budgets, set again after the state is loaded) and fastkv
+    (default layer) built by name with a budget alone."""
+    lm = pyasl.Llama(path, n_ctx=1024, kv_policy=pyasl.make_policy(name, budget=BUDGET, window=16), verbose=False)
+    r = lm.create_completion(PROMPT, max_tokens=8, temperature=0)
+    assert lm.n_prunes == 1 and _text(r).strip()
+    if name != "fastkv":
+        assert lm.last_prune["n_kept"] > BUDGET  # the largest layer's budget: prompt cells of every layer
+    lm.close()

@@ -30,7 +30,8 @@ try:
 except _native.NativeLibraryError as e:  # pragma: no cover - depends on the machine
     pytest.skip(f"pyasl native library not available: {e}", allow_module_level=True)
 
-from pyasl.engine import Context, Model, generate, prefill  # noqa: E402
+from pyasl.engine import Context, Model, prefill  # noqa: E402
+from pyasl import generate  # noqa: E402
 
 
 # ---------------------------------------------------------------- fixtures / helpers

@@ -40,7 +40,8 @@ except _native.NativeLibraryError as e:  # pragma: no cover - depends on the mac
     pytest.skip(f"pyasl native library not available: {e}", allow_module_level=True)
 
 from pyasl._native import PyaslError  # noqa: E402
-from pyasl.engine import ClosedError, Context, Model, ModelLoadError, generate  # noqa: E402
+from pyasl.engine import ClosedError, Context, Model, ModelLoadError  # noqa: E402
+from pyasl import generate  # noqa: E402
 
 TINY = tinymodels.tiny_model_path("llama")
 
@@ -346,11 +347,11 @@ def test_copy_cells_between_different_models(tiny):
     (dict(tau=0.0), "tau"), (dict(tau=1.5), "tau"), (dict(tau=float("nan")), "tau"),
     (dict(policy="asl-2pass", tau=-1), "tau"),
     (dict(budget=8, window=8), "larger than the window"),
-    (dict(window=0), "window"), (dict(window=600), "batch size"),
+    (dict(window=0), "window"), (dict(window=600, budget=1000), "batch size"),
     (dict(max_tokens=0), "max_tokens"), (dict(n_threads=0), "n_threads"),
     (dict(n_ctx=50), "context size"),
     (dict(policy="magic"), "unknown policy"),
-    (dict(policy="fastkv"), "needs a selection layer"),
+    (dict(policy="fastkv", layer=-1), "needs a selection layer"),
     (dict(policy="gemfilter", layer=4), "outside the model's layers"),
     (dict(prefill_mode="fast"), "prefill_mode"),
 ])
@@ -599,7 +600,7 @@ def test_model_without_global_attention_layers(tmp_path):
     (dict(policy="snapkv"), "runs asl, fastkv or asl-2pass"),
     (dict(window=0), "window"), (dict(window=100), "window"), (dict(window=200, n_batch=128), "window"),
     (dict(budget=8), "budget"), (dict(tau=0), "tau"),
-    (dict(policy="fastkv", layer=None), "needs --layer"), (dict(policy="fastkv", layer=9), "needs --layer"),
+    (dict(policy="fastkv", layer=9), "needs --layer"),
     (dict(l_min=7), "l_min"),
 ])
 def test_layer_major_prefill_refuses(tiny, kw, message):

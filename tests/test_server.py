@@ -32,7 +32,7 @@ def server(tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "stderr.txt"
     with open(log, "w") as err:
-        p = subprocess.Popen([sys.executable, "-m", "pyasl.cli", "serve", "smollm2", "--policy", "asl", "--budget", "96",
+        p = subprocess.Popen([sys.executable, "-m", "pyasl", "serve", "smollm2", "--policy", "asl", "--budget", "96",
                               "--window", "16", "--ctx", "1024", "--port", str(port), "--alias", "smol"],
                              stdout=subprocess.DEVNULL, stderr=err)
     base = f"http://127.0.0.1:{port}"

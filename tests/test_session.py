@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 import pyasl
+from pyasl import policies as P
 from pyasl import session as S
+from pyasl.session.sampling import penalize
 from tinymodels import tiny_model_path
 
 DOC = " ".join(f"Sentence {i}: the quick brown fox number {i} jumps over the lazy dog near the river." for i in range(30))
@@ -29,35 +31,35 @@ def tiny_qwen():
     return pyasl.Model(tiny_model_path("qwen2", n_layer=4))
 
 
-@S.register_policy
-class Recent(S.Policy):
+@P.register_policy
+class Recent(P.Policy):
     """A policy written outside pyasl: keep the most recent cells (StreamingLLM without sinks)."""
 
     name = "test-recent"
 
     def select(self, scores, window, model):
         n = scores.shape[-1]
-        return S.Selection(shared=np.arange(max(0, n - self.budget), n))
+        return P.Selection(shared=np.arange(max(0, n - self.budget), n))
 
 
 def test_policy_objects():
     a = pyasl.ASL(budget=256, tau=0.2)
-    assert a == S.Policy.from_dict(a.to_dict()) and "ASL(budget=256" in repr(a)
-    assert S.make_policy("fastkv", layer=3, budget=64).to_dict() == {"name": "fastkv", "layer": 3, "budget": 64,
+    assert a == P.Policy.from_dict(a.to_dict()) and "ASL(budget=256" in repr(a)
+    assert P.make_policy("fastkv", layer=3, budget=64).to_dict() == {"name": "fastkv", "layer": 3, "budget": 64,
                                                                       "window": 32, "kernel": 7, "span": "token"}
-    f16 = S.make_policy("snapkv", budget=64, span="forward:16")
-    assert f16.to_dict()["span"] == "forward:16" and S.Policy.from_dict(f16.to_dict()) == f16
-    assert set(["asl", "snapkv", "fastkv", "asl-2pass", "gemfilter", "full", "test-recent"]) <= set(S.policy_names())
+    f16 = P.make_policy("snapkv", budget=64, span="forward:16")
+    assert f16.to_dict()["span"] == "forward:16" and P.Policy.from_dict(f16.to_dict()) == f16
+    assert set(["asl", "snapkv", "fastkv", "asl-2pass", "gemfilter", "full", "test-recent"]) <= set(P.policy_names())
     with pytest.raises(ValueError, match="larger than the window"):
         pyasl.SnapKV(budget=16, window=32)
     with pytest.raises(ValueError, match="unknown policy"):
-        S.make_policy("nope")
+        P.make_policy("nope")
     with pytest.raises(ValueError, match="does not take tau"):
-        S.make_policy("snapkv", tau=0.3)
-    with pytest.raises(TypeError):
-        pyasl.FastKV(budget=64)  # the layer is required
+        P.make_policy("snapkv", tau=0.3)
+    # built by name with a budget alone: fastkv and gemfilter take a depth-scaled default layer
+    assert pyasl.FastKV(budget=64).layer is None and P.make_policy("fastkv", budget=64) == pyasl.FastKV(budget=64)
     with pytest.raises(ValueError, match="policy fastkv.*layer"):
-        S.make_policy("fastkv", budget=64)
+        P.make_policy("fastkv", budget=64, layer=-1)
     with pytest.raises(ValueError, match="tau"):
         pyasl.ASL(tau=0)
 
@@ -130,9 +132,9 @@ def test_reprune_keeps_the_sinks_and_the_latest_exchange(tiny, policy):
 
 def test_repeat_penalty():
     logits = np.array([2.0, -2.0, 1.0, 0.5], dtype=np.float32)
-    out = S._penalize(logits, [0, 1, 1], 2.0)
+    out = penalize(logits, [0, 1, 1], 2.0)
     assert out.tolist() == [1.0, -4.0, 1.0, 0.5] and logits[0] == 2.0
-    assert S._penalize(logits, [0], 1.0) is logits
+    assert penalize(logits, [0], 1.0) is logits
 
 
 def test_repeat_penalty_is_validated_and_changes_greedy_answers(tiny):
@@ -272,3 +274,52 @@ def test_long_conversation_stays_inside_the_training_context():
         c.decode(list(range(5, 40)), pos0=0)
         with pytest.raises(RuntimeError, match="sliding-window"):
             c.renumber_positions()
+
+
+@pytest.mark.parametrize("name", ["full", "snapkv", "asl", "asl-2pass", "fastkv", "gemfilter", "zigzag", "pyramid"])
+def test_every_policy_by_name_with_a_budget_alone(tiny, name):
+    """Every policy is built by name with a budget alone and prunes a conversation."""
+    pol = P.make_policy(name, **({} if name == "full" else {"budget": 64, "window": 8}))
+    s = S.Session(tiny, policy=pol, n_ctx=2048 if name == "full" else 256, max_tokens=8)
+    st = s.prefill(documents=[DOC])
+    assert (st["kept_tokens"] < st["document_tokens"]) == pol.prunes
+    assert s.ask("what does the fox do", max_tokens=4) is not None
+    s.close()
+
+
+@pytest.mark.parametrize("policy", [pyasl.ZigZag(budget=64, window=8), pyasl.Pyramid(budget=64, window=8)],
+                         ids=lambda p: p.name)
+def test_per_layer_budgets_in_a_conversation(policy, tmp_path):
+    """ZigZagKV and PyramidKV in a Session: the documents keep per-layer budgets (n_layer x budget
+    rows in all), re-prunes keep to the cells each layer sees, and the budgets survive reset,
+    save and load (the state bytes do not carry them)."""
+    tiny = pyasl.Model(tiny_model_path("llama", n_layer=6, n_ctx=8192))  # no renumbering in this conversation
+    s = S.Session(tiny, policy=policy, n_ctx=256, max_tokens=8)
+    s.prefill(documents=[DOC])
+    first = s._layer_cells()
+    assert first is not None and sum(first) == tiny.n_layer * 64 and len(set(first)) > 1
+    for q in QUESTIONS:
+        s.ask(q, max_tokens=8)
+        assert s.n_cells() <= 256 and s._layer_cells() is not None
+        pos = s._present_positions()
+        assert pos[-1] == s.n_past - 1 and len(pos) == s.n_cells()
+    assert s.stats()["reprunes"] >= 1 and sum(s._layer_cells()) <= tiny.n_layer * 64 + tiny.n_layer * 40
+    s.save(tmp_path / "s.pyasl")
+    t = S.Session.load(tiny, tmp_path / "s.pyasl")
+    assert t._layer_cells() == s._layer_cells()
+    assert t.ask("and the fox?", max_tokens=6) == s.ask("and the fox?", max_tokens=6)
+    with pytest.raises(ValueError, match="per-layer budgets"):
+        s.set_policy("snapkv")
+    s.reset()
+    assert s._layer_cells() == first
+    s.close()
+    t.close()
+
+
+def test_per_layer_budgets_stop_clearly_at_the_training_context(tiny):
+    s = S.Session(tiny, policy=pyasl.ZigZag(budget=64, window=8), n_ctx=256, max_tokens=8)
+    s.prefill(documents=[DOC])
+    with pytest.raises(S.ContextFullError, match="training context"):
+        for q in QUESTIONS * 4:
+            s.ask(q, max_tokens=8)
+    s.close()

@@ -18,9 +18,10 @@ try:
 except _native.NativeLibraryError as e:  # pragma: no cover
     pytest.skip(f"pyasl native library not available: {e}", allow_module_level=True)
 
-from pyasl.engine import Model, generate, greedy_decode, layer_major_prefill  # noqa: E402
+from pyasl.engine import Model, greedy_decode, layer_major_prefill  # noqa: E402
+from pyasl import generate  # noqa: E402
 from pyasl.models import fetch_model  # noqa: E402
-from pyasl.shared import SharedPrefill  # noqa: E402
+from pyasl.bench.shared import SharedPrefill  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def test_derive_equals_layer_major(smollm2, shared, policy, layer):
     lm = layer_major_prefill(smollm2, t, policy, budget=128, window=16, tau=0.7, layer=layer, max_tokens=8,
                              n_batch=128)
     d = shared.derive(policy, budget=128, tau=0.7, layer=layer, max_tokens=8)
-    want_sel = lm.stop_layer if policy == "fastkv" else lm.selection.selected_layer
+    want_sel = lm.stop_layer if policy == "fastkv" else lm.selected_layer
     assert d.selected_layer == want_sel
     assert d.n_kept == lm.n_kept == 128
     assert abs(d.prefill_work - lm.prefill_work) < 1e-12
@@ -104,7 +105,7 @@ def test_derive_rejects_bad_input(shared):
     with pytest.raises(ValueError, match="larger than the window"):
         shared.derive("snapkv", budget=8)
     with pytest.raises(ValueError, match="selection layer"):
-        shared.derive("fastkv", budget=64)
+        shared.derive("fastkv", budget=64, layer=-1)
     d = shared.derive("snapkv", budget=10_000, max_tokens=2)
     d.ctx.close()
     assert d.n_kept == shared.n and "nothing to prune" in d.note

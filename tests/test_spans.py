@@ -13,8 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tinymodels  # noqa: E402
 from pyasl import policies as P
-from pyasl.budgets import per_layer_sets
-from pyasl.spans import DEFAULT_SPAN, TOKEN, Spans, runs
+from pyasl.policies.layer_budgets import per_layer_sets
+from pyasl.policies.spans import DEFAULT_SPAN, TOKEN, Spans, runs
 
 RNG = np.random.default_rng(7)
 
@@ -190,7 +190,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def tiny_shared(tiny):
-    from pyasl.shared import SharedPrefill
+    from pyasl.bench.shared import SharedPrefill
 
     t = [int(x) for x in np.random.default_rng(5).integers(4, tiny.n_vocab, 400)]
     return SharedPrefill(tiny, t, window=8, n_batch=64)
@@ -223,7 +223,7 @@ def test_size_one_spans_give_todays_logits_and_tokens(tiny, tiny_shared, policy,
 def test_generate_with_spans_equals_the_shared_derivation(tiny, tiny_shared, policy, layer):
     """The span reaches every path: engine.generate and the benchmark's shared prefill agree, and a
     span changes what is kept (the answer or the logits differ from token-level)."""
-    from pyasl.engine import generate
+    from pyasl import generate
 
     g = generate(tiny, tiny_shared.tokens, policy=policy, budget=100, window=8, layer=layer, max_tokens=5,
                  n_batch=64, ignore_eos=True, span="forward:8")
@@ -248,9 +248,11 @@ def test_session_and_llama_policies_take_a_span(tiny):
         assert pol.span == Spans("chunk", 4) and pol.to_dict()["span"] == "chunk:4"
     with pytest.raises(ValueError, match="span"):
         pyasl.make_policy("snapkv", budget=64, span="sideways:3")
+    from pyasl.engine.strategies import prefill_state
+
     toks = [int(x) for x in np.random.default_rng(1).integers(4, tiny.n_vocab, 300)]
-    a = pyasl.make_policy("fastkv", layer=2, budget=64, window=8, span="forward:8").prefill(tiny, toks, n_batch=64)
-    b = pyasl.make_policy("fastkv", layer=2, budget=64, window=8).prefill(tiny, toks, n_batch=64)
+    a = prefill_state(tiny, toks, pyasl.make_policy("fastkv", layer=2, budget=64, window=8, span="forward:8"), n_batch=64)
+    b = prefill_state(tiny, toks, pyasl.make_policy("fastkv", layer=2, budget=64, window=8), n_batch=64)
     assert a.n_kept == b.n_kept == 64 and a.state != b.state
 
 
@@ -268,7 +270,7 @@ def _value_positions(model, toks, start: bytes, end: bytes) -> list[int]:
 @pytest.fixture(scope="module")
 def report(smollm2):
     """SmolLM2 over the README's report (~4,000 tokens): one shared prefill."""
-    from pyasl.shared import SharedPrefill
+    from pyasl.bench.shared import SharedPrefill
 
     text = Path(__file__).resolve().parents[1].joinpath("examples", "long_prompt.txt").read_text()
     return SharedPrefill(smollm2, smollm2.prompt_tokens(text), window=32)

@@ -26,33 +26,36 @@ import weakref
 from pathlib import Path
 from typing import Optional, Union
 
-from . import _native
-from . import engine as E
-from . import session as S
+import numpy as np
+
+from .. import _native
+from ..engine.model import Model, ModelLoadError, _check_gguf
+from ..engine.strategies import prefill_state
+from ..policies import Policy, make_policy
 
 _llama_cpp, _lib, _ = _native.load()  # our libllama, before llama_cpp.Llama is touched
 
 import llama_cpp  # noqa: E402
 
 
-def _borrow_model(llm: "llama_cpp.Llama") -> E.Model:
+def _borrow_model(llm: "llama_cpp.Llama") -> Model:
     """A pyasl Model view of the weights llama-cpp-python already loaded (not freed by pyasl)."""
-    m = E.Model.__new__(_Borrowed)
+    m = Model.__new__(_Borrowed)
     m._contexts = weakref.WeakSet()  # contexts made on these weights, closed before them
     m.path = Path(llm.model_path)
     m._m = llm._model.model
-    m.gguf = E._check_gguf(m.path)
+    m.gguf = _check_gguf(m.path)
     m._read_sizes()
     m.chat_template = None
     return m
 
 
-class LlamaModelError(E.ModelLoadError, ValueError):
+class LlamaModelError(ModelLoadError, ValueError):
     """A model file pyasl refuses before llama.cpp sees it (missing, not GGUF, truncated, corrupt metadata
     llama.cpp would abort on, unsupported architecture); a ValueError like llama-cpp-python's load errors."""
 
 
-class _Borrowed(E.Model):
+class _Borrowed(Model):
     def close(self) -> None:
         self._m = None  # owned by llama_cpp.Llama
 
@@ -64,22 +67,21 @@ class Llama(llama_cpp.Llama):
     Every other argument is llama-cpp-python's. ``last_prune`` (a dict or None) and ``n_prunes``
     report what was pruned."""
 
-    def __init__(self, *args, kv_policy: Union[S.Policy, str, None] = None, **kwargs):
+    def __init__(self, *args, kv_policy: Union[Policy, str, None] = None, **kwargs):
         path = kwargs.get("model_path", args[0] if args else None)
         if path is not None:  # the GGUF pre-check first: llama.cpp aborts the process on some corrupt files
             try:
-                E._check_gguf(Path(path))
-            except E.ModelLoadError as e:
+                _check_gguf(Path(path))
+            except ModelLoadError as e:
                 raise LlamaModelError(str(e)) from None
         super().__init__(*args, **kwargs)
         if isinstance(kv_policy, str):
-            kv_policy = S.make_policy(kv_policy)
-        if kv_policy is not None and not isinstance(kv_policy, S.Policy):
+            kv_policy = make_policy(kv_policy)
+        if kv_policy is not None and not isinstance(kv_policy, Policy):
             raise ValueError(f"kv_policy must be a pyasl Policy, a policy name or None, got {kv_policy!r}")
         self._pyasl_model = _borrow_model(self)
         if kv_policy is not None:
             kv_policy.check_model(self._pyasl_model)
-            S._check_arch(self._pyasl_model, kv_policy)
             if self._pyasl_model.n_swa > 0:
                 raise ValueError("pyasl.Llama does not prune sliding-window models yet")
         self.kv_policy = kv_policy
@@ -126,15 +128,19 @@ class Llama(llama_cpp.Llama):
         cp = self.context_params
         pol = self.kv_policy
         if pol.budget - 1 > pol.window:  # the last prompt token takes one more cell: budget stays a hard cap
-            pol = S.Policy.from_dict({**pol.to_dict(), "budget": pol.budget - 1})
-        pp = pol.prefill(self._pyasl_model, head, n_threads=cp.n_threads_batch,
-                                    flash_attn=not info.v_trans, n_batch=self.n_batch)
+            pol = pol.replace(budget=pol.budget - 1)
+        pp = prefill_state(self._pyasl_model, head, pol, n_threads=cp.n_threads_batch, flash_attn=not info.v_trans,
+                           n_batch=self.n_batch)
         mem = llama_cpp.llama_get_memory(self._ctx.ctx)
         llama_cpp.llama_memory_clear(mem, True)
         buf = (ctypes.c_uint8 * len(pp.state)).from_buffer_copy(pp.state)
         if llama_cpp.llama_state_seq_set_data(self._ctx.ctx, buf, len(pp.state), 0) == 0:
             raise RuntimeError(f"the pruned cache ({pp.n_kept} cells) does not fit this Llama's context "
                                f"(n_ctx {self.n_ctx()})")
+        if pp.layer_cells is not None:  # per-layer budgets (zigzag, pyramid): the state bytes do not carry them
+            c = np.ascontiguousarray(pp.layer_cells, dtype=np.int32)
+            _native.check(_lib.pyasl_kv_set_layer_cells(self._ctx.ctx, 0, c.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+                                                        len(c), None, 0), "per-layer cells")
         self.input_ids[: len(head)] = head
         self.n_tokens = len(head)
         self._pyasl_pruned = True

@@ -1,8 +1,9 @@
 """Per-layer KV budgets: ZigZagKV (layer uncertainty), PyramidKV, uniform; alone or under ASL.
 
 The budget schedules are pure numpy (:func:`zigzag_budgets`, :func:`pyramid_budgets`,
-:func:`uniform_budgets`, :func:`layer_budgets`). :func:`apply_layer_budgets` applies a schedule to
-a context that holds the full prompt KV: inside layer ``l`` every KV head keeps its SnapKV top
+:func:`uniform_budgets`, :func:`layer_budgets`); :func:`budget_selection` turns a schedule into
+per-layer token sets, which the engine applies to a context that holds the full prompt KV
+(engine.prefill.apply_selection): inside layer ``l`` every KV head keeps its SnapKV top
 ``B_l - window`` prefix positions plus the window (``policies.snapkv_select``), packed into cells
 ``0 .. B_l - 1``; the cache keeps ``P = max_l B_l`` prompt cells and layer ``l`` attends only to its
 first ``B_l`` of them (per-layer masks, patches/0004) plus every token decoded afterwards.
@@ -26,24 +27,23 @@ prefix token is chosen); ZigZagKV's ``B_min`` is ``max(ceil(b_min_frac * b_avg),
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 
-from . import policies as P
+from . import scoring as P
+from .base import Policy, Selection, register_policy
+from .snapkv_rule import snapkv_select
 
 __all__ = [
     "BUDGET_METHODS",
-    "LayerBudgets",
+    "Pyramid",
+    "ZigZag",
     "allocate",
-    "apply_layer_budgets",
-    "check_budget_options",
+    "budget_options",
+    "budget_selection",
     "inspect_budgets",
-    "kv_bytes",
     "layer_budgets",
-    "move_to_context",
     "per_layer_sets",
     "pyramid_budgets",
     "uniform_budgets",
@@ -159,13 +159,7 @@ def zigzag_lmba(scores, theta: float = DEFAULT_THETA) -> np.ndarray:
 
 
 def _check_theta(theta) -> float:
-    try:
-        theta = float(theta)
-    except (TypeError, ValueError):
-        raise ValueError(f"theta must be a number, got {theta!r}") from None
-    if not 0.0 < theta <= 1.0:
-        raise ValueError(f"theta must satisfy 0 < theta <= 1, got {theta}")
-    return theta
+    return P._check_unit("theta", theta)
 
 
 def zigzag_min_budget(b_avg: int, window: int, b_min_frac: float = DEFAULT_B_MIN_FRAC) -> int:
@@ -266,19 +260,19 @@ def layer_budgets(method: str, scores, window: int, b_avg: int, theta: float = D
 
 
 # ---------------------------------------------------------------------------
-# token sets and compaction
+# token sets
 # ---------------------------------------------------------------------------
 
 def per_layer_sets(scores, budgets, window: int, n_head_kv: int, kernel: int = 7,
                    shared=None, n_layer: Optional[int] = None, span=None) -> list[np.ndarray]:
     """Per-layer, per-KV-head token sets: ``(n_head_kv, budgets[l])`` SnapKV top-k plus the window for
     every layer of ``scores``; with ``shared`` (sorted positions), layers ``len(scores) .. n_layer - 1``
-    all keep ``shared`` in every head. ``span``: the span stage of the top-k (pyasl.spans)."""
+    all keep ``shared`` in every head. ``span``: the span stage of the top-k (pyasl.policies.spans)."""
     arr = P._check_scores(scores, (3,), "scores (n_layer, n_head, n_prompt)")
     b = np.asarray(budgets)
     if b.shape != (arr.shape[0],):
         raise ValueError(f"need one budget per scored layer ({arr.shape[0]}), got shape {b.shape}")
-    sets = [P.snapkv_select(arr[l], window, int(b[l]), n_head_kv, kernel=kernel, span=span)
+    sets = [snapkv_select(arr[l], window, int(b[l]), n_head_kv, kernel=kernel, span=span)
             for l in range(arr.shape[0])]
     n_layer = arr.shape[0] if n_layer is None else int(n_layer)
     if n_layer > arr.shape[0]:
@@ -287,125 +281,6 @@ def per_layer_sets(scores, budgets, window: int, n_head_kv: int, kernel: int = 7
         s = np.asarray(shared, dtype=np.int64)
         sets += [np.broadcast_to(s, (n_head_kv, s.size))] * (n_layer - arr.shape[0])
     return sets
-
-
-@dataclass
-class LayerBudgets:
-    """Per-layer budgets applied to a context (see :func:`apply_layer_budgets`)."""
-
-    counts: np.ndarray           # (n_layer,) tokens kept per layer (the layer's budget)
-    prompt_cells: int            # P = max(counts): prompt cells every layer's cache holds
-    meta: np.ndarray             # (P,) positions of the P cells' metadata (for set_kv_layer_cells)
-    info: dict = field(default_factory=dict)  # method and parameters
-    shared_from: Optional[int] = None         # first layer holding the shared (ASL) set, if any
-    select_s: float = 0.0
-    compact_s: float = 0.0
-
-    def to_json(self, cell_bytes: Optional[np.ndarray] = None) -> dict:
-        d = dict(self.info)
-        d["budgets"] = [int(x) for x in self.counts]
-        d["prompt_cells"] = int(self.prompt_cells)
-        if self.shared_from is not None:
-            d["shared_from_layer"] = int(self.shared_from)
-        if cell_bytes is not None:
-            d["kv_bytes_prompt_cells"] = int(self.prompt_cells * int(np.sum(cell_bytes)))
-        return d
-
-
-def apply_layer_budgets(ctx, scores, method: str, b_avg: int, window: int, kernel: int = 7,
-                        shared=None, theta: float = DEFAULT_THETA, b_min_frac: float = DEFAULT_B_MIN_FRAC,
-                        beta: float = DEFAULT_BETA, budgets=None, span=None) -> LayerBudgets:
-    """Compact ``ctx`` (an engine.Context holding the full prompt KV of one sequence) to per-layer budgets.
-
-    scores: ``(n_sel, n_head, n_prompt)`` window scores (engine.prefill(...).scores) of layers
-        ``0 .. n_sel - 1``; those layers get budgets by ``method`` (zigzag, pyramid, uniform) with
-        average ``b_avg`` (or the explicit ``budgets``, one per scored layer) and keep their SnapKV
-        per-KV-head top-k plus the window.
-    shared: sorted positions (the ASL kept set) kept by every layer ``n_sel .. n_layer - 1``; needed
-        when ``n_sel < n_layer``.
-
-    Afterwards layer ``l`` attends to ``counts[l]`` cells plus every later decoded token. The context
-    keeps ``prompt_cells`` cells; to move them into a smaller context use :func:`move_to_context`.
-    """
-    arr = P._check_scores(scores, (3,), "scores (n_layer, n_head, n_prompt)")
-    model = ctx.model
-    n_sel = arr.shape[0]
-    if n_sel > model.n_layer:
-        raise ValueError(f"scores cover {n_sel} layers, the model has {model.n_layer}")
-    t0 = time.perf_counter()
-    if budgets is None:
-        b, info = layer_budgets(method, arr, window, b_avg, theta=theta, b_min_frac=b_min_frac, beta=beta)
-    else:
-        b = np.asarray(budgets, dtype=np.int64)
-        info = {"method": method, "b_avg": int(b_avg)}
-    sets = per_layer_sets(arr, b, window, model.n_head_kv, kernel=kernel, shared=shared, n_layer=model.n_layer,
-                          span=span)
-    counts = np.array([s.shape[-1] for s in sets], dtype=np.int64)
-    t1 = time.perf_counter()
-    ctx.kv_keep_per_layer(sets)
-    p_cells, _ = ctx.kv_layer_cells()
-    meta = ctx.cell_positions(_first_cache_layer(ctx), p_cells)
-    t2 = time.perf_counter()
-    return LayerBudgets(counts=counts, prompt_cells=int(p_cells), meta=meta, info=info,
-                        shared_from=n_sel if n_sel < model.n_layer else None, select_s=t1 - t0, compact_s=t2 - t1)
-
-
-def _first_cache_layer(ctx) -> int:
-    nz = np.flatnonzero(ctx.kv_layer_cell_bytes())
-    return int(nz[0]) if nz.size else 0
-
-
-def move_to_context(ctx, n_prompt: int, n_cells: int, **context_kwargs):
-    """Move ctx's sequence into a new engine.Context of ``n_cells`` cells (padded to 256) through
-    llama_state_seq_get/set, closing ``ctx``; per-layer counts are set again on the new context.
-    ``context_kwargs`` go to engine.Context (n_batch, n_threads, flash_attn, ...)."""
-    from .engine import Context, _pad
-
-    p_cells, counts = ctx.kv_layer_cells()
-    state = ctx.state_get()
-    model = ctx.model
-    ctx.close()
-    new = Context(model, _pad(n_cells), **context_kwargs)
-    new.state_set(state, n_past=n_prompt)
-    if p_cells:
-        new.set_kv_layer_cells(counts)
-    return new
-
-
-def kv_bytes(ctx, counts) -> int:
-    """Bytes of the K/V rows the layers keep: sum_l counts[l] * (bytes of one cell of layer l)."""
-    cb = ctx.kv_layer_cell_bytes()
-    c = np.asarray(counts, dtype=np.int64)
-    if c.shape != cb.shape:
-        raise ValueError(f"need one count per layer ({cb.size}), got shape {c.shape}")
-    return int(np.sum(c * cb))
-
-
-def check_budget_options(model, policy: str, layer_budgets: Optional[str], budget_opts: Optional[dict]) -> dict:
-    """Validate the per-layer budget arguments of engine.generate; returns the keyword options
-    (theta, b_min_frac, beta) for :func:`apply_layer_budgets`."""
-    opts = dict(budget_opts or {})
-    unknown = set(opts) - {"theta", "b_min_frac", "beta"}
-    if unknown:
-        raise ValueError(f"unknown layer-budget options {sorted(unknown)}; use theta, b_min_frac, beta")
-    if layer_budgets is not None:
-        if layer_budgets not in BUDGET_METHODS:
-            raise ValueError(f"unknown layer-budget method {layer_budgets!r}; choose one of {', '.join(BUDGET_METHODS)}")
-        if policy != "asl":
-            raise ValueError(f"layer budgets ({layer_budgets}) apply to policy asl only, not {policy!r} "
-                             "(use --policy zigzag or --policy pyramid alone)")
-    if "theta" in opts:
-        opts["theta"] = _check_theta(opts["theta"])
-    if "b_min_frac" in opts:
-        zigzag_min_budget(1, 0, opts["b_min_frac"])
-        opts["b_min_frac"] = float(opts["b_min_frac"])
-    if "beta" in opts:
-        pyramid_budgets(1, 2, beta=opts["beta"])
-        opts["beta"] = float(opts["beta"])
-    if (policy in ("zigzag", "pyramid") or layer_budgets) and getattr(model, "n_swa", 0) > 0:
-        raise ValueError("per-layer budgets are not supported on sliding-window models (their caches use separate "
-                         "masks); use snapkv or asl")
-    return opts
 
 
 def inspect_budgets(scores, method: str, b_avg: int, window: int, asl: bool = False,
@@ -426,3 +301,136 @@ def inspect_budgets(scores, method: str, b_avg: int, window: int, asl: bool = Fa
     if last < n_layer - 1:
         info["shared_from_layer"] = last + 1
     return info
+
+
+# ---------------------------------------------------------------------------
+# options, selections and the policies
+# ---------------------------------------------------------------------------
+
+def budget_options(theta=DEFAULT_THETA, b_min_frac=DEFAULT_B_MIN_FRAC, beta=DEFAULT_BETA) -> dict:
+    """The schedule options, checked: theta (zigzag), b_min_frac (zigzag), beta (pyramid)."""
+    theta = _check_theta(theta)
+    zigzag_min_budget(1, 0, b_min_frac)
+    pyramid_budgets(1, 2, beta=beta)
+    return {"theta": theta, "b_min_frac": float(b_min_frac), "beta": float(beta)}
+
+
+def check_method(method) -> str:
+    if method not in BUDGET_METHODS:
+        raise ValueError(f"unknown layer-budget method {method!r}; choose one of {', '.join(BUDGET_METHODS)}")
+    return method
+
+
+def budget_selection(scores, method: str, b_avg: int, window: int, model, kernel: int = 7, span=None,
+                     shared=None, opts: Optional[dict] = None, visible=None) -> Selection:
+    """Per-layer budgets by ``method`` for the layers of ``scores`` (``(n_sel, n_head, n)``), each
+    keeping its SnapKV top-k per KV head; with ``shared``, layers ``n_sel ..`` keep that set.
+
+    ``visible`` (``(n_sel, n)`` bools, optional): the positions each layer can still see (a cache
+    already pruned to per-layer budgets hides the other layers' rows from it): a layer chooses among
+    those only, and its budget is capped at their number."""
+    arr = P._check_scores(scores, (3,), "scores (n_layer, n_head, n_prompt)")
+    o = opts or {}
+    b, info = layer_budgets(method, arr, window, b_avg, **o)
+    if visible is None:
+        sets = per_layer_sets(arr, b, window, model.n_head_kv, kernel=kernel, shared=shared, n_layer=model.n_layer,
+                              span=span)
+    else:
+        sets = []
+        for l in range(arr.shape[0]):
+            idx = np.flatnonzero(visible[l])
+            k = int(min(b[l], idx.size))
+            sets.append(idx[snapkv_select(arr[l][:, idx], window, k, model.n_head_kv, kernel=kernel, span=span)]
+                        if k < idx.size else np.broadcast_to(idx, (model.n_head_kv, idx.size)))
+    info["budgets"] = [int(x.shape[-1]) for x in sets]
+    if arr.shape[0] < model.n_layer:
+        info["shared_from_layer"] = int(arr.shape[0])
+    return Selection(per_layer=sets, budgets=info)
+
+
+class EarlyLayerBudgets:
+    """Mixin for layer-major policies (ASL, FastKV): ``layer_budgets`` (zigzag, pyramid, uniform;
+    ``theta``, ``b_min_frac``, ``beta``) gives the layers up to the selection layer per-layer
+    budgets of average ``budget`` instead of SnapKV's uniform one; the later layers keep the
+    policy's shared set."""
+
+    layer_budgets: Optional[str] = None
+
+    def _init_budgets(self, layer_budgets, theta, b_min_frac, beta) -> None:
+        self.layer_budgets = None if layer_budgets is None else check_method(layer_budgets)
+        self.budget_opts = budget_options(theta=theta, b_min_frac=b_min_frac, beta=beta)
+
+    def _budget_params(self) -> dict:
+        return {"layer_budgets": self.layer_budgets, **self.budget_opts} if self.layer_budgets else {}
+
+    def _check_budget_model(self, model) -> None:
+        if self.layer_budgets and model.n_swa > 0:
+            raise ValueError("per-layer budgets are not supported on sliding-window models (their caches use "
+                             "separate masks); use snapkv or asl")
+
+    def early_layers(self, scores, kept, model, window=None) -> Selection:
+        if not self.layer_budgets:
+            return super().early_layers(scores, kept, model, window)
+        self._check_budget_model(model)
+        return budget_selection(scores, self.layer_budgets, self.budget, self.window if window is None else window,
+                                model, kernel=self.kernel, span=self.span, shared=np.asarray(kept),
+                                opts=self.budget_opts)
+
+
+class _LayerBudgetPolicy(Policy):
+    """Every layer keeps its own budget (average ``budget``: the same total as SnapKV), SnapKV per KV
+    head inside it; ordinary prefill. Not for sliding-window models."""
+
+    method: str = "?"
+
+    def per_head(self, model) -> bool:
+        return True
+
+    def check_model(self, model) -> None:
+        super().check_model(model)
+        if model.n_swa > 0:
+            raise ValueError("per-layer budgets are not supported on sliding-window models (their caches use separate "
+                             "masks); use snapkv or asl")
+
+    def select(self, scores, window, model, layer_mask=None, visible=None) -> Selection:
+        return budget_selection(scores, self.method, self.budget, window, model, kernel=self.kernel, span=self.span,
+                                opts=self._opts(), visible=visible)
+
+    def _opts(self) -> dict:
+        raise NotImplementedError
+
+
+@register_policy
+class ZigZag(_LayerBudgetPolicy):
+    """ZigZagKV (arXiv 2412.09036): layer budgets from layer uncertainty (``theta``, ``b_min_frac``)."""
+
+    name = method = "zigzag"
+
+    def __init__(self, budget: int = 512, window: int = 32, kernel: int = 7, span=None, theta: float = DEFAULT_THETA,
+                 b_min_frac: float = DEFAULT_B_MIN_FRAC):
+        super().__init__(budget=budget, window=window, kernel=kernel, span=span)
+        o = budget_options(theta=theta, b_min_frac=b_min_frac)
+        self.theta, self.b_min_frac = o["theta"], o["b_min_frac"]
+
+    def params(self) -> dict:
+        return {**super().params(), "theta": self.theta, "b_min_frac": self.b_min_frac}
+
+    def _opts(self) -> dict:
+        return {"theta": self.theta, "b_min_frac": self.b_min_frac}
+
+
+@register_policy
+class Pyramid(_LayerBudgetPolicy):
+    """PyramidKV: budgets decreasing arithmetically from the bottom layer to the top (``beta``)."""
+
+    name = method = "pyramid"
+
+    def __init__(self, budget: int = 512, window: int = 32, kernel: int = 7, span=None, beta: float = DEFAULT_BETA):
+        super().__init__(budget=budget, window=window, kernel=kernel, span=span)
+        self.beta = budget_options(beta=beta)["beta"]
+
+    def params(self) -> dict:
+        return {**super().params(), "beta": self.beta}
+
+    def _opts(self) -> dict:
+        return {"beta": self.beta}

@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
-from . import session as S
+from ..policies import Policy
 
 
 class ServerExtrasMissing(RuntimeError):
@@ -140,7 +140,7 @@ def _request_models(router) -> dict:
     return out
 
 
-def create_app(model_path: str, policy: Optional[S.Policy], n_ctx: int = 4096, alias: Optional[str] = None,
+def create_app(model_path: str, policy: Optional[Policy], n_ctx: int = 4096, alias: Optional[str] = None,
                n_threads: Optional[int] = None, flash_attn: bool = False, verbose: bool = False,
                host: str = "127.0.0.1", port: int = 8000,
                on_prune: Optional[Callable[[dict], None]] = None):
@@ -186,7 +186,7 @@ def create_app(model_path: str, policy: Optional[S.Policy], n_ctx: int = 4096, a
     return app
 
 
-def serve(model_path: str, policy: Optional[S.Policy], host: str = "127.0.0.1", port: int = 8000, **kw) -> None:
+def serve(model_path: str, policy: Optional[Policy], host: str = "127.0.0.1", port: int = 8000, **kw) -> None:
     """Run the server until interrupted; one log line per pruned request on stderr."""
     import uvicorn
 

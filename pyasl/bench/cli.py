@@ -51,8 +51,8 @@ def bench() -> None:
 def bench_run(models, tasks, lengths, budgets, policies, samples, depths, seed, window, tau, fixed_frac, mode,
               threads, spans, out):
     """Run (or resume) a benchmark; every result is appended to --out as one JSON line."""
-    from . import bench as B
-    from .cli import _errors, _fail
+    from .. import bench as B
+    from ..apps.cli.common import fail as _fail, user_errors as _errors
 
     for d in depths:
         if not 0 <= d <= 1:
@@ -74,7 +74,7 @@ def bench_run(models, tasks, lengths, budgets, policies, samples, depths, seed, 
                    "'<!-- accuracy:MODEL:N_TOKENS -->' and '<!-- /accuracy -->'")
 def bench_summary(results, as_json, into):
     """Accuracy per task and policy, selected layers, speed and memory, from RESULTS (JSONL)."""
-    from . import bench as B
+    from .. import bench as B
 
     rows = B.load_rows(results)
     if not rows:
@@ -101,7 +101,7 @@ def bench_summary(results, as_json, into):
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="folder for the PNG files")
 def bench_plot(results, out_dir):
     """PNG plots (matplotlib) from RESULTS (JSONL)."""
-    from . import bench as B
+    from .. import bench as B
 
     rows = B.load_rows(results)
     if not rows:

@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
-from . import session as S
+from .. import policies as P
+from .. import session as S
 
 HELP = """commands:
   /stats          kept and total tokens, KV memory, selection layer(s), prefill and decode speed
@@ -31,7 +32,8 @@ def format_stats(st: dict) -> str:
     pol = st["policy"]
     name = pol["name"]
     desc = name if name == "full" else f"{name} (budget {pol['budget']}, window {pol['window']}" + (
-        f", layer {pol['layer']}" if "layer" in pol else "") + ")"
+        f", layer {pol['layer']}" if pol.get("layer") is not None else "") + (
+        f", span {pol['span']}" if pol.get("span", "token") != "token" else "") + ")"
     layers = ", ".join("none" if l is None else str(l) for l in st["selected_layers"]) or "-"
 
     def rate(x):
@@ -101,7 +103,7 @@ class Chat:
             self.say(f"[conversation cleared; {s.n_cells()} document cells kept]")
         elif cmd == "/policy":
             if not arg:
-                self.say(f"policy: {s.policy!r}; names: {', '.join(S.policy_names())}")
+                self.say(f"policy: {s.policy!r}; names: {', '.join(P.policy_names())}")
                 return True
             name, *rest = arg.split()
             kw = {}
@@ -112,7 +114,7 @@ class Chat:
             if name != "full":
                 kw["budget"] = s.policy.budget if s.policy.prunes else 512
                 kw["window"] = s.policy.window
-            s.set_policy(S.make_policy(name, **kw))
+            s.set_policy(P.make_policy(name, **kw))
             self.say(f"[policy {s.policy!r} from now on]")
         elif cmd == "/save":
             if not arg:
@@ -170,7 +172,7 @@ def _setup_readline() -> None:
         return
     import atexit
 
-    from ._paths import cache_home
+    from .._paths import cache_home
 
     hist = cache_home() / "chat_history"
     try:

@@ -1,0 +1,102 @@
+"""`pyasl chat` and `pyasl serve`: a conversation in the terminal, an OpenAI-compatible server."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .common import Progress, check_text, fail, policy_options, read_utf8, user_errors
+
+_session_policy = policy_options(asl_layers=True, prefill=True, layer_budgets=True, layer_only_fixed=True)
+
+
+def _read_doc(path: str) -> tuple:
+    p = Path(path)
+    text = read_utf8(path, "document")
+    if not text.strip():
+        fail(f"{p} is empty")
+    return (p.name, text)
+
+
+@click.command()
+@click.argument("model")
+@click.option("--doc", "docs", multiple=True, help="a UTF-8 document to prefill (repeatable)")
+@_session_policy
+@click.option("--system", help="system message")
+@click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(min=1), help="longest answer")
+@click.option("--ctx", "n_ctx", default=4096, show_default=True, type=click.IntRange(min=16),
+              help="context cells (pruned documents + conversation)")
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0: greedy")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(min=0, max=1, min_open=True))
+@click.option("--seed", type=int, help="sampling seed")
+@click.option("--repeat-penalty", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="llama.cpp's repetition penalty over the last 64 tokens (1.0: off)")
+@click.option("--load", "load_path", type=click.Path(dir_okay=False), help="open a session saved with /save")
+@click.option("--raw", is_flag=True, help="do not apply the chat template")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: all cores)")
+@click.option("--flash-attn/--no-flash-attn", default=False, show_default=True)
+@click.option("--verbose", is_flag=True, help="show llama.cpp's log")
+@click.option("--progress/--no-progress", default=None, help="prefill progress bar (default: when stderr is a tty)")
+def chat(model, docs, policy, system, max_tokens, n_ctx, temperature, top_p, seed, repeat_penalty, load_path, raw,
+         threads, flash_attn, verbose, progress):
+    """Talk with MODEL about long documents over a pruned KV cache.
+
+    The documents are prefilled and pruned by POLICY; each turn is appended; when the context
+    would overflow, the policy prunes again with the newest turn as the observation window.
+    Ctrl-C stops an answer, /help lists the commands (/stats, /save, /load, ...).
+    """
+    from .. import chat as C
+    from ...session import Session, SessionFileError
+    from .common import load_model
+
+    documents = [_read_doc(d) for d in docs]
+    check_text(system, "--system")
+    if load_path and documents:
+        fail("--load opens a saved session; it cannot take --doc as well")
+    try:
+        pol = policy.build()
+        m = load_model(model, verbose)
+        if load_path:
+            sess = Session.load(m, load_path, n_threads=threads)
+        else:
+            sess = Session(m, policy=pol, n_ctx=n_ctx, system=system, max_tokens=max_tokens, raw=raw,
+                           n_threads=threads, flash_attn=flash_attn)
+        rc = C.run(sess, documents, Progress(progress), temperature=temperature, top_p=top_p, seed=seed,
+                   repeat_penalty=repeat_penalty)
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted", err=True)
+        sys.exit(130)
+    except (SessionFileError,) + user_errors() as e:
+        fail(str(e))
+    sys.exit(rc)
+
+
+@click.command()
+@click.argument("model")
+@_session_policy
+@click.option("--ctx", "n_ctx", default=4096, show_default=True, type=click.IntRange(min=16), help="context size")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(min=0, max=65535))
+@click.option("--alias", help="model name in the API (default: the file name)")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads")
+@click.option("--flash-attn/--no-flash-attn", default=False, show_default=True)
+@click.option("--verbose", is_flag=True, help="show llama.cpp's log")
+def serve(model, policy, n_ctx, host, port, alias, threads, flash_attn, verbose):
+    """An OpenAI-compatible HTTP server (llama-cpp-python's) whose requests are pruned by POLICY.
+
+    /v1/completions, /v1/chat/completions (stream or not), /v1/models. Needs pip install 'pyasl[server]'.
+    """
+    from ...engine.model import _check_gguf
+    from ...models import resolve_model
+
+    try:
+        from ..server import serve as run_server
+
+        pol = policy.build()
+        path = resolve_model(model)
+        _check_gguf(path)
+        run_server(str(path), None if pol.name == "full" else pol, host=host, port=port, n_ctx=n_ctx, alias=alias,
+                   n_threads=threads, flash_attn=flash_attn, verbose=verbose)
+    except user_errors() as e:
+        fail(str(e))

@@ -1,0 +1,195 @@
+"""`pyasl bench run`: accuracy of KV policies on the offline tasks of pyasl.bench.data.
+
+Results are one JSON object per line (JSONL), appended as they are produced, so a run can be
+stopped and resumed: rows already in the file are skipped. Two modes:
+
+- shared (default): per sample, one full-depth layer-major prefill (pyasl.bench.shared.SharedPrefill) from
+  which every policy x budget is derived and decoded. Answers are what each policy produces;
+  prefill cost is reported as prefill_work (share of layer x token work), not seconds.
+- independent: every policy x budget runs pyasl.generate on its own, so prefill seconds and time
+  to first token are real (slow: one prefill per policy).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+from . import data as D
+
+DEFAULT_POLICIES = ("full", "snapkv", "fastkv", "gemfilter", "asl", "asl-2pass")
+FIXED_LAYER_POLICIES = ("fastkv", "gemfilter")
+NIAH_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def fixed_layer(n_layer: int, frac: float) -> int:
+    """fastkv's / gemfilter's layer: `frac` of the depth (also used by scripts/bench_foundation.py)."""
+    return int(round(frac * (n_layer - 1)))
+
+
+def row_span(r: dict) -> Optional[str]:
+    """A row's span stage (pyasl.policies.spans): None for full KV; rows written before spans existed are token."""
+    return None if r["policy"] == "full" else (r.get("span") or "token")
+
+
+def _label(policy: str, budget, span: Optional[str] = None) -> str:
+    """policy[+span]@budget: snapkv@512 (token-level), snapkv+forward:16@512, full."""
+    name = policy if span in (None, "token") else f"{policy}+{span}"
+    return name if budget is None else f"{name}@{budget}"
+
+
+def row_label(r: dict) -> str:
+    return _label(r["policy"], r.get("budget"), row_span(r))
+
+
+def row_key(r: dict) -> tuple:
+    return (r["model"], r["task"], int(r["n_tokens"]), int(r["index"]), r.get("depth"), r["policy"], r.get("budget"),
+            row_span(r))
+
+
+def load_rows(path: str | os.PathLike) -> list[dict]:
+    p = Path(path)
+    if not p.exists():
+        return []
+    rows = []
+    with p.open(encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                # a run killed mid-write leaves a partial last line: ignore it (it is redone)
+                continue
+    return rows
+
+
+def _items(task: str, samples: int, depths: Iterable[float]) -> list[tuple[int, Optional[float]]]:
+    if task == "niah":
+        return [(i, float(d)) for d in depths for i in range(samples)]
+    return [(i, None) for i in range(samples)]
+
+
+def run(models: list[str], tasks: list[str], lengths: list[int], budgets: list[int], policies: list[str],
+        samples: int, out: str | os.PathLike, seed: int = 0, window: int = 32, tau: float = 0.3,
+        fixed_frac: float = 0.4, depths: Iterable[float] = NIAH_DEPTHS, mode: str = "shared",
+        n_threads: Optional[int] = None, log: Callable[[str], None] = print,
+        spans: Optional[Iterable] = None) -> int:
+    """Run (resuming) and append rows to `out`. Returns the number of new rows. `spans`: the span
+    stages (pyasl.policies.spans) every pruning policy runs with, each a row of its own (default: the
+    library default only)."""
+    from ..engine import Model, greedy_decode
+    from ..generation import generate
+    from ..models import resolve_model
+    from ..policies.options import policy_from_options
+    from ..policies.spans import Spans
+    from .shared import SHARED_POLICIES, SharedPrefill
+
+    span_list = [str(Spans.parse(x)) for x in (spans or [None])]
+
+    if mode not in ("shared", "independent"):
+        raise ValueError("mode must be shared or independent")
+    for t in tasks:
+        if t not in D.TASKS:
+            raise ValueError(f"unknown task {t!r}; choose from {', '.join(D.TASKS)}")
+    for p in policies:
+        if p not in SHARED_POLICIES:
+            raise ValueError(f"unknown policy {p!r}; choose from {', '.join(SHARED_POLICIES)}")
+    if samples < 1:
+        raise ValueError("samples must be >= 1")
+    for b in budgets:
+        if b <= window:
+            raise ValueError(f"budget {b} must be larger than the window {window}")
+    outp = Path(out)
+    outp.parent.mkdir(parents=True, exist_ok=True)
+    done = {row_key(r) for r in load_rows(outp)}
+    # the plan: every sample (model, length, task, index, depth) that still lacks a row for some
+    # policy x budget; round-robin over tasks (sample 0 of every task, then sample 1, ...), so a
+    # partial run covers every task
+    plan = []
+    for name in models:
+        for n_tok in lengths:
+            work = [(task, it) for task in tasks for it in _items(task, samples, depths)]
+            work.sort(key=lambda x: (x[1][0], tasks.index(x[0])))
+            for task, (index, depth) in work:
+                base = {"model": name, "task": task, "n_tokens": n_tok, "index": index, "depth": depth}
+                want = [(p, None, None) if p == "full" else (p, b, sp) for p in policies
+                        for b in ([None] if p == "full" else budgets) for sp in ([None] if p == "full" else span_list)]
+                want = list(dict.fromkeys(want))
+                want = [(p, b, sp) for p, b, sp in want
+                        if row_key(dict(base, policy=p, budget=b, span=sp)) not in done]
+                if want:
+                    plan.append((base, want))
+    log(f"samples to run: {len(plan)} ({len(done)} results already in {outp})")
+    new = 0
+    t_start = time.perf_counter()
+    m, m_name = None, None
+    try:
+        for n_done, (base, want) in enumerate(plan, 1):
+            name, task, n_tok, index, depth = (base[x] for x in ("model", "task", "n_tokens", "index", "depth"))
+            if m_name != name:  # the plan is grouped by model: load each once
+                if m is not None:
+                    m.close()
+                    m = None
+                m = Model(resolve_model(name))
+                m_name = name
+            s = D.build_sample(m, task, n_tok, seed=seed, index=index, depth=depth)
+            t0 = time.perf_counter()
+            rows = []
+            if mode == "shared":
+                sp = SharedPrefill(m, s.tokens, window=window, n_threads=n_threads)
+                for p, b, span in want:
+                    layer = fixed_layer(m.n_layer, fixed_frac) if p in FIXED_LAYER_POLICIES else None
+                    pol = policy_from_options(p, budget=b, window=window, tau=tau, layer=layer, span=span)
+                    d = sp.derive(pol, max_tokens=s.max_tokens)
+                    try:
+                        dec = greedy_decode(m, d.ctx, d.logits, s.max_tokens)
+                    finally:
+                        d.ctx.close()
+                    rows.append(dict(
+                        base, policy=p, budget=b, span=span, layer=layer, selected_layer=d.selected_layer,
+                        n_kept=d.n_kept, prefill_work=d.prefill_work, kv_bytes=d.kv_bytes,
+                        kv_bytes_full=sp.kv_bytes_full, kv_bytes_allocated=d.kv_bytes_allocated,
+                        shared_prefill_s=sp.prefill_s, derive_s=d.derive_s,
+                        decode_tokens_per_s=dec.tokens_per_s, n_generated=len(dec.tokens),
+                        output=dec.text, note=d.note,
+                        asl=None if d.asl is None else {k: d.asl[k] for k in ("ranking_layer", "triggered")},
+                        **d.extra))
+                del sp
+            else:
+                for p, b, span in want:
+                    layer = fixed_layer(m.n_layer, fixed_frac) if p in FIXED_LAYER_POLICIES else None
+                    pol = policy_from_options(p, budget=b, window=window, tau=tau, layer=layer, span=span)
+                    g = generate(m, s.tokens, policy=pol, max_tokens=s.max_tokens, n_threads=n_threads)
+                    rows.append(dict(
+                        base, policy=p, budget=b, span=span, layer=layer, selected_layer=g.selected_layer,
+                        n_kept=g.n_kept, prefill_work=g.prefill_work, kv_bytes=g.kv_bytes,
+                        kv_bytes_full=g.kv_bytes_full, kv_bytes_allocated=g.kv_bytes_allocated,
+                        prefill_s=g.prefill_s, time_to_first_token_s=g.time_to_first_token_s,
+                        decode_tokens_per_s=g.decode_tokens_per_s, n_generated=g.n_generated,
+                        output=g.text, note=g.note,
+                        asl=None if g.asl is None else {k: g.asl[k] for k in ("ranking_layer", "triggered")}))
+            with outp.open("a", encoding="utf-8") as f:
+                for r in rows:
+                    r.update(mode=mode, seed=seed, window=window, tau=tau, n_layer=m.n_layer,
+                             references=s.references, metric=s.metric,
+                             score=D.score(s.metric, r["output"], s.references))
+                    f.write(json.dumps(r) + "\n")
+            new += len(rows)
+            acc = " ".join(f"{row_label(r)}={r['score']:.2f}" for r in rows)
+            elapsed = time.perf_counter() - t_start
+            eta = elapsed / n_done * (len(plan) - n_done)
+            log(f"[{n_done}/{len(plan)} {name} {n_tok} {task} #{index}{'' if depth is None else f' depth {depth:.2f}'}] "
+                f"{time.perf_counter() - t0:.0f}s {acc} | eta {_duration(eta)}")
+    finally:
+        if m is not None:
+            m.close()
+    return new
+
+
+def _duration(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"

@@ -1,0 +1,435 @@
+"""A llama.cpp context for one sequence (seq 0): decoding tokens or hidden states, layer ranges,
+window-score capture, and the KV-cache operations the policies need (keep, per head, per layer,
+copy, renumber, state)."""
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Optional
+
+import numpy as np
+
+from .. import _native
+from .._native import PyaslError, check
+from .model import ClosedError, Model, _Handle, _Native, _ll
+
+SEQ = 0
+
+
+def _pad(n: int, to: int = 256) -> int:
+    return ((n + to - 1) // to) * to
+
+
+def _check_int(name: str, v, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {v!r}")
+    if not lo <= v <= hi:
+        raise ValueError(f"{name} must be in {lo}..{hi}, got {v}")
+    return int(v)
+
+
+def _int32_array(values, what: str) -> np.ndarray:
+    """values as a C-contiguous int32 array; refuses floats and values that int32 would wrap."""
+    a = np.asarray(values)
+    if a.size == 0:
+        return np.ascontiguousarray(a, dtype=np.int32)
+    if a.dtype.kind not in "iu":
+        raise ValueError(f"{what} must be integers, got dtype {a.dtype}")
+    if int(a.min()) < -(1 << 31) or int(a.max()) >= (1 << 31):
+        raise ValueError(f"{what} out of the int32 range")
+    return np.ascontiguousarray(a, dtype=np.int32)
+
+
+def _check_positions(positions, n: int) -> None:
+    p = _int32_array(positions, "positions")
+    if p.ndim != 1 or len(p) != n:
+        raise ValueError(f"positions must be a list of {n} integers")
+    if n and (p[0] < 0 or np.any(np.diff(p) <= 0)):
+        raise ValueError("positions must be >= 0 and strictly increasing")
+
+
+class Context(_Native):
+    """A llama_context for one sequence, optionally wired to a score capture."""
+
+    _ctx = _Handle()
+    _batch = _Handle()
+    # defaults for instances built around a raw llama_context (tests)
+    _layer_begin = 0
+    _last_batch = 0
+    _hidden_lid = None
+    _ebatch = None
+
+    def __init__(self, model: Model, n_ctx: int, n_batch: int = 512, n_threads: Optional[int] = None,
+                 flash_attn: bool = False, capture: bool = False, type_k: Optional[int] = None,
+                 type_v: Optional[int] = None, allow_pos_gaps: bool = False, swa_full: bool = False):
+        llama_cpp, lib, eval_cb = _ll()
+        _check_int("n_ctx", n_ctx, 1, 1 << 24)
+        _check_int("n_batch", n_batch, 1, 1 << 20)
+        if n_threads is not None:
+            _check_int("n_threads", n_threads, 1, 4096)
+        if model._m is None:
+            raise ClosedError("the Model is closed")
+        self.model = model
+        self._cap = lib.pyasl_capture_new() if capture else None
+        p = llama_cpp.llama_context_default_params()
+        p.n_ctx = n_ctx
+        p.n_batch = n_batch
+        p.n_ubatch = n_batch
+        p.n_seq_max = 1
+        nt = n_threads or max(1, os.cpu_count() or 1)
+        p.n_threads = nt
+        p.n_threads_batch = nt
+        p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        p.swa_full = swa_full  # sliding-window models: True sizes the SWA cache like the base one
+        p.no_perf = True
+        if type_k is not None:
+            p.type_k = type_k
+        if type_v is not None:
+            p.type_v = type_v
+        if capture:
+            p.cb_eval = eval_cb
+            p.cb_eval_user_data = self._cap
+        self._params = p  # keep the callback object alive
+        self._ctx = llama_cpp.llama_init_from_model(model._m, p)
+        if not self._ctx:
+            if self._cap:
+                lib.pyasl_capture_free(self._cap)
+                self._cap = None
+            raise RuntimeError(f"llama.cpp could not create a context of {n_ctx} tokens (out of memory, or a KV cache "
+                               "type the model's head size does not allow); run with --verbose for llama.cpp's reason")
+        self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
+        if allow_pos_gaps:
+            check(lib.pyasl_set_allow_pos_gaps(self._ctx, True), "allow position gaps")
+        self.n_batch = n_batch
+        self.n_threads = n_threads
+        self.flash_attn = flash_attn
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._ebatch = None  # hidden-state batch, made on first use
+        self._hidden_lid = None
+        self._layer_begin = 0
+        self._last_batch = 0  # tokens in the last decoded batch (rows of hidden())
+        self.n_past = 0  # next position
+        model._contexts.add(self)
+        model.__dict__["_n_open"] = model.__dict__.get("_n_open", 0) + 1
+        self._counted = True
+
+    def close(self) -> None:
+        if self.__dict__.get("_closed"):
+            return
+        llama_cpp, lib, _ = _ll()
+        if getattr(self, "_ctx", None):
+            llama_cpp.llama_batch_free(self._batch)
+            if getattr(self, "_ebatch", None) is not None:
+                llama_cpp.llama_batch_free(self._ebatch)
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_cap", None):
+            lib.pyasl_capture_free(self._cap)
+            self._cap = None
+        self._closed = True
+        if self.__dict__.pop("_counted", False):
+            md = self.model.__dict__
+            md["_n_open"] = md.get("_n_open", 1) - 1
+            if md["_n_open"] == 0 and md.get("_closed") and md.get("_handle__m"):
+                self.model._free_weights(md["_handle__m"])  # the model was closed while this context lived
+
+
+    # ---- decoding ---------------------------------------------------------------------
+    def decode(self, tokens: list[int], pos0: Optional[int] = None, logits_last: bool = True,
+               positions: Optional[list[int]] = None) -> None:
+        """Decode tokens at consecutive positions from pos0 (default: after the last one), or at
+        explicit increasing `positions` (gaps need a context made with allow_pos_gaps)."""
+        llama_cpp, _, _ = _ll()
+        self._ctx  # ClosedError before the (freed) batch is touched
+        if not len(tokens):
+            raise ValueError("decode: no tokens")
+        if self._layer_begin > 0:
+            raise ValueError(f"decode: the layer range starts at layer {self._layer_begin}; it takes hidden states "
+                             "(decode_hidden), not tokens")
+        if positions is not None:
+            _check_positions(positions, len(tokens))
+        if pos0 is None:
+            pos0 = self.n_past if positions is None else int(positions[0])
+        if len(tokens) > self.n_batch:
+            raise ValueError("decode: more tokens than n_batch")
+        if pos0 + len(tokens) > self.n_ctx and not self._has_room(len(tokens)):
+            raise ValueError(f"context full: {self.n_ctx} cells")
+        b = self._batch
+        n = len(tokens)
+        for i, t in enumerate(tokens):
+            b.token[i] = t
+        rc = self._submit(b, range(pos0, pos0 + n) if positions is None else positions, logits_last)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed ({rc}): " +
+                               ("no free KV cells (context full)" if rc == 1 else
+                                f"batch at positions {pos0}..{pos0 + n - 1} rejected (it must follow the last cached "
+                                "position); run with --verbose for llama.cpp's log"))
+        self.n_past = (pos0 + n) if positions is None else int(positions[-1]) + 1
+
+    def _submit(self, b, positions, logits_last: bool) -> int:
+        """Fill positions, sequence and output flags of batch b (tokens or embd already set); decode."""
+        llama_cpp, _, _ = _ll()
+        n = len(positions)
+        for i, p in enumerate(positions):
+            b.pos[i] = int(p)
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = SEQ
+            b.logits[i] = 1 if (logits_last and i == n - 1) else 0
+        b.n_tokens = n
+        rc = llama_cpp.llama_decode(self._ctx, b)
+        self._last_batch = n if rc == 0 else 0
+        return rc
+
+    # ---- layer ranges (layer-major prefill) ---------------------------------------------
+    def set_layer_range(self, begin: int, end: int) -> None:
+        _, lib, _ = _ll()
+        check(lib.pyasl_set_layer_range(self._ctx, begin, end), "layer range")
+        self._layer_begin = 0 if (begin, end) == (0, self.model.n_layer) else begin
+
+    def set_reuse_cells(self, reuse: bool) -> None:
+        _, lib, _ = _ll()
+        check(lib.pyasl_set_reuse_cells(self._ctx, reuse), "reuse cells")
+
+    def set_hidden_output(self, lid: Optional[int]) -> None:
+        """Expose the input of layer `lid` (= output of layer lid-1) for every batch token."""
+        _, lib, _ = _ll()
+        if self._hidden_lid is not None and self._hidden_lid != lid:
+            check(lib.pyasl_set_hidden_output(self._ctx, self._hidden_lid, False), "hidden output")
+        if lid is not None:
+            check(lib.pyasl_set_hidden_output(self._ctx, lid, True), "hidden output")
+        self._hidden_lid = lid
+
+    def hidden(self, n: int) -> np.ndarray:
+        """(n, n_embd) hidden states of the last batch's tokens at the exposed layer input."""
+        _, lib, _ = _ll()
+        if self._hidden_lid is None:
+            raise RuntimeError("no hidden output armed")
+        if not 0 < n <= self._last_batch:
+            raise ValueError(f"hidden: asked for {n} rows, the last batch had {self._last_batch} tokens")
+        ptr = lib.pyasl_get_hidden(self._ctx, self._hidden_lid)
+        if not ptr:
+            raise PyaslError(lib.pyasl_last_error().decode())
+        return np.ctypeslib.as_array(ptr, shape=(n, self.model.n_embd)).copy()
+
+    def decode_hidden(self, hidden: np.ndarray, positions: list[int], logits_last: bool = True) -> None:
+        """Decode hidden states (n, n_embd) at the given positions (for a layer range starting > 0)."""
+        llama_cpp, _, _ = _ll()
+        self._ctx  # ClosedError before the (freed) batch is touched
+        if getattr(hidden, "ndim", 0) != 2:
+            raise ValueError("decode_hidden: hidden states must be (n, n_embd)")
+        n, d = hidden.shape
+        if d != self.model.n_embd or n > self.n_batch or n != len(positions) or n == 0:
+            raise ValueError("decode_hidden: bad shape")
+        _check_positions(positions, n)
+        if self._ebatch is None:
+            self._ebatch = llama_cpp.llama_batch_init(self.n_batch, self.model.n_embd, 1)
+        b = self._ebatch
+        h = np.ascontiguousarray(hidden, dtype=np.float32)
+        ctypes.memmove(b.embd, h.ctypes.data, h.nbytes)
+        rc = self._submit(b, positions, logits_last)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode (hidden states) failed ({rc}); run with --verbose for llama.cpp's log")
+        self.n_past = max(self.n_past, int(positions[-1]) + 1)
+
+    def set_stop_layer(self, layer: Optional[int]) -> None:
+        """Stop each decode's graph after `layer` (None: run every layer). See pyasl.h."""
+        _, lib, _ = _ll()
+        if self._cap is None:
+            raise RuntimeError("this context was created without score capture")
+        lib.pyasl_capture_set_stop_layer(self._cap, -1 if layer is None else int(layer))
+
+    def _has_room(self, n: int) -> bool:
+        info = self.kv_info()
+        return info.used_base + n <= info.size_base
+
+    def logits(self) -> np.ndarray:
+        llama_cpp, _, _ = _ll()
+        ptr = llama_cpp.llama_get_logits_ith(self._ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
+
+    # ---- scores -----------------------------------------------------------------------
+    def arm_scores(self, window: int, mode: int = 0) -> None:
+        _, lib, _ = _ll()
+        if self._cap is None:
+            raise RuntimeError("this context was created without score capture")
+        lib.pyasl_capture_clear(self._cap)
+        check(lib.pyasl_set_score_window(self._ctx, window, mode), "arm scores")
+
+    def disarm_scores(self) -> None:
+        _, lib, _ = _ll()
+        check(lib.pyasl_set_score_window(self._ctx, 0, 0), "disarm scores")
+
+    def add_capture_prefix(self, prefix: str) -> None:
+        _, lib, _ = _ll()
+        check(lib.pyasl_capture_add_prefix(self._cap, prefix.encode()), "capture prefix")
+
+    def captured(self) -> dict[str, np.ndarray]:
+        """Captured tensors by name, as numpy arrays in ggml order reversed (ne[3], ne[2], ne[1], ne[0])."""
+        _, lib, _ = _ll()
+        out = {}
+        for i in range(lib.pyasl_capture_count(self._cap)):
+            ne = (ctypes.c_int64 * 4)()
+            check(lib.pyasl_capture_shape(self._cap, i, ne), "capture shape")
+            arr = np.empty((ne[3], ne[2], ne[1], ne[0]), dtype=np.float32)
+            check(lib.pyasl_capture_read(self._cap, i, arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), arr.size),
+                  "capture read")
+            out[lib.pyasl_capture_name(self._cap, i).decode()] = arr
+        return out
+
+    def cell_positions(self, layer: int, n: int) -> np.ndarray:
+        _, lib, _ = _ll()
+        out = np.empty(n, dtype=np.int32)
+        got = check(lib.pyasl_kv_layer_cell_pos(self._ctx, layer, SEQ, out.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), n),
+                    "cell positions")
+        return out[:got]
+
+    def _by_position(self, il: int, arr: np.ndarray, n_prompt: int) -> np.ndarray:
+        """Captured [n_head, n_kv] scores of layer il re-indexed from cache cells to token positions."""
+        a = arr.reshape(arr.shape[-2], arr.shape[-1])
+        pos = self.cell_positions(il, a.shape[1])
+        ok = (pos >= 0) & (pos < n_prompt)
+        out = np.zeros((a.shape[0], n_prompt), dtype=np.float32)
+        out[:, pos[ok]] = a[:, :len(pos)][:, ok]
+        return out
+
+    def layer_scores(self, il: int, n_prompt: int) -> np.ndarray:
+        """(n_head, n_prompt) window scores of layer il from the last capture, by position."""
+        arr = self.captured().get(f"pyasl_scores-{il}")
+        if arr is None:
+            raise RuntimeError(f"no window scores were captured for layer {il}")
+        return self._by_position(il, arr, n_prompt)
+
+    def kv_copy_cells_from(self, src: "Context", il_begin: int, il_end: int, n_cells: int) -> None:
+        _, lib, _ = _ll()
+        check(lib.pyasl_kv_copy_cells(self._ctx, src._ctx, il_begin, il_end, n_cells), "kv copy cells")
+
+    def kv_copy_swa_cells_from(self, src: "Context", il_begin: int, il_end: int, n_cells: int) -> None:
+        """kv_copy_cells_from for the sliding-window cache's layers."""
+        _, lib, _ = _ll()
+        check(lib.pyasl_kv_copy_cells_swa(self._ctx, src._ctx, il_begin, il_end, n_cells), "kv copy swa cells")
+
+    def kv_keep_swa(self, positions) -> None:
+        """Keep only these positions (increasing, ending with the last) in the sliding-window cache."""
+        _, lib, _ = _ll()
+        p = np.ascontiguousarray(positions, dtype=np.int32)
+        check(lib.pyasl_kv_keep_swa(self._ctx, SEQ, p.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), len(p)),
+              "kv keep swa")
+
+    def window_scores(self, n_prompt: int, n_layers: Optional[int] = None) -> np.ndarray:
+        """(n_layers, n_head, n_prompt) window attention summed over the window queries, by position
+        (n_layers defaults to every layer; fewer after an early exit)."""
+        caps = self.captured()
+        L, H = n_layers or self.model.n_layer, self.model.n_head
+        scores = np.zeros((L, H, n_prompt), dtype=np.float32)
+        seen = 0
+        for name, arr in caps.items():
+            if not name.startswith("pyasl_scores-"):
+                continue
+            il = int(name.rsplit("-", 1)[1])
+            if il >= L:
+                continue
+            scores[il] = self._by_position(il, arr, n_prompt)
+            seen += 1
+        if seen != L:
+            raise RuntimeError(f"captured window scores for {seen} of {L} layers")
+        return scores
+
+    # ---- KV cache ---------------------------------------------------------------------
+    def kv_info(self) -> _native.PyaslKvInfo:
+        _, lib, _ = _ll()
+        info = _native.PyaslKvInfo()
+        check(lib.pyasl_kv_get_info(self._ctx, ctypes.byref(info)), "kv info")
+        return info
+
+    def kv_keep(self, positions: np.ndarray) -> None:
+        _, lib, _ = _ll()
+        p = _int32_array(positions, "kv_keep positions")
+        if p.ndim != 1:
+            raise ValueError("kv_keep positions must be 1-D")
+        check(lib.pyasl_kv_keep(self._ctx, SEQ, p.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), len(p)), "kv keep")
+
+    def kv_keep_per_head(self, positions: np.ndarray) -> None:
+        """positions: (n_layer, n_head_kv, k) sorted per (layer, head)."""
+        _, lib, _ = _ll()
+        p = _int32_array(positions, "per-head positions")
+        if p.ndim != 3:
+            raise ValueError("per-head positions must be (n_layer, n_head_kv, k)")
+        check(lib.pyasl_kv_keep_per_head(self._ctx, SEQ, p.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+                                         p.shape[0], p.shape[1], p.shape[2]), "kv keep per head")
+
+    # per-layer budgets (patches/0004): layer l attends to cells [0, counts[l]) of the prompt cells
+    def kv_keep_per_layer(self, sets) -> None:
+        """sets[l]: (n_head_kv, B_l) positions of layer l, sorted per KV head (see pyasl.policies.layer_budgets)."""
+        _, lib, _ = _ll()
+        if self.model.uses_alibi():
+            # every layer packs its own rows into cells 0..B_l-1 under one set of cell positions, which
+            # ALiBi turns into biases: layers (and heads) whose sets differ would use the wrong positions
+            raise ValueError(f"kv_keep_per_layer: architecture {self.model.arch!r} uses ALiBi, which biases by cell "
+                             "position; per-layer/per-head sets would use the wrong positions (use kv_keep)")
+        if len(sets) == 0 or any(np.ndim(s) != 2 or np.shape(s)[0] != self.model.n_head_kv for s in sets):
+            raise ValueError(f"per-layer sets must each be (n_head_kv={self.model.n_head_kv}, B_l)")
+        counts = np.array([np.shape(s)[-1] for s in sets], dtype=np.int32)
+        flat = np.concatenate([np.ascontiguousarray(s, dtype=np.int32).reshape(-1) for s in sets]).astype(np.int32)
+        check(lib.pyasl_kv_keep_per_layer(self._ctx, SEQ, flat.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+                                          counts.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), len(counts),
+                                          self.model.n_head_kv), "kv keep per layer")
+
+    def set_kv_layer_cells(self, counts, meta: Optional[np.ndarray] = None) -> None:
+        """Set the per-layer cell counts again (None clears them); meta rewrites the cell positions first."""
+        _, lib, _ = _ll()
+        i32p = ctypes.POINTER(ctypes.c_int32)
+        if counts is None:
+            check(lib.pyasl_kv_set_layer_cells(self._ctx, SEQ, None, 0, None, 0), "set layer cells")
+            return
+        c = np.ascontiguousarray(counts, dtype=np.int32)
+        m = None if meta is None else np.ascontiguousarray(meta, dtype=np.int32)
+        check(lib.pyasl_kv_set_layer_cells(self._ctx, SEQ, c.ctypes.data_as(i32p), len(c),
+                                           None if m is None else m.ctypes.data_as(i32p), 0 if m is None else len(m)),
+              "set layer cells")
+
+    def kv_layer_cells(self) -> tuple[int, np.ndarray]:
+        """(P, counts): the per-layer counts in force (P = 0 and all -1 when none are set)."""
+        _, lib, _ = _ll()
+        out = np.empty(self.model.n_layer, dtype=np.int32)
+        p = check(lib.pyasl_kv_get_layer_cells(self._ctx, out.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+                                               len(out)), "get layer cells")
+        return p, out
+
+    def kv_layer_cell_bytes(self) -> np.ndarray:
+        """K+V bytes of one cell, per model layer (0 for a layer without KV cache)."""
+        _, lib, _ = _ll()
+        out = np.zeros(self.model.n_layer, dtype=np.int64)
+        check(lib.pyasl_kv_layer_cell_bytes(self._ctx, out.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)), len(out)),
+              "layer cell bytes")
+        return out
+
+    def seq_rm(self, p0: int, p1: int) -> bool:
+        llama_cpp, _, _ = _ll()
+        return bool(llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx), SEQ, p0, p1))
+
+    def renumber_positions(self) -> int:
+        """Give the sequence's cells the contiguous positions 0..k-1 in their order (llama.cpp's
+        K-shift re-rotates the keys now), so a long conversation never runs past the model's
+        training context. Returns k, the next position. Raises RuntimeError for sliding-window
+        caches and models whose cache cannot shift (multi-axis RoPE, ...)."""
+        _, lib, _ = _ll()
+        k = check(lib.pyasl_kv_renumber(self._ctx, SEQ), "renumber positions")
+        self.n_past = int(k)
+        return int(k)
+
+    def state_get(self) -> bytes:
+        llama_cpp, _, _ = _ll()
+        n = llama_cpp.llama_state_seq_get_size(self._ctx, SEQ)
+        buf = (ctypes.c_uint8 * n)()
+        got = llama_cpp.llama_state_seq_get_data(self._ctx, buf, n, SEQ)
+        if got == 0:
+            raise RuntimeError("could not save the sequence state")
+        return bytes(buf[:got])
+
+    def state_set(self, data: bytes, n_past: int) -> None:
+        llama_cpp, _, _ = _ll()
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        got = llama_cpp.llama_state_seq_set_data(self._ctx, buf, len(data), SEQ)
+        if got == 0:
+            raise RuntimeError("could not load the sequence state into the decode context (too small?)")
+        self.n_past = n_past

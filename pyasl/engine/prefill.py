@@ -1,0 +1,272 @@
+"""The passes every prefill strategy is built from, and the cache operations that prune.
+
+* :func:`prefill` -- ordinary: every layer over every token, window scores on the last ubatch;
+* :func:`layer_major_pass` -- each layer over the whole prompt before the next, until the
+  policy's decision says stop;
+* :func:`propagate` -- one-shot token-selective propagation: after the selection layer only the kept
+  tokens' hidden states go through the deeper layers;
+* :func:`prefill_kept` -- the second pass of a two-pass policy: only the kept tokens, at their
+  original positions;
+* :func:`apply_selection`, :func:`shrink_context`, :func:`move_to_context` -- prune a cache to a
+  policy's selection and move it into a context sized to what is kept.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+from .. import _native
+from ..arch import swa_window
+from ..policies import Selection
+from .context import Context, _pad
+from .model import Model
+
+
+@dataclass
+class Prefill:
+    logits: np.ndarray
+    scores: Optional[np.ndarray]  # (n_layer, n_head, n_prompt)
+    seconds: float
+
+
+def prefill(ctx: Context, tokens: list[int], window: int = 0,
+            progress: Optional[Callable[[int, int], None]] = None, stop_layer: Optional[int] = None) -> Prefill:
+    """Ordinary prefill. With window > 0 the last `window` tokens go in one ubatch with scores armed.
+
+    stop_layer: compute only layers 0..stop_layer for every ubatch (first pass of a two-pass
+    policy); the logits are then meaningless and scores cover stop_layer + 1 layers."""
+    if stop_layer is not None:
+        ctx.set_stop_layer(stop_layer)
+    n = len(tokens)
+    t0 = time.perf_counter()
+    head = tokens[: n - window] if window else tokens
+    done = 0
+    for i in range(0, len(head), ctx.n_batch):
+        chunk = head[i: i + ctx.n_batch]
+        ctx.decode(chunk, logits_last=(not window and i + len(chunk) == n))
+        done += len(chunk)
+        if progress:
+            progress(done, n)
+    scores = None
+    if window:
+        ctx.arm_scores(window)
+        try:
+            ctx.decode(tokens[n - window:], logits_last=True)
+        finally:
+            ctx.disarm_scores()
+        if progress:
+            progress(n, n)
+    logits = ctx.logits()
+    secs = time.perf_counter() - t0
+    if stop_layer is not None:
+        ctx.set_stop_layer(None)
+    if window:
+        scores = ctx.window_scores(n, None if stop_layer is None else stop_layer + 1)
+    return Prefill(logits=logits, scores=scores, seconds=secs)
+
+
+def layer_major_pass(model: Model, tokens: list[int], window: int, decide, n_batch: int = 512,
+                      n_threads: Optional[int] = None, flash_attn: bool = False,
+                      progress: Optional[Callable[[int, int], None]] = None, keep_all_hidden: bool = False):
+    """Run layers 0, 1, ... each over every ubatch of `tokens` (window scores armed on the last
+    ubatch, the last `window` tokens) until decide(l, scores) returns (True, selection).
+
+    Returns (A, scores, Hs, stop, selection): A holds the full KV of layers 0..stop; scores is
+    (n_layer, n_head, n) with rows 0..stop filled; Hs is a list of (n, n_embd) hidden states, the
+    input of layer l + 1 for each layer l that ran (only the last one unless keep_all_hidden);
+    stop is None when decide never said stop (every layer ran; A's logits are full depth).
+    """
+    N, n = model.n_layer, len(tokens)
+    A = Context(model, _pad(n + 1), n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn, capture=True)
+    head = n - window
+    chunks = [(i, min(i + n_batch, head)) for i in range(0, head, n_batch)] + [(head, n)]
+    scores = np.zeros((N, model.n_head, n), dtype=np.float32)
+    Hs: list[np.ndarray] = []
+    H = None
+    stop, sel = None, None
+    try:
+        for l in range(N):
+            last = l == N - 1
+            A.set_layer_range(l, l + 1)
+            A.set_reuse_cells(l > 0)
+            A.set_hidden_output(None if last else l + 1)
+            newH = None if last else np.empty((n, model.n_embd), dtype=np.float32)
+            for a, b in chunks:
+                win = a == head
+                if win:
+                    A.arm_scores(window)
+                try:
+                    if l == 0:
+                        A.decode(tokens[a:b], pos0=a, logits_last=win)
+                    else:
+                        A.decode_hidden(H[a:b], list(range(a, b)), logits_last=win)
+                finally:
+                    if win:
+                        A.disarm_scores()
+                if newH is not None:
+                    newH[a:b] = A.hidden(b - a)
+            scores[l] = A.layer_scores(l, n)
+            H = newH
+            if H is not None:
+                if keep_all_hidden:
+                    Hs.append(H)
+                else:
+                    Hs[:] = [H]
+            if progress:
+                progress((l + 1) * n, N * n)
+            done, s = decide(l, scores)
+            if done:
+                stop, sel = l, s
+                break
+        A.set_layer_range(0, N)
+        A.set_reuse_cells(False)
+        A.set_hidden_output(None)
+    except BaseException:
+        A.close()
+        raise
+    return A, scores, Hs, stop, sel
+
+
+def prefill_kept(model: Model, tokens: list[int], kept, max_tokens: int, n_batch: int = 512,
+                 n_threads: Optional[int] = None, flash_attn: bool = False) -> Context:
+    """Second pass of asl-2pass / gemfilter: a context of len(kept) + max_tokens cells holding only the
+    kept tokens, prefilled through every layer at their original positions (logits: the last one)."""
+    kept_l = [int(x) for x in kept]
+    ctx = Context(model, _pad(len(kept_l) + max_tokens), n_batch=n_batch, n_threads=n_threads,
+                  flash_attn=flash_attn, allow_pos_gaps=True)
+    for i in range(0, len(kept_l), n_batch):
+        pos = kept_l[i: i + n_batch]
+        ctx.decode([tokens[p] for p in pos], positions=pos, logits_last=i + n_batch >= len(kept_l))
+    return ctx
+
+
+def shrink_context(ctx: Context, n_kept: int, n_past: int, max_tokens: int) -> Context:
+    """Move a pruned sequence (n_kept cells, next position n_past) into a new context sized to the
+    kept cells + max_tokens (+ the sliding-window cells in use), so the memory is really freed.
+    Closes ctx; the new context has ctx's batch size, threads and attention settings."""
+    state = ctx.state_get()
+    swa_used = ctx.kv_info().used_swa
+    model, nb, nt, fa = ctx.model, ctx.n_batch, ctx.n_threads, ctx.flash_attn
+    ctx.close()
+    new = Context(model, _pad(max(n_kept, swa_used) + max_tokens), n_batch=nb, n_threads=nt, flash_attn=fa)
+    new.state_set(state, n_past=n_past)
+    return new
+
+
+def kv_bytes(info: _native.PyaslKvInfo, n_base: int, n_swa: int) -> int:
+    """Bytes of n_base cells of the base cache and n_swa of the sliding-window cache."""
+    return int(n_base * info.cell_bytes_base + n_swa * info.cell_bytes_swa)
+
+
+@dataclass
+class LayerBudgets:
+    """Per-layer budgets applied to a context (:func:`apply_selection` of a ``per_layer`` selection)."""
+
+    counts: np.ndarray           # (n_layer,) tokens kept per layer (the layer's budget)
+    prompt_cells: int            # P = max(counts): prompt cells every layer's cache holds
+    meta: np.ndarray             # (P,) positions of the P cells' metadata (for set_kv_layer_cells)
+    info: dict = field(default_factory=dict)  # method, parameters, budgets (Selection.budgets)
+
+    def to_json(self, cell_bytes: Optional[np.ndarray] = None) -> dict:
+        d = dict(self.info)
+        d["budgets"] = [int(x) for x in self.counts]
+        d["prompt_cells"] = int(self.prompt_cells)
+        if cell_bytes is not None:
+            d["kv_bytes_prompt_cells"] = int(self.prompt_cells * int(np.sum(cell_bytes)))
+        return d
+
+    def kv_bytes(self, ctx: Context) -> int:
+        """Bytes of the K/V rows the layers keep: sum_l counts[l] * (bytes of one cell of layer l)."""
+        return int(np.sum(np.asarray(self.counts, dtype=np.int64) * ctx.kv_layer_cell_bytes()))
+
+
+def apply_selection(ctx: Context, sel: Selection) -> Optional[LayerBudgets]:
+    """Prune ctx (one sequence whose positions the selection's indices are) to `sel`: one set for
+    every layer and KV head (kv_keep), a set per layer and KV head (kv_keep_per_head) or per-layer
+    budgets (kv_keep_per_layer; returns their LayerBudgets). Keeping everything is a no-op."""
+    if sel.shared is not None:
+        ctx.kv_keep(sel.shared)
+    elif sel.per_head is not None:
+        ctx.kv_keep_per_head(sel.per_head)
+    elif sel.per_layer is not None:
+        ctx.kv_keep_per_layer(sel.per_layer)
+        p_cells, _ = ctx.kv_layer_cells()
+        cache_layers = np.flatnonzero(ctx.kv_layer_cell_bytes())
+        meta = ctx.cell_positions(int(cache_layers[0]) if cache_layers.size else 0, p_cells)
+        return LayerBudgets(counts=sel.counts, prompt_cells=int(p_cells), meta=meta, info=dict(sel.budgets or {}))
+    return None
+
+
+def move_to_context(ctx: Context, n_prompt: int, n_cells: int, **context_kwargs) -> Context:
+    """Move ctx's sequence into a new Context of ``n_cells`` cells (padded to 256) through
+    llama_state_seq_get/set, closing ``ctx``; per-layer counts are set again on the new context.
+    ``context_kwargs`` go to Context (n_batch, n_threads, flash_attn, ...)."""
+    p_cells, counts = ctx.kv_layer_cells()
+    state = ctx.state_get()
+    model = ctx.model
+    ctx.close()
+    new = Context(model, _pad(n_cells), **context_kwargs)
+    new.state_set(state, n_past=n_prompt)
+    if p_cells:
+        new.set_kv_layer_cells(counts)
+    return new
+
+
+def propagate(model: Model, A: Context, H: Optional[np.ndarray], kept: list[int], early: Selection, stop: int, n: int,
+              max_tokens: int, n_batch: int = 512, n_threads: Optional[int] = None, flash_attn: bool = False,
+              last_logits: Optional[np.ndarray] = None):
+    """One-shot token-selective propagation after layer `stop` (A: the full KV of layers 0..stop;
+    H: the input of layer stop + 1 for every prompt token). Layers <= stop keep what `early` says
+    of their own KV (per KV head, or per-layer budgets); the kept tokens go through layers
+    stop+1..N-1 at their positions.
+    Sliding-window models: the last n_swa prompt positions are propagated too (every
+    sliding-window layer holds them, as after an ordinary prefill); the global cache keeps the kept
+    tokens. Returns (decode context of the kept cells + max_tokens, the last prompt token's
+    full-depth logits (when stop is the last layer: last_logits, else A's), the LayerBudgets or
+    None, the number of tokens propagated).
+    Closes A."""
+    N, k = model.n_layer, len(kept)
+    win = swa_window(model, n)  # None, or the positions the sliding-window cache keeps
+    ctx_kw = dict(n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn)
+    try:
+        if early.per_layer is not None and win is not None:
+            raise ValueError("per-layer budgets do not support sliding-window models yet")
+        # sliding-window layers live in the SWA cache, which keeps its window (kv_keep_per_head ignores them)
+        lb = apply_selection(A, early)
+        if win is not None:
+            A.kv_keep_swa(win)
+        cells = k if lb is None else lb.prompt_cells  # prompt cells of the decode context
+        if stop == N - 1:
+            logits = A.logits() if last_logits is None else last_logits
+            if lb is not None:  # per-layer counts are set again on the new context
+                return move_to_context(A, n, cells + max_tokens, **ctx_kw), logits, lb, k
+            return shrink_context(A, k, n, max_tokens), logits, lb, k
+        # sliding-window models: the window's tokens are propagated too, so every sliding-window
+        # layer holds them; B's global cache is then pruned back to the kept tokens
+        prop = kept if win is None else sorted(set(kept) | set(int(p) for p in win))
+        B = Context(model, _pad(max(len(prop), cells + max_tokens)), allow_pos_gaps=True, **ctx_kw)
+        try:
+            B.set_layer_range(stop + 1, N)
+            for i in range(0, len(prop), n_batch):
+                pos = prop[i: i + n_batch]
+                B.decode_hidden(H[pos], pos, logits_last=i + n_batch >= len(prop))
+            logits = B.logits()
+            B.set_layer_range(0, N)
+            if win is not None:
+                if len(prop) != k:
+                    B.kv_keep(np.asarray(kept))
+                B.kv_keep_swa(win)
+                B.kv_copy_swa_cells_from(A, 0, stop + 1, len(win))
+            B.kv_copy_cells_from(A, 0, stop + 1, cells)
+            if lb is not None:
+                # cells k..P-1 (rows of layers <= stop only) join the metadata of A's compaction
+                B.set_kv_layer_cells(lb.counts, meta=lb.meta)
+        except BaseException:
+            B.close()
+            raise
+        return B, logits, lb, len(prop)
+    finally:
+        A.close()

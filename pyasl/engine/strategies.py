@@ -1,0 +1,344 @@
+"""The three prefill strategies, each written once, run for any policy object
+(:mod:`pyasl.policies.base`): the prompt in, a decode context holding the pruned cache out.
+
+* ordinary -- :func:`prefill` with window scores, :meth:`Policy.select`, the cache pruned and moved
+  into a context sized to what is kept;
+* layer-major -- :func:`layer_major_pass` until :meth:`Policy.decide` names the selection layer,
+  then one-shot propagation of the kept tokens (:func:`propagate`) with :meth:`Policy.early_layers`
+  for the layers up to it;
+* two-pass -- a first pass (layer-major up to the selection layer, or ordinary up to
+  :meth:`Policy.first_pass_stop`) finds the kept tokens, :func:`prefill_kept` prefills them again.
+
+:func:`run` is what ``pyasl.generate``, Session, pyasl.Llama and the server use; the benchmark's
+shared prefill (pyasl.bench.shared) replays the same decisions and finishes through the same
+``finish_*`` functions.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..arch import layer_major_supported, ranked_layer_mask
+from ..policies import Policy, Selection
+from ..policies.options import policy_from_options
+from .context import Context, _check_int, _int32_array, _pad
+from .model import Model
+from .prefill import (LayerBudgets, apply_selection, kv_bytes, layer_major_pass, move_to_context, prefill,
+                      prefill_kept, propagate, shrink_context)
+
+Progress = Optional[Callable[[int, int], None]]
+
+
+@dataclass
+class Pruned:
+    """A prompt prefilled and pruned by a policy: the decode context and what happened."""
+
+    ctx: Context                      # decode context (kept cells + max_tokens), positioned after the prompt
+    logits: np.ndarray                # full-depth logits of the last prompt token
+    n_kept: int                       # prompt cells of the decode context
+    kv_bytes_full: int                # KV bytes the whole prompt takes
+    prefill_s: float                  # time to the decode context (ordinary: the prefill only)
+    select_s: float = 0.0             # ordinary: selection; two-pass: the first pass's selection
+    compact_s: float = 0.0            # ordinary: pruning and moving; two-pass: the second pass
+    prefill_work: float = 1.0         # share of the layer x token work of a full prefill
+    selection: Optional[Selection] = None
+    stop_layer: Optional[int] = None  # layer-major / two-pass: the last layer the full prompt went through
+    kept: Optional[np.ndarray] = None  # shared set propagated or prefilled again
+    scores: Optional[np.ndarray] = None  # window scores of the layers that ran over the full prompt
+    layer_budgets: Optional[LayerBudgets] = None
+    strategy: str = "full"
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def selected_layer(self) -> Optional[int]:
+        return None if self.selection is None else self.selection.layer
+
+    @property
+    def time_to_first_token_s(self) -> float:
+        return self.prefill_s + (self.select_s + self.compact_s if self.strategy == "ordinary" else 0.0)
+
+
+def select(policy: Policy, scores, window: int, model, mask) -> Selection:
+    """policy.select, with the ranking layers only where some layers may not rank (a policy written
+    before layer masks existed takes (scores, window, model))."""
+    if mask is None:
+        return policy.select(scores, window, model)
+    return policy.select(scores, window, model, layer_mask=mask)
+
+
+def _join(*notes: str) -> str:
+    return "; ".join(n for n in notes if n)
+
+
+def check_prompt(model: Model, tokens, policy: Policy, max_tokens: int, n_ctx: Optional[int], n_batch: int,
+                 n_threads: Optional[int]) -> tuple[bool, str]:
+    """Validate a request; returns (prune, note): whether the policy prunes this prompt at all, and why not."""
+    n = len(tokens)
+    if n == 0:
+        raise ValueError("empty prompt")
+    _check_int("max_tokens", max_tokens, 1, 1 << 24)
+    _check_int("n_batch", n_batch, 1, 1 << 20)
+    if n_threads is not None:
+        _check_int("n_threads", n_threads, 1, 4096)
+    toks = _int32_array(tokens, "tokens")
+    if toks.ndim != 1 or int(toks.min()) < 0 or int(toks.max()) >= model.n_vocab:
+        raise ValueError(f"tokens must be a list of token ids in 0..{model.n_vocab - 1}")
+    if n_ctx is not None and n > n_ctx:
+        raise ValueError(f"the prompt has {n} tokens, more than the context size --ctx {n_ctx}")
+    if n > model.n_ctx_train:
+        raise ValueError(f"the prompt has {n} tokens, more than the model's training context {model.n_ctx_train}")
+    if not policy.prunes:
+        return False, ""
+    if policy.window > n_batch:
+        raise ValueError(f"window {policy.window} is longer than the batch size {n_batch}")
+    if policy.window >= n:
+        return False, f"the prompt ({n} tokens) is not longer than the window ({policy.window}); nothing to prune"
+    if policy.budget >= n:
+        return False, f"budget {policy.budget} >= prompt length {n}; nothing to prune (full KV)"
+    return True, ""
+
+
+def run(model: Model, tokens: list[int], policy: Policy, max_tokens: int = 128, n_ctx: Optional[int] = None,
+        n_batch: int = 512, n_threads: Optional[int] = None, flash_attn: bool = False,
+        progress: Progress = None) -> Pruned:
+    """Prefill `tokens` with `policy`'s strategy and prune: a decode context with room for
+    `max_tokens`. Raises ValueError for bad input or a policy the model cannot run."""
+    prune, note = check_prompt(model, tokens, policy, max_tokens, n_ctx, n_batch, n_threads)
+    kw = dict(n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn)
+    n = len(tokens)
+    mask = ranked_layer_mask(model, n)
+    if prune:
+        policy.check_model(model)
+        policy.check_prompt(model, mask)
+        strategy = policy.strategy(model)
+        why = layer_major_supported(model)
+        if strategy == "ordinary" and why and getattr(policy, "prefill_mode", None) == "auto":
+            note = f"ordinary prefill ({why})"
+    else:
+        strategy = "full"
+    if strategy == "full":
+        return _run_full(model, tokens, max_tokens, n_ctx, note, progress, **kw)
+    if strategy == "ordinary":
+        return _run_ordinary(model, tokens, policy, max_tokens, n_ctx, mask, note, progress, **kw)
+    if strategy == "layer-major":
+        return _run_layer_major(model, tokens, policy, max_tokens, mask, note, progress, **kw)
+    return _run_two_pass(model, tokens, policy, max_tokens, n_ctx, mask, note, progress, **kw)
+
+
+def _run_full(model, tokens, max_tokens, n_ctx, note, progress, **kw) -> Pruned:
+    n = len(tokens)
+    ctx = Context(model, max(n_ctx or 0, _pad(n + max_tokens)), **kw)
+    try:
+        pf = prefill(ctx, tokens, progress=progress)
+    except BaseException:
+        ctx.close()
+        raise
+    info = ctx.kv_info()
+    return Pruned(ctx=ctx, logits=pf.logits, n_kept=n, kv_bytes_full=kv_bytes(info, n, info.used_swa),
+                  prefill_s=pf.seconds, note=note)
+
+
+def _run_ordinary(model, tokens, policy: Policy, max_tokens, n_ctx, mask, note, progress, **kw) -> Pruned:
+    n = len(tokens)
+    ctx = Context(model, max(n_ctx or 0, _pad(n + 1)), capture=True, **kw)
+    if ctx.kv_info().n_layer_base == 0:
+        ctx.close()
+        note = _join(note, "every layer uses the sliding window (no full-context KV cache): nothing to prune "
+                           "(full KV)")
+        return _run_full(model, tokens, max_tokens, n_ctx, note, progress, **kw)
+    try:
+        pf = prefill(ctx, tokens, window=policy.window, progress=progress)
+        info = ctx.kv_info()
+        full = kv_bytes(info, n, info.used_swa)
+        t0 = time.perf_counter()
+        sel = select(policy, pf.scores, policy.window, model, mask)
+        t_sel = time.perf_counter() - t0
+    except BaseException:
+        ctx.close()
+        raise
+    t0 = time.perf_counter()
+    ctx, n_kept, lb = finish_ordinary(ctx, sel, n, max_tokens, **kw)
+    out = Pruned(ctx=ctx, logits=pf.logits, n_kept=n_kept, kv_bytes_full=full, prefill_s=pf.seconds, select_s=t_sel,
+                 compact_s=time.perf_counter() - t0, selection=sel, scores=pf.scores, layer_budgets=lb,
+                 strategy="ordinary", note=_join(note, sel.note))
+    return out
+
+
+def finish_ordinary(ctx: Context, sel: Selection, n: int, max_tokens: int, **kw):
+    """Prune ctx (the full prompt's KV) to `sel` and move it into a context of the kept cells +
+    max_tokens. Returns (context, prompt cells, LayerBudgets or None). Closes ctx."""
+    try:
+        lb = apply_selection(ctx, sel)
+    except BaseException:
+        ctx.close()
+        raise
+    if lb is not None:  # per-layer counts are set again on the new context
+        return move_to_context(ctx, n, lb.prompt_cells + max_tokens, **kw), lb.prompt_cells, lb
+    n_kept = sel.n_kept or n
+    return shrink_context(ctx, n_kept, n, max_tokens), n_kept, None
+
+
+def replay(policy: Policy, scores: np.ndarray, model: Model, mask) -> tuple[int, Selection]:
+    """The decision a layer-major pass over these scores would take: (stop layer, shared selection)."""
+    for l in range(model.n_layer):
+        sel = policy.decide(l, scores, model, mask)
+        if sel is not None:
+            return l, sel
+    return model.n_layer - 1, policy.decide_last(scores, model, mask)
+
+
+def _layer_major_first(model, tokens, policy: Policy, mask, progress, keep_all_hidden=False, **kw):
+    """A layer-major pass that stops at the policy's selection layer: (A, scores, hidden states, stop, selection)."""
+    _check_int("window", policy.window, 1, min(len(tokens) - 1, kw["n_batch"]) if len(tokens) > 1 else 0)
+    l_min = getattr(policy, "l_min", None)
+    if l_min is not None and not 0 <= l_min < model.n_layer:
+        raise ValueError(f"l_min {l_min} is outside the model's layers 0..{model.n_layer - 1}")
+    A, scores, Hs, stop, sel = layer_major_pass(model, tokens, policy.window,
+                                                lambda l, s: _decided(policy.decide(l, s, model, mask)),
+                                                progress=progress, keep_all_hidden=keep_all_hidden, **kw)
+    if stop is None:  # the policy never stopped: every layer ran
+        stop = model.n_layer - 1
+        try:
+            sel = policy.decide_last(scores, model, mask)
+        except BaseException:
+            A.close()
+            raise
+    return A, scores, Hs, stop, sel
+
+
+def _decided(sel: Optional[Selection]):
+    return sel is not None, sel
+
+
+def _run_layer_major(model, tokens, policy: Policy, max_tokens, mask, note, progress, **kw) -> Pruned:
+    t0 = time.perf_counter()
+    n = len(tokens)
+    A, scores, Hs, stop, sel = _layer_major_first(model, tokens, policy, mask, progress, **kw)
+    info = A.kv_info()
+    full = kv_bytes(info, n, info.used_swa)  # as an ordinary prefill: it fills the same cells
+    H = Hs[-1] if Hs else None
+    out = finish_layer_major(model, A, H, policy, sel, scores, stop, n, max_tokens, **kw)
+    out.kv_bytes_full, out.prefill_s, out.note = full, time.perf_counter() - t0, _join(note, sel.note)
+    return out
+
+
+def finish_layer_major(model, A: Context, H: Optional[np.ndarray], policy: Policy, sel: Selection, scores, stop: int,
+                       n: int, max_tokens: int, last_logits: Optional[np.ndarray] = None, **kw) -> Pruned:
+    """One-shot propagation of `sel`'s kept tokens after layer `stop` (A: the full KV of layers
+    0..stop, H: the input of layer stop + 1). Closes A."""
+    N = model.n_layer
+    kept = [int(x) for x in sel.shared]
+    try:
+        early = policy.early_layers(scores[: stop + 1], np.asarray(kept), model)
+    except BaseException:
+        A.close()
+        raise
+    B, logits, lb, n_prop = propagate(model, A, H, kept, early, stop, n, max_tokens, last_logits=last_logits, **kw)
+    cells = len(kept) if lb is None else lb.prompt_cells  # prompt cells of the decode context
+    work = ((stop + 1) * n + (N - stop - 1) * n_prop) / (N * n)
+    return Pruned(ctx=B, logits=logits, n_kept=cells, kv_bytes_full=0, prefill_s=0.0, prefill_work=work,
+                  selection=sel, stop_layer=stop, kept=np.asarray(kept), scores=scores[: stop + 1], layer_budgets=lb,
+                  strategy="layer-major")
+
+
+def _run_two_pass(model, tokens, policy: Policy, max_tokens, n_ctx, mask, note, progress, **kw) -> Pruned:
+    t0 = time.perf_counter()
+    n, N = len(tokens), model.n_layer
+    if policy.first_pass(model) == "layer-major":
+        A, scores, _, stop, sel = _layer_major_first(model, tokens, policy, mask, progress, **kw)
+        info = A.kv_info()
+        A.close()
+        layers = stop + 1
+        t_sel = 0.0
+    else:
+        stop_at = policy.first_pass_stop(model)
+        with Context(model, max(n_ctx or 0, _pad(n + 1)), capture=True, **kw) as ctx:
+            pf = prefill(ctx, tokens, window=policy.window, progress=progress, stop_layer=stop_at)
+            info = ctx.kv_info()
+        scores = pf.scores
+        t1 = time.perf_counter()
+        sel = select(policy, scores, policy.window, model, mask)
+        t_sel = time.perf_counter() - t1
+        stop = stop_at if stop_at is not None else N - 1
+        layers = N if stop_at is None else stop_at + 1
+    t1 = time.perf_counter()
+    out = finish_two_pass(model, tokens, sel, max_tokens, **kw)
+    out.compact_s, out.select_s = time.perf_counter() - t1, t_sel
+    out.prefill_work = (layers * n + N * out.n_kept) / (N * n)
+    out.kv_bytes_full = kv_bytes(info, n, info.used_swa)
+    out.prefill_s, out.stop_layer, out.scores = time.perf_counter() - t0, stop, scores[: stop + 1]
+    out.note = _join(note, sel.note)
+    return out
+
+
+def finish_two_pass(model, tokens, sel: Selection, max_tokens: int, **kw) -> Pruned:
+    """The second pass: only `sel`'s kept tokens, at their positions, through every layer."""
+    ctx = prefill_kept(model, tokens, sel.shared, max_tokens, **kw)
+    return Pruned(ctx=ctx, logits=ctx.logits(), n_kept=len(sel.shared), kv_bytes_full=0, prefill_s=0.0,
+                  selection=sel, kept=np.asarray(sel.shared), strategy="two-pass")
+
+
+# ---- the pruned prefill of a conversation (Session, pyasl.Llama) -----------------------------------
+@dataclass
+class PrunedPrefill:
+    """A policy's prefill as llama.cpp state bytes (loaded into a session's or a Llama's context)."""
+
+    state: bytes
+    n_tokens: int            # tokens prefilled (the next position)
+    n_kept: int              # cells kept
+    selected_layer: Optional[int]
+    seconds: float
+    note: str = ""
+    layer_cells: Optional[np.ndarray] = None  # per-layer budgets: set them after loading the state
+
+
+def prefill_state(model: Model, tokens: list[int], policy: Policy, n_threads: Optional[int] = None,
+                  flash_attn: bool = False, n_batch: int = 512, progress: Progress = None) -> PrunedPrefill:
+    """Prefill and prune `tokens` with `policy`; the result as state bytes (see PrunedPrefill)."""
+    t0 = time.perf_counter()
+    pr = run(model, tokens, policy, max_tokens=1, n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn,
+             progress=progress)
+    try:
+        state = pr.ctx.state_get()
+    finally:
+        pr.ctx.close()
+    pruned = pr.selection is not None
+    return PrunedPrefill(state=state, n_tokens=len(tokens), n_kept=pr.n_kept,
+                         selected_layer=pr.selected_layer if pruned else None, seconds=time.perf_counter() - t0,
+                         note=pr.note, layer_cells=None if pr.layer_budgets is None else pr.layer_budgets.counts)
+
+
+def layer_major_prefill(model: Model, tokens: list[int], policy, budget: Optional[int] = None, window: int = 32,
+                        tau: float = 0.3, l_min: Optional[int] = None, l_obs: Optional[int] = None, kernel: int = 7,
+                        layer: Optional[int] = None, max_tokens: int = 128, n_batch: int = 512,
+                        n_threads: Optional[int] = None, flash_attn: bool = False, progress: Progress = None,
+                        layer_budgets: Optional[str] = None, budget_opts: Optional[dict] = None,
+                        span=None) -> Pruned:
+    """The layer-major strategy of asl or fastkv (or the layer-major first pass of asl-2pass and its
+    second pass), whatever the budget (a budget >= the prompt propagates every token). `policy`: a
+    Policy, or a name with generate's options."""
+    why = layer_major_supported(model)
+    if why:
+        raise ValueError(why)
+    name = policy.name if isinstance(policy, Policy) else policy
+    if name not in ("asl", "fastkv", "asl-2pass"):
+        raise ValueError(f"layer-major prefill runs asl, fastkv or asl-2pass, not {name!r}")
+    if not isinstance(policy, Policy):
+        # generate refuses layer budgets for fastkv; the layer-major strategy runs them (tests, experiments)
+        policy = policy_from_options(name, budget=budget, window=window, tau=tau, l_min=l_min, l_obs=l_obs,
+                                     kernel=kernel, layer=layer, span=span,
+                                     layer_budgets=layer_budgets if name == "asl" else None, budget_opts=budget_opts)
+        if layer_budgets and name == "fastkv":
+            policy = policy.replace(layer_budgets=layer_budgets, **(budget_opts or {}))
+    kw = dict(n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn)
+    n = len(tokens)
+    mask = ranked_layer_mask(model, n)
+    policy.check_model(model)
+    policy.check_prompt(model, mask)
+    if policy.name == "asl-2pass":
+        return _run_two_pass(model, tokens, policy, max_tokens, None, mask, "", progress, **kw)
+    return _run_layer_major(model, tokens, policy, max_tokens, mask, "", progress, **kw)

@@ -1,0 +1,552 @@
+"""A conversation over a pruned KV cache: load a model once, open sessions on it.
+
+    import pyasl
+
+    model = pyasl.load_model("smollm2")                     # a GGUF path or a known name
+    s = pyasl.Session(model, policy=pyasl.ASL(budget=256), n_ctx=1024, max_tokens=128)
+    s.prefill(documents=[open("report.txt").read()])        # prefilled once, pruned to 256 cells
+    print(s.ask("What is the report about?"))               # greedy by default
+    for piece in s.stream("And the conclusion?", temperature=0.7, seed=1):
+        print(piece, end="", flush=True)
+    s.save("report.pyasl")                                  # pruned cache + transcript
+    s2 = pyasl.Session.load(model, "report.pyasl")         # refuses a different model
+
+How a session works
+-------------------
+One llama.cpp context of ``n_ctx`` cells holds one sequence. Documents (and the system message)
+are prefilled once with the session's policy -- the same strategy and selection as
+``pyasl generate`` (pyasl.engine.strategies) -- and the pruned cache is moved into that context at
+the tokens' original positions. Every turn is appended after it (positions only ever increase)
+and the answer is decoded from there. When a turn and its answer would not fit into ``n_ctx``
+cells any more, the policy prunes the cache again (:meth:`Policy.select`): the newest turn is
+decoded with the window-attention scores armed and serves as the observation window (it is always
+kept, up to 3/4 of the budget); the first ``sink`` cells (attention sinks; optionally the latest
+``keep_recent`` cells too) are kept as they are, and the policy chooses the rest, ``budget`` cells
+in all (a hard cap) -- text is never cut silently. Policy ``Full`` never prunes and refuses a turn
+that does not fit (:class:`ContextFullError`).
+"""
+from __future__ import annotations
+
+import codecs
+import os
+import threading
+import time
+from typing import Callable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+from ..engine import Context, Model
+from ..engine.prefill import apply_selection
+from ..engine.strategies import prefill_state
+from ..policies import ASL, Policy, make_policy
+from .format import ANSWER, ChatFormat
+from .files import load, save
+from .sampling import penalize, sample
+from .state import ContextFullError, SessionFileError, _Base, _Stats
+
+__all__ = ["ContextFullError", "Session", "SessionFileError"]
+
+Progress = Optional[Callable[[int, int], None]]
+
+
+
+_RECENT_MAX = 4096  # tokens remembered for the repetition penalty
+_SLACK = 8      # cells kept free after an answer, so the next turn always has room to be scored
+
+
+def _check_policy(model: Model, policy: Policy) -> None:
+    """What a session can prune with: the policy's own limits, no sliding-window models, per-layer
+    budgets through zigzag and pyramid only (their re-prunes keep to the cells each layer sees)."""
+    policy.check_model(model)
+    if getattr(policy, "layer_budgets", None):
+        raise ValueError("sessions prune with per-layer budgets through policy zigzag or pyramid, not "
+                         f"{policy.name} with layer_budgets")
+    if policy.prunes and model.n_swa > 0:
+        # re-pruning must read the positions of the global-attention cache, and nothing tells Python
+        # yet which layers use it (a native accessor is needed)
+        raise ValueError(f"sessions cannot prune sliding-window models ({model.arch}) yet; use policy full, or "
+                         "pyasl generate for one-shot pruning")
+
+
+def _check_text(text, what: str) -> None:
+    """A clear error for text that is not a str or not encodable as UTF-8 (lone surrogates, e.g. from
+    bytes decoded with errors='surrogateescape'), instead of a UnicodeEncodeError from the tokenizer."""
+    if not isinstance(text, str):
+        raise ValueError(f"{what} must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid UTF-8 text (character {e.start} is the lone surrogate "
+                         f"{text[e.start]!r}); decode its bytes with errors='replace' first") from None
+
+
+class Session:
+    """A conversation over a KV cache pruned by a policy.
+
+    Args:
+        model: a loaded :class:`pyasl.Model` (shared by any number of sessions).
+        policy: a :class:`Policy` object (default ``ASL(budget=512)``) or a policy name.
+        n_ctx: cells of the session's context: the pruned documents, the turns and one answer
+            must fit; when they would not, the policy prunes again (see the module docstring).
+        system: system message.
+        max_tokens: the longest answer (cells reserved for it before each answer).
+        raw: do not use the model's chat template (plain "User:/Assistant:" text).
+        n_threads, flash_attn, n_batch: llama.cpp context settings.
+        sink: cells at the start of the conversation that every re-prune keeps (attention sinks:
+            without them a small model's answers fall into repetition after a few re-prunes).
+        keep_recent: cells just before the newest turn that every re-prune keeps verbatim (the
+            latest exchange; default 0: on the soak of docs/RELIABILITY.md it cost the document's
+            facts their room and bought no coherence).
+
+    Raises ValueError when ``n_ctx`` cannot hold ``budget`` cells plus an answer."""
+
+    def __init__(self, model: Model, policy: Union[Policy, str, None] = None, n_ctx: int = 4096,
+                 system: Optional[str] = None, max_tokens: int = 256, raw: bool = False,
+                 n_threads: Optional[int] = None, flash_attn: bool = False, n_batch: int = 512,
+                 sink: int = 4, keep_recent: int = 0):
+        if policy is None:
+            policy = ASL(budget=512)
+        elif isinstance(policy, str):
+            policy = make_policy(policy)
+        if not isinstance(policy, Policy):
+            raise ValueError(f"policy must be a pyasl Policy or a name, got {policy!r}")
+        _check_policy(model, policy)
+        for k, v in (("n_ctx", n_ctx), ("max_tokens", max_tokens), ("n_batch", n_batch), ("sink", sink),
+                     ("keep_recent", keep_recent)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise ValueError(f"{k} must be an integer, got {v!r}")
+        if system is not None:
+            _check_text(system, "the system message")
+        if max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        if int(sink) < 0 or int(keep_recent) < 0:
+            raise ValueError("sink and keep_recent must be >= 0")
+        self.sink = int(sink)
+        self.keep_recent = int(keep_recent)
+        self.model = model
+        self.n_ctx = int(n_ctx)
+        self.max_tokens = int(max_tokens)
+        self.system = system
+        self.n_threads, self.flash_attn, self.n_batch = n_threads, bool(flash_attn), int(n_batch)
+        self._check_sizes(policy, self.max_tokens)
+        self.policy = policy
+        self._fmt = ChatFormat(model, raw=raw)
+        self._stop = threading.Event()
+        self._ctx: Optional[Context] = None
+        self._reset_state()
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def _reset_state(self) -> None:
+        if self._ctx is not None:
+            self._ctx.close()
+        self._ctx = None
+        self.documents: list[tuple[str, str]] = []
+        self.messages: list[dict] = []          # the transcript: user and assistant turns
+        self._struct: list[dict] = []           # messages as rendered (answers as placeholders)
+        self._cached_text = ""                  # rendering of what the cache holds
+        self._started = False
+        self._n_past = 0                        # the next position
+        self._pos_shift = 0                     # positions given back by renumbering (tokens seen - _n_past)
+        self._logits: Optional[np.ndarray] = None
+        self._recent: list[int] = []            # the newest tokens (repetition penalty)
+        self._base_state: Optional[_Base] = None
+        self.stats_ = _Stats()
+
+    def _check_sizes(self, policy: Policy, max_tokens: int) -> None:
+        if self.n_ctx < 16:
+            raise ValueError("n_ctx must be >= 16")
+        if policy.prunes and policy.budget + max_tokens + _SLACK + 1 > self.n_ctx:
+            raise ValueError(f"the context ({self.n_ctx} cells) must hold the budget ({policy.budget}), an answer "
+                             f"(max_tokens {max_tokens}) and {_SLACK + 1} more cells: raise n_ctx to at least "
+                             f"{policy.budget + max_tokens + _SLACK + 1} or lower the budget / max_tokens")
+        if not policy.prunes and max_tokens + _SLACK + 1 > self.n_ctx:
+            raise ValueError(f"the context ({self.n_ctx} cells) is too small for max_tokens {max_tokens}")
+
+    def _new_ctx(self) -> Context:
+        return Context(self.model, self.n_ctx, n_batch=self.n_batch, n_threads=self.n_threads,
+                         flash_attn=self.flash_attn, capture=True)
+
+    @property
+    def n_past(self) -> int:
+        """The next position (tokens seen so far, less what renumbering gave back)."""
+        return self._n_past
+
+    @property
+    def n_seen(self) -> int:
+        """Tokens seen by the session so far."""
+        return self._n_past + self._pos_shift
+
+    def _bound_positions(self) -> None:
+        """Keep positions inside the model's training context: when the cells that may still be
+        appended before the next pruning could pass it, the kept cells are renumbered 0..k-1 (as in
+        llama.cpp's context shift: distances between kept tokens shrink, their order stays)."""
+        if not self.policy.prunes or self._n_past + self.n_ctx <= self.model.n_ctx_train:
+            return
+        if self._layer_cells() is not None:
+            raise ContextFullError(
+                f"the conversation reached the model's training context ({self.model.n_ctx_train} positions) and "
+                "a cache with per-layer budgets cannot renumber its positions: reset the session, or use a "
+                "policy without per-layer budgets (snapkv, asl)")
+        old = self._n_past
+        self._n_past = self._ctx.renumber_positions()
+        self._pos_shift += old - self._n_past
+        self.stats_.renumbers += 1
+
+    def n_cells(self) -> int:
+        """KV cells in use (the kept tokens)."""
+        return 0 if self._ctx is None else int(self._ctx.kv_info().used_base)
+
+    def set_policy(self, policy: Union[Policy, str]) -> None:
+        """Use another policy for the following prunings (the cache is not touched now)."""
+        if isinstance(policy, str):
+            policy = make_policy(policy, budget=self.policy.budget if self.policy.prunes else None)
+        _check_policy(self.model, policy)
+        if self._layer_cells() is not None and not hasattr(policy, "method"):
+            raise ValueError(f"the cache holds per-layer budgets ({self.policy.name}); later prunings must keep "
+                             "them: use policy zigzag or pyramid, or reset the session")
+        self._check_sizes(policy, self.max_tokens)
+        self.policy = policy
+
+    def interrupt(self) -> None:
+        """Stop the answer being generated (safe from a signal handler or another thread): the
+        generator ends after the current token, and the partial answer is kept in the cache and the
+        transcript (marked ``interrupted``)."""
+        self._stop.set()
+
+    def reset(self) -> None:
+        """Forget the conversation; keep the prefilled documents (their pruned cache is restored)."""
+        base = self._base_state
+        stats = self.stats_
+        self._reset_state()
+        if base is not None:
+            self._load_state(base.state, base.n_past, base.layer_cells)
+            self._n_past, self._cached_text, self._struct = base.n_past, base.text, list(base.struct)
+            self._started = True
+            self._base_state = base
+            self.stats_ = _Stats(prefill_tokens=stats.prefill_tokens, prefill_s=stats.prefill_s,
+                                 prefill_kept=stats.prefill_kept, selected_layers=stats.selected_layers[:1])
+
+    def close(self) -> None:
+        if self._ctx is not None:
+            self._ctx.close()
+            self._ctx = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- prefill -----------------------------------------------------------------------------
+    def prefill(self, documents: Sequence[Union[str, tuple[str, str]]] = (), progress: Progress = None) -> dict:
+        """Prefill the system message and `documents` (texts, or (name, text) pairs) and prune
+        them with the policy. Call once, before the first turn (the first turn calls it without
+        documents otherwise). Returns :meth:`stats`."""
+        if self._started:
+            raise RuntimeError("the session is already prefilled; documents go in before the first turn")
+        if isinstance(documents, (str, bytes)):
+            raise ValueError("documents must be a list of texts (or (name, text) pairs), not one "
+                             f"{type(documents).__name__}")
+        docs = [(None, d) if isinstance(d, str) else (d[0], d[1]) if isinstance(d, (tuple, list)) and len(d) == 2
+                else (None, d) for d in documents]
+        for name, text in docs:
+            _check_text(text, f"document {name or ''}".rstrip())
+            if not text or not text.strip():
+                raise ValueError(f"document {name or ''} is empty".replace("  ", " "))
+        pre = self._fmt.preamble(self.system, docs)
+        text = self._fmt.render(pre, False) if pre else ""
+        toks = self._fmt.tokens(text, first=True) if text else []
+        n = len(toks)
+        if n > self.model.n_ctx_train:
+            raise ValueError(f"the documents have {n} tokens, more than the model's training context "
+                             f"{self.model.n_ctx_train}")
+        if not self.policy.prunes and n + self.max_tokens + _SLACK > self.n_ctx:
+            raise ContextFullError(f"the documents have {n} tokens: with policy full they must fit into the context "
+                                   f"({self.n_ctx} cells) with an answer; use a pruning policy or a larger n_ctx")
+        if n:
+            pp = prefill_state(self.model, toks, self.policy, n_threads=self.n_threads, flash_attn=self.flash_attn,
+                               n_batch=self.n_batch, progress=progress)
+            self._load_state(pp.state, pp.n_tokens, pp.layer_cells)
+            self._n_past = pp.n_tokens
+            self._remember(toks[-_RECENT_MAX:])
+            self._bound_positions()
+            self.stats_.prefill_tokens, self.stats_.prefill_s, self.stats_.prefill_kept = n, pp.seconds, pp.n_kept
+            if self.policy.prunes and pp.n_kept < n:
+                self.stats_.selected_layers.append(pp.selected_layer)
+            if self.n_cells() + self.max_tokens + _SLACK > self.n_ctx:
+                raise ContextFullError("the pruned documents leave no room for an answer; raise n_ctx")
+        self.documents = docs
+        self._struct = list(pre)
+        self._cached_text = text
+        self._started = True
+        if not n:
+            self._ctx = self._new_ctx()
+        self._base_state = _Base(self._ctx.state_get(), self._n_past, text, list(pre), self._layer_cells()) if n else None
+        return self.stats()
+
+    def _load_state(self, state: bytes, n_past: int, layer_cells=None) -> None:
+        """A new context holding a saved sequence (and its per-layer budgets, which the state bytes
+        do not carry)."""
+        if self._ctx is not None:
+            self._ctx.close()
+        self._ctx = self._new_ctx()
+        self._ctx.state_set(state, n_past=n_past)
+        if layer_cells is not None:
+            self._ctx.set_kv_layer_cells(np.asarray(layer_cells))
+
+    def _layer_cells(self) -> Optional[list]:
+        """The per-layer budgets in force in the cache (None: every layer sees every cell)."""
+        if self._ctx is None:
+            return None
+        p_cells, counts = self._ctx.kv_layer_cells()
+        return [int(c) for c in counts] if p_cells else None
+
+    # -- appending with re-pruning ------------------------------------------------------------
+    def _decode(self, toks: list[int], scored: int = 0) -> None:
+        """Decode toks at the next positions; the last `scored` tokens in one ubatch with scores armed."""
+        ctx = self._ctx
+        self._remember(toks)
+        head = toks[: len(toks) - scored]
+        for i in range(0, len(head), self.n_batch):
+            chunk = head[i: i + self.n_batch]
+            ctx.decode(chunk, pos0=self._n_past, logits_last=True)
+            self._n_past += len(chunk)
+        if scored:
+            ctx.arm_scores(scored)
+            try:
+                ctx.decode(toks[len(head):], pos0=self._n_past, logits_last=True)
+            finally:
+                ctx.disarm_scores()
+            self._n_past += scored
+        self._logits = ctx.logits()
+
+    def _remember(self, toks: Sequence[int]) -> None:
+        self._recent.extend(int(t) for t in toks)
+        if len(self._recent) > 2 * _RECENT_MAX:
+            del self._recent[:-_RECENT_MAX]
+
+    def _present_positions(self) -> np.ndarray:
+        """Positions held by the cache's cells (sorted; per-head caches: the cells' metadata)."""
+        return self._present_cells()[0]
+
+    def _present_cells(self) -> tuple[np.ndarray, np.ndarray]:
+        """Positions held by the cache's cells, sorted (per-head caches: the cells' metadata), and
+        the cell of each."""
+        ctx = self._ctx
+        pos = ctx.cell_positions(0, ctx.kv_info().size_base)
+        cells = np.flatnonzero(pos >= 0)
+        order = np.argsort(pos[cells], kind="stable")
+        return pos[cells][order].astype(np.int64), cells[order]
+
+    def _protected(self, n: int, window: int) -> tuple[int, int]:
+        """How many of the `n` cells before the observation window a re-prune keeps verbatim: the
+        first cells (attention sinks: the start of the system prompt) and the newest ones (the latest
+        exchange), as far as the budget allows: at least a quarter of it is left to the policy's
+        own choice."""
+        budget = self.policy.budget
+        free = max(0, budget - window - max(1, budget // 4))
+        n_sink = min(self.sink, n, free)
+        n_recent = min(self.keep_recent, n - n_sink, free - n_sink)
+        return n_sink, max(0, n_recent)
+
+    def _reprune(self, window: int, n_new: int) -> None:
+        """Prune the cache to the policy's budget; the last `n_new` positions were just decoded, the
+        last `window` of them with scores armed (the observation window). The first `sink` cells and
+        the `keep_recent` cells before the new ones (the latest exchange) are kept as they are; the
+        policy ranks the others."""
+        ctx = self._ctx
+        scores = ctx.window_scores(self._n_past)
+        present, cells = self._present_cells()
+        n = len(present)
+        if n <= self.policy.budget:
+            return
+        older = n - n_new
+        n_sink, n_recent = self._protected(older, window)
+        idx = np.arange(n)
+        # the policy keeps the last `window` columns it is given: put the protected cells there
+        order = np.concatenate([idx[n_sink: older - n_recent], idx[older: n - window], idx[:n_sink],
+                                idx[older - n_recent: older], idx[n - window:]])
+        sc = np.ascontiguousarray(scores[:, :, present[order]])
+        kw = {}
+        counts = self._layer_cells()
+        if counts is not None:
+            # per-layer budgets: layer l sees its first counts[l] cells and every cell after the P prompt
+            # cells; a re-prune keeps to those (the other cells hold other layers' rows)
+            p_cells = max(counts)
+            c = cells[order]
+            kw["visible"] = np.stack([(c < k) | (c >= p_cells) for k in counts])
+        sel = self.policy.select(sc, window + n_sink + n_recent, self.model, **kw).map(present[order])
+        apply_selection(ctx, sel)
+        self._bound_positions()
+        self.stats_.reprunes += 1
+        self.stats_.selected_layers.append(sel.layer)
+
+    def _append(self, toks: list[int], reserve: int) -> None:
+        """Append toks, keeping `reserve` cells free after them; prune with the policy whenever the
+        context would overflow (the newest tokens are the observation window)."""
+        i = 0
+        while True:
+            rest = toks[i:]
+            used = self.n_cells()
+            if used + len(rest) + reserve <= self.n_ctx:
+                if rest:
+                    self._decode(rest)
+                return
+            if not self.policy.prunes:
+                raise ContextFullError(
+                    f"the conversation fills the context ({self.n_ctx} cells, {used} in use) and policy full does not "
+                    "prune: reset the session, or use a pruning policy or a larger context")
+            room = self.n_ctx - used
+            piece = rest[: max(0, min(len(rest), room))]
+            if not piece:
+                raise RuntimeError("internal: no room left to score the new turn")
+            # the newest turn is the observation window, up to 3/4 of the budget (older tokens keep the rest)
+            w = min(len(piece), self.n_batch, max(self.policy.window, (3 * self.policy.budget) // 4),
+                    self.policy.budget - 1)
+            self._decode(piece, scored=w)
+            self._reprune(w, len(piece))
+            i += len(piece)
+            if i >= len(toks) and self.n_cells() + reserve <= self.n_ctx:
+                return
+
+    # -- turns ----------------------------------------------------------------------------------
+    def stream(self, prompt: str, max_tokens: Optional[int] = None, temperature: float = 0.0, top_p: float = 1.0,
+               seed: Optional[int] = None, stop: Sequence[str] = (), repeat_penalty: float = 1.0,
+               repeat_last_n: int = 64) -> Iterator[str]:
+        """Append a user turn and yield the answer's text as it is decoded.
+
+        Greedy unless ``temperature > 0`` (then top-p sampling with ``seed``); ``repeat_penalty``
+        (llama.cpp's, 1.0 = off) applies to the last ``repeat_last_n`` tokens of the conversation
+        (at most 4096). The answer ends at
+        the model's end-of-turn token, at ``max_tokens`` tokens, at one of the ``stop`` strings, or
+        when :meth:`interrupt` is called; it is appended to :attr:`messages` in every case (an
+        interrupted answer with ``"interrupted": True``)."""
+        if prompt is None or (isinstance(prompt, str) and not prompt.strip()):
+            raise ValueError("the prompt is empty")
+        _check_text(prompt, "the prompt")
+        if stop is None or isinstance(stop, str):  # one stop string, not its characters
+            stop = [] if stop is None else [stop]
+        if any(not isinstance(x, str) or not x for x in stop):
+            raise ValueError(f"stop must be a list of non-empty strings, got {stop!r}")
+        if not 0.0 <= float(temperature) < float("inf"):
+            raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+        if not 0.0 < float(top_p) <= 1.0:
+            raise ValueError(f"top_p must satisfy 0 < top_p <= 1, got {top_p}")
+        mt = self.max_tokens if max_tokens is None else int(max_tokens)
+        if mt < 1:
+            raise ValueError("max_tokens must be >= 1")
+        if not float(repeat_penalty) > 0:
+            raise ValueError(f"repeat_penalty must be > 0, got {repeat_penalty}")
+        if not 0 <= int(repeat_last_n) <= _RECENT_MAX:
+            raise ValueError(f"repeat_last_n must be in [0, {_RECENT_MAX}], got {repeat_last_n}")
+        if mt > self.max_tokens and self.policy.prunes and self.policy.budget + mt + _SLACK + 1 > self.n_ctx:
+            raise ValueError(f"max_tokens {mt} does not fit next to the budget in {self.n_ctx} cells")
+        if not self._started:
+            self.prefill()
+        self._stop.clear()
+        user = {"role": "user", "content": prompt}
+        new_struct = self._struct + [user]
+        new_text = self._fmt.render(new_struct, True)
+        if not new_text.startswith(self._cached_text):
+            raise RuntimeError("the chat template does not render the conversation incrementally")
+        delta = new_text[len(self._cached_text):]
+        toks = self._fmt.tokens(delta, first=self._n_past == 0)
+        self._append(toks, reserve=mt + _SLACK)
+        self.messages.append(user)
+        self._struct = new_struct + [{"role": "assistant", "content": ANSWER}]
+        self._cached_text = new_text + ANSWER
+        self.stats_.turns += 1
+        return self._answer(mt, temperature, top_p, seed, list(stop) + (["\nUser:"] if self._fmt.raw else []),
+                            float(repeat_penalty), int(repeat_last_n))
+
+    def _answer(self, max_tokens, temperature, top_p, seed, stop, penalty=1.0, last_n=64) -> Iterator[str]:
+        rng = np.random.default_rng(seed)
+        dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        text = ""
+        emitted = 0
+        n_tok = 0
+        finished = False
+        t0 = time.perf_counter()
+        try:
+            logits = self._logits
+            while n_tok < max_tokens:
+                if self._stop.is_set():
+                    break
+                if penalty != 1.0 and last_n:
+                    logits = penalize(logits, self._recent[-last_n:], penalty)
+                tok = sample(logits, temperature, top_p, rng)
+                if self.model.is_eog(tok):
+                    break
+                if self.n_cells() + 1 > self.n_ctx:  # cannot happen: the answer's cells were reserved
+                    break
+                self._ctx.decode([tok], pos0=self._n_past)
+                self._remember([tok])
+                self._n_past += 1
+                n_tok += 1
+                logits = self._ctx.logits()
+                text += dec.decode(self.model.token_bytes(tok))
+                hit = next((s for s in stop if s in text), None)
+                if hit:
+                    text = text[: text.index(hit)]
+                    break
+                # hold back a tail that could be the start of a stop string
+                safe = len(text) - max((len(s) - 1 for s in stop), default=0)
+                if safe > emitted:
+                    yield text[emitted:safe]
+                    emitted = safe
+            else:
+                finished = True
+            finished = finished or not self._stop.is_set()
+            text += dec.decode(b"", final=True)
+            if len(text) > emitted:
+                yield text[emitted:]
+                emitted = len(text)
+        finally:
+            dt = time.perf_counter() - t0
+            msg = {"role": "assistant", "content": text}
+            if not finished:
+                msg["interrupted"] = True
+            self.messages.append(msg)
+            self._stop.clear()
+            st = self.stats_
+            st.decode_tokens += n_tok
+            st.decode_s += dt
+            st.last_decode_tokens, st.last_decode_s = n_tok, dt
+
+    def ask(self, prompt: str, **kw) -> str:
+        """Append a user turn and return the whole answer (see :meth:`stream` for the options)."""
+        return "".join(self.stream(prompt, **kw))
+
+    # -- statistics -----------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """Where the session stands: kept and total tokens, KV memory, selection layers, speeds."""
+        st = self.stats_
+        kept = self.n_cells()
+        cell = 0
+        if self._ctx is not None:
+            info = self._ctx.kv_info()
+            cell = info.cell_bytes_base
+        mib = 1024 * 1024
+        return {
+            "policy": self.policy.to_dict(), "n_ctx": self.n_ctx, "kept_tokens": kept, "total_tokens": self.n_seen,
+            "kv_mib": kept * cell / mib, "kv_mib_unpruned": self.n_seen * cell / mib, "next_position": self._n_past,
+            "renumbers": st.renumbers,
+            "selected_layers": list(st.selected_layers), "prunings": len(st.selected_layers), "reprunes": st.reprunes,
+            "turns": st.turns, "document_tokens": st.prefill_tokens, "document_kept": st.prefill_kept,
+            "prefill_s": st.prefill_s,
+            "prefill_tok_s": st.prefill_tokens / st.prefill_s if st.prefill_s > 0 else None,
+            "decode_tok_s": st.decode_tokens / st.decode_s if st.decode_s > 0 and st.decode_tokens else None,
+            "last_decode_tok_s": (st.last_decode_tokens / st.last_decode_s
+                                  if st.last_decode_s > 0 and st.last_decode_tokens else None),
+        }
+
+    # -- files ----------------------------------------------------------------------------------
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write the pruned cache, the transcript, the policy and the statistics to one file."""
+        save(self, path)
+
+    @classmethod
+    def load(cls, model: Model, path: Union[str, os.PathLike], n_threads: Optional[int] = None) -> "Session":
+        """Open a session saved by :meth:`save`. Raises :class:`SessionFileError` when the file is
+        not a pyasl session or was saved with a different model."""
+        return load(cls, model, path, n_threads=n_threads)
