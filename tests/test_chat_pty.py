@@ -70,7 +70,7 @@ def doc_file(tmp_path_factory):
 def test_chat_long_conversation_save_load(smollm2, doc_file, tmp_path):
     sess_file = tmp_path / "talk.pyasl"
     child = spawn(smollm2, "--doc", doc_file, "--budget", 128, "--window", 16, "--ctx", 256, "--max-tokens", 24,
-                  "--policy", "asl")
+                  "--policy", "asl", "--mode", "once")
     try:
         first = expect_prompt(child)
         m = re.search(r"\[documents: (\d+) tokens, kept (\d+) cells", first)
@@ -113,6 +113,44 @@ def test_chat_long_conversation_save_load(smollm2, doc_file, tmp_path):
         k2, t2, _ = stat_numbers(st)
         assert t2 > total and k2 <= 256
         assert re.search(rf"turns {len(questions) + 1};", st), st
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+
+
+@pytest.mark.real
+def test_chat_asks_a_document_question_after_question(smollm2, doc_file, tmp_path):
+    """The default mode: the document stays whole beside the decode context and every question
+    selects its own 128 cells, so the password in the middle of the document is found each time it
+    is asked, whatever was asked before; /save and /load keep the full copy."""
+    sess_file = tmp_path / "pq.pyasl"
+    child = spawn(smollm2, "--doc", doc_file, "--budget", 128, "--window", 16, "--ctx", 256, "--max-tokens", 24,
+                  "--span", "forward:16")
+    try:
+        first = expect_prompt(child)
+        assert re.search(r"\[documents: \d+ tokens, kept whole beside the decode context \([\d.]+ MiB\); every "
+                         r"question selects 128 cells with asl", first), first
+        screens = [say(child, q) for q in ["What is the secret password of the archive?", "Who travelled to Oslo?",
+                                           "What is the secret password of the archive?"]]
+        assert "BLUE-HERON-42" in screens[0] and "BLUE-HERON-42" in screens[2], screens
+        stats = say(child, "/stats")
+        assert "mode per-question" in stats and "3 for a question" in stats, stats
+        kept, total, _ = stat_numbers(stats)
+        assert kept <= 128 + 24 + 8 and total > 600
+        assert "[saved" in say(child, f"/save {sess_file}")
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    child = spawn(smollm2, "--budget", 128, "--ctx", 256, "--max-tokens", 24)
+    try:
+        expect_prompt(child)
+        assert f"[loaded {sess_file}" in say(child, f"/load {sess_file}")
+        out = say(child, "What is the secret password of the archive?")
+        assert "BLUE-HERON-42" in out, out
+        assert "4 for a question" in say(child, "/stats")
         child.sendline("/quit")
         child.expect(pexpect.EOF)
     finally:

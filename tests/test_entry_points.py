@@ -155,7 +155,7 @@ def test_session_long_input(model, tmp_path):
     with pyasl.Session(model, policy="full", n_ctx=128, max_tokens=8) as s:
         with pytest.raises(S.ContextFullError, match="must fit into the context"):
             s.prefill(documents=[long])
-    with pyasl.Session(model, policy=pyasl.ASL(budget=64, window=8), n_ctx=256, max_tokens=8) as s:
+    with pyasl.Session(model, policy=pyasl.ASL(budget=64, window=8), n_ctx=256, max_tokens=8, mode="once") as s:
         s.ask(long)  # a turn longer than the context: pruned with the turn as the observation window
         assert s.n_cells() <= 256 and s.stats()["reprunes"] >= 1
     small = pyasl.load_model(tiny_model_path("llama", n_layer=2, n_ctx=128))
@@ -246,17 +246,27 @@ def test_llama_arguments():
     with pytest.raises(ValueError, match="sliding-window"):
         pyasl.Llama(str(tiny_model_path("gemma3", n_layer=4)), n_ctx=256, verbose=False,
                     kv_policy=pyasl.ASL(budget=64, window=8))
-    with pytest.warns(UserWarning, match="none will be pruned"):
-        pyasl.Llama(str(TINY), n_ctx=256, verbose=False, kv_policy=pyasl.ASL(budget=512)).close()
+    with pytest.warns(UserWarning, match="none will be pruned"):  # prompts held to n_ctx
+        pyasl.Llama(str(TINY), n_ctx=256, verbose=False, kv_policy=pyasl.ASL(budget=512), max_prompt_tokens=256).close()
+    with pytest.raises(ValueError, match="does not leave room for an answer in the decode context"):
+        pyasl.Llama(str(TINY), n_ctx=256, verbose=False, kv_policy=pyasl.ASL(budget=512))
+    with pytest.raises(ValueError, match="max_prompt_tokens needs a pruning kv_policy"):
+        pyasl.Llama(str(TINY), n_ctx=256, verbose=False, max_prompt_tokens=4096)
+    with pytest.raises(ValueError, match="kv_mode must be one of"):
+        pyasl.Llama(str(TINY), n_ctx=256, verbose=False, kv_policy="asl", kv_mode="sometimes")
 
 
 def test_llama_requests():
     llm = pyasl.Llama(str(TINY), n_ctx=256, verbose=False, kv_policy=pyasl.ASL(budget=32, window=8))
     try:
-        with pytest.raises(ValueError, match="exceed context window of 256"):
-            llm.create_completion("word " * 400, max_tokens=4)
-        with pytest.raises(ValueError, match="exceed context window"):
-            llm.create_chat_completion(messages=[{"role": "user", "content": "word " * 400}], max_tokens=4)
+        # prompts up to the model's training context (2048), whatever the decode context (256 cells)
+        with pytest.raises(ValueError, match="exceed context window of 2048"):
+            llm.create_completion("word " * 2100, max_tokens=4)
+        with pytest.raises(ValueError, match="exceed context window of 2048"):
+            llm.create_chat_completion(messages=[{"role": "user", "content": "word " * 2100}], max_tokens=4)
+        r = llm.create_completion("word " * 400, max_tokens=300, temperature=0.9, seed=3)
+        assert llm.last_prune["n_prompt"] == r["usage"]["prompt_tokens"] > 256 and llm.kv_cells() <= 256
+        assert r["usage"]["completion_tokens"] < 300 or r["choices"][0]["finish_reason"] == "length"
         # used to say "batch at positions 0..50 rejected (it must follow the last cached position)"
         for toks in ([5, 99999, 3] * 20, [5, -3, 3] * 20):
             with pytest.raises(ValueError, match=r"token ids in 0\.\.\d+"):
@@ -279,10 +289,15 @@ def test_llama_requests():
 def test_llama_n_ctx_rounded_up_by_llama_cpp():
     # llama.cpp rounds n_ctx=8 up to 256 cells, llama-cpp-python keeps an 8-slot token array:
     # a 100-token prompt passed its check and failed with "could not broadcast input array"
-    llm = pyasl.Llama(str(TINY), n_ctx=8, verbose=False, kv_policy=pyasl.ASL(budget=32, window=8))
+    llm = pyasl.Llama(str(TINY), n_ctx=8, verbose=False, kv_policy=pyasl.ASL(budget=32, window=8), max_prompt_tokens=8)
     try:
         with pytest.raises(ValueError, match=r"Requested tokens \(\d+\) exceed context window of 8"):
             llm.create_completion("word and more " * 30, max_tokens=4)
+    finally:
+        llm.close()
+    llm = pyasl.Llama(str(TINY), n_ctx=8, verbose=False, kv_policy=pyasl.ASL(budget=32, window=8))
+    try:  # the decode context (256 cells) holds the budget and the answer; the prompt may be longer
+        assert llm.create_completion("word and more " * 30, max_tokens=4)["usage"]["prompt_tokens"] > 32
     finally:
         llm.close()
 
@@ -332,7 +347,11 @@ def test_server_bad_requests(client):
 
 
 def test_server_prompt_longer_than_the_context(client):
-    long = "word " * 400
+    """Prompts longer than the decode context (256 cells) are pruned into it; longer than the model's
+    training context (2048) they are refused."""
+    r = client.post("/v1/completions", json={"prompt": "word and more " * 100, "max_tokens": 3})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] > 256
+    long = "word " * 2100
     err = _error(client.post("/v1/completions", json={"prompt": long, "max_tokens": 3}))
     assert err["code"] == "context_length_exceeded"
     err = _error(client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": long}],
@@ -346,7 +365,7 @@ def test_server_prompt_longer_than_the_context(client):
         events = [ln[6:] for ln in r.text.splitlines() if ln.startswith("data: ")]
         assert events and "[DONE]" not in events
         err = json.loads(events[-1])["error"]
-        assert err["code"] == "context_length_exceeded" and "exceed context window of 256" in err["message"]
+        assert err["code"] == "context_length_exceeded" and "exceed context window of 2048" in err["message"]
 
 
 def test_server_still_answers(client):
@@ -437,7 +456,7 @@ def _damage_file(tmp_path: Path) -> Path:
 def test_cli_chat_turns_with_bad_input_keep_the_session(cli):
     lines = ["/policy bogus", "/policy fastkv x", "/load /nonexistent/x.pyasl", "word " * 600, "hello",
              "/save /nonexistent/dir/x.pyasl", "/quit"]
-    r = cli("chat", TINY, "--budget", "64", "--window", "8", "--ctx", "256", "--max-tokens", "4",
+    r = cli("chat", TINY, "--budget", "64", "--window", "8", "--ctx", "256", "--max-tokens", "4", "--mode", "once",
             input="\n".join(lines) + "\n")
     assert r.exit_code == 0, r.output  # an interactive session reports and goes on; /quit ends it
     for msg in ("error: unknown policy 'bogus'",
@@ -479,6 +498,8 @@ def test_cli_serve_refusals_and_note(cli):
         assert r.exit_code != 0 and msg in r.output, (args, r.output)
     r = cli("serve", tiny_model_path("gemma3", n_layer=4), "--ctx", "256", "--budget", "64")
     assert r.exit_code == 1 and "sliding-window" in r.output
-    r = cli("serve", TINY, "--ctx", "256", "--budget", "512")  # a budget no prompt that fits can exceed
+    r = cli("serve", TINY, "--ctx", "256", "--budget", "512")  # no room for an answer after pruning
+    assert r.exit_code == 1 and "does not leave room for an answer" in r.output
+    r = cli("serve", TINY, "--ctx", "256", "--budget", "512", "--max-prompt-tokens", "256")  # no prompt can exceed it
     assert r.exit_code == 0 and "note: pyasl.Llama: budget 512 >= n_ctx 256" in r.output
     assert "(would listen on 127.0.0.1:8000)" in r.output

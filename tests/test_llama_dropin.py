@@ -118,3 +118,35 @@ def test_every_policy_by_name_prunes_a_prompt(path, name):
     if name != "fastkv":
         assert lm.last_prune["n_kept"] > BUDGET  # the largest layer's budget: prompt cells of every layer
     lm.close()
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("mode", ["per-question", "once"])
+def test_prompts_longer_than_the_decode_context(path, mode):
+    """n_ctx is the decode context (budget + answers): a 600-token prompt is answered from 256 cells.
+    per-question keeps the prompt's full KV: a later prompt sharing the document decodes only what
+    differs, selects with its own last tokens, and answers as a fresh Llama does."""
+    kw = dict(n_ctx=256, kv_policy=pyasl.ASL(budget=BUDGET, window=16), kv_mode=mode, verbose=False)
+    lm = pyasl.Llama(path, **kw)
+    try:
+        r = lm.create_completion(PROMPT, max_tokens=12, temperature=0)
+        assert r["usage"]["prompt_tokens"] > 2 * 256 and lm.kv_cells() <= 256
+        assert lm.last_prune["mode"] == mode and lm.last_prune["n_kept"] == BUDGET
+        assert "BLUE-HERON-42" in _text(r) or mode == "once"
+        p2 = _doc() + "\n\nQuestion: Where did traveller number 5 go?\nAnswer:"
+        r2 = lm.create_completion(p2, max_tokens=8, temperature=0)
+        if mode == "per-question":
+            assert lm.last_prune["reused_tokens"] > 500 and lm.last_prune["full_copy_mib"] > 0
+        else:
+            assert lm.last_prune["reused_tokens"] == 0 and lm.last_prune["full_copy_mib"] is None
+        fresh = pyasl.Llama(path, **kw)
+        try:
+            assert _text(fresh.create_completion(p2, max_tokens=8, temperature=0)) == _text(r2)
+        finally:
+            fresh.close()
+        # an answer stops when the decode context is full
+        r3 = lm.create_completion(PROMPT, max_tokens=400, temperature=0.9, seed=1)
+        assert lm.kv_cells() <= 256
+        assert r3["usage"]["completion_tokens"] < 400 - 200
+    finally:
+        lm.close()

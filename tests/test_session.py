@@ -80,7 +80,7 @@ def test_session_too_small_context_is_refused(tiny):
     pyasl.ASL2Pass(budget=64, window=8), pyasl.GemFilter(layer=2, budget=64, window=8), Recent(budget=64, window=8),
 ], ids=lambda p: p.name)
 def test_conversation_reprunes_within_the_context(tiny, policy):
-    s = S.Session(tiny, policy=policy, n_ctx=160, max_tokens=8)
+    s = S.Session(tiny, policy=policy, n_ctx=160, max_tokens=8, mode="once")
     st = s.prefill(documents=[("doc.txt", DOC)])
     assert st["document_tokens"] > 300 and st["kept_tokens"] == 64
     cells = []
@@ -100,7 +100,7 @@ def test_conversation_reprunes_within_the_context(tiny, policy):
 
 
 def test_reprune_keeps_the_newest_turn(tiny):
-    s = S.Session(tiny, policy=pyasl.ASL(budget=64, window=8), n_ctx=160, max_tokens=8)
+    s = S.Session(tiny, policy=pyasl.ASL(budget=64, window=8), n_ctx=160, max_tokens=8, mode="once")
     s.prefill(documents=[DOC])
     while s.stats_.reprunes == 0:
         before = s.n_past
@@ -112,7 +112,7 @@ def test_reprune_keeps_the_newest_turn(tiny):
 @pytest.mark.parametrize("policy", [pyasl.ASL(budget=64, window=8), pyasl.SnapKV(budget=64, window=8)],
                          ids=lambda p: p.name)
 def test_reprune_keeps_the_sinks_and_the_latest_exchange(tiny, policy):
-    s = S.Session(tiny, policy=policy, n_ctx=160, max_tokens=8, keep_recent=12)
+    s = S.Session(tiny, policy=policy, n_ctx=160, max_tokens=8, keep_recent=12, mode="once")
     s.prefill(documents=[DOC])
     first = s._present_positions()[:4]
     while True:
@@ -223,7 +223,7 @@ def test_smollm2_saved_session_answers_like_the_original(tmp_path):
     m = pyasl.load_model("smollm2")
     doc = "\n".join(f"In year {1900 + i}, traveller number {i} went to city number {i % 7} and wrote about trains."
                     for i in range(20)) + "\nThe secret password of the archive is BLUE-HERON-42."
-    s = pyasl.Session(m, policy=pyasl.ASL(budget=128, window=16), n_ctx=192, max_tokens=16)
+    s = pyasl.Session(m, policy=pyasl.ASL(budget=128, window=16), n_ctx=192, max_tokens=16, mode="once")
     st = s.prefill(documents=[doc])
     assert st["kept_tokens"] == 128 and st["document_tokens"] > 400
     for q in ["What is the password?", "Who went to city number 3?", "What did they write about?"]:
@@ -259,7 +259,7 @@ def test_long_conversation_stays_inside_the_training_context():
     cells instead of running past it: positions stay below n_ctx_train, the count of tokens seen
     keeps growing, the chat goes on."""
     m = pyasl.Model(tiny_model_path("llama", n_layer=4, n_ctx=1024))
-    s = S.Session(m, policy=pyasl.ASL(budget=64, window=8), n_ctx=160, max_tokens=8)
+    s = S.Session(m, policy=pyasl.ASL(budget=64, window=8), n_ctx=160, max_tokens=8, mode="once")
     s.prefill(documents=[DOC[:1200]])
     for q in QUESTIONS * 4:
         s.ask(q, max_tokens=8)
@@ -294,7 +294,7 @@ def test_per_layer_budgets_in_a_conversation(policy, tmp_path):
     rows in all), re-prunes keep to the cells each layer sees, and the budgets survive reset,
     save and load (the state bytes do not carry them)."""
     tiny = pyasl.Model(tiny_model_path("llama", n_layer=6, n_ctx=8192))  # no renumbering in this conversation
-    s = S.Session(tiny, policy=policy, n_ctx=256, max_tokens=8)
+    s = S.Session(tiny, policy=policy, n_ctx=256, max_tokens=8, mode="once")
     s.prefill(documents=[DOC])
     first = s._layer_cells()
     assert first is not None and sum(first) == tiny.n_layer * 64 and len(set(first)) > 1
@@ -317,7 +317,7 @@ def test_per_layer_budgets_in_a_conversation(policy, tmp_path):
 
 
 def test_per_layer_budgets_stop_clearly_at_the_training_context(tiny):
-    s = S.Session(tiny, policy=pyasl.ZigZag(budget=64, window=8), n_ctx=256, max_tokens=8)
+    s = S.Session(tiny, policy=pyasl.ZigZag(budget=64, window=8), n_ctx=256, max_tokens=8, mode="once")
     s.prefill(documents=[DOC])
     with pytest.raises(S.ContextFullError, match="training context"):
         for q in QUESTIONS * 4:

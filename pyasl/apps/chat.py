@@ -45,8 +45,12 @@ def format_stats(st: dict) -> str:
         f"KV {st['kv_mib']:.2f} MiB (unpruned {st['kv_mib_unpruned']:.2f} MiB)",
         f"documents {st['document_tokens']} tokens -> {st['document_kept']} kept; prefill {rate(st['prefill_tok_s'])}; "
         f"decode {rate(st['last_decode_tok_s'])} (last answer), {rate(st['decode_tok_s'])} (all)",
-        f"turns {st['turns']}; prunings {st['prunings']} ({st['reprunes']} when the context was full)",
-    ])
+        f"turns {st['turns']}; prunings {st['prunings']} ({st['reprunes']} when the context was full, "
+        f"{st['questions_selected']} for a question)",
+        f"mode {st['mode']}" + (f": the full KV ({st['full_copy_mib']:.1f} MiB) stays beside the decode context, every "
+                                "question selects again" if st["mode"] == "per-question" else
+                                ": the documents were pruned once, the context re-prunes when full"),
+    ] + [f"note: {n}" for n in st["notes"]])
 
 
 class Chat:
@@ -201,8 +205,13 @@ def run(session: S.Session, documents: list[tuple[str, str]], progress, temperat
         if hasattr(progress, "close"):
             progress.close()
         lay = st["selected_layers"][0] if st["selected_layers"] else None
-        chat.say(f"[documents: {st['document_tokens']} tokens, kept {st['kept_tokens']} cells with "
-                 f"{session.policy.name}" + (f", selection layer {lay}" if lay is not None else "")
-                 + (f", prefill {st['prefill_tok_s']:.0f} tok/s" if st["prefill_tok_s"] else "") + "]")
+        speed = f", prefill {st['prefill_tok_s']:.0f} tok/s" if st["prefill_tok_s"] else ""
+        if st["mode"] == "per-question":
+            chat.say(f"[documents: {st['document_tokens']} tokens, kept whole beside the decode context "
+                     f"({st['full_copy_mib']:.1f} MiB); every question selects {session.policy.budget} cells with "
+                     f"{session.policy.name}{speed}]")
+        else:
+            chat.say(f"[documents: {st['document_tokens']} tokens, kept {st['kept_tokens']} cells with "
+                     f"{session.policy.name}" + (f", selection layer {lay}" if lay is not None else "") + speed + "]")
     _setup_readline()
     return chat.loop()

@@ -11,15 +11,26 @@ cache is moved into this Llama's context at the tokens' original positions; the 
 token is then decoded by llama-cpp-python over the pruned cache, so sampling, logits processors,
 grammars, stop strings and streaming work unchanged. ``last_prune`` describes the latest pruning.
 
+Prompts longer than ``n_ctx`` are accepted up to ``max_prompt_tokens`` (default: the model's
+training context): ``n_ctx`` is the decode context, which only needs the budget and the answers
+(an answer stops, finish reason "length", when its cells run out). So a 16K-token prompt is answered
+from a context of budget + max_tokens cells, and that is all the KV the Llama keeps.
+
+``kv_mode="per-question"`` (the default) keeps the full KV of the latest long prompt beside the decode
+context (:class:`pyasl.engine.full_copy.FullCopy`, as llama-cpp-python keeps its last prompt): a
+prompt sharing a prefix with it (one document, many questions) decodes only what differs, and every
+prompt is scored with its own last tokens and selected again; this selection runs on the ordinary
+strategy whatever the policy. ``kv_mode="once"`` keeps nothing beyond the decode context and prunes
+every long prompt from scratch with the policy's own strategy (layer-major asl and fastkv).
+
 A pruned cache is never reused as if it held the whole prompt: the next call after a pruned one
-starts from an empty cache (llama-cpp-python's longest-prefix reuse is skipped once), and states
-saved for ``set_cache`` from a pruned cache are stored as empty so they never count as a hit.
-Prompts must still fit ``n_ctx`` (llama-cpp-python's own check); what pruning saves is decode time
-and KV cells in use.
+starts from an empty decode cache (llama-cpp-python's longest-prefix reuse is skipped once), and
+states saved for ``set_cache`` from a pruned cache are stored as empty so they never count as a hit.
 """
 from __future__ import annotations
 
 import ctypes
+import re
 import sys
 import warnings
 import weakref
@@ -29,6 +40,7 @@ from typing import Optional, Union
 import numpy as np
 
 from .. import _native
+from ..engine.full_copy import FullCopy
 from ..engine.model import Model, ModelLoadError, _check_gguf
 from ..engine.strategies import prefill_state
 from ..policies import Policy, make_policy
@@ -50,6 +62,9 @@ def _borrow_model(llm: "llama_cpp.Llama") -> Model:
     return m
 
 
+KV_MODES = ("per-question", "once")
+
+
 class LlamaModelError(ModelLoadError, ValueError):
     """A model file pyasl refuses before llama.cpp sees it (missing, not GGUF, truncated, corrupt metadata
     llama.cpp would abort on, unsupported architecture); a ValueError like llama-cpp-python's load errors."""
@@ -64,10 +79,15 @@ class Llama(llama_cpp.Llama):
     """``llama_cpp.Llama`` plus ``kv_policy``: a :class:`pyasl.Policy` object (``ASL(budget=512)``,
     ``SnapKV(...)``, ...) or a policy name; ``None`` behaves exactly like llama-cpp-python.
 
-    Every other argument is llama-cpp-python's. ``last_prune`` (a dict or None) and ``n_prunes``
-    report what was pruned."""
+    ``max_prompt_tokens``: the longest prompt accepted with a pruning policy (default: the model's
+    training context; ``n_ctx`` is then only the decode context). ``kv_mode``: ``per-question``
+    (default) or ``once``, see the module doc. Every other argument is llama-cpp-python's.
+    ``last_prune`` (a dict or None) and ``n_prunes`` report what was pruned."""
 
-    def __init__(self, *args, kv_policy: Union[Policy, str, None] = None, **kwargs):
+    def __init__(self, *args, kv_policy: Union[Policy, str, None] = None, max_prompt_tokens: Optional[int] = None,
+                 kv_mode: str = "per-question", **kwargs):
+        if kv_mode not in KV_MODES:
+            raise ValueError(f"kv_mode must be one of {', '.join(KV_MODES)}, not {kv_mode!r}")
         path = kwargs.get("model_path", args[0] if args else None)
         if path is not None:  # the GGUF pre-check first: llama.cpp aborts the process on some corrupt files
             try:
@@ -85,15 +105,36 @@ class Llama(llama_cpp.Llama):
             if self._pyasl_model.n_swa > 0:
                 raise ValueError("pyasl.Llama does not prune sliding-window models yet")
         self.kv_policy = kv_policy
-        if kv_policy is not None and kv_policy.prunes and kv_policy.budget >= self.n_ctx() - 1:
-            warnings.warn(f"pyasl.Llama: budget {kv_policy.budget} >= n_ctx {self.n_ctx()} - 1: every prompt that fits "
-                          "the context is within the budget, so none will be pruned", stacklevel=2)
         self._pyasl_pruned = False
         self.last_prune: Optional[dict] = None
         self.n_prunes = 0
         self.on_prune = None  # optional callable(last_prune), e.g. a server's request log
+        self.kv_mode = kv_mode
+        self._full_copy: Optional[FullCopy] = None
+        self._n_cells = self.n_ctx()  # the decode context's cells
+        prunes = kv_policy is not None and kv_policy.prunes
+        if max_prompt_tokens is not None and not prunes:
+            raise ValueError("max_prompt_tokens needs a pruning kv_policy (without one every prompt must fit n_ctx)")
+        if prunes and not self._logits_all:  # logits_all keeps a row of logits per prompt token: n_ctx stays the limit
+            limit = self._pyasl_model.n_ctx_train if max_prompt_tokens is None else int(max_prompt_tokens)
+            if limit < 1:
+                raise ValueError("max_prompt_tokens must be >= 1")
+            if limit > self._n_ctx:  # llama-cpp-python's prompt + answer limit, and its token array
+                self._n_ctx = limit
+                self.input_ids = np.zeros((limit,), dtype=np.intc)
+        if prunes and kv_policy.budget >= self._n_cells - 1:
+            if self._n_ctx > self._n_cells:
+                self.close()
+                raise ValueError(f"budget {kv_policy.budget} does not leave room for an answer in the decode context "
+                                 f"(n_ctx {self._n_cells}): n_ctx must hold the budget and the answer "
+                                 "(n_ctx >= budget + max_tokens)")
+            warnings.warn(f"pyasl.Llama: budget {kv_policy.budget} >= n_ctx {self._n_cells} - 1: every prompt that "
+                          "fits the context is within the budget, so none will be pruned", stacklevel=2)
 
     def close(self) -> None:
+        if getattr(self, "_full_copy", None) is not None:  # a context on the weights: freed before them
+            self._full_copy.close()
+            self._full_copy = None
         if "_stack" in self.__dict__:  # a Llama refused before llama-cpp-python's __init__ ran holds nothing
             super().close()
 
@@ -129,8 +170,15 @@ class Llama(llama_cpp.Llama):
         pol = self.kv_policy
         if pol.budget - 1 > pol.window:  # the last prompt token takes one more cell: budget stays a hard cap
             pol = pol.replace(budget=pol.budget - 1)
-        pp = prefill_state(self._pyasl_model, head, pol, n_threads=cp.n_threads_batch, flash_attn=not info.v_trans,
-                           n_batch=self.n_batch)
+        reused = 0
+        if self.kv_mode == "per-question":
+            if self._full_copy is None:
+                self._full_copy = FullCopy(self._pyasl_model, n_batch=self.n_batch, n_threads=cp.n_threads_batch,
+                                           flash_attn=not info.v_trans)
+            pp, reused = self._full_copy.select_state(head, pol)
+        else:
+            pp = prefill_state(self._pyasl_model, head, pol, n_threads=cp.n_threads_batch,
+                               flash_attn=not info.v_trans, n_batch=self.n_batch)
         mem = llama_cpp.llama_get_memory(self._ctx.ctx)
         llama_cpp.llama_memory_clear(mem, True)
         buf = (ctypes.c_uint8 * len(pp.state)).from_buffer_copy(pp.state)
@@ -146,13 +194,30 @@ class Llama(llama_cpp.Llama):
         self._pyasl_pruned = True
         self.n_prunes += 1
         self.last_prune = {"policy": self.kv_policy.to_dict(), "n_prompt": len(tokens), "n_kept": pp.n_kept + 1,
-                           "selected_layer": pp.selected_layer, "prefill_s": pp.seconds, "note": pp.note}
+                           "selected_layer": pp.selected_layer, "prefill_s": pp.seconds, "note": pp.note,
+                           "mode": self.kv_mode, "reused_tokens": reused, "n_ctx": self._n_cells,
+                           "full_copy_mib": (self._full_copy.kv_bytes() / 2**20 if self._full_copy else None)}
         if self.on_prune is not None:
             self.on_prune(self.last_prune)
         if self.verbose:
             print(f"pyasl: pruned the prompt {len(tokens)} -> {pp.n_kept + 1} cells with {self.kv_policy.name}",
                   file=sys.stderr)
         return super().eval([last])
+
+    def _create_completion(self, *args, **kwargs):
+        gen = super()._create_completion(*args, **kwargs)
+        return gen if self._n_ctx <= self._n_cells else self._prompt_limit_named(gen)
+
+    def _prompt_limit_named(self, gen):
+        """llama-cpp-python names llama.cpp's context (the decode context here) in its too-long error;
+        name the prompt limit instead (same wording: servers map it to context_length_exceeded)."""
+        try:
+            return (yield from gen)
+        except ValueError as e:
+            m = re.fullmatch(r"Requested tokens \((\d+)\) exceed context window of \d+", str(e))
+            if m is None:
+                raise
+            raise ValueError(f"Requested tokens ({m[1]}) exceed context window of {self._n_ctx}") from None
 
     def _forget_pruned(self, force: bool = False) -> None:
         if force or getattr(self, "_pyasl_pruned", False):
@@ -166,7 +231,25 @@ class Llama(llama_cpp.Llama):
         # long prompt from scratch (not a suffix after a reused prefix)
         self._forget_pruned(force=self.kv_policy is not None and self.kv_policy.prunes
                             and len(tokens) > max(self.kv_policy.budget, self.kv_policy.window + 1))
-        return super().generate(tokens, *args, **kwargs)
+        gen = super().generate(tokens, *args, **kwargs)
+        if self._n_ctx <= self._n_cells:
+            return gen
+        return self._within_cells(gen)
+
+    def _within_cells(self, gen):
+        """llama-cpp-python's token generator, ended when the next token would not fit the decode
+        context (its own length check counts the whole prompt against max_prompt_tokens instead)."""
+        try:
+            sent = None
+            while True:
+                tok = gen.send(sent)
+                sent = yield tok
+                if self.kv_cells() + 1 + (len(sent) if sent else 0) > self._n_cells:
+                    return
+        except StopIteration:
+            return
+        finally:
+            gen.close()
 
     def reset(self):
         super().reset()

@@ -143,7 +143,8 @@ def _request_models(router) -> dict:
 def create_app(model_path: str, policy: Optional[Policy], n_ctx: int = 4096, alias: Optional[str] = None,
                n_threads: Optional[int] = None, flash_attn: bool = False, verbose: bool = False,
                host: str = "127.0.0.1", port: int = 8000,
-               on_prune: Optional[Callable[[dict], None]] = None):
+               on_prune: Optional[Callable[[dict], None]] = None, max_prompt_tokens: Optional[int] = None,
+               kv_mode: str = "per-question"):
     """The FastAPI app of llama-cpp-python's server, serving one pyasl.Llama with `policy`."""
     Llama, A, LlamaProxy, ModelSettings, ServerSettings = _imports()
     from fastapi import FastAPI
@@ -158,8 +159,8 @@ def create_app(model_path: str, policy: Optional[Policy], n_ctx: int = 4096, ali
                        verbose=verbose, **kw)
     ss = ServerSettings(host=host, port=port)
     llm = Llama(model_path=str(model_path), n_ctx=n_ctx, flash_attn=flash_attn, verbose=verbose,
-                kv_policy=policy, n_threads=ms.n_threads, n_threads_batch=ms.n_threads_batch,
-                n_batch=ms.n_batch, n_ubatch=ms.n_ubatch, seed=ms.seed)
+                kv_policy=policy, max_prompt_tokens=max_prompt_tokens, kv_mode=kv_mode, n_threads=ms.n_threads,
+                n_threads_batch=ms.n_threads_batch, n_batch=ms.n_batch, n_ubatch=ms.n_ubatch, seed=ms.seed)
     llm.on_prune = on_prune
 
     class _Proxy(LlamaProxy):
@@ -193,8 +194,9 @@ def serve(model_path: str, policy: Optional[Policy], host: str = "127.0.0.1", po
     def log(info: dict) -> None:
         print(f"pyasl: request prompt {info['n_prompt']} tokens -> kept {info['n_kept']} cells "
               f"({info['policy']['name']}" + (f", selection layer {info['selected_layer']}"
-                                              if info['selected_layer'] is not None else "") + ")",
-              file=sys.stderr, flush=True)
+                                              if info['selected_layer'] is not None else "")
+              + (f", {info['reused_tokens']} tokens of the previous prompt reused" if info.get("reused_tokens") else "")
+              + ")", file=sys.stderr, flush=True)
 
     with warnings.catch_warnings(record=True) as notes:  # pyasl.Llama's notes (a budget no prompt can exceed)
         warnings.simplefilter("always", UserWarning)

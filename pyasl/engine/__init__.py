@@ -7,6 +7,8 @@ prefill passes and the three prefill strategies that run a policy, and greedy de
   cache operations that prune;
 * :mod:`.strategies` -- a policy object run on a prompt (:func:`run`), what generate, Session,
   pyasl.Llama and the server call;
+* :mod:`.full_copy` -- :class:`FullCopy`, the unpruned KV of a conversation or prompt prefix kept
+  beside a decode context, so that each question selects again (per-question selection);
 * :mod:`.decode` -- :func:`greedy_decode`.
 
 One sequence (seq 0) per context; everything goes through llama.cpp's C API (llama-cpp-python's

@@ -10,6 +10,7 @@ from typing import Optional, Union
 
 from ..engine import Model
 from ..policies import Policy
+from ..engine.full_copy import FullCopy
 from .state import SessionFileError, _Base, _Stats
 
 _MAGIC = b"PYASLSES"
@@ -28,6 +29,7 @@ def save(s, path: Union[str, os.PathLike]) -> None:
         raise RuntimeError("nothing to save: the session has not been prefilled")
     state = s._ctx.state_get()
     base = s._base_state
+    full = None if s._full is None else s._full.state()
     head = {
         "version": _FILE_VERSION, "model": _identity(s.model), "policy": s.policy.to_dict(),
         "n_ctx": s.n_ctx, "max_tokens": s.max_tokens, "system": s.system, "raw": s._fmt.raw,
@@ -38,6 +40,9 @@ def save(s, path: Union[str, os.PathLike]) -> None:
         "layer_cells": s._layer_cells(),
         "base": None if base is None else {"n_past": base.n_past, "text": base.text, "struct": base.struct,
                                             "size": len(base.state), "layer_cells": base.layer_cells},
+        "mode": s.mode,
+        "full": None if full is None else {"tokens": s._full.tokens, "pending": s._full.pending, "size": len(full),
+                                           "n_docs": s._n_docs},
     }
     hj = json.dumps(head).encode("utf-8")
     tmp = Path(str(path) + ".tmp")
@@ -47,6 +52,8 @@ def save(s, path: Union[str, os.PathLike]) -> None:
         f.write(state)
         if base is not None:
             f.write(base.state)
+        if full is not None:
+            f.write(full)
     os.replace(tmp, path)
 
 
@@ -74,11 +81,17 @@ def load(cls, model: Model, path: Union[str, os.PathLike], n_threads: Optional[i
             if base and not 0 <= int(base["size"]) <= size:
                 raise ValueError(f"base size {base['size']}")
             base_state = f.read(int(base["size"])) if base else None
+            full = head.get("full")
+            if full and int(full["size"]) < 0:
+                raise ValueError(f"full copy size {full['size']}")
+            if full and int(full["size"]) > size:
+                raise SessionFileError(f"{p} is truncated (its full copy counts {full['size']} bytes)")
+            full_state = f.read(int(full["size"])) if full else None
         except (struct.error, ValueError, KeyError, TypeError) as e:
             if isinstance(e, SessionFileError):
                 raise
             raise SessionFileError(f"{p} is a damaged pyasl session file ({e})") from None
-    if len(state) != ns or (base and len(base_state) != base["size"]):
+    if len(state) != ns or (base and len(base_state) != base["size"]) or (full and len(full_state) != full["size"]):
         raise SessionFileError(f"{p} is truncated")
     if head.get("version") != _FILE_VERSION:
         raise SessionFileError(f"{p} has session format {head.get('version')}, this pyasl reads {_FILE_VERSION}")
@@ -97,7 +110,7 @@ def load(cls, model: Model, path: Union[str, os.PathLike], n_threads: Optional[i
         s = cls(model, policy=Policy.from_dict(head["policy"]), n_ctx=head["n_ctx"], system=head["system"],
                 max_tokens=head["max_tokens"], raw=head["raw"], n_threads=n_threads,
                 flash_attn=head["flash_attn"], n_batch=head["n_batch"], sink=head.get("sink", 4),
-                keep_recent=head.get("keep_recent", 0))
+                keep_recent=head.get("keep_recent", 0), mode=head.get("mode", "once"))
         n_past = head["n_past"]
         if isinstance(n_past, bool) or not isinstance(n_past, int) or n_past < 0:
             raise ValueError(f"n_past {n_past!r}")
@@ -117,6 +130,12 @@ def load(cls, model: Model, path: Union[str, os.PathLike], n_threads: Optional[i
         s._cached_text = str(head["cached_text"])
         s._started = True
         s.stats_ = _Stats(**head["stats"])
+        if full:
+            s._full = FullCopy(model, n_batch=s.n_batch, n_threads=n_threads, flash_attn=s.flash_attn)
+            s._full.load(full_state, full["tokens"], full["pending"])
+            s._n_docs = int(full["n_docs"])
+        elif s.mode == "per-question":
+            s.mode = "once"  # saved without its full copy
         if base:
             s._base_state = _Base(base_state, int(base["n_past"]), str(base["text"]), list(base["struct"]),
                                   base.get("layer_cells"))

@@ -24,6 +24,16 @@ kept, up to 3/4 of the budget); the first ``sink`` cells (attention sinks; optio
 ``keep_recent`` cells too) are kept as they are, and the policy chooses the rest, ``budget`` cells
 in all (a hard cap) -- text is never cut silently. Policy ``Full`` never prunes and refuses a turn
 that does not fit (:class:`ContextFullError`).
+
+Modes (``mode=``):
+
+* ``per-question`` (the default for a pruning policy): the documents and every turn also stay
+  unpruned in a context of their own (:mod:`.full_copy`); each question is decoded there as the
+  observation window, the policy selects ``budget`` cells from everything, and the answer is
+  decoded over them. Later questions select again. Costs the full KV in memory, saves decode time.
+* ``once``: the documents are pruned once, before any question is known (the strategy of
+  ``pyasl generate``: layer-major for asl and fastkv); later turns re-prune only when the context is
+  full. Holds at most ``n_ctx`` cells.
 """
 from __future__ import annotations
 
@@ -37,14 +47,17 @@ import numpy as np
 
 from ..engine import Context, Model
 from ..engine.prefill import apply_selection
-from ..engine.strategies import prefill_state
-from ..policies import ASL, Policy, make_policy
+from ..engine.strategies import prefill_state, select
+from ..policies import ASL, Policy, Selection, make_policy
 from .format import ANSWER, ChatFormat
 from .files import load, save
+from ..engine.full_copy import FullCopy, FullCopyFull
 from .sampling import penalize, sample
 from .state import ContextFullError, SessionFileError, _Base, _Stats
 
-__all__ = ["ContextFullError", "Session", "SessionFileError"]
+__all__ = ["MODES", "ContextFullError", "Session", "SessionFileError"]
+
+MODES = ("per-question", "once")
 
 Progress = Optional[Callable[[int, int], None]]
 
@@ -97,13 +110,16 @@ class Session:
         keep_recent: cells just before the newest turn that every re-prune keeps verbatim (the
             latest exchange; default 0: on the soak of docs/RELIABILITY.md it cost the document's
             facts their room and bought no coherence).
+        mode: ``per-question`` (default for a pruning policy: every question selects from the full
+            KV, kept beside the decode context) or ``once`` (prune the documents once); see the
+            module doc.
 
     Raises ValueError when ``n_ctx`` cannot hold ``budget`` cells plus an answer."""
 
     def __init__(self, model: Model, policy: Union[Policy, str, None] = None, n_ctx: int = 4096,
                  system: Optional[str] = None, max_tokens: int = 256, raw: bool = False,
                  n_threads: Optional[int] = None, flash_attn: bool = False, n_batch: int = 512,
-                 sink: int = 4, keep_recent: int = 0):
+                 sink: int = 4, keep_recent: int = 0, mode: Optional[str] = None):
         if policy is None:
             policy = ASL(budget=512)
         elif isinstance(policy, str):
@@ -121,6 +137,11 @@ class Session:
             raise ValueError("max_tokens must be >= 1")
         if int(sink) < 0 or int(keep_recent) < 0:
             raise ValueError("sink and keep_recent must be >= 0")
+        if mode is None:
+            mode = "per-question" if policy.prunes else "once"
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        self.mode = mode
         self.sink = int(sink)
         self.keep_recent = int(keep_recent)
         self.model = model
@@ -133,6 +154,7 @@ class Session:
         self._fmt = ChatFormat(model, raw=raw)
         self._stop = threading.Event()
         self._ctx: Optional[Context] = None
+        self._full: Optional[FullCopy] = None
         self._reset_state()
 
     # -- bookkeeping -------------------------------------------------------------------------
@@ -140,6 +162,11 @@ class Session:
         if self._ctx is not None:
             self._ctx.close()
         self._ctx = None
+        if self._full is not None:
+            self._full.close()
+        self._full = None
+        self.last_selection: Optional[Selection] = None  # per-question mode: the latest selection (None: kept all)
+        self._n_docs = 0                        # tokens of the documents (the full copy keeps them on reset)
         self.documents: list[tuple[str, str]] = []
         self.messages: list[dict] = []          # the transcript: user and assistant turns
         self._struct: list[dict] = []           # messages as rendered (answers as placeholders)
@@ -217,7 +244,12 @@ class Session:
         """Forget the conversation; keep the prefilled documents (their pruned cache is restored)."""
         base = self._base_state
         stats = self.stats_
+        full, n_docs = self._full, self._n_docs
+        self._full = None
         self._reset_state()
+        if full is not None:
+            full.truncate(n_docs)
+            self._full, self._n_docs = full, n_docs
         if base is not None:
             self._load_state(base.state, base.n_past, base.layer_cells)
             self._n_past, self._cached_text, self._struct = base.n_past, base.text, list(base.struct)
@@ -230,6 +262,9 @@ class Session:
         if self._ctx is not None:
             self._ctx.close()
             self._ctx = None
+        if self._full is not None:
+            self._full.close()
+            self._full = None
 
     def __enter__(self):
         return self
@@ -263,7 +298,9 @@ class Session:
         if not self.policy.prunes and n + self.max_tokens + _SLACK > self.n_ctx:
             raise ContextFullError(f"the documents have {n} tokens: with policy full they must fit into the context "
                                    f"({self.n_ctx} cells) with an answer; use a pruning policy or a larger n_ctx")
-        if n:
+        if n and self.mode == "per-question":
+            self._prefill_full(toks, progress)
+        elif n:
             pp = prefill_state(self.model, toks, self.policy, n_threads=self.n_threads, flash_attn=self.flash_attn,
                                n_batch=self.n_batch, progress=progress)
             self._load_state(pp.state, pp.n_tokens, pp.layer_cells)
@@ -281,8 +318,39 @@ class Session:
         self._started = True
         if not n:
             self._ctx = self._new_ctx()
+            if self.mode == "per-question" and self.policy.prunes:  # the conversation alone goes into the copy
+                self._full = FullCopy(self.model, n_batch=self.n_batch, n_threads=self.n_threads,
+                                      flash_attn=self.flash_attn)
         self._base_state = _Base(self._ctx.state_get(), self._n_past, text, list(pre), self._layer_cells()) if n else None
         return self.stats()
+
+    def _prefill_full(self, toks: list[int], progress: Progress) -> None:
+        """per-question mode: the documents go unpruned into the full copy; the decode context holds
+        the policy's selection from the documents' own last window until a question selects again."""
+        t0 = time.perf_counter()
+        self._full = FullCopy(self.model, n_batch=self.n_batch, n_threads=self.n_threads, flash_attn=self.flash_attn)
+        window = min(self.policy.window, len(toks) - 1)
+        scores, logits = self._full.prefill(toks, max(1, window), progress=progress)
+        self._n_docs = len(toks)
+        self._select_from_full(scores, window, logits, room=self.max_tokens + _SLACK)
+        self._remember(toks[-_RECENT_MAX:])
+        st = self.stats_
+        st.prefill_tokens, st.prefill_s, st.prefill_kept = len(toks), time.perf_counter() - t0, self.n_cells()
+
+    def _select_from_full(self, scores, window: int, logits, room: int) -> None:
+        """The decode context: the policy's selection from everything in the full copy (window: the
+        newest tokens, always kept), with `room` free cells."""
+        n = self._full.n
+        sel = None
+        if n > self.policy.budget and window >= 1:
+            sel = select(self.policy, scores, window, self.model, None)
+        ctx, _, _ = self._full.pruned(sel if sel is not None else Selection(), room)
+        if self._ctx is not None:
+            self._ctx.close()
+        self._ctx, self._n_past, self._logits = ctx, n, logits
+        self.last_selection = sel
+        if sel is not None:
+            self.stats_.selected_layers.append(sel.layer)
 
     def _load_state(self, state: bytes, n_past: int, layer_cells=None) -> None:
         """A new context holding a saved sequence (and its per-layer budgets, which the state bytes
@@ -409,6 +477,24 @@ class Session:
             if i >= len(toks) and self.n_cells() + reserve <= self.n_ctx:
                 return
 
+    def _ask_full(self, toks: list[int], reserve: int) -> None:
+        """per-question mode: the turn is decoded into the full copy as the observation window, and the
+        policy selects the decode context from everything. A conversation that would pass the model's
+        training context goes on in mode once (re-pruning the decode context)."""
+        w = min(max(self.policy.window, len(toks)), self.n_batch, max(self.policy.window, (3 * self.policy.budget) // 4),
+                self.policy.budget - 1)
+        try:
+            scores, logits = self._full.ask(toks, w)
+        except FullCopyFull as e:
+            self._full.close()
+            self._full = None
+            self.mode = "once"
+            self.stats_.notes.append(f"per-question selection stopped ({e}); mode once from here")
+            return self._append(toks, reserve)
+        self._remember(toks)
+        self._select_from_full(scores, w, logits, room=reserve)
+        self.stats_.questions_selected += 1
+
     # -- turns ----------------------------------------------------------------------------------
     def stream(self, prompt: str, max_tokens: Optional[int] = None, temperature: float = 0.0, top_p: float = 1.0,
                seed: Optional[int] = None, stop: Sequence[str] = (), repeat_penalty: float = 1.0,
@@ -451,7 +537,10 @@ class Session:
             raise RuntimeError("the chat template does not render the conversation incrementally")
         delta = new_text[len(self._cached_text):]
         toks = self._fmt.tokens(delta, first=self._n_past == 0)
-        self._append(toks, reserve=mt + _SLACK)
+        if self._full is not None:
+            self._ask_full(toks, reserve=mt + _SLACK)
+        else:
+            self._append(toks, reserve=mt + _SLACK)
         self.messages.append(user)
         self._struct = new_struct + [{"role": "assistant", "content": ANSWER}]
         self._cached_text = new_text + ANSWER
@@ -480,6 +569,8 @@ class Session:
                 if self.n_cells() + 1 > self.n_ctx:  # cannot happen: the answer's cells were reserved
                     break
                 self._ctx.decode([tok], pos0=self._n_past)
+                if self._full is not None:
+                    self._full.pending.append(tok)
                 self._remember([tok])
                 self._n_past += 1
                 n_tok += 1
@@ -538,6 +629,8 @@ class Session:
             "decode_tok_s": st.decode_tokens / st.decode_s if st.decode_s > 0 and st.decode_tokens else None,
             "last_decode_tok_s": (st.last_decode_tokens / st.last_decode_s
                                   if st.last_decode_s > 0 and st.last_decode_tokens else None),
+            "mode": self.mode, "questions_selected": st.questions_selected,
+            "full_copy_mib": None if self._full is None else self._full.kv_bytes() / mib, "notes": list(st.notes),
         }
 
     # -- files ----------------------------------------------------------------------------------

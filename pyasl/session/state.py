@@ -31,6 +31,8 @@ class _Stats:
     prefill_kept: int = 0
     selected_layers: list = field(default_factory=list)  # one entry per pruning (prefill, then re-prunes)
     reprunes: int = 0
+    questions_selected: int = 0  # per-question mode: selections made for a question
+    notes: list = field(default_factory=list)
     renumbers: int = 0       # times the positions were renumbered (see Session._bound_positions)
     turns: int = 0
     decode_tokens: int = 0

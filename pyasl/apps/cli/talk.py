@@ -32,14 +32,17 @@ def _read_doc(path: str) -> tuple:
 @click.option("--seed", type=int, help="sampling seed")
 @click.option("--repeat-penalty", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="llama.cpp's repetition penalty over the last 64 tokens (1.0: off)")
+@click.option("--mode", type=click.Choice(["per-question", "once"]), default=None,
+              help="per-question: every question selects from the full KV kept beside the decode context "
+                   "(default); once: prune the documents once, before any question")
 @click.option("--load", "load_path", type=click.Path(dir_okay=False), help="open a session saved with /save")
 @click.option("--raw", is_flag=True, help="do not apply the chat template")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: all cores)")
 @click.option("--flash-attn/--no-flash-attn", default=False, show_default=True)
 @click.option("--verbose", is_flag=True, help="show llama.cpp's log")
 @click.option("--progress/--no-progress", default=None, help="prefill progress bar (default: when stderr is a tty)")
-def chat(model, docs, policy, system, max_tokens, n_ctx, temperature, top_p, seed, repeat_penalty, load_path, raw,
-         threads, flash_attn, verbose, progress):
+def chat(model, docs, policy, system, max_tokens, n_ctx, temperature, top_p, seed, repeat_penalty, mode, load_path,
+         raw, threads, flash_attn, verbose, progress):
     """Talk with MODEL about long documents over a pruned KV cache.
 
     The documents are prefilled and pruned by POLICY; each turn is appended; when the context
@@ -61,7 +64,7 @@ def chat(model, docs, policy, system, max_tokens, n_ctx, temperature, top_p, see
             sess = Session.load(m, load_path, n_threads=threads)
         else:
             sess = Session(m, policy=pol, n_ctx=n_ctx, system=system, max_tokens=max_tokens, raw=raw,
-                           n_threads=threads, flash_attn=flash_attn)
+                           n_threads=threads, flash_attn=flash_attn, mode=mode)
         rc = C.run(sess, documents, Progress(progress), temperature=temperature, top_p=top_p, seed=seed,
                    repeat_penalty=repeat_penalty)
     except KeyboardInterrupt:
@@ -75,14 +78,20 @@ def chat(model, docs, policy, system, max_tokens, n_ctx, temperature, top_p, see
 @click.command()
 @click.argument("model")
 @_session_policy
-@click.option("--ctx", "n_ctx", default=4096, show_default=True, type=click.IntRange(min=16), help="context size")
+@click.option("--ctx", "n_ctx", default=4096, show_default=True, type=click.IntRange(min=16),
+              help="decode context: the budget and the answers (with a pruning policy, prompts may be longer)")
+@click.option("--max-prompt-tokens", type=click.IntRange(min=1),
+              help="longest prompt accepted with a pruning policy (default: the model's training context)")
+@click.option("--kv-mode", type=click.Choice(["per-question", "once"]), default="per-question", show_default=True,
+              help="per-question: keep the latest long prompt's full KV so that a prompt sharing its prefix decodes only "
+                   "the rest and selects again; once: prune every long prompt from scratch, keep nothing else")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(min=0, max=65535))
 @click.option("--alias", help="model name in the API (default: the file name)")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads")
 @click.option("--flash-attn/--no-flash-attn", default=False, show_default=True)
 @click.option("--verbose", is_flag=True, help="show llama.cpp's log")
-def serve(model, policy, n_ctx, host, port, alias, threads, flash_attn, verbose):
+def serve(model, policy, n_ctx, max_prompt_tokens, kv_mode, host, port, alias, threads, flash_attn, verbose):
     """An OpenAI-compatible HTTP server (llama-cpp-python's) whose requests are pruned by POLICY.
 
     /v1/completions, /v1/chat/completions (stream or not), /v1/models. Needs pip install 'pyasl[server]'.
@@ -96,7 +105,10 @@ def serve(model, policy, n_ctx, host, port, alias, threads, flash_attn, verbose)
         pol = policy.build()
         path = resolve_model(model)
         _check_gguf(path)
-        run_server(str(path), None if pol.name == "full" else pol, host=host, port=port, n_ctx=n_ctx, alias=alias,
-                   n_threads=threads, flash_attn=flash_attn, verbose=verbose)
+        pol = None if pol.name == "full" else pol
+        if pol is None and max_prompt_tokens is not None:
+            raise ValueError("--max-prompt-tokens needs a pruning policy (with full KV every prompt must fit --ctx)")
+        run_server(str(path), pol, host=host, port=port, n_ctx=n_ctx, alias=alias, n_threads=threads,
+                   flash_attn=flash_attn, verbose=verbose, max_prompt_tokens=max_prompt_tokens, kv_mode=kv_mode)
     except user_errors() as e:
         fail(str(e))

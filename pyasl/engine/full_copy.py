@@ -1,0 +1,154 @@
+"""The unpruned KV of a conversation or of a long prompt's prefix, kept outside the decode context so
+that every question is scored against all of it (per-question selection: Session, pyasl.Llama).
+
+A document pruned before the question is known keeps what the end of the document attends to, not
+what the question needs. Here the documents and every turn stay in one context of their own; a
+question is decoded there with its window-attention scores armed (the question is the observation
+window), the policy selects from the whole conversation, and the selection is moved into a small
+decode context (budget + the answer). The answer's tokens are appended to the copy before the next
+question.
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import numpy as np
+
+from ..policies import Policy, Selection
+from .context import Context, _pad
+from .model import Model
+from .prefill import prefill
+from .strategies import PrunedPrefill, finish_ordinary, select
+
+GROW = 1024  # cells added when the copy must grow
+
+
+class FullCopyFull(RuntimeError):
+    """The conversation would pass the model's training context."""
+
+
+class FullCopy:
+    """A live context holding every token of the session so far (positions 0..n-1), plus the answer
+    tokens not decoded into it yet (``pending``)."""
+
+    def __init__(self, model: Model, n_batch: int = 512, n_threads: Optional[int] = None, flash_attn: bool = False):
+        self.model = model
+        self.kw = dict(n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn)
+        self.ctx: Optional[Context] = None
+        self.n = 0
+        self.tokens: list[int] = []  # the n tokens in the copy
+        self.pending: list[int] = []
+        self.window = 0  # the window of the latest question
+
+    def _reserve(self, need: int) -> None:
+        """Make room for `need` cells in all (moving the copy into a larger context if needed)."""
+        if need > self.model.n_ctx_train:
+            raise FullCopyFull(f"the conversation would pass the model's training context ({self.model.n_ctx_train})")
+        if self.ctx is not None and need <= self.ctx.n_ctx:
+            return
+        new = Context(self.model, max(_pad(need), min(_pad(need + GROW), self.model.n_ctx_train)), capture=True,
+                      **self.kw)
+        if self.ctx is not None:
+            try:
+                new.state_set(self.ctx.state_get(), n_past=self.n)
+            except BaseException:
+                new.close()
+                raise
+            self.ctx.close()
+        self.ctx = new
+
+    def prefill(self, tokens: list[int], window: int, progress=None):
+        """The documents, with the last `window` tokens' scores armed: (scores, logits)."""
+        self._reserve(len(tokens) + 1)
+        pf = prefill(self.ctx, tokens, window=window, progress=progress)
+        self.n, self.tokens = len(tokens), list(tokens)
+        return pf.scores, pf.logits
+
+    def ask(self, tokens: list[int], window: int):
+        """Append the pending answer tokens and a new turn, the last `window` tokens scored:
+        (scores over every position, the last token's logits)."""
+        toks = self.pending + list(tokens)
+        self._reserve(self.n + len(toks) + 1)
+        ctx, nb = self.ctx, self.kw["n_batch"]
+        window = self.window = min(window, len(toks))
+        head = toks[: len(toks) - window]
+        for i in range(0, len(head), nb):
+            ctx.decode(head[i: i + nb], pos0=self.n + i, logits_last=False)
+        ctx.arm_scores(window)
+        try:
+            ctx.decode(toks[len(head):], pos0=self.n + len(head), logits_last=True)
+        finally:
+            ctx.disarm_scores()
+        self.n += len(toks)
+        self.tokens += toks
+        self.pending = []
+        return ctx.window_scores(self.n), ctx.logits()
+
+    def pruned(self, sel: Selection, room: int):
+        """A decode context holding `sel` of the copy (everything when it keeps everything) and
+        `room` free cells: (context, prompt cells, LayerBudgets or None). The copy is untouched."""
+        tmp = Context(self.model, _pad(self.n + 1), **self.kw)
+        try:
+            tmp.state_set(self.ctx.state_get(), n_past=self.n)
+        except BaseException:
+            tmp.close()
+            raise
+        return finish_ordinary(tmp, sel, self.n, room, **self.kw)
+
+    def common_prefix(self, tokens) -> int:
+        """How many tokens at the start of `tokens` the copy already holds."""
+        n = min(self.n, len(tokens))
+        diff = np.flatnonzero(np.asarray(self.tokens[:n]) != np.asarray(tokens[:n], dtype=np.int64))
+        return int(diff[0]) if len(diff) else n
+
+    def select_state(self, tokens: list[int], policy: Policy) -> tuple[PrunedPrefill, int]:
+        """Make the copy hold exactly `tokens` (the prefix it shares with them reused, the rest decoded,
+        the last window scored) and return the policy's selection from it as state bytes, with room for
+        one more token, and the number of tokens reused. What one prompt shares with the previous one
+        (a document asked several questions) is never prefilled again, and each prompt still selects
+        with its own window."""
+        t0 = time.perf_counter()
+        w = max(1, min(policy.window, len(tokens) - 1, self.kw["n_batch"]))
+        reused = min(self.common_prefix(tokens), len(tokens) - w)
+        self.truncate(reused)
+        scores, _ = self.ask(tokens[reused:], w)
+        sel = select(policy, scores, w, self.model, None) if len(tokens) > policy.budget else Selection()
+        ctx, n_kept, lb = self.pruned(sel, room=1)
+        try:
+            state = ctx.state_get()
+        finally:
+            ctx.close()
+        pp = PrunedPrefill(state=state, n_tokens=len(tokens), n_kept=n_kept, selected_layer=sel.layer,
+                           seconds=time.perf_counter() - t0, note=sel.note,
+                           layer_cells=None if lb is None else lb.counts)
+        return pp, reused
+
+    def truncate(self, n: int) -> None:
+        """Forget everything after the first `n` tokens (the documents)."""
+        if self.n > n:
+            self.ctx.seq_rm(n, -1)
+            self.ctx.n_past = n
+        self.n, self.tokens, self.pending = n, self.tokens[:n], []
+
+    def kv_bytes(self) -> int:
+        if self.ctx is None:
+            return 0
+        info = self.ctx.kv_info()
+        return int((self.n + len(self.pending)) * info.cell_bytes_base)
+
+    def state(self) -> bytes:
+        return b"" if self.ctx is None or self.n == 0 else self.ctx.state_get()
+
+    def load(self, state: bytes, tokens, pending) -> None:
+        n = len(tokens)
+        if n:
+            self._reserve(n + len(pending) + 1)
+            self.ctx.state_set(state, n_past=n)
+        self.n, self.tokens, self.pending = n, [int(t) for t in tokens], [int(t) for t in pending]
+
+    def close(self) -> None:
+        if self.ctx is not None:
+            self.ctx.close()
+            self.ctx = None
+
