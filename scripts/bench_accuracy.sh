@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-docs/bench/accuracy.jsonl}
 POLICIES=${POLICIES:-full,snapkv,zigzag,pyramid,fastkv,gemfilter,asl,asl-2pass}
 TASKS=niah_single_1,niah_multikey_2,niah_multikey_3,vt,cwe,passkey,number_string,kv_retrieval
-B=".venv/bin/pyasl bench run --out $OUT --budgets 512,1024 --policies $POLICIES"
+B=".venv/bin/pyasl bench run --out $OUT --budgets 512,1024 --policies $POLICIES --spans token"
 rounds=("$@")
 ((${#rounds[@]})) || rounds=(1 2 5 10 20)
 for s in "${rounds[@]}"; do

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# The span-selection benchmark (docs/BENCHMARKS.md, "Spans"): the span variants beside the token-level
-# rows of scripts/bench_accuracy.sh (same samples, same seed), resumable; re-running continues.
+# The span-selection benchmark (docs/BENCHMARKS.md, "Spans"): the span variants beside token-level
+# selection and full KV on the same samples (the samples and seed of scripts/bench_accuracy.sh, whose
+# token-level rows were copied in rather than run again), resumable; re-running continues.
 #   bash scripts/bench_spans.sh [ROUNDS...]     (default rounds: 5 20 samples per task)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-docs/bench/accuracy.jsonl}
+OUT=${OUT:-docs/bench/spans.jsonl}
 SPANS=${SPANS:-forward:32}
 TASKS=niah_single_1,niah_multikey_2,niah_multikey_3,vt,cwe,passkey,number_string,kv_retrieval
 PYASL=${PYASL:-.venv/bin/pyasl}
-B="$PYASL bench run --out $OUT --policies snapkv,asl,fastkv,gemfilter --spans $SPANS"
+B="$PYASL bench run --out $OUT --policies full,snapkv,asl,fastkv,gemfilter --spans token,$SPANS"
 rounds=("$@")
 ((${#rounds[@]})) || rounds=(5 20)
 for s in "${rounds[@]}"; do

@@ -41,7 +41,7 @@ def test_committed_rows_reproduce(sample, tmp_path):
     assert len(want) == 15
     out = tmp_path / "rows.jsonl"
     BR.run([model], [task], [n_tok], [512, 1024], sorted({r["policy"] for r in want.values()}), 1, out,
-           depths=[depth] if depth is not None else BR.NIAH_DEPTHS, log=lambda s: None)
+           depths=[depth] if depth is not None else BR.NIAH_DEPTHS, log=lambda s: None, spans=["token"])
     got = {BR.row_key(r): r for r in BR.load_rows(out)}
     assert set(got) == set(want)
     for k, r in want.items():

@@ -178,7 +178,7 @@ def test_run_appends_and_resumes(tmp_path):
     # sample 0 lacks only fastkv; sample 1 lacks everything
     assert BR.run(*args, ["full", "snapkv", "asl", "fastkv"], 2, out, log=logs.append) == 1 + 4
     assert logs[0] == f"samples to run: 2 (3 results already in {out})"
-    assert "fastkv@128=" in logs[1] and "full=" not in logs[1]
+    assert "fastkv+forward:32@128=" in logs[1] and "full=" not in logs[1]  # the default span, named
     rows = BR.load_rows(out)
     assert len(rows) == 8 and len({BR.row_key(r) for r in rows}) == 8
 

@@ -79,7 +79,8 @@ def test_chat_long_conversation_save_load(smollm2, doc_file, tmp_path):
         questions = ["What is the secret password of the archive?", "Who travelled to Oslo?",
                      "Which city did Grace visit?", "What did the reports talk about?",
                      "Repeat the password, please.", "Name one person from the document.",
-                     "What year is mentioned first?"]
+                     "What year is mentioned first?", "Who travelled to Rome?", "What did Grace write about?",
+                     "Which traveller came last?", "Say the password once more."]
         screens = [say(child, q) for q in questions]
         reprunes = sum(s.count("[context full: pruned to") for s in screens)
         assert reprunes >= 2, screens

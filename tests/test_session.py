@@ -46,7 +46,7 @@ def test_policy_objects():
     a = pyasl.ASL(budget=256, tau=0.2)
     assert a == P.Policy.from_dict(a.to_dict()) and "ASL(budget=256" in repr(a)
     assert P.make_policy("fastkv", layer=3, budget=64).to_dict() == {"name": "fastkv", "layer": 3, "budget": 64,
-                                                                      "window": 32, "kernel": 7, "span": "token"}
+                                                                      "window": 32, "kernel": 7, "span": "forward:32"}
     f16 = P.make_policy("snapkv", budget=64, span="forward:16")
     assert f16.to_dict()["span"] == "forward:16" and P.Policy.from_dict(f16.to_dict()) == f16
     assert set(["asl", "snapkv", "fastkv", "asl-2pass", "gemfilter", "full", "test-recent"]) <= set(P.policy_names())

@@ -20,6 +20,9 @@ Modes (``Spans.parse`` reads ``token``, ``forward:S``, ``chunk:C``):
   one may be shorter), a chunk scores the mean of its positions, and whole chunks are kept in score
   order; the last one that does not fit keeps its first positions.
 
+The policy objects use :data:`DEFAULT_SPAN` unless given one; the rule functions they call
+(``snapkv_rule``, ``asl_rule``, ``layer_budgets``) default to ``token``, the rules as published.
+
 Size 1 is plain top-k in every mode. The budget stays a hard cap: ``top_k`` returns exactly ``k``
 positions. The callers keep the observation window outside the scored prefix, and the attention
 sinks (the first positions, attended by every query) come first in any mode.
@@ -35,7 +38,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 __all__ = ["DEFAULT_SPAN", "SPAN_MODES", "Spans", "TOKEN", "runs"]
 
 SPAN_MODES = ("token", "forward", "chunk")
-DEFAULT_SPAN = "token"   # what every policy uses unless told otherwise (docs/BENCHMARKS.md, "Spans")
+DEFAULT_SPAN = "forward:32"  # what every policy uses unless told otherwise (measured: docs/BENCHMARKS.md, "Spans")
 
 
 @dataclass(frozen=True)
