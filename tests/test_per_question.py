@@ -4,6 +4,8 @@ selection. The kept cells must be those of the one-shot path (documents and ques
 prompt, the question's tokens as the window) on the same tokens."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -86,3 +88,24 @@ def test_save_load_in_both_modes(tiny, mode, tmp_path):
     if mode == "per-question":
         assert t._full.n == t.stats()["document_tokens"]
     assert t.ask("which parcel").strip() is not None
+
+
+def test_questions_benchmark_rows_and_resume(tiny, tmp_path):
+    """`pyasl bench questions`: one row per (document, mode, question), resumable, summarised per mode."""
+    from pyasl.bench import questions as Q
+
+    doc, asked = Q.build_context(tiny, 600, index=0, questions=3)
+    assert (doc, asked) == Q.build_context(tiny, 600, index=0, questions=3)
+    assert len(tiny.tokenize(doc, add_special=False)) >= 600 and [round(d, 2) for _, _, d in asked] == [0.17, 0.5, 0.83]
+    assert all(f'"{k}": "{v}"' in doc for k, v, _ in asked)
+    out = tmp_path / "q.jsonl"
+    pol = P.make_policy("snapkv", budget=128, window=8)
+    assert Q.run(tiny, 600, 1, pol, out, questions=3, max_tokens=4, log=lambda s: None) == 12
+    assert Q.run(tiny, 600, 1, pol, out, questions=3, max_tokens=4, log=lambda s: None) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    groups = {g["mode"]: g for g in Q.summary(rows)}
+    assert list(groups) == list(Q.MODES) and all(g["questions"] == 3 for g in groups.values())
+    assert groups["per-question"]["full_copy_mib"] > groups["per-question"]["kv_mib"]
+    assert groups["once"]["full_copy_mib"] is None and groups["full"]["policy"] == "full"
+    with pytest.raises(ValueError, match="unknown mode"):
+        Q.run(tiny, 600, 1, pol, out, modes=["sometimes"])

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from ..apps.cli.common import policy_options
+
 
 def _csv(kind):
     def conv(ctx, param, value):
@@ -112,3 +114,42 @@ def bench_plot(results, out_dir):
         raise click.ClickException("plots need matplotlib: pip install 'pyasl[bench]'") from None
     for f in files:
         click.echo(str(f))
+
+
+@bench.command("questions")
+@click.option("--model", "model_name", default="qwen2.5-0.5b", show_default=True)
+@click.option("--length", default=4096, show_default=True, type=click.IntRange(min=256), help="document tokens")
+@click.option("--samples", default=20, show_default=True, type=click.IntRange(min=1), help="documents")
+@click.option("--questions", default=4, show_default=True, type=click.IntRange(min=1), help="questions per document")
+@click.option("--modes", default="full,once,per-question,one-shot", show_default=True, callback=_csv(str))
+@click.option("--max-tokens", default=96, show_default=True, type=click.IntRange(min=1),
+              help="answer tokens (the model often repeats the key, 25 tokens, before the value)")
+@click.option("--threads", type=click.IntRange(min=1))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="results JSONL (appended; resumable)")
+@policy_options(budget_default=1024, asl_layers=True, layer_only_fixed=True)
+def bench_questions(model_name, length, samples, questions, modes, max_tokens, threads, out, policy):
+    """Several questions asked in turn about one document: per-question accuracy of full KV, prune-once,
+    per-question selection and the question-in-prompt (one-shot) path, with time per question and KV held."""
+    from ..apps.cli.common import fail as _fail, user_errors as _errors
+    from .questions import run as run_questions
+
+    try:
+        n = run_questions(model_name, length, samples, policy.build(), out, modes=modes, questions=questions,
+                          max_tokens=max_tokens, n_threads=threads, log=lambda s: click.echo(s, err=True))
+    except _errors() as e:
+        _fail(str(e))
+    click.echo(f"{n} new results in {out}", err=True)
+
+
+@bench.command("questions-summary")
+@click.argument("results", type=click.Path(exists=True, dir_okay=False))
+def bench_questions_summary(results):
+    """Accuracy, seconds per question and KV held per mode, from RESULTS of `bench questions`."""
+    from .questions import summary
+
+    rows = [json.loads(line) for line in Path(results).read_text(encoding="utf-8").splitlines() if line.strip()]
+    click.echo("model          tokens  mode          policy  budget span         n  accuracy  s/question  KV MiB  full copy MiB")
+    for g in summary(rows):
+        click.echo(f"{g['model']:<14} {g['n_tokens']:>6}  {g['mode']:<13} {g['policy']:<7} {g['budget'] or '-':>6} "
+                   f"{g['span'] or '-':<12} {g['questions']:>2}  {g['accuracy']:8.1f}  {g['seconds_per_question']:10.2f}"
+                   f"  {g['kv_mib']:6.1f}  {g['full_copy_mib'] or 0:13.1f}")

@@ -1,0 +1,151 @@
+"""Several questions about one document, asked one after another (issue 21's benchmark).
+
+The accuracy suite puts the question inside the prompt, so a policy sees it before pruning. A chat
+or a server sees the document first and the questions later. Here one context (a JSON object of
+random UUID pairs, kv_retrieval's haystack, where every pair can be asked) is asked ``questions``
+keys in turn, at depths spread over the document, in these modes:
+
+* ``full``: a Session with full KV (the reference);
+* ``once``: a Session that prunes the document once, before any question (``mode="once"``);
+* ``per-question``: a Session that keeps the full KV beside the decode context and selects again
+  for every question (the default);
+* ``one-shot``: each question inside the prompt, pruned by the same policy (``generate``): what
+  the accuracy suite measures, the target of ``per-question``.
+
+One row per (context, mode, question): the answer, its score (the value is a substring of it),
+seconds for the question (prefill excluded; in ``one-shot``: the whole prompt) and the KV held.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from .data import _uuid
+
+MODES = ("full", "once", "per-question", "one-shot")
+INTRO = "Extract the value corresponding to the specified key in the JSON object below.\n\nJSON data:\n{"
+
+
+def build_context(model, n_tokens: int, index: int, questions: int = 4, seed: int = 0):
+    """(document, [(key, value, depth)]): a JSON object of UUID pairs of about `n_tokens` tokens and
+    `questions` of its pairs to ask, at depths (q + 0.5) / questions. Deterministic."""
+    rng = random.Random(f"questions/{n_tokens}/{seed}/{index}")
+    pairs: list[tuple[str, str]] = []
+    text = INTRO + "}"
+    while len(model.tokenize(text, add_special=False)) < n_tokens:
+        step = max(1, (n_tokens - len(model.tokenize(text, add_special=False))) // 60)
+        pairs += [(_uuid(rng), _uuid(rng)) for _ in range(step)]
+        text = INTRO + ", ".join(f'"{k}": "{v}"' for k, v in pairs) + "}"
+    asked = []
+    for q in range(questions):
+        d = (q + 0.5) / questions
+        k, v = pairs[min(len(pairs) - 1, int(d * len(pairs)))]
+        asked.append((k, v, d))
+    return text, asked
+
+
+def question_text(key: str) -> str:
+    return f'Key: "{key}"\nThe value associated with the specified key is:'
+
+
+def _key(r: dict) -> tuple:
+    return (r["model"], r["n_tokens"], r["index"], r["mode"], r["policy"], r["budget"], r["span"], r["question"])
+
+
+def run(model_name: str, n_tokens: int, samples: int, policy, out, modes=MODES, questions: int = 4,
+        max_tokens: int = 96, seed: int = 0, n_threads: Optional[int] = None,
+        log: Callable[[str], None] = print) -> int:
+    """Run (resuming) and append rows to `out`; returns the number of new rows."""
+    from ..engine import Model
+    from ..generation import generate
+    from ..models import resolve_model
+    from ..policies import Full
+    from ..session import Session
+
+    for m in modes:
+        if m not in MODES:
+            raise ValueError(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
+    out = Path(out)
+    done = set()
+    if out.exists():
+        with out.open(encoding="utf-8") as f:
+            done = {_key(json.loads(line)) for line in f if line.strip()}
+    model = model_name if isinstance(model_name, Model) else Model(resolve_model(model_name))
+    name = model_name if isinstance(model_name, str) else model.path.stem
+    n_new = 0
+    with out.open("a", encoding="utf-8") as f:
+        for index in range(samples):
+            doc, asked = build_context(model, n_tokens, index, questions, seed)
+            for mode in modes:
+                pol = Full() if mode == "full" else policy
+                base = {"model": name, "n_tokens": n_tokens, "index": index, "mode": mode, "policy": pol.name,
+                        "budget": getattr(pol, "budget", None) if pol.prunes else None,
+                        "span": str(pol.span) if pol.prunes else None}
+                if all(_key({**base, "question": q}) in done for q in range(len(asked))):
+                    continue
+                rows = _ask_all(model, doc, asked, pol, mode, max_tokens, n_threads, Session, generate)
+                for q, row in enumerate(rows):
+                    row = {**base, "question": q, **row}
+                    f.write(json.dumps(row) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                    n_new += 1
+                log(f"[{name} {n_tokens} #{index} {mode}] " +
+                    " ".join(f"q{q}={r['score']:.0f}" for q, r in enumerate(rows)))
+    return n_new
+
+
+def _ask_all(model, doc, asked, policy, mode, max_tokens, n_threads, Session, generate) -> list[dict]:
+    rows = []
+    if mode == "one-shot":
+        for key, value, depth in asked:
+            text = doc + "\n\n" + question_text(key)
+            toks = (model.tokenize(model.format_chat([{"role": "user", "content": text}]), add_special=False,
+                                   parse_special=True) if model.chat_template else
+                    model.tokenize(text, add_special=True))
+            t0 = time.perf_counter()
+            res = generate(model, toks, policy=policy, max_tokens=max_tokens, n_threads=n_threads)
+            rows.append(_row(res.text, value, depth, time.perf_counter() - t0, res.kv_bytes / 2**20, None))
+        return rows
+    n_doc = len(model.tokenize(doc, add_special=False))
+    room = len(asked) * (max_tokens + 48) + 64
+    n_ctx = n_doc + room + 256 if mode == "full" else policy.budget + max_tokens + 128
+    s = Session(model, policy=policy, n_ctx=n_ctx, max_tokens=max_tokens, n_threads=n_threads,
+                mode="once" if mode in ("full", "once") else "per-question")
+    try:
+        s.prefill(documents=[doc])
+        for key, value, depth in asked:
+            t0 = time.perf_counter()
+            text = s.ask(question_text(key))
+            st = s.stats()
+            rows.append(_row(text, value, depth, time.perf_counter() - t0, st["kv_mib"], st["full_copy_mib"]))
+    finally:
+        s.close()
+    return rows
+
+
+def _row(text: str, value: str, depth: float, seconds: float, kv_mib: float, full_copy_mib) -> dict:
+    return {"depth": depth, "reference": value, "output": text, "score": 100.0 * (value in text),
+            "seconds": seconds, "kv_mib": kv_mib, "full_copy_mib": full_copy_mib}
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    """Mean accuracy, seconds per question and KV held, per (model, n_tokens, mode, policy, budget, span)."""
+    groups: dict = {}
+    for r in rows:
+        k = (r["model"], r["n_tokens"], r["mode"], r["policy"], r["budget"], r["span"])
+        groups.setdefault(k, []).append(r)
+    out = []
+    for k, rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], MODES.index(kv[0][2]))):
+        n = len(rs)
+        out.append({"model": k[0], "n_tokens": k[1], "mode": k[2], "policy": k[3], "budget": k[4], "span": k[5],
+                    "questions": n, "contexts": len({r["index"] for r in rs}),
+                    "accuracy": sum(r["score"] for r in rs) / n,
+                    "seconds_per_question": sorted(r["seconds"] for r in rs)[n // 2],
+                    "kv_mib": max(r["kv_mib"] for r in rs),
+                    "full_copy_mib": max((r["full_copy_mib"] or 0) for r in rs) or None})
+    return out
