@@ -46,14 +46,15 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import numpy as np
 
 from ..engine import Context, Model
-from ..engine.prefill import apply_selection
-from ..engine.strategies import prefill_state, select
+from ..engine.full_copy import FullCopy
+from ..engine.strategies import prefill_state
 from ..policies import ASL, Policy, Selection, make_policy
-from .format import ANSWER, ChatFormat
 from .files import load, save
-from ..engine.full_copy import FullCopy, FullCopyFull
+from .format import ANSWER, ChatFormat
+from .per_question import PerQuestion
+from .reprune import Repruning
 from .sampling import penalize, sample
-from .state import ContextFullError, SessionFileError, _Base, _Stats
+from .state import _RECENT_MAX, _SLACK, ContextFullError, SessionFileError, _Base, _Stats
 
 __all__ = ["MODES", "ContextFullError", "Session", "SessionFileError"]
 
@@ -63,8 +64,6 @@ Progress = Optional[Callable[[int, int], None]]
 
 
 
-_RECENT_MAX = 4096  # tokens remembered for the repetition penalty
-_SLACK = 8      # cells kept free after an answer, so the next turn always has room to be scored
 
 
 def _check_policy(model: Model, policy: Policy) -> None:
@@ -93,7 +92,7 @@ def _check_text(text, what: str) -> None:
                          f"{text[e.start]!r}); decode its bytes with errors='replace' first") from None
 
 
-class Session:
+class Session(Repruning, PerQuestion):
     """A conversation over a KV cache pruned by a policy.
 
     Args:
@@ -203,22 +202,6 @@ class Session:
         """Tokens seen by the session so far."""
         return self._n_past + self._pos_shift
 
-    def _bound_positions(self) -> None:
-        """Keep positions inside the model's training context: when the cells that may still be
-        appended before the next pruning could pass it, the kept cells are renumbered 0..k-1 (as in
-        llama.cpp's context shift: distances between kept tokens shrink, their order stays)."""
-        if not self.policy.prunes or self._n_past + self.n_ctx <= self.model.n_ctx_train:
-            return
-        if self._layer_cells() is not None:
-            raise ContextFullError(
-                f"the conversation reached the model's training context ({self.model.n_ctx_train} positions) and "
-                "a cache with per-layer budgets cannot renumber its positions: reset the session, or use a "
-                "policy without per-layer budgets (snapkv, asl)")
-        old = self._n_past
-        self._n_past = self._ctx.renumber_positions()
-        self._pos_shift += old - self._n_past
-        self.stats_.renumbers += 1
-
     def n_cells(self) -> int:
         """KV cells in use (the kept tokens)."""
         return 0 if self._ctx is None else int(self._ctx.kv_info().used_base)
@@ -324,34 +307,6 @@ class Session:
         self._base_state = _Base(self._ctx.state_get(), self._n_past, text, list(pre), self._layer_cells()) if n else None
         return self.stats()
 
-    def _prefill_full(self, toks: list[int], progress: Progress) -> None:
-        """per-question mode: the documents go unpruned into the full copy; the decode context holds
-        the policy's selection from the documents' own last window until a question selects again."""
-        t0 = time.perf_counter()
-        self._full = FullCopy(self.model, n_batch=self.n_batch, n_threads=self.n_threads, flash_attn=self.flash_attn)
-        window = min(self.policy.window, len(toks) - 1)
-        scores, logits = self._full.prefill(toks, max(1, window), progress=progress)
-        self._n_docs = len(toks)
-        self._select_from_full(scores, window, logits, room=self.max_tokens + _SLACK)
-        self._remember(toks[-_RECENT_MAX:])
-        st = self.stats_
-        st.prefill_tokens, st.prefill_s, st.prefill_kept = len(toks), time.perf_counter() - t0, self.n_cells()
-
-    def _select_from_full(self, scores, window: int, logits, room: int) -> None:
-        """The decode context: the policy's selection from everything in the full copy (window: the
-        newest tokens, always kept), with `room` free cells."""
-        n = self._full.n
-        sel = None
-        if n > self.policy.budget and window >= 1:
-            sel = select(self.policy, scores, window, self.model, None)
-        ctx, _, _ = self._full.pruned(sel if sel is not None else Selection(), room)
-        if self._ctx is not None:
-            self._ctx.close()
-        self._ctx, self._n_past, self._logits = ctx, n, logits
-        self.last_selection = sel
-        if sel is not None:
-            self.stats_.selected_layers.append(sel.layer)
-
     def _load_state(self, state: bytes, n_past: int, layer_cells=None) -> None:
         """A new context holding a saved sequence (and its per-layer budgets, which the state bytes
         do not carry)."""
@@ -369,131 +324,11 @@ class Session:
         p_cells, counts = self._ctx.kv_layer_cells()
         return [int(c) for c in counts] if p_cells else None
 
-    # -- appending with re-pruning ------------------------------------------------------------
-    def _decode(self, toks: list[int], scored: int = 0) -> None:
-        """Decode toks at the next positions; the last `scored` tokens in one ubatch with scores armed."""
-        ctx = self._ctx
-        self._remember(toks)
-        head = toks[: len(toks) - scored]
-        for i in range(0, len(head), self.n_batch):
-            chunk = head[i: i + self.n_batch]
-            ctx.decode(chunk, pos0=self._n_past, logits_last=True)
-            self._n_past += len(chunk)
-        if scored:
-            ctx.arm_scores(scored)
-            try:
-                ctx.decode(toks[len(head):], pos0=self._n_past, logits_last=True)
-            finally:
-                ctx.disarm_scores()
-            self._n_past += scored
-        self._logits = ctx.logits()
-
+    # -- appending ------------------------------------------------------------------------------
     def _remember(self, toks: Sequence[int]) -> None:
         self._recent.extend(int(t) for t in toks)
         if len(self._recent) > 2 * _RECENT_MAX:
             del self._recent[:-_RECENT_MAX]
-
-    def _present_positions(self) -> np.ndarray:
-        """Positions held by the cache's cells (sorted; per-head caches: the cells' metadata)."""
-        return self._present_cells()[0]
-
-    def _present_cells(self) -> tuple[np.ndarray, np.ndarray]:
-        """Positions held by the cache's cells, sorted (per-head caches: the cells' metadata), and
-        the cell of each."""
-        ctx = self._ctx
-        pos = ctx.cell_positions(0, ctx.kv_info().size_base)
-        cells = np.flatnonzero(pos >= 0)
-        order = np.argsort(pos[cells], kind="stable")
-        return pos[cells][order].astype(np.int64), cells[order]
-
-    def _protected(self, n: int, window: int) -> tuple[int, int]:
-        """How many of the `n` cells before the observation window a re-prune keeps verbatim: the
-        first cells (attention sinks: the start of the system prompt) and the newest ones (the latest
-        exchange), as far as the budget allows: at least a quarter of it is left to the policy's
-        own choice."""
-        budget = self.policy.budget
-        free = max(0, budget - window - max(1, budget // 4))
-        n_sink = min(self.sink, n, free)
-        n_recent = min(self.keep_recent, n - n_sink, free - n_sink)
-        return n_sink, max(0, n_recent)
-
-    def _reprune(self, window: int, n_new: int) -> None:
-        """Prune the cache to the policy's budget; the last `n_new` positions were just decoded, the
-        last `window` of them with scores armed (the observation window). The first `sink` cells and
-        the `keep_recent` cells before the new ones (the latest exchange) are kept as they are; the
-        policy ranks the others."""
-        ctx = self._ctx
-        scores = ctx.window_scores(self._n_past)
-        present, cells = self._present_cells()
-        n = len(present)
-        if n <= self.policy.budget:
-            return
-        older = n - n_new
-        n_sink, n_recent = self._protected(older, window)
-        idx = np.arange(n)
-        # the policy keeps the last `window` columns it is given: put the protected cells there
-        order = np.concatenate([idx[n_sink: older - n_recent], idx[older: n - window], idx[:n_sink],
-                                idx[older - n_recent: older], idx[n - window:]])
-        sc = np.ascontiguousarray(scores[:, :, present[order]])
-        kw = {}
-        counts = self._layer_cells()
-        if counts is not None:
-            # per-layer budgets: layer l sees its first counts[l] cells and every cell after the P prompt
-            # cells; a re-prune keeps to those (the other cells hold other layers' rows)
-            p_cells = max(counts)
-            c = cells[order]
-            kw["visible"] = np.stack([(c < k) | (c >= p_cells) for k in counts])
-        sel = self.policy.select(sc, window + n_sink + n_recent, self.model, **kw).map(present[order])
-        apply_selection(ctx, sel)
-        self._bound_positions()
-        self.stats_.reprunes += 1
-        self.stats_.selected_layers.append(sel.layer)
-
-    def _append(self, toks: list[int], reserve: int) -> None:
-        """Append toks, keeping `reserve` cells free after them; prune with the policy whenever the
-        context would overflow (the newest tokens are the observation window)."""
-        i = 0
-        while True:
-            rest = toks[i:]
-            used = self.n_cells()
-            if used + len(rest) + reserve <= self.n_ctx:
-                if rest:
-                    self._decode(rest)
-                return
-            if not self.policy.prunes:
-                raise ContextFullError(
-                    f"the conversation fills the context ({self.n_ctx} cells, {used} in use) and policy full does not "
-                    "prune: reset the session, or use a pruning policy or a larger context")
-            room = self.n_ctx - used
-            piece = rest[: max(0, min(len(rest), room))]
-            if not piece:
-                raise RuntimeError("internal: no room left to score the new turn")
-            # the newest turn is the observation window, up to 3/4 of the budget (older tokens keep the rest)
-            w = min(len(piece), self.n_batch, max(self.policy.window, (3 * self.policy.budget) // 4),
-                    self.policy.budget - 1)
-            self._decode(piece, scored=w)
-            self._reprune(w, len(piece))
-            i += len(piece)
-            if i >= len(toks) and self.n_cells() + reserve <= self.n_ctx:
-                return
-
-    def _ask_full(self, toks: list[int], reserve: int) -> None:
-        """per-question mode: the turn is decoded into the full copy as the observation window, and the
-        policy selects the decode context from everything. A conversation that would pass the model's
-        training context goes on in mode once (re-pruning the decode context)."""
-        w = min(max(self.policy.window, len(toks)), self.n_batch, max(self.policy.window, (3 * self.policy.budget) // 4),
-                self.policy.budget - 1)
-        try:
-            scores, logits = self._full.ask(toks, w)
-        except FullCopyFull as e:
-            self._full.close()
-            self._full = None
-            self.mode = "once"
-            self.stats_.notes.append(f"per-question selection stopped ({e}); mode once from here")
-            return self._append(toks, reserve)
-        self._remember(toks)
-        self._select_from_full(scores, w, logits, room=reserve)
-        self.stats_.questions_selected += 1
 
     # -- turns ----------------------------------------------------------------------------------
     def stream(self, prompt: str, max_tokens: Optional[int] = None, temperature: float = 0.0, top_p: float = 1.0,

@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 
+_RECENT_MAX = 4096  # tokens remembered for the repetition penalty
+_SLACK = 8  # cells kept free after an answer, so the next turn always has room to be scored
+
+
 class ContextFullError(RuntimeError):
     """A turn does not fit into the session's context and the policy does not prune."""
 
