@@ -424,7 +424,8 @@ class Context(_Native):
         got = llama_cpp.llama_state_seq_get_data(self._ctx, buf, n, SEQ)
         if got == 0:
             raise RuntimeError("could not save the sequence state")
-        return bytes(buf[:got])
+        # one copy; buf[:got] would build a list of `got` Python ints (seconds, and 8 bytes per KV byte)
+        return ctypes.string_at(buf, got)
 
     def state_set(self, data: bytes, n_past: int) -> None:
         llama_cpp, _, _ = _ll()
