@@ -1,4 +1,7 @@
-"""Unit tests for pyasl.policies on hand-built score arrays (no model needed)."""
+"""Unit tests for pyasl.policies on hand-built score arrays (no model needed).
+
+They check the rules as published (token-level top-k), so the default span stage is token here;
+tests/test_spans.py checks the span stages."""
 
 from __future__ import annotations
 
@@ -20,6 +23,11 @@ from pyasl.policies import (
     snapkv_select,
     snapkv_select_all,
 )
+
+
+@pytest.fixture(autouse=True)
+def _token_level(monkeypatch):
+    monkeypatch.setattr("pyasl.policies.spans.DEFAULT_SPAN", "token")
 
 
 # ---------------------------------------------------------------------------

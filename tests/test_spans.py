@@ -125,13 +125,15 @@ def test_size_one_equals_token_for_every_selection(spec):
     for budget in (40, 120):
         a, b = (P.asl_select(s, 16, budget, tau=0.9, span=x) for x in ("token", spec))
         np.testing.assert_array_equal(a.kept, b.kept)
-        np.testing.assert_array_equal(P.asl_select(s, 16, budget, tau=0.9).kept, a.kept)
+        np.testing.assert_array_equal(P.asl_select(s, 16, budget, tau=0.9).kept,  # the default stage
+                                      P.asl_select(s, 16, budget, tau=0.9, span=P.DEFAULT_SPAN).kept)
         for layer in (0, 3, 5):
             np.testing.assert_array_equal(P.asl_select_at_layer(s, 16, budget, layer, span=spec),
-                                          P.asl_select_at_layer(s, 16, budget, layer))
+                                          P.asl_select_at_layer(s, 16, budget, layer, span="token"))
         np.testing.assert_array_equal(P.snapkv_select_all(s, 16, budget, 2, span=spec),
-                                      P.snapkv_select_all(s, 16, budget, 2))
-        for x, y in zip(per_layer_sets(s, [budget] * 6, 16, 2, span=spec), per_layer_sets(s, [budget] * 6, 16, 2)):
+                                      P.snapkv_select_all(s, 16, budget, 2, span="token"))
+        for x, y in zip(per_layer_sets(s, [budget] * 6, 16, 2, span=spec),
+                        per_layer_sets(s, [budget] * 6, 16, 2, span="token")):
             np.testing.assert_array_equal(x, y)
 
 

@@ -92,7 +92,7 @@ def _rank_variances(ranks: np.ndarray, k: int, l_min: int,
 
 def asl_select(scores, window: int, budget: int, tau: float = 0.3,
                l_min: int | None = None, l_obs: int | None = None,
-               kernel: int = 7, pool: str = "avg", layer_mask=None, span="token") -> ASLSelection:
+               kernel: int = 7, pool: str = "avg", layer_mask=None, span=None) -> ASLSelection:
     """ASL (Adaptive Selection Layer) token selection.
 
     Args:
@@ -217,7 +217,7 @@ def asl_select(scores, window: int, budget: int, tau: float = 0.3,
 
 
 def asl_select_at_layer(scores, window: int, budget: int, layer: int,
-                        kernel: int = 7, pool: str = "avg", layer_mask=None, span="token") -> np.ndarray:
+                        kernel: int = 7, pool: str = "avg", layer_mask=None, span=None) -> np.ndarray:
     """Kept positions (sorted int64) using the ranking of a fixed ``layer``.
 
     Same scoring as :func:`asl_select` (pool per head, sum heads, rank the
@@ -251,7 +251,7 @@ def asl_select_at_layer(scores, window: int, budget: int, layer: int,
 def inspect_layers(scores, window: int, l_min: int | None = None,
                    l_obs: int | None = None, budget: int | None = None,
                    tau: float = 0.3, kernel: int = 7, pool: str = "avg",
-                   layer_mask=None, span="token") -> dict:
+                   layer_mask=None, span=None) -> dict:
     """Per-layer view of the ASL decision (used by ``pyasl inspect``).
 
     ``budget=None`` means ``min(512, n_prompt)``.  When the (effective)

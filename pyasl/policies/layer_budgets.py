@@ -264,7 +264,7 @@ def layer_budgets(method: str, scores, window: int, b_avg: int, theta: float = D
 # ---------------------------------------------------------------------------
 
 def per_layer_sets(scores, budgets, window: int, n_head_kv: int, kernel: int = 7,
-                   shared=None, n_layer: Optional[int] = None, span="token") -> list[np.ndarray]:
+                   shared=None, n_layer: Optional[int] = None, span=None) -> list[np.ndarray]:
     """Per-layer, per-KV-head token sets: ``(n_head_kv, budgets[l])`` SnapKV top-k plus the window for
     every layer of ``scores``; with ``shared`` (sorted positions), layers ``len(scores) .. n_layer - 1``
     all keep ``shared`` in every head. ``span``: the span stage of the top-k (pyasl.policies.spans)."""
@@ -321,7 +321,7 @@ def check_method(method) -> str:
     return method
 
 
-def budget_selection(scores, method: str, b_avg: int, window: int, model, kernel: int = 7, span="token",
+def budget_selection(scores, method: str, b_avg: int, window: int, model, kernel: int = 7, span=None,
                      shared=None, opts: Optional[dict] = None, visible=None) -> Selection:
     """Per-layer budgets by ``method`` for the layers of ``scores`` (``(n_sel, n_head, n)``), each
     keeping its SnapKV top-k per KV head; with ``shared``, layers ``n_sel ..`` keep that set.

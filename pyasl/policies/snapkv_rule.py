@@ -10,7 +10,7 @@ from .spans import Spans
 
 
 def snapkv_select(layer_scores, window: int, budget: int, n_head_kv: int,
-                  kernel: int = 7, pool: str = "avg", span="token") -> np.ndarray:
+                  kernel: int = 7, pool: str = "avg", span=None) -> np.ndarray:
     """SnapKV selection for one layer, independently per KV head.
 
     Args:
@@ -57,7 +57,7 @@ def snapkv_select(layer_scores, window: int, budget: int, n_head_kv: int,
 
 
 def snapkv_select_all(scores, window: int, budget: int, n_head_kv: int,
-                      kernel: int = 7, pool: str = "avg", span="token") -> np.ndarray:
+                      kernel: int = 7, pool: str = "avg", span=None) -> np.ndarray:
     """:func:`snapkv_select` for every layer.
 
     ``scores`` is ``(n_layer, n_head, n_prompt)``; returns int64

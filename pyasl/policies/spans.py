@@ -20,8 +20,8 @@ Modes (``Spans.parse`` reads ``token``, ``forward:S``, ``chunk:C``):
   one may be shorter), a chunk scores the mean of its positions, and whole chunks are kept in score
   order; the last one that does not fit keeps its first positions.
 
-The policy objects use :data:`DEFAULT_SPAN` unless given one; the rule functions they call
-(``snapkv_rule``, ``asl_rule``, ``layer_budgets``) default to ``token``, the rules as published.
+Every policy object and rule function uses :data:`DEFAULT_SPAN` unless given one; ``token`` is
+the rules as published.
 
 Size 1 is plain top-k in every mode. The budget stays a hard cap: ``top_k`` returns exactly ``k``
 positions. The callers keep the observation window outside the scored prefix, and the attention
