@@ -1,0 +1,18 @@
+# issue 21: pyasl.Llama answers a prompt of ~18K tokens from a decode context of budget + max_tokens cells
+# (Qwen2.5, asl 1024 cells, kv_mode per-question); prints one JSON line (docs/bench/server-16k.json)
+import json, time, resource, pyasl
+from pyasl.models import fetch_model
+from pyasl.bench.questions import build_context, question_text
+path = str(fetch_model("qwen2.5-0.5b"))
+m = pyasl.load_model("qwen2.5-0.5b")
+doc, asked = build_context(m, 16000, index=0, questions=1)
+m.close()
+key, value, _ = asked[0]
+llm = pyasl.Llama(path, n_ctx=1024 + 128, kv_policy=pyasl.ASL(budget=1024), verbose=False)
+t = time.perf_counter()
+r = llm.create_chat_completion(messages=[{"role": "user", "content": doc + "\n\n" + question_text(key)}],
+                               max_tokens=96, temperature=0)
+out = {"prompt_tokens": r["usage"]["prompt_tokens"], "n_ctx": llm.n_ctx(), "kv_cells": llm.kv_cells(),
+       "seconds": time.perf_counter() - t, "answer_has_value": value in r["choices"][0]["message"]["content"],
+       "last_prune": llm.last_prune, "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+print(json.dumps(out))
