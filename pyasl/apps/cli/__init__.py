@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from ...bench.cli import bench
+from .bench import bench
 from .generate import generate
 from .inspect import inspect
 from .models import models

@@ -1,4 +1,4 @@
-"""`pyasl bench ...`: offline long-context accuracy benchmarks (see pyasl.bench)."""
+"""`pyasl bench ...`: the command line of the offline benchmarks (the library is pyasl.bench)."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..apps.cli.common import policy_options
+from .common import fail as _fail, policy_options, user_errors as _errors
 
 
 def _csv(kind):
@@ -53,8 +53,7 @@ def bench() -> None:
 def bench_run(models, tasks, lengths, budgets, policies, samples, depths, seed, window, tau, fixed_frac, mode,
               threads, spans, out):
     """Run (or resume) a benchmark; every result is appended to --out as one JSON line."""
-    from .. import bench as B
-    from ..apps.cli.common import fail as _fail, user_errors as _errors
+    from ... import bench as B
 
     for d in depths:
         if not 0 <= d <= 1:
@@ -76,7 +75,7 @@ def bench_run(models, tasks, lengths, budgets, policies, samples, depths, seed, 
                    "'<!-- accuracy:MODEL:N_TOKENS -->' and '<!-- /accuracy -->'")
 def bench_summary(results, as_json, into):
     """Accuracy per task and policy, selected layers, speed and memory, from RESULTS (JSONL)."""
-    from .. import bench as B
+    from ... import bench as B
 
     rows = B.load_rows(results)
     if not rows:
@@ -103,7 +102,7 @@ def bench_summary(results, as_json, into):
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="folder for the PNG files")
 def bench_plot(results, out_dir):
     """PNG plots (matplotlib) from RESULTS (JSONL)."""
-    from .. import bench as B
+    from ... import bench as B
 
     rows = B.load_rows(results)
     if not rows:
@@ -130,8 +129,7 @@ def bench_plot(results, out_dir):
 def bench_questions(model_name, length, samples, questions, modes, max_tokens, threads, out, policy):
     """Several questions asked in turn about one document: per-question accuracy of full KV, prune-once,
     per-question selection and the question-in-prompt (one-shot) path, with time per question and KV held."""
-    from ..apps.cli.common import fail as _fail, user_errors as _errors
-    from .questions import run as run_questions
+    from ...bench.questions import run as run_questions
 
     try:
         n = run_questions(model_name, length, samples, policy.build(), out, modes=modes, questions=questions,
@@ -145,7 +143,7 @@ def bench_questions(model_name, length, samples, questions, modes, max_tokens, t
 @click.argument("results", type=click.Path(exists=True, dir_okay=False))
 def bench_questions_summary(results):
     """Accuracy, seconds per question and KV held per mode, from RESULTS of `bench questions`."""
-    from .questions import summary
+    from ...bench.questions import summary
 
     rows = [json.loads(line) for line in Path(results).read_text(encoding="utf-8").splitlines() if line.strip()]
     click.echo("model          tokens  mode          policy  budget span         n  accuracy  s/question  KV MiB  full copy MiB")
