@@ -36,9 +36,8 @@ def build_context(model, n_tokens: int, index: int, questions: int = 4, seed: in
     rng = random.Random(f"questions/{n_tokens}/{seed}/{index}")
     pairs: list[tuple[str, str]] = []
     text = INTRO + "}"
-    while len(model.tokenize(text, add_special=False)) < n_tokens:
-        step = max(1, (n_tokens - len(model.tokenize(text, add_special=False))) // 60)
-        pairs += [(_uuid(rng), _uuid(rng)) for _ in range(step)]
+    while (short := n_tokens - len(model.tokenize(text, add_special=False))) > 0:
+        pairs += [(_uuid(rng), _uuid(rng)) for _ in range(max(1, short // 60))]
         text = INTRO + ", ".join(f'"{k}": "{v}"' for k, v in pairs) + "}"
     asked = []
     for q in range(questions):
@@ -103,10 +102,7 @@ def _ask_all(model, doc, asked, policy, mode, max_tokens, n_threads, Session, ge
     rows = []
     if mode == "one-shot":
         for key, value, depth in asked:
-            text = doc + "\n\n" + question_text(key)
-            toks = (model.tokenize(model.format_chat([{"role": "user", "content": text}]), add_special=False,
-                                   parse_special=True) if model.chat_template else
-                    model.tokenize(text, add_special=True))
+            toks = model.prompt_tokens(doc + "\n\n" + question_text(key))
             t0 = time.perf_counter()
             res = generate(model, toks, policy=policy, max_tokens=max_tokens, n_threads=n_threads)
             rows.append(_row(res.text, value, depth, time.perf_counter() - t0, res.kv_bytes / 2**20, None))

@@ -85,16 +85,23 @@ class FullCopy:
         self.pending = []
         return ctx.window_scores(self.n), ctx.logits()
 
-    def pruned(self, sel: Selection, room: int):
-        """A decode context holding `sel` of the copy (everything when it keeps everything) and
-        `room` free cells: (context, prompt cells, LayerBudgets or None). The copy is untouched."""
+    def select(self, policy: Policy, scores, window: int) -> Optional[Selection]:
+        """The policy's selection from the copy's tokens (the last `window` are the observation window,
+        always kept); None when they fit the budget (nothing to select)."""
+        if self.n <= policy.budget or window < 1:
+            return None
+        return select(policy, scores, window, self.model, None)
+
+    def pruned(self, sel: Optional[Selection], room: int):
+        """A decode context holding `sel` of the copy (everything when None) and `room` free cells:
+        (context, prompt cells, LayerBudgets or None). The copy is untouched."""
         tmp = Context(self.model, _pad(self.n + 1), **self.kw)
         try:
             tmp.state_set(self.ctx.state_get(), n_past=self.n)
         except BaseException:
             tmp.close()
             raise
-        return finish_ordinary(tmp, sel, self.n, room, **self.kw)
+        return finish_ordinary(tmp, Selection() if sel is None else sel, self.n, room, **self.kw)
 
     def common_prefix(self, tokens) -> int:
         """How many tokens at the start of `tokens` the copy already holds."""
@@ -113,15 +120,15 @@ class FullCopy:
         reused = min(self.common_prefix(tokens), len(tokens) - w)
         self.truncate(reused)
         scores, _ = self.ask(tokens[reused:], w)
-        sel = select(policy, scores, w, self.model, None) if len(tokens) > policy.budget else Selection()
+        sel = self.select(policy, scores, w)
         ctx, n_kept, lb = self.pruned(sel, room=1)
         try:
             state = ctx.state_get()
         finally:
             ctx.close()
-        pp = PrunedPrefill(state=state, n_tokens=len(tokens), n_kept=n_kept, selected_layer=sel.layer,
-                           seconds=time.perf_counter() - t0, note=sel.note,
-                           layer_cells=None if lb is None else lb.counts)
+        pp = PrunedPrefill(state=state, n_tokens=len(tokens), n_kept=n_kept,
+                           selected_layer=None if sel is None else sel.layer, seconds=time.perf_counter() - t0,
+                           note="" if sel is None else sel.note, layer_cells=None if lb is None else lb.counts)
         return pp, reused
 
     def truncate(self, n: int) -> None:

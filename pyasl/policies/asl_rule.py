@@ -57,6 +57,14 @@ class ASLSelection:
         return out
 
 
+def _checked_args(scores, window, budget, kernel, pool):
+    """The checked arguments of a selection from per-layer scores: (scores array, window, budget,
+    kernel, pool); ValueError on malformed ones."""
+    arr = _check_asl_scores(scores)
+    window, budget = _check_window_budget(window, budget, arr.shape[-1])
+    return arr, window, budget, _check_kernel(kernel), _check_pool(pool)
+
+
 def _rank_variances(ranks: np.ndarray, k: int, l_min: int,
                     l_obs: int) -> tuple[list[float | None], list[float | None]]:
     """Per-layer mean rank variance and its ratio to the ``l_min`` value.
@@ -140,11 +148,8 @@ def asl_select(scores, window: int, budget: int, tau: float = 0.3,
     Raises:
         ValueError: on malformed scores or out-of-range arguments.
     """
-    arr = _check_asl_scores(scores)
+    arr, window, budget, kernel, pool = _checked_args(scores, window, budget, kernel, pool)
     n_layer, n_prompt = arr.shape[0], arr.shape[-1]
-    window, budget = _check_window_budget(window, budget, n_prompt)
-    kernel = _check_kernel(kernel)
-    pool = _check_pool(pool)
     tau = _check_unit("tau", tau)
     d_min, d_obs = default_layer_params(n_layer)
     l_min = d_min if l_min is None else _as_int("l_min", l_min)
@@ -230,11 +235,8 @@ def asl_select_at_layer(scores, window: int, budget: int, layer: int,
     With a ``layer_mask`` the ranking comes from the latest ranked layer
     ``<= layer`` (:func:`latest_ranked_layer`); ValueError when there is none.
     """
-    arr = _check_asl_scores(scores)
+    arr, window, budget, kernel, pool = _checked_args(scores, window, budget, kernel, pool)
     n_layer, n_prompt = arr.shape[0], arr.shape[-1]
-    window, budget = _check_window_budget(window, budget, n_prompt)
-    kernel = _check_kernel(kernel)
-    pool = _check_pool(pool)
     layer = _as_int("layer", layer)
     if not -n_layer <= layer < n_layer:
         raise ValueError(f"layer must be a valid layer index: layer={layer}, n_layer={n_layer}")

@@ -7,8 +7,6 @@ import time
 from typing import Callable, Optional
 
 from ..engine.full_copy import FullCopy, FullCopyFull
-from ..engine.strategies import select
-from ..policies import Selection
 from .state import _RECENT_MAX, _SLACK
 
 Progress = Optional[Callable[[int, int], None]]
@@ -33,14 +31,11 @@ class PerQuestion:
     def _select_from_full(self, scores, window: int, logits, room: int) -> None:
         """The decode context: the policy's selection from everything in the full copy (window: the
         newest tokens, always kept), with `room` free cells."""
-        n = self._full.n
-        sel = None
-        if n > self.policy.budget and window >= 1:
-            sel = select(self.policy, scores, window, self.model, None)
-        ctx, _, _ = self._full.pruned(sel if sel is not None else Selection(), room)
+        sel = self._full.select(self.policy, scores, window)
+        ctx, _, _ = self._full.pruned(sel, room)
         if self._ctx is not None:
             self._ctx.close()
-        self._ctx, self._n_past, self._logits = ctx, n, logits
+        self._ctx, self._n_past, self._logits = ctx, self._full.n, logits
         self.last_selection = sel
         if sel is not None:
             self.stats_.selected_layers.append(sel.layer)

@@ -158,12 +158,7 @@ class Session(Repruning, PerQuestion):
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _reset_state(self) -> None:
-        if self._ctx is not None:
-            self._ctx.close()
-        self._ctx = None
-        if self._full is not None:
-            self._full.close()
-        self._full = None
+        self.close()
         self.last_selection: Optional[Selection] = None  # per-question mode: the latest selection (None: kept all)
         self._n_docs = 0                        # tokens of the documents (the full copy keeps them on reset)
         self.documents: list[tuple[str, str]] = []
