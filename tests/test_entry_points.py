@@ -466,6 +466,16 @@ def test_cli_chat_turns_with_bad_input_keep_the_session(cli):
         assert msg in r.output, (msg, r.output)
 
 
+def test_cli_chat_mode_reconstruct_says_what_it_holds(cli, tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text(" ".join(f"Record {i}: courier {i} carried parcel {1000 + 7 * i}." for i in range(60)))
+    r = cli("chat", TINY, "--doc", str(doc), "--budget", "64", "--window", "8", "--ctx", "256", "--max-tokens", "4",
+            "--mode", "reconstruct", input="which parcel?\n/stats\n/quit\n")
+    assert r.exit_code == 0, r.output
+    assert "kept 64 cells with asl ranked by a request to repeat them" in r.output, r.output
+    assert "mode reconstruct: the documents were pruned once (ranked by a request to repeat them)" in r.output
+
+
 def test_cli_chat_line_not_utf8(cli):
     # a strict UTF-8 stdin (a non-UTF-8 terminal): input() raised UnicodeDecodeError, which ended the chat
     r = cli("chat", TINY, "--budget", "64", "--window", "8", "--ctx", "256", "--max-tokens", "4",

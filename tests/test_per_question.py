@@ -71,8 +71,8 @@ def test_mode_is_validated_and_full_never_copies(tiny):
     assert s.stats()["full_copy_mib"] is None
 
 
-@pytest.mark.parametrize("mode", ["per-question", "once"])
-def test_save_load_in_both_modes(tiny, mode, tmp_path):
+@pytest.mark.parametrize("mode", ["per-question", "once", "reconstruct"])
+def test_save_load_in_every_mode(tiny, mode, tmp_path):
     s = pyasl.Session(tiny, policy=pyasl.SnapKV(budget=64, window=8), n_ctx=160, max_tokens=8, mode=mode)
     s.prefill(documents=[DOC])
     for q in ["which parcel", "where to", "who carried 1007"]:
@@ -90,6 +90,86 @@ def test_save_load_in_both_modes(tiny, mode, tmp_path):
     assert t.ask("which parcel").strip() is not None
 
 
+def test_reconstruction_scores_are_the_max_over_repeated_chunks(tiny):
+    """FullCopy.reconstruction_scores: chunk by chunk, the document's scores from a prefill of the
+    document, the repeat request and the chunk (the chunk as the window), max over chunks; the copy
+    is left as it was."""
+    from pyasl.engine.full_copy import FullCopy
+
+    toks = tiny.tokenize(DOC[:1200], add_special=True)
+    prompt = tiny.tokenize(" Repeat the text above:", add_special=False)
+    chunk = 96
+    fc = FullCopy(tiny, n_batch=128)
+    try:
+        fc.prefill(toks, 1)
+        got = fc.reconstruction_scores(prompt, chunk)
+        assert fc.n == len(toks) and fc.tokens == toks and fc.ctx.kv_info().used_base == len(toks)
+        assert fc.repeat_room(len(prompt)) == 128 - len(prompt)
+        with pytest.raises(ValueError, match="must fit one batch"):
+            fc.reconstruction_scores(prompt, 129 - len(prompt))
+    finally:
+        fc.close()
+    n = len(toks)
+    want = None
+    for i in range(0, n, chunk):
+        piece = toks[i: i + chunk]
+        ctx = Context(tiny, _pad(n + len(prompt) + chunk + 1), n_batch=128, capture=True)
+        try:
+            pf = prefill(ctx, toks + prompt + piece, window=len(piece))
+        finally:
+            ctx.close()
+        part = pf.scores[:, :, :n]
+        want = part if want is None else np.maximum(want, part)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", [P.make_policy("snapkv", budget=96, window=8),
+                                    P.make_policy("asl", budget=96, window=8)], ids=["snapkv", "asl"])
+def test_reconstruct_mode_prunes_once_by_reconstruction_scores(tiny, policy):
+    """Mode reconstruct: the documents are pruned once by the policy's selection from the
+    reconstruction scores (the documents' last window kept), nothing beyond the decode context is
+    held afterwards, and later turns behave as in mode once."""
+    from pyasl.engine.full_copy import FullCopy
+    from pyasl.session import reconstruct as R
+
+    s = pyasl.Session(tiny, policy=policy, n_ctx=256, max_tokens=8, raw=True, mode="reconstruct")
+    s.prefill(documents=[DOC])
+    st = s.stats()
+    assert st["mode"] == "reconstruct" and st["full_copy_mib"] is None and s._full is None
+    assert st["document_kept"] == s.n_cells() <= policy.budget < st["document_tokens"]
+    # the same selection, computed by hand from the same tokens
+    text = s._fmt.render(s._struct, False)
+    toks = s._fmt.tokens(text, first=True)
+    prompt = s._fmt.tokens(s._fmt.render(s._struct + [{"role": "user", "content": R.REPEAT_REQUEST}], True)[len(text):],
+                           first=False)
+    fc = FullCopy(tiny, n_batch=s.n_batch)
+    try:
+        fc.prefill(toks, 1)
+        sel = fc.select(policy, fc.reconstruction_scores(prompt, fc.repeat_room(len(prompt))), policy.window)
+    finally:
+        fc.close()
+    assert kept_sets(s.last_selection) == kept_sets(sel)
+    for q in ["Which parcel did courier 17 carry?", "And courier 3?"] * 4:
+        assert isinstance(s.ask(q), str) and s.n_cells() <= s.n_ctx
+    assert s.stats()["questions_selected"] == 0 and s.stats()["notes"] == []
+
+
+def test_reconstruct_mode_without_room_to_repeat_ranks_like_once(tiny):
+    """Documents too close to the training context to be repeated after them: mode reconstruct says
+    so and ranks them by their own last tokens (the selection of mode once, from the same prefill)."""
+    pol = P.make_policy("snapkv", budget=96, window=8)
+    s = pyasl.Session(tiny, policy=pol, n_ctx=256, max_tokens=8, raw=True, mode="reconstruct")
+    doc = DOC
+    while len(s._fmt.tokens(s._fmt.render(s._fmt.preamble(None, [(None, doc)]), False), first=True)) < 2020:
+        doc += " More."
+    s.prefill(documents=[doc])
+    assert "no room to repeat them" in s.stats()["notes"][0]
+    toks = s._fmt.tokens(s._fmt.render(s._struct, False), first=True)
+    assert 2020 <= len(toks) < tiny.n_ctx_train
+    assert kept_sets(s.last_selection) == kept_sets(one_shot(tiny, toks, pol, pol.window))
+
+
 def test_questions_benchmark_rows_and_resume(tiny, tmp_path):
     """`pyasl bench questions`: one row per (document, mode, question), resumable, summarised per mode."""
     from pyasl.bench import questions as Q
@@ -97,15 +177,24 @@ def test_questions_benchmark_rows_and_resume(tiny, tmp_path):
     doc, asked = Q.build_context(tiny, 600, index=0, questions=3)
     assert (doc, asked) == Q.build_context(tiny, 600, index=0, questions=3)
     assert len(tiny.tokenize(doc, add_special=False)) >= 600 and [round(d, 2) for _, _, d in asked] == [0.17, 0.5, 0.83]
-    assert all(f'"{k}": "{v}"' in doc for k, v, _ in asked)
+    assert all(f'"{q.split(chr(34))[1]}": "{v}"' in doc for q, v, _ in asked)
+    notes, planted = Q.build_context(tiny, 600, index=0, questions=3, kind="needles")
+    assert len(tiny.tokenize(notes, add_special=False)) >= 600 and all(f"is {v}." in notes for _, v, _ in planted)
+    assert [notes.index(v) for _, v, _ in planted] == sorted(notes.index(v) for _, v, _ in planted)
     out = tmp_path / "q.jsonl"
     pol = P.make_policy("snapkv", budget=128, window=8)
-    assert Q.run(tiny, 600, 1, pol, out, questions=3, max_tokens=4, log=lambda s: None) == 12
+    n_rows = 3 * len(Q.MODES)
+    assert Q.run(tiny, 600, 1, pol, out, questions=3, max_tokens=4, log=lambda s: None) == n_rows
     assert Q.run(tiny, 600, 1, pol, out, questions=3, max_tokens=4, log=lambda s: None) == 0
+    assert Q.run(tiny, 600, 1, pol, out, questions=3, max_tokens=4, log=lambda s: None, kind="needles",
+                 modes=["reconstruct"]) == 3
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     groups = {g["mode"]: g for g in Q.summary(rows)}
     assert list(groups) == list(Q.MODES) and all(g["questions"] == 3 for g in groups.values())
     assert groups["per-question"]["full_copy_mib"] > groups["per-question"]["kv_mib"]
     assert groups["once"]["full_copy_mib"] is None and groups["full"]["policy"] == "full"
+    assert groups["reconstruct"]["full_copy_mib"] is None
+    assert {(g["context"], g["mode"]) for g in Q.summary(rows + [json.loads(x) for x in
+            out.read_text().splitlines()[n_rows:]])} >= {("kv", "once"), ("needles", "reconstruct")}
     with pytest.raises(ValueError, match="unknown mode"):
         Q.run(tiny, 600, 1, pol, out, modes=["sometimes"])

@@ -49,7 +49,9 @@ def format_stats(st: dict) -> str:
         f"{st['questions_selected']} for a question)",
         f"mode {st['mode']}" + (f": the full KV ({st['full_copy_mib']:.1f} MiB) stays beside the decode context, every "
                                 "question selects again" if st["mode"] == "per-question" else
-                                ": the documents were pruned once, the context re-prunes when full"),
+                                ": the documents were pruned once" + (" (ranked by a request to repeat them)"
+                                                                      if st["mode"] == "reconstruct" else "")
+                                + ", the context re-prunes when full"),
     ] + [f"note: {n}" for n in st["notes"]])
 
 
@@ -211,7 +213,9 @@ def run(session: S.Session, documents: list[tuple[str, str]], progress, temperat
                      f"({st['full_copy_mib']:.1f} MiB); every question selects {session.policy.budget} cells with "
                      f"{session.policy.name}{speed}]")
         else:
+            how = " ranked by a request to repeat them" if st["mode"] == "reconstruct" else ""
             chat.say(f"[documents: {st['document_tokens']} tokens, kept {st['kept_tokens']} cells with "
-                     f"{session.policy.name}" + (f", selection layer {lay}" if lay is not None else "") + speed + "]")
+                     f"{session.policy.name}{how}" + (f", selection layer {lay}" if lay is not None else "")
+                     + speed + "]")
     _setup_readline()
     return chat.loop()

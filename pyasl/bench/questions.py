@@ -7,6 +7,8 @@ keys in turn, at depths spread over the document, in these modes:
 
 * ``full``: a Session with full KV (the reference);
 * ``once``: a Session that prunes the document once, before any question (``mode="once"``);
+* ``reconstruct``: a Session that prunes the document once, ranked by a request to repeat it
+  (``mode="reconstruct"``: query-agnostic, holds only the decode context, like ``once``);
 * ``per-question``: a Session that keeps the full KV beside the decode context and selects again
   for every question (the default);
 * ``one-shot``: each question inside the prompt, pruned by the same policy (``generate``): what
@@ -24,15 +26,34 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from .data import _uuid
+from .data import _CITIES, WORDS, _number, _prose, _uuid
 
-MODES = ("full", "once", "per-question", "one-shot")
+MODES = ("full", "once", "reconstruct", "per-question", "one-shot")
+CONTEXTS = ("kv", "needles")
 INTRO = "Extract the value corresponding to the specified key in the JSON object below.\n\nJSON data:\n{"
 
 
-def build_context(model, n_tokens: int, index: int, questions: int = 4, seed: int = 0):
-    """(document, [(key, value, depth)]): a JSON object of UUID pairs of about `n_tokens` tokens and
-    `questions` of its pairs to ask, at depths (q + 0.5) / questions. Deterministic."""
+def build_context(model, n_tokens: int, index: int, questions: int = 4, seed: int = 0, kind: str = "kv"):
+    """(document, [(question, value, depth)]): a document of about `n_tokens` tokens and `questions`
+    questions about it, at depths (q + 0.5) / questions. Deterministic.
+
+    ``kv``: a JSON object of random UUID pairs (kv_retrieval's haystack): every pair can be asked, so
+    a cache that keeps a quarter of it holds about a quarter of the answers whatever ranks it.
+    ``needles``: prose notes with one secret code per question planted in them (the needle grid,
+    asked at several depths): little of the document matters, and a question-agnostic ranking can
+    find it."""
+    if kind == "kv":
+        return _kv_context(model, n_tokens, index, questions, seed)
+    if kind == "needles":
+        return _needle_context(model, n_tokens, index, questions, seed)
+    raise ValueError(f"unknown context {kind!r}; choose from {', '.join(CONTEXTS)}")
+
+
+def _depths(questions: int) -> list[float]:
+    return [(q + 0.5) / questions for q in range(questions)]
+
+
+def _kv_context(model, n_tokens: int, index: int, questions: int, seed: int):
     rng = random.Random(f"questions/{n_tokens}/{seed}/{index}")
     pairs: list[tuple[str, str]] = []
     text = INTRO + "}"
@@ -40,11 +61,28 @@ def build_context(model, n_tokens: int, index: int, questions: int = 4, seed: in
         pairs += [(_uuid(rng), _uuid(rng)) for _ in range(max(1, short // 60))]
         text = INTRO + ", ".join(f'"{k}": "{v}"' for k, v in pairs) + "}"
     asked = []
-    for q in range(questions):
-        d = (q + 0.5) / questions
+    for d in _depths(questions):
         k, v = pairs[min(len(pairs) - 1, int(d * len(pairs)))]
-        asked.append((k, v, d))
+        asked.append((question_text(k), v, d))
     return text, asked
+
+
+def _needle_context(model, n_tokens: int, index: int, questions: int, seed: int):
+    if questions > len(_CITIES):
+        raise ValueError(f"the needles context holds at most {len(_CITIES)} questions")
+    rng = random.Random(f"questions/needles/{n_tokens}/{seed}/{index}")
+    cities = rng.sample(_CITIES, questions)
+    codes = [f"{rng.choice(WORDS)}-{_number(rng, 3)}" for _ in cities]
+    intro = "Read the following notes carefully. Questions about them follow.\n\n"
+    notes: list[str] = []
+    while (short := n_tokens - len(model.tokenize(intro + " ".join(notes), add_special=False))) > 0:
+        notes += [_prose(rng) for _ in range(max(1, short // 14))]
+    depths = _depths(questions)
+    for city, code, d in reversed(list(zip(cities, codes, depths))):
+        notes.insert(int(d * len(notes)), f"The secret code of the {city} project is {code}.")
+    asked = [(f"What is the secret code of the {city} project, according to the notes?", code, d)
+             for city, code, d in zip(cities, codes, depths)]
+    return intro + " ".join(notes), asked
 
 
 def question_text(key: str) -> str:
@@ -52,12 +90,13 @@ def question_text(key: str) -> str:
 
 
 def _key(r: dict) -> tuple:
-    return (r["model"], r["n_tokens"], r["index"], r["mode"], r["policy"], r["budget"], r["span"], r["question"])
+    return (r["model"], r.get("context", "kv"), r["n_tokens"], r["index"], r["mode"], r["policy"], r["budget"],
+            r["span"], r["question"])
 
 
 def run(model_name: str, n_tokens: int, samples: int, policy, out, modes=MODES, questions: int = 4,
         max_tokens: int = 96, seed: int = 0, n_threads: Optional[int] = None,
-        log: Callable[[str], None] = print) -> int:
+        log: Callable[[str], None] = print, kind: str = "kv") -> int:
     """Run (resuming) and append rows to `out`; returns the number of new rows."""
     from ..engine import Model
     from ..generation import generate
@@ -68,6 +107,8 @@ def run(model_name: str, n_tokens: int, samples: int, policy, out, modes=MODES, 
     for m in modes:
         if m not in MODES:
             raise ValueError(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
+    if kind not in CONTEXTS:
+        raise ValueError(f"unknown context {kind!r}; choose from {', '.join(CONTEXTS)}")
     out = Path(out)
     done = set()
     if out.exists():
@@ -78,10 +119,10 @@ def run(model_name: str, n_tokens: int, samples: int, policy, out, modes=MODES, 
     n_new = 0
     with out.open("a", encoding="utf-8") as f:
         for index in range(samples):
-            doc, asked = build_context(model, n_tokens, index, questions, seed)
+            doc, asked = build_context(model, n_tokens, index, questions, seed, kind)
             for mode in modes:
                 pol = Full() if mode == "full" else policy
-                base = {"model": name, "n_tokens": n_tokens, "index": index, "mode": mode, "policy": pol.name,
+                base = {"model": name, "context": kind, "n_tokens": n_tokens, "index": index, "mode": mode, "policy": pol.name,
                         "budget": getattr(pol, "budget", None) if pol.prunes else None,
                         "span": str(pol.span) if pol.prunes else None}
                 if all(_key({**base, "question": q}) in done for q in range(len(asked))):
@@ -93,7 +134,7 @@ def run(model_name: str, n_tokens: int, samples: int, policy, out, modes=MODES, 
                     f.flush()
                     os.fsync(f.fileno())
                     n_new += 1
-                log(f"[{name} {n_tokens} #{index} {mode}] " +
+                log(f"[{name} {kind} {n_tokens} #{index} {mode}] " +
                     " ".join(f"q{q}={r['score']:.0f}" for q, r in enumerate(rows)))
     return n_new
 
@@ -101,8 +142,8 @@ def run(model_name: str, n_tokens: int, samples: int, policy, out, modes=MODES, 
 def _ask_all(model, doc, asked, policy, mode, max_tokens, n_threads, Session, generate) -> list[dict]:
     rows = []
     if mode == "one-shot":
-        for key, value, depth in asked:
-            toks = model.prompt_tokens(doc + "\n\n" + question_text(key))
+        for question, value, depth in asked:
+            toks = model.prompt_tokens(doc + "\n\n" + question)
             t0 = time.perf_counter()
             res = generate(model, toks, policy=policy, max_tokens=max_tokens, n_threads=n_threads)
             rows.append(_row(res.text, value, depth, time.perf_counter() - t0, res.kv_bytes / 2**20, None))
@@ -111,12 +152,12 @@ def _ask_all(model, doc, asked, policy, mode, max_tokens, n_threads, Session, ge
     room = len(asked) * (max_tokens + 48) + 64
     n_ctx = n_doc + room + 256 if mode == "full" else policy.budget + max_tokens + 128
     s = Session(model, policy=policy, n_ctx=n_ctx, max_tokens=max_tokens, n_threads=n_threads,
-                mode="once" if mode in ("full", "once") else "per-question")
+                mode="once" if mode == "full" else mode)
     try:
         s.prefill(documents=[doc])
-        for key, value, depth in asked:
+        for question, value, depth in asked:
             t0 = time.perf_counter()
-            text = s.ask(question_text(key))
+            text = s.ask(question)
             st = s.stats()
             rows.append(_row(text, value, depth, time.perf_counter() - t0, st["kv_mib"], st["full_copy_mib"]))
     finally:
@@ -130,16 +171,17 @@ def _row(text: str, value: str, depth: float, seconds: float, kv_mib: float, ful
 
 
 def summary(rows: list[dict]) -> list[dict]:
-    """Mean accuracy, seconds per question and KV held, per (model, n_tokens, mode, policy, budget, span)."""
+    """Mean accuracy, seconds per question and KV held, per (model, context, n_tokens, mode, policy,
+    budget, span)."""
     groups: dict = {}
     for r in rows:
-        k = (r["model"], r["n_tokens"], r["mode"], r["policy"], r["budget"], r["span"])
+        k = (r["model"], r.get("context", "kv"), r["n_tokens"], r["mode"], r["policy"], r["budget"], r["span"])
         groups.setdefault(k, []).append(r)
     out = []
-    for k, rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], MODES.index(kv[0][2]))):
+    for k, rs in sorted(groups.items(), key=lambda kv: (kv[0][:3], MODES.index(kv[0][3]))):
         n = len(rs)
-        out.append({"model": k[0], "n_tokens": k[1], "mode": k[2], "policy": k[3], "budget": k[4], "span": k[5],
-                    "questions": n, "contexts": len({r["index"] for r in rs}),
+        out.append({"model": k[0], "context": k[1], "n_tokens": k[2], "mode": k[3], "policy": k[4], "budget": k[5],
+                    "span": k[6], "questions": n, "contexts": len({r["index"] for r in rs}),
                     "accuracy": sum(r["score"] for r in rs) / n,
                     "seconds_per_question": sorted(r["seconds"] for r in rs)[n // 2],
                     "kv_mib": max(r["kv_mib"] for r in rs),

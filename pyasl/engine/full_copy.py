@@ -120,16 +120,48 @@ class FullCopy:
         reused = min(self.common_prefix(tokens), len(tokens) - w)
         self.truncate(reused)
         scores, _ = self.ask(tokens[reused:], w)
-        sel = self.select(policy, scores, w)
+        return self.pruned_state(self.select(policy, scores, w), t0), reused
+
+    def pruned_state(self, sel: Optional[Selection], t0: float) -> PrunedPrefill:
+        """`sel` of the copy as state bytes with room for one more token (seconds counted from t0)."""
         ctx, n_kept, lb = self.pruned(sel, room=1)
         try:
             state = ctx.state_get()
         finally:
             ctx.close()
-        pp = PrunedPrefill(state=state, n_tokens=len(tokens), n_kept=n_kept,
-                           selected_layer=None if sel is None else sel.layer, seconds=time.perf_counter() - t0,
-                           note="" if sel is None else sel.note, layer_cells=None if lb is None else lb.counts)
-        return pp, reused
+        return PrunedPrefill(state=state, n_tokens=self.n, n_kept=n_kept,
+                             selected_layer=None if sel is None else sel.layer, seconds=time.perf_counter() - t0,
+                             note="" if sel is None else sel.note, layer_cells=None if lb is None else lb.counts)
+
+    def repeat_room(self, n_prompt: int) -> int:
+        """The longest chunk reconstruction_scores can repeat after a prompt of `n_prompt` tokens: prompt
+        and chunk are one scored batch, at positions after the copy inside the training context."""
+        return min(self.kw["n_batch"], self.model.n_ctx_train - 1 - self.n) - n_prompt
+
+    def reconstruction_scores(self, prompt: list[int], chunk: int) -> np.ndarray:
+        """Query-agnostic scores of the copy's tokens, (layers, heads, n): the model is asked to repeat
+        the copy, `chunk` tokens at a time after `prompt` (a request to repeat the context), and a token
+        scores the most attention any repetition gave it (the window-summed attention of each chunk,
+        max over chunks). What rebuilding the context needs is what any later question may need
+        (KVzip, arXiv 2505.23416). Costs about one more prefill; the copy is left as it was."""
+        if self.pending:
+            raise RuntimeError("internal: reconstruction scoring with answer tokens pending")
+        if chunk < 1 or chunk > self.repeat_room(len(prompt)):
+            raise ValueError(f"the repeat prompt ({len(prompt)} tokens) and a chunk ({chunk}) must fit one batch "
+                             f"({self.kw['n_batch']}) and the training context after the copy "
+                             f"({self.model.n_ctx_train - 1 - self.n} positions)")
+        n, toks = self.n, list(self.tokens)
+        best: Optional[np.ndarray] = None
+        try:
+            for i in range(0, n, chunk):
+                piece = toks[i: i + chunk]
+                scores, _ = self.ask(list(prompt) + piece, len(piece))
+                part = scores[:, :, :n]
+                best = part.copy() if best is None else np.maximum(best, part, out=best)
+                self.truncate(n)
+        finally:
+            self.truncate(n)
+        return best
 
     def truncate(self, n: int) -> None:
         """Forget everything after the first `n` tokens (the documents)."""

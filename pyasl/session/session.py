@@ -34,6 +34,9 @@ Modes (``mode=``):
 * ``once``: the documents are pruned once, before any question is known (the strategy of
   ``pyasl generate``: layer-major for asl and fastkv); later turns re-prune only when the context is
   full. Holds at most ``n_ctx`` cells.
+* ``reconstruct``: like ``once``, but the documents are ranked by the attention the model gives them
+  while asked to repeat them (query-agnostic, KVzip-style; about one more prefill) instead of the
+  attention of their own last tokens (:mod:`.reconstruct`). Holds at most ``n_ctx`` cells after it.
 """
 from __future__ import annotations
 
@@ -52,13 +55,14 @@ from ..policies import ASL, Policy, Selection, make_policy
 from .files import load, save
 from .format import ANSWER, ChatFormat
 from .per_question import PerQuestion
+from .reconstruct import Reconstruct
 from .reprune import Repruning
 from .sampling import penalize, sample
 from .state import _RECENT_MAX, _SLACK, ContextFullError, SessionFileError, _Base, _Stats
 
 __all__ = ["MODES", "ContextFullError", "Session", "SessionFileError"]
 
-MODES = ("per-question", "once")
+MODES = ("per-question", "once", "reconstruct")
 
 Progress = Optional[Callable[[int, int], None]]
 
@@ -92,7 +96,7 @@ def _check_text(text, what: str) -> None:
                          f"{text[e.start]!r}); decode its bytes with errors='replace' first") from None
 
 
-class Session(Repruning, PerQuestion):
+class Session(Repruning, PerQuestion, Reconstruct):
     """A conversation over a KV cache pruned by a policy.
 
     Args:
@@ -110,8 +114,8 @@ class Session(Repruning, PerQuestion):
             latest exchange; default 0: on the soak of docs/RELIABILITY.md it cost the document's
             facts their room and bought no coherence).
         mode: ``per-question`` (default for a pruning policy: every question selects from the full
-            KV, kept beside the decode context) or ``once`` (prune the documents once); see the
-            module doc.
+            KV, kept beside the decode context), ``once`` (prune the documents once) or
+            ``reconstruct`` (prune them once, ranked by a request to repeat them); see the module doc.
 
     Raises ValueError when ``n_ctx`` cannot hold ``budget`` cells plus an answer."""
 
@@ -159,7 +163,7 @@ class Session(Repruning, PerQuestion):
     # -- bookkeeping -------------------------------------------------------------------------
     def _reset_state(self) -> None:
         self.close()
-        self.last_selection: Optional[Selection] = None  # per-question mode: the latest selection (None: kept all)
+        self.last_selection: Optional[Selection] = None  # the latest selection from a full copy (None: kept all)
         self._n_docs = 0                        # tokens of the documents (the full copy keeps them on reset)
         self.documents: list[tuple[str, str]] = []
         self.messages: list[dict] = []          # the transcript: user and assistant turns
@@ -279,8 +283,11 @@ class Session(Repruning, PerQuestion):
         if n and self.mode == "per-question":
             self._prefill_full(toks, progress)
         elif n:
-            pp = prefill_state(self.model, toks, self.policy, n_threads=self.n_threads, flash_attn=self.flash_attn,
-                               n_batch=self.n_batch, progress=progress)
+            if self.mode == "reconstruct" and self.policy.prunes:
+                pp = self._prefill_reconstruct(toks, pre, text, progress)
+            else:
+                pp = prefill_state(self.model, toks, self.policy, n_threads=self.n_threads,
+                                   flash_attn=self.flash_attn, n_batch=self.n_batch, progress=progress)
             self._load_state(pp.state, pp.n_tokens, pp.layer_cells)
             self._n_past = pp.n_tokens
             self._remember(toks[-_RECENT_MAX:])

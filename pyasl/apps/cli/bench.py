@@ -120,20 +120,24 @@ def bench_plot(results, out_dir):
 @click.option("--length", default=4096, show_default=True, type=click.IntRange(min=256), help="document tokens")
 @click.option("--samples", default=20, show_default=True, type=click.IntRange(min=1), help="documents")
 @click.option("--questions", default=4, show_default=True, type=click.IntRange(min=1), help="questions per document")
-@click.option("--modes", default="full,once,per-question,one-shot", show_default=True, callback=_csv(str))
+@click.option("--context", "kind", default="kv", show_default=True, type=click.Choice(["kv", "needles"]),
+              help="kv: a JSON object of UUID pairs (every pair can be asked); needles: prose notes with one "
+                   "secret code per question")
+@click.option("--modes", default="full,once,reconstruct,per-question,one-shot", show_default=True, callback=_csv(str))
 @click.option("--max-tokens", default=96, show_default=True, type=click.IntRange(min=1),
               help="answer tokens (the model often repeats the key, 25 tokens, before the value)")
 @click.option("--threads", type=click.IntRange(min=1))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="results JSONL (appended; resumable)")
 @policy_options(budget_default=1024, asl_layers=True, layer_only_fixed=True)
-def bench_questions(model_name, length, samples, questions, modes, max_tokens, threads, out, policy):
+def bench_questions(model_name, length, samples, questions, kind, modes, max_tokens, threads, out, policy):
     """Several questions asked in turn about one document: per-question accuracy of full KV, prune-once,
     per-question selection and the question-in-prompt (one-shot) path, with time per question and KV held."""
     from ...bench.questions import run as run_questions
 
     try:
         n = run_questions(model_name, length, samples, policy.build(), out, modes=modes, questions=questions,
-                          max_tokens=max_tokens, n_threads=threads, log=lambda s: click.echo(s, err=True))
+                          max_tokens=max_tokens, n_threads=threads, log=lambda s: click.echo(s, err=True),
+                          kind=kind)
     except _errors() as e:
         _fail(str(e))
     click.echo(f"{n} new results in {out}", err=True)
@@ -146,8 +150,9 @@ def bench_questions_summary(results):
     from ...bench.questions import summary
 
     rows = [json.loads(line) for line in Path(results).read_text(encoding="utf-8").splitlines() if line.strip()]
-    click.echo("model          tokens  mode          policy  budget span         n  accuracy  s/question  KV MiB  full copy MiB")
+    click.echo("model          context tokens  mode          policy  budget span         n  accuracy  s/question  KV MiB  "
+               "full copy MiB")
     for g in summary(rows):
-        click.echo(f"{g['model']:<14} {g['n_tokens']:>6}  {g['mode']:<13} {g['policy']:<7} {g['budget'] or '-':>6} "
+        click.echo(f"{g['model']:<14} {g['context']:<7} {g['n_tokens']:>6}  {g['mode']:<13} {g['policy']:<7} {g['budget'] or '-':>6} "
                    f"{g['span'] or '-':<12} {g['questions']:>2}  {g['accuracy']:8.1f}  {g['seconds_per_question']:10.2f}"
                    f"  {g['kv_mib']:6.1f}  {g['full_copy_mib'] or 0:13.1f}")

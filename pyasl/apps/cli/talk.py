@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ...session.session import MODES
 from .common import Progress, check_text, fail, policy_options, read_utf8, user_errors
 
 _session_policy = policy_options(asl_layers=True, prefill=True, layer_budgets=True, layer_only_fixed=True)
@@ -32,9 +33,10 @@ def _read_doc(path: str) -> tuple:
 @click.option("--seed", type=int, help="sampling seed")
 @click.option("--repeat-penalty", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="llama.cpp's repetition penalty over the last 64 tokens (1.0: off)")
-@click.option("--mode", type=click.Choice(["per-question", "once"]), default=None,
+@click.option("--mode", type=click.Choice(list(MODES)), default=None,
               help="per-question: every question selects from the full KV kept beside the decode context "
-                   "(default); once: prune the documents once, before any question")
+                   "(default); once: prune the documents once, before any question; reconstruct: prune them once, "
+                   "ranked by a request to repeat them (question-agnostic, about one more prefill)")
 @click.option("--load", "load_path", type=click.Path(dir_okay=False), help="open a session saved with /save")
 @click.option("--raw", is_flag=True, help="do not apply the chat template")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: all cores)")
