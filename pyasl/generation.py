@@ -47,7 +47,7 @@ class GenerateResult:
 
 
 def generate(model: Model, tokens: list[int], policy: Union[str, Policy] = "asl", budget: Optional[int] = 512,
-             window: int = 32, tau: float = 0.3, l_min: Optional[int] = None, l_obs: Optional[int] = None,
+             window: int = 32, tau: Optional[float] = None, l_min: Optional[int] = None, l_obs: Optional[int] = None,
              kernel: int = 7, max_tokens: int = 128, n_ctx: Optional[int] = None, n_threads: Optional[int] = None,
              flash_attn: bool = False, n_batch: int = 512, ignore_eos: bool = False, layer: Optional[int] = None,
              prefill_mode: str = "auto", progress: Optional[Callable[[int, int], None]] = None,

@@ -147,7 +147,7 @@ def test_summary_and_plots(tmp_path):
 
 def test_row_keys_resume():
     r = _rows()[0]
-    assert BR.row_key(r) == ("m", "passkey", 1000, 0, None, "full", None, None)
+    assert BR.row_key(r) == ("m", "passkey", 1000, 0, None, "full", None, None, None)
     # rows written before spans existed are token-level; a span variant is a row of its own
     old = dict(r, policy="snapkv", budget=128)
     assert BR.row_key(old) == BR.row_key(dict(old, span="token"))
@@ -181,6 +181,16 @@ def test_run_appends_and_resumes(tmp_path):
     assert "fastkv+forward:32@128=" in logs[1] and "full=" not in logs[1]  # the default span, named
     rows = BR.load_rows(out)
     assert len(rows) == 8 and len({BR.row_key(r) for r in rows}) == 8
+
+    logs.clear()
+    # a tau sweep: the rows at tau 0.3 are there, tau 0.9 is a row of its own (from the same prefill)
+    assert BR.run(*args, ["asl"], 1, out, log=logs.append, taus=[0.3, 0.9]) == 1
+    assert "asl[tau=0.9]+forward:32@128=" in logs[1] and "asl+forward" not in logs[1]
+    rows = BR.load_rows(out)
+    assert [r["tau"] for r in rows if r["policy"] == "asl" and r["index"] == 0] == [0.3, 0.9]
+    assert BR.run(*args, ["asl"], 1, out, log=lambda s: None, taus=[0.9]) == 0
+    with pytest.raises(ValueError, match="tau must satisfy"):
+        BR.run(*args, ["asl"], 1, out, log=lambda s: None, taus=[1.5])
 
 
 def test_update_doc_rewrites_marked_tables(tmp_path):

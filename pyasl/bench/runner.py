@@ -21,6 +21,8 @@ from . import data as D
 
 DEFAULT_POLICIES = ("full", "snapkv", "fastkv", "gemfilter", "asl", "asl-2pass")
 FIXED_LAYER_POLICIES = ("fastkv", "gemfilter")
+TAU_POLICIES = ("asl", "asl-2pass")  # the policies a row's tau means something to
+DEFAULT_TAU = 0.3
 NIAH_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
@@ -34,19 +36,26 @@ def row_span(r: dict) -> Optional[str]:
     return None if r["policy"] == "full" else (r.get("span") or "token")
 
 
-def _label(policy: str, budget, span: Optional[str] = None) -> str:
-    """policy[+span]@budget: snapkv@512 (token-level), snapkv+forward:16@512, full."""
-    name = policy if span in (None, "token") else f"{policy}+{span}"
+def row_tau(r: dict) -> Optional[float]:
+    """The tau of an ASL-rule row (rows written before tau sweeps: the run's tau), None for others."""
+    return round(float(r.get("tau", DEFAULT_TAU)), 4) if r["policy"] in TAU_POLICIES else None
+
+
+def _label(policy: str, budget, span: Optional[str] = None, tau: Optional[float] = None) -> str:
+    """policy[tau][+span]@budget: snapkv@512 (token-level), snapkv+forward:16@512, asl[tau=0.6]@512, full
+    (tau shown when it is not the paper's 0.3)."""
+    name = policy if tau is None or tau == DEFAULT_TAU else f"{policy}[tau={tau:g}]"
+    name = name if span in (None, "token") else f"{name}+{span}"
     return name if budget is None else f"{name}@{budget}"
 
 
 def row_label(r: dict) -> str:
-    return _label(r["policy"], r.get("budget"), row_span(r))
+    return _label(r["policy"], r.get("budget"), row_span(r), row_tau(r))
 
 
 def row_key(r: dict) -> tuple:
     return (r["model"], r["task"], int(r["n_tokens"]), int(r["index"]), r.get("depth"), r["policy"], r.get("budget"),
-            row_span(r))
+            row_span(r), row_tau(r))
 
 
 def load_rows(path: str | os.PathLike) -> list[dict]:
@@ -77,10 +86,11 @@ def run(models: list[str], tasks: list[str], lengths: list[int], budgets: list[i
         samples: int, out: str | os.PathLike, seed: int = 0, window: int = 32, tau: float = 0.3,
         fixed_frac: float = 0.4, depths: Iterable[float] = NIAH_DEPTHS, mode: str = "shared",
         n_threads: Optional[int] = None, log: Callable[[str], None] = print,
-        spans: Optional[Iterable] = None) -> int:
+        spans: Optional[Iterable] = None, taus: Optional[Iterable[float]] = None) -> int:
     """Run (resuming) and append rows to `out`. Returns the number of new rows. `spans`: the span
     stages (pyasl.policies.spans) every pruning policy runs with, each a row of its own (default: the
-    library default only)."""
+    library default only). `taus`: the taus asl and asl-2pass run with, a row each (default: `tau`);
+    from one shared prefill each costs a propagation tail, not a prefill."""
     from ..engine import Model, greedy_decode
     from ..generation import generate
     from ..models import resolve_model
@@ -89,6 +99,10 @@ def run(models: list[str], tasks: list[str], lengths: list[int], budgets: list[i
     from .shared import SHARED_POLICIES, SharedPrefill
 
     span_list = [str(Spans.parse(x)) for x in (spans or [None])]
+    tau_list = list(dict.fromkeys(round(float(t), 4) for t in (taus or [tau])))
+    for t in tau_list:
+        if not 0 < t <= 1:
+            raise ValueError(f"tau must satisfy 0 < tau <= 1, got {t}")
 
     if mode not in ("shared", "independent"):
         raise ValueError("mode must be shared or independent")
@@ -116,11 +130,12 @@ def run(models: list[str], tasks: list[str], lengths: list[int], budgets: list[i
             work.sort(key=lambda x: (x[1][0], tasks.index(x[0])))
             for task, (index, depth) in work:
                 base = {"model": name, "task": task, "n_tokens": n_tok, "index": index, "depth": depth}
-                want = [(p, None, None) if p == "full" else (p, b, sp) for p in policies
-                        for b in ([None] if p == "full" else budgets) for sp in ([None] if p == "full" else span_list)]
+                want = [(p, None, None, tau) if p == "full" else (p, b, sp, t) for p in policies
+                        for b in ([None] if p == "full" else budgets) for sp in ([None] if p == "full" else span_list)
+                        for t in (tau_list if p in TAU_POLICIES else [tau])]
                 want = list(dict.fromkeys(want))
-                want = [(p, b, sp) for p, b, sp in want
-                        if row_key(dict(base, policy=p, budget=b, span=sp)) not in done]
+                want = [(p, b, sp, t) for p, b, sp, t in want
+                        if row_key(dict(base, policy=p, budget=b, span=sp, tau=t)) not in done]
                 if want:
                     plan.append((base, want))
     log(f"samples to run: {len(plan)} ({len(done)} results already in {outp})")
@@ -141,16 +156,16 @@ def run(models: list[str], tasks: list[str], lengths: list[int], budgets: list[i
             rows = []
             if mode == "shared":
                 sp = SharedPrefill(m, s.tokens, window=window, n_threads=n_threads)
-                for p, b, span in want:
+                for p, b, span, t in want:
                     layer = fixed_layer(m.n_layer, fixed_frac) if p in FIXED_LAYER_POLICIES else None
-                    pol = policy_from_options(p, budget=b, window=window, tau=tau, layer=layer, span=span)
+                    pol = policy_from_options(p, budget=b, window=window, tau=t, layer=layer, span=span)
                     d = sp.derive(pol, max_tokens=s.max_tokens)
                     try:
                         dec = greedy_decode(m, d.ctx, d.logits, s.max_tokens)
                     finally:
                         d.ctx.close()
                     rows.append(dict(
-                        base, policy=p, budget=b, span=span, layer=layer, selected_layer=d.selected_layer,
+                        base, policy=p, budget=b, span=span, tau=t, layer=layer, selected_layer=d.selected_layer,
                         n_kept=d.n_kept, prefill_work=d.prefill_work, kv_bytes=d.kv_bytes,
                         kv_bytes_full=sp.kv_bytes_full, kv_bytes_allocated=d.kv_bytes_allocated,
                         shared_prefill_s=sp.prefill_s, derive_s=d.derive_s,
@@ -160,12 +175,12 @@ def run(models: list[str], tasks: list[str], lengths: list[int], budgets: list[i
                         **d.extra))
                 del sp
             else:
-                for p, b, span in want:
+                for p, b, span, t in want:
                     layer = fixed_layer(m.n_layer, fixed_frac) if p in FIXED_LAYER_POLICIES else None
-                    pol = policy_from_options(p, budget=b, window=window, tau=tau, layer=layer, span=span)
+                    pol = policy_from_options(p, budget=b, window=window, tau=t, layer=layer, span=span)
                     g = generate(m, s.tokens, policy=pol, max_tokens=s.max_tokens, n_threads=n_threads)
                     rows.append(dict(
-                        base, policy=p, budget=b, span=span, layer=layer, selected_layer=g.selected_layer,
+                        base, policy=p, budget=b, span=span, tau=t, layer=layer, selected_layer=g.selected_layer,
                         n_kept=g.n_kept, prefill_work=g.prefill_work, kv_bytes=g.kv_bytes,
                         kv_bytes_full=g.kv_bytes_full, kv_bytes_allocated=g.kv_bytes_allocated,
                         prefill_s=g.prefill_s, time_to_first_token_s=g.time_to_first_token_s,
@@ -174,7 +189,7 @@ def run(models: list[str], tasks: list[str], lengths: list[int], budgets: list[i
                         asl=None if g.asl is None else {k: g.asl[k] for k in ("ranking_layer", "triggered")}))
             with outp.open("a", encoding="utf-8") as f:
                 for r in rows:
-                    r.update(mode=mode, seed=seed, window=window, tau=tau, n_layer=m.n_layer,
+                    r.update(mode=mode, seed=seed, window=window, n_layer=m.n_layer,
                              references=s.references, metric=s.metric,
                              score=D.score(s.metric, r["output"], s.references))
                     f.write(json.dumps(r) + "\n")

@@ -313,7 +313,7 @@ def prefill_state(model: Model, tokens: list[int], policy: Policy, n_threads: Op
 
 
 def layer_major_prefill(model: Model, tokens: list[int], policy, budget: Optional[int] = None, window: int = 32,
-                        tau: float = 0.3, l_min: Optional[int] = None, l_obs: Optional[int] = None, kernel: int = 7,
+                        tau: Optional[float] = None, l_min: Optional[int] = None, l_obs: Optional[int] = None, kernel: int = 7,
                         layer: Optional[int] = None, max_tokens: int = 128, n_batch: int = 512,
                         n_threads: Optional[int] = None, flash_attn: bool = False, progress: Progress = None,
                         layer_budgets: Optional[str] = None, budget_opts: Optional[dict] = None,

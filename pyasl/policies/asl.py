@@ -23,10 +23,11 @@ PREFILL_MODES = ("auto", "layer-major", "ordinary")
 class _ASLRule(Policy):
     """The ASL rule's parameters and decisions, shared by ASL and ASL2Pass."""
 
-    def __init__(self, budget: int = 512, window: int = 32, tau: float = 0.3, l_min: Optional[int] = None,
+    def __init__(self, budget: int = 512, window: int = 32, tau: Optional[float] = None, l_min: Optional[int] = None,
                  l_obs: Optional[int] = None, kernel: int = 7, span=None):
         super().__init__(budget=budget, window=window, kernel=kernel, span=span)
-        self.tau, self.l_min, self.l_obs = _check_unit("tau", tau), l_min, l_obs
+        self.tau = None if tau is None else _check_unit("tau", tau)
+        self.l_min, self.l_obs = l_min, l_obs
 
     def params(self) -> dict:
         return {**super().params(), "tau": self.tau, "l_min": self.l_min, "l_obs": self.l_obs}
@@ -36,32 +37,46 @@ class _ASLRule(Policy):
         if self.l_min is not None and not 0 <= self.l_min < model.n_layer:
             raise ValueError(f"l_min {self.l_min} is outside the model's layers 0..{model.n_layer - 1}")
 
-    def _asl(self, scores, window, layer_mask, n_layer: Optional[int] = None):
+    def tau_for(self, model) -> tuple[float, Optional[str]]:
+        """The tau used on `model`: the policy's own; without one, the model's calibration (then also
+        where it comes from, for the selection note), else the paper's 0.3."""
+        if self.tau is not None:
+            return self.tau, None
+        from ..calibration import DEFAULT_TAU, lookup
+
+        cal = None if model is None or not hasattr(model, "path") else lookup(model)
+        return (DEFAULT_TAU, None) if cal is None else (cal.tau, cal.source)
+
+    def _asl(self, scores, window, layer_mask, model, n_layer: Optional[int] = None):
         """asl_select with this policy's parameters; L_min and L_obs default from the model's depth
         (``n_layer``; the scores may cover only the layers that ran so far)."""
         d_min, d_obs = default_layer_params(n_layer or scores.shape[0])
-        return asl_select(scores, window=window, budget=self.budget, tau=self.tau,
-                          l_min=d_min if self.l_min is None else self.l_min,
-                          l_obs=d_obs if self.l_obs is None else self.l_obs,
-                          kernel=self.kernel, layer_mask=layer_mask, span=self.span)
+        tau, source = self.tau_for(model)
+        sel = asl_select(scores, window=window, budget=self.budget, tau=tau,
+                         l_min=d_min if self.l_min is None else self.l_min,
+                         l_obs=d_obs if self.l_obs is None else self.l_obs,
+                         kernel=self.kernel, layer_mask=layer_mask, span=self.span)
+        if source:
+            sel.note = f"{sel.note} (tau {tau:g}: the model's {source})"
+        return sel
 
     def _shared(self, sel) -> Selection:
         return Selection(shared=sel.kept, layer=sel.selected_layer, note=sel.note, asl=sel)
 
     def select(self, scores, window, model, layer_mask=None) -> Selection:
-        return self._shared(self._asl(scores, window, layer_mask))
+        return self._shared(self._asl(scores, window, layer_mask, model))
 
     def decide(self, layer, scores, model, layer_mask=None) -> Optional[Selection]:
         l_min = self.l_min if self.l_min is not None else default_layer_params(model.n_layer)[0]
         if layer > l_min and (layer_mask is None or layer_mask[layer]):
             s = self._asl(scores[: layer + 1], self.window, None if layer_mask is None else layer_mask[: layer + 1],
-                          n_layer=model.n_layer)
+                          model, n_layer=model.n_layer)
             if s.selected_layer is not None:
                 return self._shared(s)
         return None
 
     def decide_last(self, scores, model, layer_mask=None) -> Selection:
-        return self._shared(self._asl(scores, self.window, layer_mask, n_layer=model.n_layer))
+        return self._shared(self._asl(scores, self.window, layer_mask, model, n_layer=model.n_layer))
 
 
 @register_policy
@@ -73,7 +88,7 @@ class ASL(EarlyLayerBudgets, _ASLRule):
 
     name = "asl"
 
-    def __init__(self, budget: int = 512, window: int = 32, tau: float = 0.3, l_min: Optional[int] = None,
+    def __init__(self, budget: int = 512, window: int = 32, tau: Optional[float] = None, l_min: Optional[int] = None,
                  l_obs: Optional[int] = None, kernel: int = 7, prefill: str = "auto", span=None,
                  layer_budgets: Optional[str] = None, theta: float = DEFAULT_THETA,
                  b_min_frac: float = DEFAULT_B_MIN_FRAC, beta: float = DEFAULT_BETA):
@@ -102,7 +117,7 @@ class ASL(EarlyLayerBudgets, _ASLRule):
         super().check_model(model)
 
     def select(self, scores, window, model, layer_mask=None) -> Selection:
-        sel = self._asl(scores, window, layer_mask)
+        sel = self._asl(scores, window, layer_mask, model)
         if not self.layer_budgets:
             return self._shared(sel)
         # ordinary prefill: layers up to the selection layer get per-layer budgets, the later ones ASL's set

@@ -9,7 +9,7 @@ from .base import _REGISTRY, Policy, make_policy
 from .layer_budgets import check_method
 
 
-def policy_from_options(name: str, budget: Optional[int] = 512, window: int = 32, tau: float = 0.3,
+def policy_from_options(name: str, budget: Optional[int] = 512, window: int = 32, tau: Optional[float] = None,
                         l_min: Optional[int] = None, l_obs: Optional[int] = None, kernel: int = 7,
                         layer: Optional[int] = None, prefill_mode: str = "auto", layer_budgets: Optional[str] = None,
                         budget_opts: Optional[dict] = None, span=None) -> Policy:

@@ -40,7 +40,8 @@ def bench() -> None:
               help="needle depths of the niah grid")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--window", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--tau", default=0.3, show_default=True, type=click.FloatRange(min=0, max=1, min_open=True))
+@click.option("--tau", "taus", default="0.3", show_default=True, callback=_csv(float), metavar="TAU,...",
+              help="asl's and asl-2pass's tau; several: a row each (a tau sweep from the same prefill)")
 @click.option("--fixed-layer", "fixed_frac", default=0.4, show_default=True, type=click.FloatRange(0, 1),
               help="fastkv's and gemfilter's layer as a fraction of the depth")
 @click.option("--mode", type=click.Choice(["shared", "independent"]), default="shared", show_default=True,
@@ -50,7 +51,7 @@ def bench() -> None:
               help="span stages every pruning policy runs with, a row each: token, forward:S, chunk:C "
                    "(default: the library default)")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="results JSONL (appended; resumable)")
-def bench_run(models, tasks, lengths, budgets, policies, samples, depths, seed, window, tau, fixed_frac, mode,
+def bench_run(models, tasks, lengths, budgets, policies, samples, depths, seed, window, taus, fixed_frac, mode,
               threads, spans, out):
     """Run (or resume) a benchmark; every result is appended to --out as one JSON line."""
     from ... import bench as B
@@ -58,10 +59,12 @@ def bench_run(models, tasks, lengths, budgets, policies, samples, depths, seed, 
     for d in depths:
         if not 0 <= d <= 1:
             _fail(f"depth {d} is outside [0, 1]")
+    if not taus:
+        _fail("--tau needs a value")
     try:
-        n = B.run(models, tasks, lengths, budgets, policies, samples, out, seed=seed, window=window, tau=tau,
+        n = B.run(models, tasks, lengths, budgets, policies, samples, out, seed=seed, window=window, tau=taus[0],
                   fixed_frac=fixed_frac, depths=depths, mode=mode, n_threads=threads,
-                  log=lambda s: click.echo(s, err=True), spans=spans)
+                  log=lambda s: click.echo(s, err=True), spans=spans, taus=taus)
     except _errors() as e:
         _fail(str(e))
     click.echo(f"{n} new results in {out}", err=True)

@@ -112,7 +112,7 @@ class PolicyOptions:
     """The policy options of one command line; :meth:`build` makes the policy object (once the
     budget is known: ``pyasl inspect`` defaults it to the prompt)."""
 
-    def __init__(self, name: str, budget: Optional[int], window: int, tau: float, layer: Optional[int],
+    def __init__(self, name: str, budget: Optional[int], window: int, tau: Optional[float], layer: Optional[int],
                  l_min=None, l_obs=None, prefill_mode: str = "auto", layer_budgets: Optional[str] = None,
                  theta: float = 0.9, b_min_frac: float = 0.2, beta: float = 20.0, span=None, layer_only_fixed=False):
         self.name, self.budget, self.window = name, budget, window
@@ -146,8 +146,9 @@ def policy_options(policies=ALL_POLICIES, default: str = "asl", budget_default: 
                      type=click.IntRange(min=2), help=budget_help),
         click.option("--window", default=32, show_default=True, type=click.IntRange(min=1),
                      help="observation window W (last prompt tokens)"),
-        click.option("--tau", default=0.3, show_default=True, type=click.FloatRange(min=0, max=1, min_open=True),
-                     help="ASL variance-ratio threshold"),
+        click.option("--tau", type=click.FloatRange(min=0, max=1, min_open=True),
+                     help="ASL variance-ratio threshold (default: the model's calibration, `pyasl calibrate`, "
+                          "else the paper's 0.3)"),
         click.option("--layer", type=click.IntRange(min=0),
                      help="selection layer of fastkv and gemfilter (default: 15 / 13 of 32 layers, scaled by depth)"),
         click.option("--span", callback=_parse_span, metavar="token|forward:S|chunk:C",

@@ -18,6 +18,7 @@ from .common import check_text, fail, load_model, model_options, policy_options,
 def inspect(model, prompt, prompt_file, raw, system, threads, flash_attn, verbose, policy, as_json):
     """Per-layer window-attention scores and the ASL decision for a prompt (no generation)."""
     from ...arch import ranked_layer_mask
+    from ...calibration import DEFAULT_TAU
     from ...engine import Context, prefill
     from ...policies import inspect_layers
     from ...policies.spans import runs
@@ -43,8 +44,10 @@ def inspect(model, prompt, prompt_file, raw, system, threads, flash_attn, verbos
         mask = ranked_layer_mask(m, n)
         budget = policy.budget if policy.budget is not None else min(512, n)
         pol = policy.build(budget=budget)
+        # asl's tau on this model (its own, or the model's calibration); the paper's for the others' rankings
+        tau = pol.tau_for(m)[0] if hasattr(pol, "tau_for") else policy.kw["tau"] or DEFAULT_TAU
         info = inspect_layers(pf.scores, window, l_min=policy.kw["l_min"], l_obs=policy.kw["l_obs"], budget=budget,
-                              tau=policy.kw["tau"], layer_mask=mask, span=pol.span)
+                              tau=tau, layer_mask=mask, span=pol.span)
         sel = kept = None  # what the policy keeps when it runs: its selection, the early layers' sets
         if pol.prunes and budget < n:
             pol.check_model(m)
@@ -63,7 +66,7 @@ def inspect(model, prompt, prompt_file, raw, system, threads, flash_attn, verbos
     except user_errors() as e:
         fail(str(e))
     out = {"model": str(m.path), "n_layer": m.n_layer, "n_prompt": n, "window": window, "policy": policy.name,
-           "selected_layer": info["selected_layer"], "budget": info["budget"], "tau": policy.kw["tau"],
+           "selected_layer": info["selected_layer"], "budget": info["budget"], "tau": info["tau"],
            "l_min": info["l_min"], "l_obs": info["l_obs"], "note": info["note"], "span": str(pol.span),
            "kept_spans": runs(sel.shared) if sel is not None and sel.shared is not None else None,
            "layers": [{"layer": d["layer"], "scores": d["scores"], "variance_ratio": d["variance_ratio"],

@@ -1,0 +1,129 @@
+"""Per-model ASL defaults (`pyasl calibrate MODEL`): the tau that lets ASL select as early as the
+model allows without losing accuracy.
+
+The paper's tau = 0.3 was tuned on 8B models. On the small models that run on a laptop the
+rank-variance ratio rarely falls that low before the last layers, so ASL selects late (or never)
+and saves no prefill. Calibration runs the offline tasks once per sample (one shared prefill, a
+propagation tail per tau), measures SnapKV at the same budget as the reference, and keeps the tau
+with the least prefill work whose accuracy is within ``tolerance`` points of SnapKV's (when none
+is, the most accurate tau, and the record says so).
+
+A calibration is stored in ``cache_home()/calibration/<model file>.json``; the package ships
+calibrations for the known models (``calibration.json`` beside this module). :class:`pyasl.ASL`
+built without a tau uses the model's calibration when there is one, else 0.3, and its selection
+note says which.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+from ._paths import cache_home
+
+DEFAULT_TAU = 0.3
+TAUS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "vt", "cwe", "passkey", "number_string",
+         "kv_retrieval")
+SHIPPED = Path(__file__).with_name("calibration.json")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    tau: float
+    source: str   # where it comes from, for the notes: "calibrated 2026-12-03, 16 samples" etc.
+
+
+def identity(model) -> dict:
+    """What a calibration is valid for: the model file (name and size: another quantization is
+    another model) and its depth."""
+    size = model.path.stat().st_size if model.path.exists() else None
+    return {"file": model.path.name, "size": size, "n_layer": int(model.n_layer)}
+
+
+def user_file(model) -> Path:
+    return cache_home() / "calibration" / f"{model.path.stem}.json"
+
+
+def _records(path: Path) -> list[dict]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return data if isinstance(data, list) else [data]
+
+
+def lookup(model) -> Optional[Calibration]:
+    """The model's calibration: the user's (`pyasl calibrate`) before the shipped one; None if neither."""
+    ident = identity(model)
+    for path, whose in ((user_file(model), "pyasl calibrate"), (SHIPPED, "shipped")):
+        for rec in _records(path):
+            if rec.get("identity") == ident and isinstance(rec.get("tau"), (int, float)):
+                return Calibration(float(rec["tau"]), f"{whose} calibration of {rec.get('date', '?')}, "
+                                                      f"{rec.get('samples', '?')} samples at {rec.get('n_tokens')} tokens")
+    return None
+
+
+def choose(rows: list[dict], tolerance: float = 2.0) -> dict:
+    """The calibration from benchmark rows of snapkv and asl at several taus (same samples, one
+    budget): per tau the accuracy, the mean prefill work and the selection layers; the chosen tau
+    (least work within `tolerance` points of snapkv, ties to the smaller tau)."""
+    snap = [r["score"] for r in rows if r["policy"] == "snapkv"]
+    if not snap:
+        raise ValueError("no snapkv rows to compare with")
+    ref = 100.0 * sum(snap) / len(snap)
+    by_tau: dict = {}
+    for r in rows:
+        if r["policy"] == "asl":
+            by_tau.setdefault(round(float(r["tau"]), 4), []).append(r)
+    if not by_tau:
+        raise ValueError("no asl rows")
+    n = max(len(v) for v in by_tau.values())
+    table = []
+    for tau, rs in sorted(by_tau.items()):
+        if len(rs) < n:
+            continue  # a tau not run on every sample is not compared
+        layers = [r["selected_layer"] for r in rs]
+        table.append({"tau": tau, "accuracy": 100.0 * sum(r["score"] for r in rs) / len(rs),
+                      "prefill_work": sum(r["prefill_work"] for r in rs) / len(rs),
+                      "selected": sum(x is not None for x in layers) / len(rs),
+                      "mean_layer": (sum(x for x in layers if x is not None) / max(1, sum(x is not None for x in layers))
+                                     if any(x is not None for x in layers) else None)})
+    ok = [t for t in table if t["accuracy"] >= ref - tolerance]
+    if ok:
+        best = min(ok, key=lambda t: (round(t["prefill_work"], 6), t["tau"]))
+    else:
+        best = max(table, key=lambda t: (t["accuracy"], -t["prefill_work"], -t["tau"]))
+    return {"tau": best["tau"], "within_tolerance": bool(ok), "tolerance": tolerance, "snapkv_accuracy": ref,
+            "samples": n, "taus": table}
+
+
+def calibrate(model_name: str, n_tokens: int = 4096, budget: int = 1024, samples: int = 2,
+              taus: Iterable[float] = TAUS, tolerance: float = 2.0, tasks: Iterable[str] = TASKS,
+              n_threads: Optional[int] = None, log: Callable[[str], None] = print) -> tuple[dict, Path]:
+    """Run (resuming) the calibration benchmark of `model_name` and store its result; returns
+    (record, path of the stored file)."""
+    from .bench import load_rows
+    from .bench import run as run_bench
+    from .engine import Model
+    from .models import resolve_model
+
+    path = resolve_model(model_name)
+    model = Model(path)
+    try:
+        ident, out = identity(model), user_file(model)
+    finally:
+        model.close()
+    runs = out.with_suffix(".jsonl")
+    runs.parent.mkdir(parents=True, exist_ok=True)
+    taus = list(taus)
+    run_bench([str(path)], list(tasks), [n_tokens], [budget], ["snapkv", "asl"], samples, runs, tau=taus[0],
+              taus=taus, n_threads=n_threads, log=log)
+    rows = [r for r in load_rows(runs) if r["n_tokens"] == n_tokens and r.get("budget") == budget
+            and r["task"] in set(tasks) and r["index"] < samples]
+    rec = {"identity": ident, "date": datetime.date.today().isoformat(), "n_tokens": n_tokens, "budget": budget,
+           "tasks": list(tasks), **choose(rows, tolerance)}
+    out.write_text(json.dumps(rec, indent=1) + "\n", encoding="utf-8")
+    return rec, out

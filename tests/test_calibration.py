@@ -1,0 +1,103 @@
+"""Per-model ASL defaults: `pyasl calibrate` chooses a tau from a tau sweep against SnapKV and stores
+it; ASL without a tau uses the model's calibration (else the paper's 0.3) and says so."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import pyasl
+from pyasl import calibration as C
+from pyasl.apps.cli import main
+from tinymodels import tiny_model_path
+
+TINY = tiny_model_path("llama", n_layer=4)
+
+
+def _rows(table: dict, snapkv: float, n: int = 4) -> list[dict]:
+    """Benchmark rows: snapkv scoring `snapkv` of n samples, asl at each tau: (hits of n, work, layer)."""
+    rows = [{"policy": "snapkv", "score": float(i < snapkv * n)} for i in range(n)]
+    for tau, (hits, work, layer) in table.items():
+        rows += [{"policy": "asl", "tau": tau, "score": float(i < hits), "prefill_work": work, "selected_layer": layer}
+                 for i in range(n)]
+    return rows
+
+
+def test_choose_least_work_within_tolerance():
+    rows = _rows({0.3: (4, 0.95, None), 0.5: (4, 0.7, 17), 0.7: (3, 0.5, 12), 0.9: (1, 0.3, 6)}, snapkv=1.0)
+    rec = C.choose(rows, tolerance=2.0)
+    assert rec["tau"] == 0.5 and rec["within_tolerance"] and rec["snapkv_accuracy"] == 100.0
+    assert [t["tau"] for t in rec["taus"]] == [0.3, 0.5, 0.7, 0.9]
+    assert rec["taus"][0]["selected"] == 0.0 and rec["taus"][0]["mean_layer"] is None
+    assert rec["taus"][2]["mean_layer"] == 12 and rec["taus"][2]["accuracy"] == 75.0
+    assert C.choose(rows, tolerance=25.0)["tau"] == 0.7
+    # no tau within the tolerance: the most accurate, and the record says so
+    rec = C.choose(_rows({0.3: (2, 0.9, 20), 0.5: (3, 0.6, 14)}, snapkv=1.0), tolerance=2.0)
+    assert rec["tau"] == 0.5 and not rec["within_tolerance"]
+    # a tau not run on every sample is not compared
+    partial = _rows({0.3: (4, 0.9, 20)}, snapkv=1.0) + [
+        {"policy": "asl", "tau": 0.9, "score": 1.0, "prefill_work": 0.1, "selected_layer": 2}]
+    assert C.choose(partial)["tau"] == 0.3
+    with pytest.raises(ValueError, match="no snapkv rows"):
+        C.choose([r for r in rows if r["policy"] != "snapkv"])
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """A model cache of its own for the calibrations (the library stays the one built)."""
+    from pyasl import _native
+
+    monkeypatch.setenv("PYASL_LIB_DIR", str(_native.lib_dir()))
+    monkeypatch.setenv("PYASL_HOME", str(tmp_path))
+    return tmp_path
+
+
+def test_asl_uses_the_model_calibration_and_says_so(home):
+    m = pyasl.load_model(TINY)
+    try:
+        assert C.lookup(m) is None and pyasl.ASL(budget=64).tau_for(m) == (0.3, None)
+        f = C.user_file(m)
+        f.parent.mkdir(parents=True)
+        f.write_text(json.dumps({"identity": C.identity(m), "tau": 0.8, "date": "2026-12-03", "samples": 16,
+                                 "n_tokens": 4096}))
+        tau, source = pyasl.ASL(budget=64).tau_for(m)
+        assert tau == 0.8 and "pyasl calibrate calibration of 2026-12-03, 16 samples" in source
+        assert pyasl.ASL(budget=64, tau=0.3).tau_for(m) == (0.3, None)  # an explicit tau wins
+        assert pyasl.ASL(budget=64).params()["tau"] is None
+        # the selection note names it; the rule runs with that tau
+        scores = np.random.default_rng(0).random((m.n_layer, m.n_head, 300), dtype=np.float32)
+        sel = pyasl.ASL(budget=64, window=8).select(scores, 8, m)
+        assert "(tau 0.8: the model's pyasl calibrate calibration" in sel.note
+        assert sel.asl.note.count("tau=0.8") == 1
+        # another model file (or another quantization: another size) does not match
+        f.write_text(json.dumps({"identity": dict(C.identity(m), size=1), "tau": 0.8}))
+        assert C.lookup(m) is None
+    finally:
+        m.close()
+
+
+def test_cli_calibrate_stores_a_tau_that_generate_and_inspect_use(home):
+    r = CliRunner().invoke(main, ["calibrate", str(TINY), "--length", "600", "--budget", "128", "--samples", "1",
+                                  "--taus", "0.3,0.9", "--tasks", "passkey,niah_single_1"])
+    assert r.exit_code == 0, r.output
+    m = pyasl.load_model(TINY)
+    try:
+        rec = json.loads(C.user_file(m).read_text())
+        assert rec["identity"] == C.identity(m) and rec["samples"] == 2 and rec["budget"] == 128  # 2 tasks x 1
+        assert [t["tau"] for t in rec["taus"]] == [0.3, 0.9] and rec["tau"] in (0.3, 0.9)
+        assert f"tau {rec['tau']:g} (" in r.output and str(C.user_file(m)) in r.output
+        assert C.lookup(m).tau == rec["tau"]
+    finally:
+        m.close()
+    # resumable: a second run runs nothing
+    r2 = CliRunner().invoke(main, ["calibrate", str(TINY), "--length", "600", "--budget", "128", "--samples", "1",
+                                   "--taus", "0.3,0.9", "--tasks", "passkey,niah_single_1"])
+    assert r2.exit_code == 0 and "samples to run: 0" in r2.output
+    r3 = CliRunner().invoke(main, ["inspect", str(TINY), "--prompt", "word " * 300, "--json", "--budget", "64",
+                                   "--window", "8"])
+    assert r3.exit_code == 0, r3.output
+    assert json.loads(r3.output)["tau"] == rec["tau"]
+    bad = CliRunner().invoke(main, ["calibrate", str(TINY), "--taus", "0,2"])
+    assert bad.exit_code != 0 and "--taus must be values in (0, 1]" in bad.output
