@@ -154,3 +154,33 @@ def test_build_output_is_quiet_until_it_fails(tmp_path, capsys):
     with pytest.raises(SystemExit, match="compiling failed"):
         build.run_quiet([sys.executable, "-c", bad], tmp_path / "bad.log", "compiling")
     assert "error: boom" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("git") is None, reason="no cmake or git")
+@pytest.mark.parametrize("tool", ["patch", "git"])
+def test_cmake_applies_patches_or_fails_clearly(tmp_path, tool):
+    if tool == "patch" and shutil.which("patch") is None:
+        pytest.skip("no patch")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "a.txt").write_text("one\ntwo\nthree\n")
+    good = tmp_path / "0001-good.patch"
+    good.write_text("--- a/a.txt\n+++ b/a.txt\n@@ -1,3 +1,3 @@\n one\n-two\n+TWO\n three\n")
+    bad = tmp_path / "0002-bad.patch"
+    bad.write_text("--- a/a.txt\n+++ b/a.txt\n@@ -1,3 +1,3 @@\n one\n-zwei\n+ZWEI\n three\n")
+    bin_dir = tmp_path / "bin"  # only the chosen tool on PATH
+    bin_dir.mkdir()
+    (bin_dir / tool).symlink_to(shutil.which(tool))
+
+    def run(patches):
+        script = tmp_path / "apply.cmake"
+        script.write_text(f'include("{ROOT.as_posix()}/cmake/PyaslLlamaSource.cmake")\n'
+                          f'set(ENV{{PATH}} "{bin_dir.as_posix()}")\n'
+                          f'_pyasl_apply_patches("{tree.as_posix()}" "{";".join(p.as_posix() for p in patches)}")\n')
+        return subprocess.run([shutil.which("cmake"), "-P", str(script)], capture_output=True, text=True)
+
+    r = run([good])
+    assert r.returncode == 0, r.stderr
+    assert (tree / "a.txt").read_text() == "one\nTWO\nthree\n"
+    r = run([bad])
+    assert r.returncode != 0 and "0002-bad.patch does not apply cleanly" in r.stderr
