@@ -2,6 +2,12 @@
 
 llama-cpp-python is the binding layer for the stock llama.cpp API; it is pointed at our build
 through LLAMA_CPP_LIB_PATH before it is first imported. Nothing here ever starts a build.
+
+Where things come from:
+- an installed wheel (`pip install .`): libllama and ggml in pyasl/lib, llama-cpp-python's Python
+  layer in pyasl/_llama_cpp (both put there by CMakeLists.txt from the pinned sdist);
+- a development clone (scripts/setup.sh): the cached build of scripts/build.py, and the llama_cpp
+  package installed into the virtualenv without its library (LLAMA_BUILD=OFF).
 """
 from __future__ import annotations
 
@@ -13,6 +19,13 @@ from pathlib import Path
 from ._paths import build_dir
 
 BUILD_COMMAND = "python scripts/build.py"
+INSTALL_HINT = ("Install pyasl with `pip install .` from its source tree (it builds libllama into the package), "
+                f"or in a development clone run `bash scripts/setup.sh` (or `{BUILD_COMMAND}`)")
+
+_PKG = Path(__file__).resolve().parent
+PACKAGED_LIB_DIR = _PKG / "lib"  # libllama + ggml of an installed wheel
+PACKAGED_PY_LAYER = _PKG / "_llama_cpp"  # llama-cpp-python's llama_cpp package of an installed wheel
+LIB_NAME = "libllama.dylib" if sys.platform == "darwin" else "llama.dll" if os.name == "nt" else "libllama.so"
 
 
 class NativeLibraryError(RuntimeError):
@@ -24,21 +37,44 @@ class PyaslError(RuntimeError):
 
 
 def lib_dir() -> Path:
-    """$PYASL_LIB_DIR, else the CPU build in the cache ($PYASL_HOME/build/<variant>/bin)."""
+    """Where libllama is loaded from, first match of:
+
+    1. $PYASL_LIB_DIR;
+    2. the cache build $PYASL_HOME/build/$PYASL_BUILD_VARIANT/bin, when PYASL_BUILD_VARIANT is set;
+    3. pyasl/lib of an installed wheel, when it holds libllama;
+    4. the CPU build of scripts/build.py in the cache ($PYASL_HOME/build/cpu/bin, a development clone).
+    """
     env = os.environ.get("PYASL_LIB_DIR")
     if env:
         return Path(env).expanduser()
-    return build_dir(os.environ.get("PYASL_BUILD_VARIANT", "cpu")) / "bin"
+    variant = os.environ.get("PYASL_BUILD_VARIANT")
+    if variant:
+        return build_dir(variant) / "bin"
+    if (PACKAGED_LIB_DIR / LIB_NAME).exists():
+        return PACKAGED_LIB_DIR
+    return build_dir("cpu") / "bin"
+
+
+def _use_packaged_python_layer() -> None:
+    """An installed wheel carries llama-cpp-python's Python layer in pyasl/_llama_cpp: put it first on
+    sys.path, so that `import llama_cpp` (ours, and llama_cpp.server's) finds it before any stock
+    llama-cpp-python of the environment. A development clone has no such folder and uses the installed
+    llama_cpp package."""
+    if (PACKAGED_PY_LAYER / "llama_cpp" / "__init__.py").exists():
+        p = str(PACKAGED_PY_LAYER)
+        if p not in sys.path:
+            sys.path.insert(0, p)
 
 
 def _ensure_lib_env() -> Path:
     d = lib_dir()
-    name = "libllama.dylib" if sys.platform == "darwin" else "llama.dll" if os.name == "nt" else "libllama.so"
-    if not (d / name).exists():
+    if not (d / LIB_NAME).exists():
+        why = "PYASL_LIB_DIR" if os.environ.get("PYASL_LIB_DIR") else \
+            "PYASL_BUILD_VARIANT" if os.environ.get("PYASL_BUILD_VARIANT") else ""
         raise NativeLibraryError(
-            f"pyasl's patched llama.cpp library was not found in {d}.\n"
-            f"Build it first (from the pyasl source tree): {BUILD_COMMAND}\n"
-            "or point PYASL_LIB_DIR at a folder holding a pyasl build of libllama."
+            f"pyasl's patched llama.cpp library ({LIB_NAME}) was not found in {d}"
+            + (f" (set by {why}).\n" if why else ".\n")
+            + INSTALL_HINT + ",\nor point PYASL_LIB_DIR at a folder holding a pyasl build of libllama."
         )
     if "llama_cpp" in sys.modules:
         loaded = getattr(sys.modules["llama_cpp"].llama_cpp, "_lib", None)
@@ -76,11 +112,16 @@ def load():
     if _LOADED is not None:
         return _LOADED
     _ensure_lib_env()
-    import llama_cpp  # noqa: E402  (after LLAMA_CPP_LIB_PATH is set)
+    _use_packaged_python_layer()
+    try:
+        import llama_cpp  # noqa: E402  (after LLAMA_CPP_LIB_PATH is set)
+    except ImportError as e:
+        raise NativeLibraryError(f"llama-cpp-python's Python layer (llama_cpp) cannot be imported: {e}.\n"
+                                 + INSTALL_HINT) from e
 
     lib = llama_cpp.llama_cpp._lib
     if not hasattr(lib, "pyasl_abi_version"):
-        raise NativeLibraryError(f"{lib._name} is not a pyasl build; run {BUILD_COMMAND}")
+        raise NativeLibraryError(f"{lib._name} is not a pyasl build of libllama.\n{INSTALL_HINT}")
     c = ctypes
     vp, i32, i64, f32p, i32p = c.c_void_p, c.c_int32, c.c_int64, c.POINTER(c.c_float), c.POINTER(c.c_int32)
     sigs = {
@@ -124,7 +165,8 @@ def load():
         f.argtypes = args
         f.restype = res
     if lib.pyasl_abi_version() != ABI_VERSION:
-        raise NativeLibraryError(f"pyasl native ABI {lib.pyasl_abi_version()} != {ABI_VERSION}; rebuild: {BUILD_COMMAND}")
+        raise NativeLibraryError(f"pyasl native ABI {lib.pyasl_abi_version()} != {ABI_VERSION} ({lib._name} is out of "
+                                 f"date).\nRebuild it: {INSTALL_HINT}")
     # the address of the C eval callback, typed for llama_context_params.cb_eval
     eval_cb = llama_cpp.ggml_backend_sched_eval_callback(
         ctypes.cast(lib.pyasl_capture_eval_cb, ctypes.c_void_p).value)

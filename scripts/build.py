@@ -16,6 +16,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,6 +39,47 @@ SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
 
 def log(msg: str) -> None:
     print(f"[pyasl build] {msg}", flush=True)
+
+
+_NINJA_STEP = re.compile(r"^\[(\d+)/(\d+)\] ")
+_MAKE_STEP = re.compile(r"^\[\s*(\d+)%\] ")
+
+
+def run_quiet(cmd: list[str], logfile: Path, what: str, verbose: bool = False) -> None:
+    """Run a CMake step with its output (compiler warnings included) going to logfile; show only the
+    progress, and on failure the end of the log. verbose: stream everything as it comes."""
+    if verbose:
+        subprocess.run(cmd, check=True)
+        return
+    tty = sys.stdout.isatty()
+    shown = -1  # tens of percent already logged
+    on_line = False  # a \r progress line is open on the terminal
+    with open(logfile, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            f.write(line)
+            m = _NINJA_STEP.match(line)
+            pct = (100 * int(m.group(1)) // max(1, int(m.group(2)))) if m else None
+            if pct is None:
+                m = _MAKE_STEP.match(line)
+                pct = int(m.group(1)) if m else None
+            if pct is None:
+                continue
+            if tty:
+                print(f"\r[pyasl build] {what} {pct:3d}%", end="", flush=True)
+                on_line = True
+            elif pct // 10 > shown:  # a log file: one line per 10%
+                shown = pct // 10
+                log(f"{what} {pct}%")
+        rc = proc.wait()
+    if on_line:
+        print()
+    if rc != 0:
+        lines = logfile.read_text(errors="replace").splitlines()
+        sys.stderr.write("\n".join(lines[-200:]) + "\n")
+        raise SystemExit(f"[pyasl build] {what} failed (exit {rc}); the last 200 lines are above, "
+                         f"the whole log is {logfile}")
 
 
 def sha256_file(path: Path) -> str:
@@ -167,6 +209,9 @@ def main() -> None:
     ap.add_argument("--cmake-arg", action="append", default=[], help="extra -D argument for CMake")
     ap.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--source-only", action="store_true", help="fetch and patch, do not compile")
+    ap.add_argument("-v", "--verbose", action="store_true",
+                    help="show CMake's and the compiler's output as it comes (default: progress only, the log "
+                         "in <build folder>/pyasl-build.log, shown when the build fails)")
     ap.add_argument("--print-lib-dir", action="store_true", help="print the library folder and exit")
     ap.add_argument("--print-sdist", action="store_true",
                     help="fetch (if needed) and print the llama-cpp-python sdist path, then exit")
@@ -212,10 +257,12 @@ def main() -> None:
             or json.loads(args_file.read_text()) != cmake_args:
         gen = ["-G", "Ninja"] if shutil.which("ninja") else []
         log(f"configuring {out}")
-        subprocess.run(["cmake", "-S", str(top), "-B", str(out), *gen, *cmake_args], check=True)
+        run_quiet(["cmake", "-S", str(top), "-B", str(out), *gen, *cmake_args], out / "pyasl-configure.log",
+                  "configure", args.verbose)
         args_file.write_text(json.dumps(cmake_args))
     log(f"compiling with {args.jobs} jobs")
-    subprocess.run(["cmake", "--build", str(out), "--target", "pyasl_native", "-j", str(args.jobs)], check=True)
+    run_quiet(["cmake", "--build", str(out), "--target", "pyasl_native", "-j", str(args.jobs)],
+              out / "pyasl-build.log", "compiling", args.verbose)
     libdir = out / "bin"
     (out / "pyasl-build.json").write_text(json.dumps({
         "llama_cpp_python": LLAMA_CPP_PYTHON_VERSION,

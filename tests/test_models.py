@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tinymodels  # noqa: E402
 from pyasl import models  # noqa: E402
-from pyasl._paths import build_dir  # noqa: E402
+from pyasl import _native  # noqa: E402
 from pyasl.models import (  # noqa: E402
     KNOWN_MODELS,
     ModelError,
@@ -39,15 +39,20 @@ def _lib_name() -> str:
 def llama_lib_env(monkeypatch) -> dict:
     """Environment that makes llama_cpp load our llama.cpp build.
 
-    Sets LLAMA_CPP_LIB_PATH (when unset) to $PYASL_LIB_DIR or the cached CPU
-    build; skips the test when no library is there.  Returns a copy of the
+    Sets LLAMA_CPP_LIB_PATH (when unset) to the folder pyasl loads libllama
+    from (_native.lib_dir(): $PYASL_LIB_DIR, the installed package, or the cached
+    CPU build); skips the test when no library is there.  An installed wheel's
+    llama_cpp Python layer goes on PYTHONPATH.  Returns a copy of the
     environment for subprocesses.
     """
     if not os.environ.get("LLAMA_CPP_LIB_PATH"):
-        d = Path(os.environ.get("PYASL_LIB_DIR") or build_dir("cpu") / "bin").expanduser()
+        d = _native.lib_dir()
         if not (d / _lib_name()).exists():
             pytest.skip(f"no llama.cpp build in {d} (run scripts/build.py)")
         monkeypatch.setenv("LLAMA_CPP_LIB_PATH", str(d))
+    if (_native.PACKAGED_PY_LAYER / "llama_cpp").is_dir():
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(_native.PACKAGED_PY_LAYER),
+                                                                         os.environ.get("PYTHONPATH")])))
     return dict(os.environ)
 
 

@@ -37,11 +37,28 @@ def read_utf8(path: str, what: str) -> str:
         fail(f"{p} is not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 1]!r}); convert it to UTF-8 first")
 
 
+# examples/ of an installed wheel (CMakeLists.txt installs it as pyasl/examples), then of a source clone
+_PKG = Path(__file__).resolve().parents[2]
+EXAMPLE_DIRS = (_PKG / "examples", _PKG.parent / "examples")
+
+
+def example_file(path: str) -> Optional[Path]:
+    """`examples/NAME` when no such file exists here: the example pyasl ships (so the README's
+    `--prompt-file examples/long_prompt.txt` works from any directory), else None."""
+    p = Path(path)
+    if p.exists() or p.is_absolute() or len(p.parts) != 2 or p.parts[0] != "examples":
+        return None
+    for d in EXAMPLE_DIRS:
+        if (d / p.name).is_file():
+            return d / p.name
+    return None
+
+
 def read_prompt(prompt: Optional[str], prompt_file: Optional[str]) -> str:
     if (prompt is None) == (prompt_file is None):
         fail("give exactly one of --prompt TEXT or --prompt-file PATH")
     if prompt_file is not None:
-        prompt = read_utf8(prompt_file, "prompt file")
+        prompt = read_utf8(str(example_file(prompt_file) or prompt_file), "prompt file")
     if not prompt or not prompt.strip():
         fail("the prompt is empty")
     check_text(prompt, "--prompt")
@@ -202,7 +219,9 @@ def model_options(f):
     for opt in reversed([
         click.argument("model"),
         click.option("--prompt", help="prompt text"),
-        click.option("--prompt-file", type=click.Path(dir_okay=False), help="read the prompt from a UTF-8 file"),
+        click.option("--prompt-file", type=click.Path(dir_okay=False),
+                     help="read the prompt from a UTF-8 file (examples/long_prompt.txt: the example shipped with "
+                          "pyasl when there is no such file here)"),
         click.option("--raw", is_flag=True, help="do not apply the chat template"),
         click.option("--system", help="system message (chat template only)"),
         click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: all cores)"),
