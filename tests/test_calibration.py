@@ -101,3 +101,24 @@ def test_cli_calibrate_stores_a_tau_that_generate_and_inspect_use(home):
     assert json.loads(r3.output)["tau"] == rec["tau"]
     bad = CliRunner().invoke(main, ["calibrate", str(TINY), "--taus", "0,2"])
     assert bad.exit_code != 0 and "--taus must be values in (0, 1]" in bad.output
+
+
+def test_shipped_calibrations_are_well_formed_and_used_after_the_users(home, monkeypatch, tmp_path):
+    recs = json.loads(C.SHIPPED.read_text())
+    for rec in recs:
+        assert set(rec["identity"]) == {"file", "size", "n_layer"} and 0 < rec["tau"] <= 1
+        assert rec["within_tolerance"] and rec["samples"] >= 16, rec["identity"]
+    m = pyasl.load_model(TINY)
+    try:
+        shipped = tmp_path / "shipped.json"
+        shipped.write_text(json.dumps([{"identity": C.identity(m), "tau": 0.6, "date": "2026-12-03", "samples": 16,
+                                        "n_tokens": 4096}]))
+        monkeypatch.setattr(C, "SHIPPED", shipped)
+        cal = C.lookup(m)
+        assert cal.tau == 0.6 and cal.source.startswith("shipped calibration")
+        f = C.user_file(m)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps({"identity": C.identity(m), "tau": 0.8}))
+        assert C.lookup(m).tau == 0.8  # the user's own calibration first
+    finally:
+        m.close()

@@ -8,6 +8,7 @@ fresh process continues the same conversation, Ctrl-C stops an answer without en
 from __future__ import annotations
 
 import re
+import signal
 import sys
 
 import pytest
@@ -29,9 +30,10 @@ def _doc(n_lines: int = 30) -> str:
     return "\n".join(lines)
 
 
-def spawn(*args) -> "pexpect.spawn":
+def spawn(*args, sigint_ignored: bool = False) -> "pexpect.spawn":
     child = pexpect.spawn(sys.executable, ["-m", "pyasl", "chat", *map(str, args)], encoding="utf-8",
-                          timeout=TIMEOUT, dimensions=(40, 200))
+                          timeout=TIMEOUT, dimensions=(40, 200),
+                          preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None)
     return child
 
 
@@ -161,7 +163,7 @@ def test_chat_asks_a_document_question_after_question(smollm2, doc_file, tmp_pat
 
 @pytest.mark.real
 def test_chat_ctrl_c_stops_the_answer_not_the_session(smollm2):
-    child = spawn(smollm2, "--budget", 128, "--ctx", 512, "--max-tokens", 160)
+    child = spawn(smollm2, "--budget", 128, "--ctx", 512, "--max-tokens", 160, sigint_ignored=True)
     try:
         expect_prompt(child)
         child.sendline("Write a very long story about a dragon who lives in a castle by the sea.")
@@ -175,7 +177,8 @@ def test_chat_ctrl_c_stops_the_answer_not_the_session(smollm2):
         assert out.strip() and "error" not in out.lower()
         st = say(child, "/stats")
         assert re.search(r"turns 2;", st), st
-        # Ctrl-C at the prompt does not quit either
+        # Ctrl-C at the prompt does not quit either (the chat was started with SIGINT ignored, as a
+        # parent that ignores it passes on: the chat installs its own handler)
         child.sendintr()
         child.expect_exact("^C")
         expect_prompt(child)

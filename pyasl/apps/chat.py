@@ -8,6 +8,7 @@ or /quit ends the session.
 from __future__ import annotations
 
 import signal
+import threading
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -201,6 +202,19 @@ def _write_history(readline, hist: Path) -> None:
 def run(session: S.Session, documents: list[tuple[str, str]], progress, temperature: float = 0.0,
         top_p: float = 1.0, seed: Optional[int] = None, repeat_penalty: float = 1.0) -> int:
     """Prefill the documents (with the progress callback), then talk until /quit or Ctrl-D."""
+    # Ctrl-C must reach the chat even when it was started with SIGINT ignored (a parent that ignores
+    # it passes that on, and Python then installs no KeyboardInterrupt handler): at the prompt it
+    # clears the line, during an answer it stops the answer
+    old = signal.signal(signal.SIGINT, signal.default_int_handler) \
+        if threading.current_thread() is threading.main_thread() else None
+    try:
+        return _talk(session, documents, progress, temperature, top_p, seed, repeat_penalty)
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGINT, old)
+
+
+def _talk(session, documents, progress, temperature, top_p, seed, repeat_penalty) -> int:
     chat = Chat(session, temperature=temperature, top_p=top_p, seed=seed, repeat_penalty=repeat_penalty)
     if documents:
         st = session.prefill(documents=documents, progress=progress)

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from ..calibration import DEFAULT_TAU
 from .data import _CITIES, WORDS, _number, _prose, _uuid
 
 MODES = ("full", "once", "reconstruct", "per-question", "one-shot")
@@ -89,9 +90,14 @@ def question_text(key: str) -> str:
     return f'Key: "{key}"\nThe value associated with the specified key is:'
 
 
+def _tau(r: dict):
+    """An asl row's tau (rows written before calibrated taus: the paper's 0.3); None for the others."""
+    return r.get("tau", DEFAULT_TAU) if r["policy"] in ("asl", "asl-2pass") else None
+
+
 def _key(r: dict) -> tuple:
     return (r["model"], r.get("context", "kv"), r["n_tokens"], r["index"], r["mode"], r["policy"], r["budget"],
-            r["span"], r["question"])
+            r["span"], _tau(r), r["question"])
 
 
 def run(model_name: str, n_tokens: int, samples: int, policy, out, modes=MODES, questions: int = 4,
@@ -124,7 +130,8 @@ def run(model_name: str, n_tokens: int, samples: int, policy, out, modes=MODES, 
                 pol = Full() if mode == "full" else policy
                 base = {"model": name, "context": kind, "n_tokens": n_tokens, "index": index, "mode": mode, "policy": pol.name,
                         "budget": getattr(pol, "budget", None) if pol.prunes else None,
-                        "span": str(pol.span) if pol.prunes else None}
+                        "span": str(pol.span) if pol.prunes else None,
+                        "tau": pol.tau_for(model)[0] if hasattr(pol, "tau_for") else None}
                 if all(_key({**base, "question": q}) in done for q in range(len(asked))):
                     continue
                 rows = _ask_all(model, doc, asked, pol, mode, max_tokens, n_threads, Session, generate)
@@ -175,13 +182,13 @@ def summary(rows: list[dict]) -> list[dict]:
     budget, span)."""
     groups: dict = {}
     for r in rows:
-        k = (r["model"], r.get("context", "kv"), r["n_tokens"], r["mode"], r["policy"], r["budget"], r["span"])
+        k = (r["model"], r.get("context", "kv"), r["n_tokens"], r["mode"], r["policy"], r["budget"], r["span"], _tau(r))
         groups.setdefault(k, []).append(r)
     out = []
     for k, rs in sorted(groups.items(), key=lambda kv: (kv[0][:3], MODES.index(kv[0][3]))):
         n = len(rs)
         out.append({"model": k[0], "context": k[1], "n_tokens": k[2], "mode": k[3], "policy": k[4], "budget": k[5],
-                    "span": k[6], "questions": n, "contexts": len({r["index"] for r in rs}),
+                    "span": k[6], "tau": k[7], "questions": n, "contexts": len({r["index"] for r in rs}),
                     "accuracy": sum(r["score"] for r in rs) / n,
                     "seconds_per_question": sorted(r["seconds"] for r in rs)[n // 2],
                     "kv_mib": max(r["kv_mib"] for r in rs),

@@ -153,9 +153,9 @@ def bench_questions_summary(results):
     from ...bench.questions import summary
 
     rows = [json.loads(line) for line in Path(results).read_text(encoding="utf-8").splitlines() if line.strip()]
-    click.echo("model          context tokens  mode          policy  budget span         n  accuracy  s/question  KV MiB  "
-               "full copy MiB")
+    click.echo("model          context tokens  mode          policy  tau   budget span         n  accuracy  s/question  "
+               "KV MiB  full copy MiB")
     for g in summary(rows):
-        click.echo(f"{g['model']:<14} {g['context']:<7} {g['n_tokens']:>6}  {g['mode']:<13} {g['policy']:<7} {g['budget'] or '-':>6} "
+        click.echo(f"{g['model']:<14} {g['context']:<7} {g['n_tokens']:>6}  {g['mode']:<13} {g['policy']:<7} {g['tau'] or '-':<5} {g['budget'] or '-':>6} "
                    f"{g['span'] or '-':<12} {g['questions']:>2}  {g['accuracy']:8.1f}  {g['seconds_per_question']:10.2f}"
                    f"  {g['kv_mib']:6.1f}  {g['full_copy_mib'] or 0:13.1f}")
