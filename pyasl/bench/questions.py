@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..calibration import DEFAULT_TAU
 from .data import _CITIES, WORDS, _number, _prose, _uuid
+from .runner import row_tau
 
 MODES = ("full", "once", "reconstruct", "per-question", "one-shot")
 CONTEXTS = ("kv", "needles")
@@ -90,14 +90,9 @@ def question_text(key: str) -> str:
     return f'Key: "{key}"\nThe value associated with the specified key is:'
 
 
-def _tau(r: dict):
-    """An asl row's tau (rows written before calibrated taus: the paper's 0.3); None for the others."""
-    return r.get("tau", DEFAULT_TAU) if r["policy"] in ("asl", "asl-2pass") else None
-
-
 def _key(r: dict) -> tuple:
     return (r["model"], r.get("context", "kv"), r["n_tokens"], r["index"], r["mode"], r["policy"], r["budget"],
-            r["span"], _tau(r), r["question"])
+            r["span"], row_tau(r), r["question"])
 
 
 def run(model_name: str, n_tokens: int, samples: int, policy, out, modes=MODES, questions: int = 4,
@@ -182,7 +177,8 @@ def summary(rows: list[dict]) -> list[dict]:
     budget, span)."""
     groups: dict = {}
     for r in rows:
-        k = (r["model"], r.get("context", "kv"), r["n_tokens"], r["mode"], r["policy"], r["budget"], r["span"], _tau(r))
+        k = (r["model"], r.get("context", "kv"), r["n_tokens"], r["mode"], r["policy"], r["budget"], r["span"],
+             row_tau(r))
         groups.setdefault(k, []).append(r)
     out = []
     for k, rs in sorted(groups.items(), key=lambda kv: (kv[0][:3], MODES.index(kv[0][3]))):

@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
+from ..calibration import DEFAULT_TAU
 from . import data as D
 
 DEFAULT_POLICIES = ("full", "snapkv", "fastkv", "gemfilter", "asl", "asl-2pass")
 FIXED_LAYER_POLICIES = ("fastkv", "gemfilter")
 TAU_POLICIES = ("asl", "asl-2pass")  # the policies a row's tau means something to
-DEFAULT_TAU = 0.3
 NIAH_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
@@ -83,7 +83,7 @@ def _items(task: str, samples: int, depths: Iterable[float]) -> list[tuple[int, 
 
 
 def run(models: list[str], tasks: list[str], lengths: list[int], budgets: list[int], policies: list[str],
-        samples: int, out: str | os.PathLike, seed: int = 0, window: int = 32, tau: float = 0.3,
+        samples: int, out: str | os.PathLike, seed: int = 0, window: int = 32, tau: float = DEFAULT_TAU,
         fixed_frac: float = 0.4, depths: Iterable[float] = NIAH_DEPTHS, mode: str = "shared",
         n_threads: Optional[int] = None, log: Callable[[str], None] = print,
         spans: Optional[Iterable] = None, taus: Optional[Iterable[float]] = None) -> int:

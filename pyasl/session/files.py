@@ -10,7 +10,6 @@ from typing import Optional, Union
 
 from ..engine import Model
 from ..policies import Policy
-from ..engine.full_copy import FullCopy
 from .state import SessionFileError, _Base, _Stats
 
 _MAGIC = b"PYASLSES"
@@ -131,7 +130,7 @@ def load(cls, model: Model, path: Union[str, os.PathLike], n_threads: Optional[i
         s._started = True
         s.stats_ = _Stats(**head["stats"])
         if full:
-            s._full = FullCopy(model, n_batch=s.n_batch, n_threads=n_threads, flash_attn=s.flash_attn)
+            s._full = s._new_full_copy()
             s._full.load(full_state, full["tokens"], full["pending"])
             s._n_docs = int(full["n_docs"])
         elif s.mode == "per-question":

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Callable, Optional
 
-from ..engine.full_copy import FullCopy, FullCopyFull
+from ..engine.full_copy import FullCopyFull
 from .state import _RECENT_MAX, _SLACK
 
 Progress = Optional[Callable[[int, int], None]]
@@ -19,7 +19,7 @@ class PerQuestion:
         """per-question mode: the documents go unpruned into the full copy; the decode context holds
         the policy's selection from the documents' own last window until a question selects again."""
         t0 = time.perf_counter()
-        self._full = FullCopy(self.model, n_batch=self.n_batch, n_threads=self.n_threads, flash_attn=self.flash_attn)
+        self._full = self._new_full_copy()
         window = min(self.policy.window, len(toks) - 1)
         scores, logits = self._full.prefill(toks, max(1, window), progress=progress)
         self._n_docs = len(toks)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from typing import Callable, Optional
 
-from ..engine.full_copy import FullCopy
 from ..engine.strategies import PrunedPrefill
 
 Progress = Optional[Callable[[int, int], None]]
@@ -31,7 +30,7 @@ class Reconstruct:
         if not prompt_text.startswith(text):
             raise RuntimeError("the chat template does not render the conversation incrementally")
         prompt = self._fmt.tokens(prompt_text[len(text):], first=False)
-        full = FullCopy(self.model, n_batch=self.n_batch, n_threads=self.n_threads, flash_attn=self.flash_attn)
+        full = self._new_full_copy()
         window = max(1, min(self.policy.window, len(toks) - 1))
         try:
             scores, _ = full.prefill(toks, window, progress=progress)

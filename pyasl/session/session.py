@@ -191,6 +191,10 @@ class Session(Repruning, PerQuestion, Reconstruct):
         return Context(self.model, self.n_ctx, n_batch=self.n_batch, n_threads=self.n_threads,
                          flash_attn=self.flash_attn, capture=True)
 
+    def _new_full_copy(self) -> FullCopy:
+        """An empty full copy with the session's context settings (modes per-question, reconstruct)."""
+        return FullCopy(self.model, n_batch=self.n_batch, n_threads=self.n_threads, flash_attn=self.flash_attn)
+
     @property
     def n_past(self) -> int:
         """The next position (tokens seen so far, less what renumbering gave back)."""
@@ -304,8 +308,7 @@ class Session(Repruning, PerQuestion, Reconstruct):
         if not n:
             self._ctx = self._new_ctx()
             if self.mode == "per-question" and self.policy.prunes:  # the conversation alone goes into the copy
-                self._full = FullCopy(self.model, n_batch=self.n_batch, n_threads=self.n_threads,
-                                      flash_attn=self.flash_attn)
+                self._full = self._new_full_copy()
         self._base_state = _Base(self._ctx.state_get(), self._n_past, text, list(pre), self._layer_cells()) if n else None
         return self.stats()
 
