@@ -24,3 +24,7 @@ ggml_tensor * pyasl_build_window_scores(
         float softcap,
         int32_t n_window,
         int32_t mode);
+
+// Whether a KV cache created now should keep every layer's K/V in one layer's tensors
+// (pyasl_set_kv_one_layer; read by the llama_kv_cache constructor, patches/0005).
+bool pyasl_kv_one_layer_requested(void);

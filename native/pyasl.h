@@ -20,7 +20,7 @@
 extern "C" {
 #endif
 
-#define PYASL_ABI_VERSION 3
+#define PYASL_ABI_VERSION 4
 
 enum pyasl_status {
     PYASL_OK              =  0,
@@ -161,6 +161,24 @@ PYASL_API int32_t pyasl_kv_layer_cell_bytes(struct llama_context * ctx, int64_t 
 // contexts: only the layers of the base (global) cache are copied (see pyasl_kv_copy_cells_swa).
 PYASL_API int32_t pyasl_kv_copy_cells(struct llama_context * dst, struct llama_context * src,
                                       int32_t il_begin, int32_t il_end, int32_t n_cells);
+
+// ---- streamed layer-major prefill (patches/0005) --------------------------------------------
+// While on, contexts created on this thread store every layer's K/V in the first layer's tensors
+// (layers of another shape keep their own): a layer-major prefill's scratch context, whose layer l
+// is pruned (pyasl_kv_gather_layer) before layer l + 1 overwrites it, then holds one layer of
+// full-prompt K/V instead of all of them. Such a context's whole-cache calls (state save, keep,
+// copy of several layers) see only that storage. Turn it off right after creating the context.
+PYASL_API void    pyasl_set_kv_one_layer(bool on);
+// For model layer il: per KV head h, copy the K/V rows of src's cells holding positions
+// pos[h*k + i] (strictly increasing per head; src holds one sequence seq_id) into dst's cells
+// 0..k-1, head h's slice. dst's cell metadata is not touched (pyasl_kv_set_cell_positions, or a
+// later decode into those cells). Same model, cache types and V layout; no sliding-window caches.
+PYASL_API int32_t pyasl_kv_gather_layer(struct llama_context * dst, struct llama_context * src, llama_seq_id seq_id,
+                                        int32_t il, const int32_t * pos, int32_t n_head_kv, int32_t k);
+// Cells 0..n-1 of the (plain) cache get seq_id and the strictly increasing positions pos, every other
+// cell is freed; rows are untouched: for a context filled by pyasl_kv_gather_layer.
+PYASL_API int32_t pyasl_kv_set_cell_positions(struct llama_context * ctx, llama_seq_id seq_id, const int32_t * pos,
+                                              int32_t n);
 
 // ---- sliding-window models ------------------------------------------------------------------
 // Per layer (up to n_max), whether it uses sliding-window attention (llama.cpp's

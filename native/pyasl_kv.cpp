@@ -2,6 +2,7 @@
 // Rows travel through host memory with ggml_backend_tensor_get/set, so every backend takes the
 // same path (one read and one write per layer tensor).
 #include "pyasl_common.h"
+#include "pyasl-hooks.h"
 
 #include "llama-context.h"
 #include "llama-kv-cache.h"
@@ -38,6 +39,8 @@ struct pyasl_access {
 };
 
 namespace {
+
+thread_local bool g_kv_one_layer = false; // pyasl_set_kv_one_layer
 
 struct caches {
     llama_kv_cache * base = nullptr;
@@ -141,7 +144,7 @@ int32_t check_positions(const int32_t * pos, int32_t n, const std::vector<int32_
     return PYASL_OK;
 }
 
-// Can move_rows handle tensor t with n_lists (1 = all heads) source lists? Checked for every layer
+// Can gather_rows handle tensor t with n_lists (1 = all heads) source lists? Checked for every layer
 // before any tensor is written, so that a refusal leaves the cache untouched.
 int32_t check_layout(const ggml_tensor * t, bool transposed, int64_t n_head, uint32_t kv_size, size_t n_lists) {
     if (n_lists != 1 && (int64_t) n_lists != n_head) {
@@ -172,51 +175,58 @@ int32_t check_layout(const ggml_tensor * t, bool transposed, int64_t n_head, uin
     return PYASL_OK;
 }
 
-// Rewrite one cache tensor so that, for each head h, destination cell i holds source cell src[h][i].
+// Gather rows from tensor ts (size_s cells) into cells 0..k-1 of tensor td (size_d cells; td may be
+// ts): for each head h, destination cell i gets source cell src[h][i] (1 list = all heads).
 // K (and non-transposed V) rows: [n_embd_gqa per cell], heads contiguous inside a row.
 // Transposed V: channel-major, element (c, cell) at c*kv_size + cell.
-int32_t move_rows(ggml_tensor * t, bool transposed, int64_t n_head, uint32_t kv_size,
-                  const std::vector<std::vector<int32_t>> & src, std::vector<uint8_t> & buf) {
-    const size_t nbytes = ggml_nbytes(t);
+int32_t gather_rows(ggml_tensor * ts, uint32_t size_s, ggml_tensor * td, uint32_t size_d, bool transposed,
+                    int64_t n_head, const std::vector<std::vector<int32_t>> & src, std::vector<uint8_t> & buf) {
     const int64_t k = (int64_t) src[0].size();
-    int32_t rc = check_layout(t, transposed, n_head, kv_size, src.size());
+    int32_t rc = check_layout(ts, transposed, n_head, size_s, src.size());
+    if (rc == PYASL_OK && td != ts) {
+        rc = check_layout(td, transposed, n_head, size_d, src.size());
+    }
     if (rc != PYASL_OK) {
         return rc;
     }
+    if (k > (int64_t) size_d || td->type != ts->type || td->ne[0] != ts->ne[0]) {
+        PYASL_FAIL(PYASL_ERR_ARG, "internal: gather_rows shapes differ");
+    }
+    const size_t nbytes = ggml_nbytes(ts);
     buf.resize(nbytes);
-    ggml_backend_tensor_get(t, buf.data(), 0, nbytes);
-    std::vector<uint8_t> out(buf.size());
+    ggml_backend_tensor_get(ts, buf.data(), 0, nbytes);
 
     if (!transposed) {
-        const size_t row = t->nb[1];
+        const size_t row = ts->nb[1];
+        std::vector<uint8_t> out((size_t) k*row);
         if (src.size() == 1) {
             for (int64_t i = 0; i < k; ++i) {
                 std::memcpy(out.data() + i*row, buf.data() + (size_t) src[0][i]*row, row);
             }
         } else {
-            const int64_t d = t->ne[0] / n_head;
-            const size_t hb = ggml_row_size(t->type, d);
+            const int64_t d = ts->ne[0] / n_head;
+            const size_t hb = ggml_row_size(ts->type, d);
             for (int64_t h = 0; h < n_head; ++h) {
                 for (int64_t i = 0; i < k; ++i) {
                     std::memcpy(out.data() + i*row + h*hb, buf.data() + (size_t) src[h][i]*row + h*hb, hb);
                 }
             }
         }
-        ggml_backend_tensor_set(t, out.data(), 0, (size_t) k*row);
+        ggml_backend_tensor_set(td, out.data(), 0, out.size());
         return PYASL_OK;
     }
 
-    const size_t es = ggml_type_size(t->type);
-    const int64_t n_chan = t->ne[0];
+    const size_t es = ggml_type_size(ts->type);
+    const int64_t n_chan = ts->ne[0];
     const int64_t d = n_chan / n_head;
+    std::vector<uint8_t> out((size_t) k*es);
     for (int64_t c = 0; c < n_chan; ++c) {
         const auto & s = src.size() == 1 ? src[0] : src[c / d];
-        const uint8_t * in = buf.data() + (size_t) c*kv_size*es;
-        uint8_t * o = out.data() + (size_t) c*kv_size*es;
+        const uint8_t * in = buf.data() + (size_t) c*size_s*es;
         for (int64_t i = 0; i < k; ++i) {
-            std::memcpy(o + i*es, in + (size_t) s[i]*es, es);
+            std::memcpy(out.data() + i*es, in + (size_t) s[i]*es, es);
         }
-        ggml_backend_tensor_set(t, o, (size_t) c*kv_size*es, (size_t) k*es);
+        ggml_backend_tensor_set(td, out.data(), (size_t) c*size_d*es, out.size());
     }
     return PYASL_OK;
 }
@@ -274,12 +284,12 @@ int32_t rewrite(llama_kv_cache * kv, llama_seq_id seq_id, const std::vector<int3
         const auto & l = layers[ikv];
         const auto & src = src_by_layer[ikv];
         const int64_t n_head_kv = hp.n_head_kv(l.il);
-        int32_t rc = move_rows(l.k, false, n_head_kv, kv_size, src, buf);
+        int32_t rc = gather_rows(l.k, kv_size, l.k, kv_size, false, n_head_kv, src, buf);
         if (rc != PYASL_OK) {
             return rc;
         }
         if (l.v) {
-            rc = move_rows(l.v, vt, n_head_kv, kv_size, src, buf);
+            rc = gather_rows(l.v, kv_size, l.v, kv_size, vt, n_head_kv, src, buf);
             if (rc != PYASL_OK) {
                 return rc;
             }
@@ -350,6 +360,10 @@ int32_t copy_cache_cells(llama_kv_cache * kd, llama_kv_cache * ks, int32_t il_be
 }
 
 } // namespace
+
+bool pyasl_kv_one_layer_requested(void) {
+    return g_kv_one_layer;
+}
 
 extern "C" {
 
@@ -928,6 +942,115 @@ int32_t pyasl_kv_keep_swa(struct llama_context * ctx, llama_seq_id seq_id, const
     const size_t n_cl = pyasl_access::layers(c.swa).size();
     std::vector<std::vector<std::vector<int32_t>>> by_layer(n_cl, std::vector<std::vector<int32_t>>{src});
     return rewrite(c.swa, seq_id, cell_of_pos, by_layer, std::vector<int32_t>(pos, pos + n));
+}
+
+void pyasl_set_kv_one_layer(bool on) {
+    g_kv_one_layer = on;
+}
+
+int32_t pyasl_kv_gather_layer(struct llama_context * dst, struct llama_context * src, llama_seq_id seq_id, int32_t il,
+                              const int32_t * pos, int32_t n_head_kv, int32_t k) {
+    static const char * what = "pyasl_kv_gather_layer";
+    caches cd, cs;
+    int32_t rc;
+    if ((rc = get_caches(dst, cd)) != PYASL_OK || (rc = get_caches(src, cs)) != PYASL_OK) {
+        return rc;
+    }
+    if (cd.swa || cs.swa) {
+        PYASL_FAIL(PYASL_ERR_UNSUPPORTED, std::string(what) + ": sliding-window caches are not supported");
+    }
+    if (&dst->get_model() != &src->get_model()) {
+        PYASL_FAIL(PYASL_ERR_ARG, std::string(what) + ": the contexts use different models");
+    }
+    const auto & hp = pyasl_access::hparams(cs.base);
+    if (!pos || il < 0 || (uint32_t) il >= hp.n_layer() || k <= 0) {
+        PYASL_FAIL(PYASL_ERR_ARG, std::string(what) + ": bad layer or sizes");
+    }
+    if (hp.use_mrope() || hp.use_alibi) {
+        PYASL_FAIL(PYASL_ERR_UNSUPPORTED, std::string(what) + ": per-head sets need a model whose keys do not depend "
+                   "on the cell position (no multi-axis RoPE, no ALiBi)");
+    }
+    if ((int32_t) hp.n_head_kv(il) != n_head_kv) {
+        PYASL_FAIL(PYASL_ERR_ARG, std::string(what) + ": layer " + std::to_string(il) + " has " +
+                   std::to_string(hp.n_head_kv(il)) + " KV heads, not " + std::to_string(n_head_kv));
+    }
+    const int32_t id = pyasl_access::ikv(cd.base, il), is = pyasl_access::ikv(cs.base, il);
+    if (id < 0 || is < 0) {
+        PYASL_FAIL(PYASL_ERR_UNSUPPORTED, std::string(what) + ": layer " + std::to_string(il) + " has no KV cache");
+    }
+    if (pyasl_access::v_trans(cd.base) != pyasl_access::v_trans(cs.base)) {
+        PYASL_FAIL(PYASL_ERR_UNSUPPORTED, std::string(what) + ": the caches store V differently (flash attention setting)");
+    }
+    const uint32_t size_d = pyasl_access::cells(cd.base).size();
+    const uint32_t size_s = pyasl_access::cells(cs.base).size();
+    if ((uint32_t) k > size_d) {
+        PYASL_FAIL(PYASL_ERR_ARG, std::string(what) + ": " + std::to_string(k) + " rows do not fit the " +
+                   std::to_string(size_d) + " cells of the destination");
+    }
+    std::vector<int32_t> cell_of_pos;
+    llama_pos pos_max;
+    if ((rc = check_and_map(cs.base, seq_id, cell_of_pos, pos_max)) != PYASL_OK) {
+        return rc;
+    }
+    std::vector<std::vector<int32_t>> heads(n_head_kv, std::vector<int32_t>(k));
+    for (int32_t h = 0; h < n_head_kv; ++h) {
+        const int32_t * p = pos + (size_t) h*k;
+        if ((rc = check_positions(p, k, cell_of_pos, what)) != PYASL_OK) {
+            return rc;
+        }
+        for (int32_t i = 0; i < k; ++i) {
+            heads[h][i] = cell_of_pos[p[i]];
+        }
+    }
+    const auto & ld = pyasl_access::layers(cd.base)[id];
+    const auto & ls = pyasl_access::layers(cs.base)[is];
+    const bool vt = pyasl_access::v_trans(cs.base);
+    for (int kv = 0; kv < 2; ++kv) { // check both tensors before the first write
+        ggml_tensor * td = kv ? ld.v : ld.k;
+        ggml_tensor * ts = kv ? ls.v : ls.k;
+        if (!td != !ts || (td && (td->type != ts->type || td->ne[0] != ts->ne[0]))) {
+            PYASL_FAIL(PYASL_ERR_UNSUPPORTED, std::string(what) + ": the caches differ in layout or types");
+        }
+        if (td && ((rc = check_layout(ts, kv && vt, n_head_kv, size_s, heads.size())) != PYASL_OK ||
+                   (rc = check_layout(td, kv && vt, n_head_kv, size_d, heads.size())) != PYASL_OK)) {
+            return rc;
+        }
+    }
+    std::vector<uint8_t> buf;
+    for (int kv = 0; kv < 2; ++kv) {
+        ggml_tensor * td = kv ? ld.v : ld.k;
+        ggml_tensor * ts = kv ? ls.v : ls.k;
+        if (td && (rc = gather_rows(ts, size_s, td, size_d, kv && vt, n_head_kv, heads, buf)) != PYASL_OK) {
+            return rc;
+        }
+    }
+    return PYASL_OK;
+}
+
+int32_t pyasl_kv_set_cell_positions(struct llama_context * ctx, llama_seq_id seq_id, const int32_t * pos, int32_t n) {
+    static const char * what = "pyasl_kv_set_cell_positions";
+    caches c;
+    int32_t rc = get_caches(ctx, c);
+    if (rc != PYASL_OK) {
+        return rc;
+    }
+    if (c.swa) {
+        PYASL_FAIL(PYASL_ERR_UNSUPPORTED, std::string(what) + ": sliding-window caches are not supported");
+    }
+    if (pyasl_access::hparams(c.base).use_mrope()) {
+        PYASL_FAIL(PYASL_ERR_UNSUPPORTED, std::string(what) + ": multi-axis RoPE cells carry more than a position");
+    }
+    if (!pos || n <= 0 || (uint32_t) n > pyasl_access::cells(c.base).size() || seq_id < 0 || seq_id >= LLAMA_MAX_SEQ ||
+            (uint32_t) seq_id >= pyasl_access::n_seq_max(c.base)) {
+        PYASL_FAIL(PYASL_ERR_ARG, std::string(what) + ": bad sizes or sequence id");
+    }
+    for (int32_t i = 0; i < n; ++i) {
+        if (pos[i] < 0 || (i > 0 && pos[i] <= pos[i - 1])) {
+            PYASL_FAIL(PYASL_ERR_ARG, std::string(what) + ": positions must be >= 0 and strictly increasing");
+        }
+    }
+    set_meta(c.base, seq_id, {}, std::vector<int32_t>(pos, pos + n));
+    return PYASL_OK;
 }
 
 } // extern "C"

@@ -102,7 +102,7 @@ class PyaslKvInfo(ctypes.Structure):
     ]
 
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 _LOADED = None
 
 
@@ -154,6 +154,10 @@ def load():
         "pyasl_kv_get_layer_cells": ([vp, i32p, i32], i32),
         "pyasl_kv_layer_cell_bytes": ([vp, c.POINTER(i64), i32], i32),
         "pyasl_kv_renumber": ([vp, i32], i32),
+        # streamed layer-major prefill
+        "pyasl_set_kv_one_layer": ([c.c_bool], None),
+        "pyasl_kv_gather_layer": ([vp, vp, i32, i32, i32p, i32, i32], i32),
+        "pyasl_kv_set_cell_positions": ([vp, i32, i32p, i32], i32),
         # sliding-window models
         "pyasl_model_swa_layers": ([vp, c.POINTER(c.c_bool), i32], i32),
         "pyasl_model_swa_type": ([vp], i32),

@@ -52,7 +52,7 @@ def generate(model: Model, tokens: list[int], policy: Union[str, Policy] = "asl"
              flash_attn: bool = False, n_batch: int = 512, ignore_eos: bool = False, layer: Optional[int] = None,
              prefill_mode: str = "auto", progress: Optional[Callable[[int, int], None]] = None,
              on_text: Optional[Callable[[str], None]] = None, layer_budgets: Optional[str] = None,
-             budget_opts: Optional[dict] = None, span=None) -> GenerateResult:
+             budget_opts: Optional[dict] = None, span=None, type_k="f16", type_v="f16") -> GenerateResult:
     """Prefill `tokens`, prune the KV cache with `policy`, then decode greedily.
 
     `policy` is a Policy object (pyasl.ASL(budget=512), ...) or a name whose options are the other
@@ -61,13 +61,14 @@ def generate(model: Model, tokens: list[int], policy: Union[str, Policy] = "asl"
     fastkv (a fixed selection `layer`, default: depth-scaled); asl-2pass and gemfilter (select at
     the ASL layer / at `layer`, then prefill only the kept tokens at their original positions);
     zigzag and pyramid (per-layer budgets; budget_opts: theta, b_min_frac, beta). span: how every
-    selection turns scores into kept positions (token, forward:S, chunk:C).
+    selection turns scores into kept positions (token, forward:S, chunk:C). type_k, type_v: KV cache
+    types (f16, q8_0, q4_0, ...; a quantized V needs flash_attn), as llama.cpp's -ctk / -ctv.
     """
     pol = policy if isinstance(policy, Policy) else policy_from_options(
         policy, budget=budget, window=window, tau=tau, l_min=l_min, l_obs=l_obs, kernel=kernel, layer=layer,
         prefill_mode=prefill_mode, layer_budgets=layer_budgets, budget_opts=budget_opts, span=span)
     pr = run(model, tokens, pol, max_tokens=max_tokens, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
-             flash_attn=flash_attn, progress=progress)
+             flash_attn=flash_attn, progress=progress, type_k=type_k, type_v=type_v)
     ctx = pr.ctx
     try:
         info = ctx.kv_info()

@@ -174,11 +174,11 @@ class Llama(llama_cpp.Llama):
         if self.kv_mode == "per-question":
             if self._full_copy is None:
                 self._full_copy = FullCopy(self._pyasl_model, n_batch=self.n_batch, n_threads=cp.n_threads_batch,
-                                           flash_attn=not info.v_trans)
+                                           flash_attn=not info.v_trans, type_k=cp.type_k, type_v=cp.type_v)
             pp, reused = self._full_copy.select_state(head, pol)
         else:
             pp = prefill_state(self._pyasl_model, head, pol, n_threads=cp.n_threads_batch,
-                               flash_attn=not info.v_trans, n_batch=self.n_batch)
+                               flash_attn=not info.v_trans, n_batch=self.n_batch, type_k=cp.type_k, type_v=cp.type_v)
         mem = llama_cpp.llama_get_memory(self._ctx.ctx)
         llama_cpp.llama_memory_clear(mem, True)
         buf = (ctypes.c_uint8 * len(pp.state)).from_buffer_copy(pp.state)

@@ -144,8 +144,9 @@ def create_app(model_path: str, policy: Optional[Policy], n_ctx: int = 4096, ali
                n_threads: Optional[int] = None, flash_attn: bool = False, verbose: bool = False,
                host: str = "127.0.0.1", port: int = 8000,
                on_prune: Optional[Callable[[dict], None]] = None, max_prompt_tokens: Optional[int] = None,
-               kv_mode: str = "per-question"):
-    """The FastAPI app of llama-cpp-python's server, serving one pyasl.Llama with `policy`."""
+               kv_mode: str = "per-question", type_k="f16", type_v="f16"):
+    """The FastAPI app of llama-cpp-python's server, serving one pyasl.Llama with `policy`
+    (type_k, type_v: KV cache types, as llama.cpp's -ctk / -ctv)."""
     Llama, A, LlamaProxy, ModelSettings, ServerSettings = _imports()
     from fastapi import FastAPI
     from fastapi.middleware import Middleware
@@ -154,13 +155,18 @@ def create_app(model_path: str, policy: Optional[Policy], n_ctx: int = 4096, ali
     from starlette_context.plugins import RequestIdPlugin
 
     alias = alias or Path(model_path).stem
+    from ..engine.context import KV_TYPES, Context, kv_type_name
+
+    Context.check_kv_types(type_v, flash_attn)
     kw = {} if n_threads is None else {"n_threads": n_threads, "n_threads_batch": n_threads}
+    kw.update(type_k=KV_TYPES[kv_type_name(type_k)], type_v=KV_TYPES[kv_type_name(type_v)])
     ms = ModelSettings(model=str(model_path), model_alias=alias, n_ctx=n_ctx, flash_attn=flash_attn,
                        verbose=verbose, **kw)
     ss = ServerSettings(host=host, port=port)
     llm = Llama(model_path=str(model_path), n_ctx=n_ctx, flash_attn=flash_attn, verbose=verbose,
                 kv_policy=policy, max_prompt_tokens=max_prompt_tokens, kv_mode=kv_mode, n_threads=ms.n_threads,
-                n_threads_batch=ms.n_threads_batch, n_batch=ms.n_batch, n_ubatch=ms.n_ubatch, seed=ms.seed)
+                n_threads_batch=ms.n_threads_batch, n_batch=ms.n_batch, n_ubatch=ms.n_ubatch, seed=ms.seed,
+                type_k=ms.type_k, type_v=ms.type_v)
     llm.on_prune = on_prune
 
     class _Proxy(LlamaProxy):

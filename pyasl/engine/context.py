@@ -40,6 +40,20 @@ def _int32_array(values, what: str) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.int32)
 
 
+# KV cache types by llama.cpp's names (-ctk / -ctv); the values are ggml_type
+KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
+_KV_TYPE_NAMES = {v: k for k, v in KV_TYPES.items()}
+
+
+def kv_type_name(t) -> str:
+    """A KV cache type by name ("q8_0") or ggml_type id (8), as its name; ValueError for others."""
+    if isinstance(t, str) and t.lower() in KV_TYPES:
+        return t.lower()
+    if isinstance(t, (int, np.integer)) and not isinstance(t, bool) and int(t) in _KV_TYPE_NAMES:
+        return _KV_TYPE_NAMES[int(t)]
+    raise ValueError(f"unknown KV cache type {t!r}; choose one of {', '.join(KV_TYPES)}")
+
+
 def _check_positions(positions, n: int) -> None:
     p = _int32_array(positions, "positions")
     if p.ndim != 1 or len(p) != n:
@@ -58,11 +72,18 @@ class Context(_Native):
     _last_batch = 0
     _hidden_lid = None
     _ebatch = None
+    type_k = type_v = "f16"
 
     def __init__(self, model: Model, n_ctx: int, n_batch: int = 512, n_threads: Optional[int] = None,
-                 flash_attn: bool = False, capture: bool = False, type_k: Optional[int] = None,
-                 type_v: Optional[int] = None, allow_pos_gaps: bool = False, swa_full: bool = False):
+                 flash_attn: bool = False, capture: bool = False, type_k="f16", type_v="f16",
+                 allow_pos_gaps: bool = False, swa_full: bool = False, one_layer_kv: bool = False):
+        """type_k, type_v: KV cache types (KV_TYPES names or ggml_type ids; a quantized V needs
+        flash attention, as in llama.cpp). one_layer_kv: every layer stores its K/V in the first
+        layer's tensors (patches/0005), the scratch context of a layer-major prefill that prunes each
+        layer before the next one runs."""
         llama_cpp, lib, eval_cb = _ll()
+        type_k, type_v = kv_type_name("f16" if type_k is None else type_k), kv_type_name("f16" if type_v is None else type_v)
+        self.check_kv_types(type_v, flash_attn)
         _check_int("n_ctx", n_ctx, 1, 1 << 24)
         _check_int("n_batch", n_batch, 1, 1 << 20)
         if n_threads is not None:
@@ -82,15 +103,18 @@ class Context(_Native):
         p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         p.swa_full = swa_full  # sliding-window models: True sizes the SWA cache like the base one
         p.no_perf = True
-        if type_k is not None:
-            p.type_k = type_k
-        if type_v is not None:
-            p.type_v = type_v
+        p.type_k, p.type_v = KV_TYPES[type_k], KV_TYPES[type_v]
         if capture:
             p.cb_eval = eval_cb
             p.cb_eval_user_data = self._cap
         self._params = p  # keep the callback object alive
-        self._ctx = llama_cpp.llama_init_from_model(model._m, p)
+        if one_layer_kv:
+            lib.pyasl_set_kv_one_layer(True)
+        try:
+            self._ctx = llama_cpp.llama_init_from_model(model._m, p)
+        finally:
+            if one_layer_kv:
+                lib.pyasl_set_kv_one_layer(False)
         if not self._ctx:
             if self._cap:
                 lib.pyasl_capture_free(self._cap)
@@ -103,6 +127,7 @@ class Context(_Native):
         self.n_batch = n_batch
         self.n_threads = n_threads
         self.flash_attn = flash_attn
+        self.type_k, self.type_v = type_k, type_v
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._ebatch = None  # hidden-state batch, made on first use
         self._hidden_lid = None
@@ -133,6 +158,18 @@ class Context(_Native):
             if md["_n_open"] == 0 and md.get("_closed") and md.get("_handle__m"):
                 self.model._free_weights(md["_handle__m"])  # the model was closed while this context lived
 
+
+    @staticmethod
+    def check_kv_types(type_v, flash_attn: bool) -> None:
+        """ValueError for a V cache type llama.cpp cannot use with this attention setting."""
+        if kv_type_name(type_v) not in ("f16", "f32", "bf16") and not flash_attn:
+            raise ValueError(f"a {kv_type_name(type_v)} V cache needs flash attention (--flash-attn): llama.cpp stores "
+                             "V transposed without it, and a transposed V cannot be block-quantized")
+
+    def settings(self) -> dict:
+        """The keyword arguments that make another Context like this one (batch, threads, attention, cache types)."""
+        return dict(n_batch=self.n_batch, n_threads=self.n_threads, flash_attn=self.flash_attn, type_k=self.type_k,
+                    type_v=self.type_v)
 
     # ---- decoding ---------------------------------------------------------------------
     def decode(self, tokens: list[int], pos0: Optional[int] = None, logits_last: bool = True,
@@ -302,6 +339,27 @@ class Context(_Native):
     def kv_copy_cells_from(self, src: "Context", il_begin: int, il_end: int, n_cells: int) -> None:
         _, lib, _ = _ll()
         check(lib.pyasl_kv_copy_cells(self._ctx, src._ctx, il_begin, il_end, n_cells), "kv copy cells")
+
+    def kv_gather_layer_from(self, src: "Context", il: int, sets: np.ndarray) -> None:
+        """Layer il's rows of src's positions sets[h] (n_head_kv, k), sorted per KV head, into this
+        context's cells 0..k-1 (head h's slice); this context's cell metadata is not touched."""
+        _, lib, _ = _ll()
+        p = _int32_array(sets, "per-head positions")
+        if p.ndim != 2 or p.shape[0] != self.model.n_head_kv:
+            raise ValueError(f"per-head positions must be (n_head_kv={self.model.n_head_kv}, k)")
+        check(lib.pyasl_kv_gather_layer(self._ctx, src._ctx, SEQ, il, p.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+                                        p.shape[0], p.shape[1]), "kv gather layer")
+
+    def set_cell_positions(self, positions) -> None:
+        """Cells 0..k-1 hold these increasing positions (rows untouched, every other cell freed);
+        decoding continues after the last one."""
+        _, lib, _ = _ll()
+        p = _int32_array(positions, "cell positions")
+        if p.ndim != 1 or len(p) == 0:
+            raise ValueError("cell positions must be a non-empty 1-D list")
+        check(lib.pyasl_kv_set_cell_positions(self._ctx, SEQ, p.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), len(p)),
+              "set cell positions")
+        self.n_past = int(p[-1]) + 1
 
     def kv_copy_swa_cells_from(self, src: "Context", il_begin: int, il_end: int, n_cells: int) -> None:
         """kv_copy_cells_from for the sliding-window cache's layers."""

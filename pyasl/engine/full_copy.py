@@ -32,9 +32,10 @@ class FullCopy:
     """A live context holding every token of the session so far (positions 0..n-1), plus the answer
     tokens not decoded into it yet (``pending``)."""
 
-    def __init__(self, model: Model, n_batch: int = 512, n_threads: Optional[int] = None, flash_attn: bool = False):
+    def __init__(self, model: Model, n_batch: int = 512, n_threads: Optional[int] = None, flash_attn: bool = False,
+                 type_k="f16", type_v="f16"):
         self.model = model
-        self.kw = dict(n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn)
+        self.kw = dict(n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn, type_k=type_k, type_v=type_v)
         self.ctx: Optional[Context] = None
         self.n = 0
         self.tokens: list[int] = []  # the n tokens in the copy

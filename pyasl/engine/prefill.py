@@ -68,9 +68,10 @@ def prefill(ctx: Context, tokens: list[int], window: int = 0,
     return Prefill(logits=logits, scores=scores, seconds=secs)
 
 
-def layer_major_pass(model: Model, tokens: list[int], window: int, decide, n_batch: int = 512,
-                      n_threads: Optional[int] = None, flash_attn: bool = False,
-                      progress: Optional[Callable[[int, int], None]] = None, keep_all_hidden: bool = False):
+def layer_major_pass(model: Model, tokens: list[int], window: int, decide,
+                      progress: Optional[Callable[[int, int], None]] = None, keep_all_hidden: bool = False,
+                      on_layer: Optional[Callable[[int, Context, np.ndarray], None]] = None, one_layer_kv: bool = False,
+                      **ctx_kw):
     """Run layers 0, 1, ... each over every ubatch of `tokens` (window scores armed on the last
     ubatch, the last `window` tokens) until decide(l, scores) returns (True, selection).
 
@@ -78,9 +79,14 @@ def layer_major_pass(model: Model, tokens: list[int], window: int, decide, n_bat
     (n_layer, n_head, n) with rows 0..stop filled; Hs is a list of (n, n_embd) hidden states, the
     input of layer l + 1 for each layer l that ran (only the last one unless keep_all_hidden);
     stop is None when decide never said stop (every layer ran; A's logits are full depth).
+    on_layer(l, A, scores): called after layer l ran, before decide.
+    one_layer_kv: A stores one layer of K/V, every layer overwriting the last one's (patches/0005), for
+    a caller that takes what it needs of each layer in on_layer or needs none of A's K/V.
+    ctx_kw: Context settings (n_batch, n_threads, flash_attn, type_k, type_v).
     """
     N, n = model.n_layer, len(tokens)
-    A = Context(model, _pad(n + 1), n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn, capture=True)
+    n_batch = ctx_kw.setdefault("n_batch", 512)
+    A = Context(model, _pad(n + 1), capture=True, one_layer_kv=one_layer_kv, **ctx_kw)
     head = n - window
     chunks = [(i, min(i + n_batch, head)) for i in range(0, head, n_batch)] + [(head, n)]
     scores = np.zeros((N, model.n_head, n), dtype=np.float32)
@@ -93,7 +99,10 @@ def layer_major_pass(model: Model, tokens: list[int], window: int, decide, n_bat
             A.set_layer_range(l, l + 1)
             A.set_reuse_cells(l > 0)
             A.set_hidden_output(None if last else l + 1)
-            newH = None if last else np.empty((n, model.n_embd), dtype=np.float32)
+            # the next layer's input; each ubatch's output replaces its own input (already consumed)
+            # unless every layer's hidden states are kept
+            newH = None if last else H if H is not None and not keep_all_hidden else \
+                np.empty((n, model.n_embd), dtype=np.float32)
             for a, b in chunks:
                 win = a == head
                 if win:
@@ -117,6 +126,8 @@ def layer_major_pass(model: Model, tokens: list[int], window: int, decide, n_bat
                     Hs[:] = [H]
             if progress:
                 progress((l + 1) * n, N * n)
+            if on_layer is not None:
+                on_layer(l, A, scores)
             done, s = decide(l, scores)
             if done:
                 stop, sel = l, s
@@ -130,13 +141,13 @@ def layer_major_pass(model: Model, tokens: list[int], window: int, decide, n_bat
     return A, scores, Hs, stop, sel
 
 
-def prefill_kept(model: Model, tokens: list[int], kept, max_tokens: int, n_batch: int = 512,
-                 n_threads: Optional[int] = None, flash_attn: bool = False) -> Context:
+def prefill_kept(model: Model, tokens: list[int], kept, max_tokens: int, **ctx_kw) -> Context:
     """Second pass of asl-2pass / gemfilter: a context of len(kept) + max_tokens cells holding only the
-    kept tokens, prefilled through every layer at their original positions (logits: the last one)."""
+    kept tokens, prefilled through every layer at their original positions (logits: the last one).
+    ctx_kw: Context settings (n_batch, n_threads, flash_attn, type_k, type_v)."""
     kept_l = [int(x) for x in kept]
-    ctx = Context(model, _pad(len(kept_l) + max_tokens), n_batch=n_batch, n_threads=n_threads,
-                  flash_attn=flash_attn, allow_pos_gaps=True)
+    n_batch = ctx_kw.setdefault("n_batch", 512)
+    ctx = Context(model, _pad(len(kept_l) + max_tokens), allow_pos_gaps=True, **ctx_kw)
     for i in range(0, len(kept_l), n_batch):
         pos = kept_l[i: i + n_batch]
         ctx.decode([tokens[p] for p in pos], positions=pos, logits_last=i + n_batch >= len(kept_l))
@@ -146,12 +157,12 @@ def prefill_kept(model: Model, tokens: list[int], kept, max_tokens: int, n_batch
 def shrink_context(ctx: Context, n_kept: int, n_past: int, max_tokens: int) -> Context:
     """Move a pruned sequence (n_kept cells, next position n_past) into a new context sized to the
     kept cells + max_tokens (+ the sliding-window cells in use), so the memory is really freed.
-    Closes ctx; the new context has ctx's batch size, threads and attention settings."""
+    Closes ctx; the new context has ctx's settings (Context.settings)."""
     state = ctx.state_get()
     swa_used = ctx.kv_info().used_swa
-    model, nb, nt, fa = ctx.model, ctx.n_batch, ctx.n_threads, ctx.flash_attn
+    model, kw = ctx.model, ctx.settings()
     ctx.close()
-    new = Context(model, _pad(max(n_kept, swa_used) + max_tokens), n_batch=nb, n_threads=nt, flash_attn=fa)
+    new = Context(model, _pad(max(n_kept, swa_used) + max_tokens), **kw)
     new.state_set(state, n_past=n_past)
     return new
 
@@ -216,8 +227,7 @@ def move_to_context(ctx: Context, n_prompt: int, n_cells: int, **context_kwargs)
 
 
 def propagate(model: Model, A: Context, H: Optional[np.ndarray], kept: list[int], early: Selection, stop: int, n: int,
-              max_tokens: int, n_batch: int = 512, n_threads: Optional[int] = None, flash_attn: bool = False,
-              last_logits: Optional[np.ndarray] = None):
+              max_tokens: int, last_logits: Optional[np.ndarray] = None, **ctx_kw):
     """One-shot token-selective propagation after layer `stop` (A: the full KV of layers 0..stop;
     H: the input of layer stop + 1 for every prompt token). Layers <= stop keep what `early` says
     of their own KV (per KV head, or per-layer budgets); the kept tokens go through layers
@@ -227,10 +237,10 @@ def propagate(model: Model, A: Context, H: Optional[np.ndarray], kept: list[int]
     tokens. Returns (decode context of the kept cells + max_tokens, the last prompt token's
     full-depth logits (when stop is the last layer: last_logits, else A's), the LayerBudgets or
     None, the number of tokens propagated).
-    Closes A."""
+    ctx_kw: Context settings (n_batch, n_threads, flash_attn, type_k, type_v). Closes A."""
     N, k = model.n_layer, len(kept)
     win = swa_window(model, n)  # None, or the positions the sliding-window cache keeps
-    ctx_kw = dict(n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn)
+    n_batch = ctx_kw.setdefault("n_batch", 512)
     try:
         if early.per_layer is not None and win is not None:
             raise ValueError("per-layer budgets do not support sliding-window models yet")

@@ -24,7 +24,7 @@ import numpy as np
 from ..arch import layer_major_supported, ranked_layer_mask
 from ..policies import Policy, Selection
 from ..policies.options import policy_from_options
-from .context import Context, _check_int, _int32_array, _pad
+from .context import Context, _check_int, _int32_array, _pad, kv_type_name
 from .model import Model
 from .prefill import (LayerBudgets, apply_selection, kv_bytes, layer_major_pass, move_to_context, prefill,
                       prefill_kept, propagate, shrink_context)
@@ -104,11 +104,13 @@ def check_prompt(model: Model, tokens, policy: Policy, max_tokens: int, n_ctx: O
 
 def run(model: Model, tokens: list[int], policy: Policy, max_tokens: int = 128, n_ctx: Optional[int] = None,
         n_batch: int = 512, n_threads: Optional[int] = None, flash_attn: bool = False,
-        progress: Progress = None) -> Pruned:
+        progress: Progress = None, type_k="f16", type_v="f16") -> Pruned:
     """Prefill `tokens` with `policy`'s strategy and prune: a decode context with room for
-    `max_tokens`. Raises ValueError for bad input or a policy the model cannot run."""
+    `max_tokens`. type_k, type_v: KV cache types (context.KV_TYPES; a quantized V needs flash_attn).
+    Raises ValueError for bad input or a policy the model cannot run."""
     prune, note = check_prompt(model, tokens, policy, max_tokens, n_ctx, n_batch, n_threads)
-    kw = dict(n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn)
+    kw = dict(n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn, type_k=kv_type_name(type_k),
+              type_v=kv_type_name(type_v))
     n = len(tokens)
     mask = ranked_layer_mask(model, n)
     if prune:
@@ -191,15 +193,18 @@ def replay(policy: Policy, scores: np.ndarray, model: Model, mask) -> tuple[int,
     return model.n_layer - 1, policy.decide_last(scores, model, mask)
 
 
-def _layer_major_first(model, tokens, policy: Policy, mask, progress, keep_all_hidden=False, **kw):
-    """A layer-major pass that stops at the policy's selection layer: (A, scores, hidden states, stop, selection)."""
+def _layer_major_first(model, tokens, policy: Policy, mask, progress, keep_all_hidden=False, on_layer=None,
+                       one_layer_kv=False, **kw):
+    """A layer-major pass that stops at the policy's selection layer: (A, scores, hidden states, stop,
+    selection); on_layer, one_layer_kv: see :func:`layer_major_pass`."""
     _check_int("window", policy.window, 1, min(len(tokens) - 1, kw["n_batch"]) if len(tokens) > 1 else 0)
     l_min = getattr(policy, "l_min", None)
     if l_min is not None and not 0 <= l_min < model.n_layer:
         raise ValueError(f"l_min {l_min} is outside the model's layers 0..{model.n_layer - 1}")
     A, scores, Hs, stop, sel = layer_major_pass(model, tokens, policy.window,
                                                 lambda l, s: _decided(policy.decide(l, s, model, mask)),
-                                                progress=progress, keep_all_hidden=keep_all_hidden, **kw)
+                                                progress=progress, keep_all_hidden=keep_all_hidden, on_layer=on_layer,
+                                                one_layer_kv=one_layer_kv, **kw)
     if stop is None:  # the policy never stopped: every layer ran
         stop = model.n_layer - 1
         try:
@@ -215,6 +220,8 @@ def _decided(sel: Optional[Selection]):
 
 
 def _run_layer_major(model, tokens, policy: Policy, max_tokens, mask, note, progress, **kw) -> Pruned:
+    if policy.streams_early_layers(model):
+        return _run_layer_major_streamed(model, tokens, policy, max_tokens, mask, note, progress, **kw)
     t0 = time.perf_counter()
     n = len(tokens)
     A, scores, Hs, stop, sel = _layer_major_first(model, tokens, policy, mask, progress, **kw)
@@ -224,6 +231,59 @@ def _run_layer_major(model, tokens, policy: Policy, max_tokens, mask, note, prog
     out = finish_layer_major(model, A, H, policy, sel, scores, stop, n, max_tokens, **kw)
     out.kv_bytes_full, out.prefill_s, out.note = full, time.perf_counter() - t0, _join(note, sel.note)
     return out
+
+
+def _run_layer_major_streamed(model, tokens, policy: Policy, max_tokens, mask, note, progress, **kw) -> Pruned:
+    """The layer-major strategy pruning as it goes, for a policy whose layers up to the selection layer
+    keep sets chosen from their own scores (Policy.streams_early_layers): the pass runs in a scratch
+    context storing one layer of K/V; after layer l ran, its kept rows move into the decode context
+    (budget + max_tokens cells) before layer l + 1 overwrites the scratch. Past the selection layer the
+    scratch is freed and the kept tokens go through the deeper layers in the decode context. The KV
+    held at the peak is one layer of the full prompt plus the kept cells of every layer; the
+    decode context equals :func:`finish_layer_major`'s."""
+    t0 = time.perf_counter()
+    n, N = len(tokens), model.n_layer
+    k = policy.budget
+    D = Context(model, _pad(k + max_tokens), allow_pos_gaps=True, **kw)
+    meta = np.full(k, -1, dtype=np.int64)  # per cell, the largest position any layer's head keeps there
+
+    def prune_layer(l: int, A: Context, scores: np.ndarray) -> None:
+        sets = policy.early_layer_set(scores[l], model)
+        if sets.shape[1] != k:
+            raise RuntimeError(f"layer {l} keeps {sets.shape[1]} tokens per head, not the budget {k}")
+        D.kv_gather_layer_from(A, l, sets)
+        np.maximum(meta, sets.max(axis=0), out=meta)
+
+    try:
+        A, scores, Hs, stop, sel = _layer_major_first(model, tokens, policy, mask, progress, on_layer=prune_layer,
+                                                        one_layer_kv=True, **kw)
+        try:
+            logits = A.logits() if stop == N - 1 else None
+        finally:
+            A.close()
+        kept = np.asarray(sel.shared)
+        if len(kept) != k:
+            raise RuntimeError(f"the selection keeps {len(kept)} tokens, not the budget {k}")
+        n_prop = 0
+        if stop < N - 1:  # one-shot propagation: the kept tokens through layers stop+1..N-1 into cells 0..k-1
+            H, nb = Hs[-1], D.n_batch
+            D.set_layer_range(stop + 1, N)
+            for i in range(0, k, nb):
+                pos = [int(p) for p in kept[i: i + nb]]
+                D.decode_hidden(H[pos], pos, logits_last=i + nb >= k)
+            logits = D.logits()
+            D.set_layer_range(0, N)
+            n_prop = k
+        else:  # every layer ran over the whole prompt: the cells get the positions kv_keep_per_head gives
+            D.set_cell_positions(meta)
+    except BaseException:
+        D.close()
+        raise
+    work = ((stop + 1) * n + (N - stop - 1) * n_prop) / (N * n)
+    info = D.kv_info()
+    return Pruned(ctx=D, logits=logits, n_kept=k, kv_bytes_full=kv_bytes(info, n, 0), prefill_s=time.perf_counter() - t0,
+                  prefill_work=work, selection=sel, stop_layer=stop, kept=kept, scores=scores[: stop + 1],
+                  strategy="layer-major", note=_join(note, sel.note), extra={"scratch_kv": "one layer"})
 
 
 def finish_layer_major(model, A: Context, H: Optional[np.ndarray], policy: Policy, sel: Selection, scores, stop: int,
@@ -249,8 +309,9 @@ def _run_two_pass(model, tokens, policy: Policy, max_tokens, n_ctx, mask, note, 
     t0 = time.perf_counter()
     n, N = len(tokens), model.n_layer
     if policy.first_pass(model) == "layer-major":
-        A, scores, _, stop, sel = _layer_major_first(model, tokens, policy, mask, progress, **kw)
-        info = A.kv_info()
+        # the first pass's K/V is thrown away: its scratch stores one layer
+        A, scores, _, stop, sel = _layer_major_first(model, tokens, policy, mask, progress, one_layer_kv=True, **kw)
+        used_swa = A.kv_info().used_swa
         A.close()
         layers = stop + 1
         t_sel = 0.0
@@ -258,7 +319,7 @@ def _run_two_pass(model, tokens, policy: Policy, max_tokens, n_ctx, mask, note, 
         stop_at = policy.first_pass_stop(model)
         with Context(model, max(n_ctx or 0, _pad(n + 1)), capture=True, **kw) as ctx:
             pf = prefill(ctx, tokens, window=policy.window, progress=progress, stop_layer=stop_at)
-            info = ctx.kv_info()
+            used_swa = ctx.kv_info().used_swa
         scores = pf.scores
         t1 = time.perf_counter()
         sel = select(policy, scores, policy.window, model, mask)
@@ -269,7 +330,8 @@ def _run_two_pass(model, tokens, policy: Policy, max_tokens, n_ctx, mask, note, 
     out = finish_two_pass(model, tokens, sel, max_tokens, **kw)
     out.compact_s, out.select_s = time.perf_counter() - t1, t_sel
     out.prefill_work = (layers * n + N * out.n_kept) / (N * n)
-    out.kv_bytes_full = kv_bytes(info, n, info.used_swa)
+    info = out.ctx.kv_info()  # the bytes of a cell of every layer (a one-layer scratch stores fewer)
+    out.kv_bytes_full = kv_bytes(info, n, used_swa)
     out.prefill_s, out.stop_layer, out.scores = time.perf_counter() - t0, stop, scores[: stop + 1]
     out.note = _join(note, sel.note)
     return out
@@ -297,11 +359,12 @@ class PrunedPrefill:
 
 
 def prefill_state(model: Model, tokens: list[int], policy: Policy, n_threads: Optional[int] = None,
-                  flash_attn: bool = False, n_batch: int = 512, progress: Progress = None) -> PrunedPrefill:
+                  flash_attn: bool = False, n_batch: int = 512, progress: Progress = None, type_k="f16",
+                  type_v="f16") -> PrunedPrefill:
     """Prefill and prune `tokens` with `policy`; the result as state bytes (see PrunedPrefill)."""
     t0 = time.perf_counter()
     pr = run(model, tokens, policy, max_tokens=1, n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn,
-             progress=progress)
+             progress=progress, type_k=type_k, type_v=type_v)
     try:
         state = pr.ctx.state_get()
     finally:

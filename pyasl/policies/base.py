@@ -203,14 +203,24 @@ class Policy:
         own full KV (``per_head`` sets, or ``per_layer`` budgets), every later layer holding ``kept``.
         Default: SnapKV per KV head of ``budget`` (sliding-window layers keep their window).
         ``window``: the always-kept last indices (default: the policy's window)."""
-        window = self.window if window is None else window
         N, L = model.n_layer, scores.shape[0] - 1
         swa = model.swa_layers if model.n_swa > 0 else [False] * N
         sets = np.empty((N, model.n_head_kv, len(kept)), dtype=np.int32)
         for l in range(N):
-            sets[l] = snapkv_select(scores[l], window, self.budget, model.n_head_kv, kernel=self.kernel,
-                                    span=self.span) if l <= L and not swa[l] else kept
+            sets[l] = self.early_layer_set(scores[l], model, window) if l <= L and not swa[l] else kept
         return Selection(per_head=sets)
+
+    def early_layer_set(self, layer_scores: np.ndarray, model, window: Optional[int] = None) -> np.ndarray:
+        """What one layer up to the selection layer keeps by default: SnapKV per KV head of ``budget``
+        from that layer's own ``(n_head, n)`` scores, ``(n_head_kv, budget)`` positions."""
+        window = self.window if window is None else window
+        return snapkv_select(layer_scores, window, self.budget, model.n_head_kv, kernel=self.kernel, span=self.span)
+
+    def streams_early_layers(self, model) -> bool:
+        """Whether :meth:`early_layers` keeps :meth:`early_layer_set` of each layer's own scores, so a
+        layer-major prefill can prune a layer as soon as it ran and hold one layer of full-prompt
+        K/V at a time (sliding-window models keep their window cache whole: no)."""
+        return model.n_swa == 0
 
     def first_pass_stop(self, model) -> Optional[int]:
         """two-pass with an ordinary first pass: the last layer it runs (None: every layer)."""

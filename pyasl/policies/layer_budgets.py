@@ -368,6 +368,9 @@ class EarlyLayerBudgets:
             raise ValueError("per-layer budgets are not supported on sliding-window models (their caches use "
                              "separate masks); use snapkv or asl")
 
+    def streams_early_layers(self, model) -> bool:
+        return not self.layer_budgets and super().streams_early_layers(model)  # budgets rank every layer at once
+
     def early_layers(self, scores, kept, model, window=None) -> Selection:
         if not self.layer_budgets:
             return super().early_layers(scores, kept, model, window)

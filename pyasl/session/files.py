@@ -32,7 +32,7 @@ def save(s, path: Union[str, os.PathLike]) -> None:
     head = {
         "version": _FILE_VERSION, "model": _identity(s.model), "policy": s.policy.to_dict(),
         "n_ctx": s.n_ctx, "max_tokens": s.max_tokens, "system": s.system, "raw": s._fmt.raw,
-        "flash_attn": s.flash_attn, "n_batch": s.n_batch, "n_past": s._n_past,
+        "flash_attn": s.flash_attn, "n_batch": s.n_batch, "type_k": s.type_k, "type_v": s.type_v, "n_past": s._n_past,
         "sink": s.sink, "keep_recent": s.keep_recent, "pos_shift": s._pos_shift,
         "documents": [[n, t] for n, t in s.documents], "messages": s.messages, "struct": s._struct,
         "cached_text": s._cached_text, "stats": s.stats_.__dict__,
@@ -108,7 +108,8 @@ def load(cls, model: Model, path: Union[str, os.PathLike], n_threads: Optional[i
     try:  # every field a damaged (or hand-edited) header may lack or hold with the wrong type
         s = cls(model, policy=Policy.from_dict(head["policy"]), n_ctx=head["n_ctx"], system=head["system"],
                 max_tokens=head["max_tokens"], raw=head["raw"], n_threads=n_threads,
-                flash_attn=head["flash_attn"], n_batch=head["n_batch"], sink=head.get("sink", 4),
+                flash_attn=head["flash_attn"], n_batch=head["n_batch"], type_k=head.get("type_k", "f16"),
+                type_v=head.get("type_v", "f16"), sink=head.get("sink", 4),
                 keep_recent=head.get("keep_recent", 0), mode=head.get("mode", "once"))
         n_past = head["n_past"]
         if isinstance(n_past, bool) or not isinstance(n_past, int) or n_past < 0:

@@ -49,6 +49,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import numpy as np
 
 from ..engine import Context, Model
+from ..engine.context import kv_type_name
 from ..engine.full_copy import FullCopy
 from ..engine.strategies import prefill_state
 from ..policies import ASL, Policy, Selection, make_policy
@@ -107,7 +108,8 @@ class Session(Repruning, PerQuestion, Reconstruct):
         system: system message.
         max_tokens: the longest answer (cells reserved for it before each answer).
         raw: do not use the model's chat template (plain "User:/Assistant:" text).
-        n_threads, flash_attn, n_batch: llama.cpp context settings.
+        n_threads, flash_attn, n_batch: llama.cpp context settings; type_k, type_v: KV cache types
+            (f16, q8_0, q4_0, ...; a quantized V needs flash_attn), as llama.cpp's -ctk / -ctv.
         sink: cells at the start of the conversation that every re-prune keeps (attention sinks:
             without them a small model's answers fall into repetition after a few re-prunes).
         keep_recent: cells just before the newest turn that every re-prune keeps verbatim (the
@@ -122,7 +124,7 @@ class Session(Repruning, PerQuestion, Reconstruct):
     def __init__(self, model: Model, policy: Union[Policy, str, None] = None, n_ctx: int = 4096,
                  system: Optional[str] = None, max_tokens: int = 256, raw: bool = False,
                  n_threads: Optional[int] = None, flash_attn: bool = False, n_batch: int = 512,
-                 sink: int = 4, keep_recent: int = 0, mode: Optional[str] = None):
+                 sink: int = 4, keep_recent: int = 0, mode: Optional[str] = None, type_k="f16", type_v="f16"):
         if policy is None:
             policy = ASL(budget=512)
         elif isinstance(policy, str):
@@ -152,6 +154,8 @@ class Session(Repruning, PerQuestion, Reconstruct):
         self.max_tokens = int(max_tokens)
         self.system = system
         self.n_threads, self.flash_attn, self.n_batch = n_threads, bool(flash_attn), int(n_batch)
+        self.type_k, self.type_v = kv_type_name(type_k), kv_type_name(type_v)
+        Context.check_kv_types(self.type_v, self.flash_attn)
         self._check_sizes(policy, self.max_tokens)
         self.policy = policy
         self._fmt = ChatFormat(model, raw=raw)
@@ -188,12 +192,16 @@ class Session(Repruning, PerQuestion, Reconstruct):
             raise ValueError(f"the context ({self.n_ctx} cells) is too small for max_tokens {max_tokens}")
 
     def _new_ctx(self) -> Context:
-        return Context(self.model, self.n_ctx, n_batch=self.n_batch, n_threads=self.n_threads,
-                         flash_attn=self.flash_attn, capture=True)
+        return Context(self.model, self.n_ctx, capture=True, **self._ctx_kw())
 
     def _new_full_copy(self) -> FullCopy:
         """An empty full copy with the session's context settings (modes per-question, reconstruct)."""
-        return FullCopy(self.model, n_batch=self.n_batch, n_threads=self.n_threads, flash_attn=self.flash_attn)
+        return FullCopy(self.model, **self._ctx_kw())
+
+    def _ctx_kw(self) -> dict:
+        """The llama.cpp context settings every context of the session is made with."""
+        return dict(n_batch=self.n_batch, n_threads=self.n_threads, flash_attn=self.flash_attn, type_k=self.type_k,
+                    type_v=self.type_v)
 
     @property
     def n_past(self) -> int:
@@ -290,8 +298,7 @@ class Session(Repruning, PerQuestion, Reconstruct):
             if self.mode == "reconstruct" and self.policy.prunes:
                 pp = self._prefill_reconstruct(toks, pre, text, progress)
             else:
-                pp = prefill_state(self.model, toks, self.policy, n_threads=self.n_threads,
-                                   flash_attn=self.flash_attn, n_batch=self.n_batch, progress=progress)
+                pp = prefill_state(self.model, toks, self.policy, progress=progress, **self._ctx_kw())
             self._load_state(pp.state, pp.n_tokens, pp.layer_cells)
             self._n_past = pp.n_tokens
             self._remember(toks[-_RECENT_MAX:])

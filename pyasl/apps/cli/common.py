@@ -214,6 +214,16 @@ def policy_options(policies=ALL_POLICIES, default: str = "asl", budget_default: 
     return deco
 
 
+def cache_type_options(f):
+    """-ctk / -ctv: the KV cache types, as llama.cpp's options."""
+    from ...engine.context import KV_TYPES
+
+    f = click.option("-ctv", "--cache-type-v", "type_v", type=click.Choice(list(KV_TYPES)), default="f16",
+                     show_default=True, help="V cache type, as llama.cpp's -ctv (quantized: needs --flash-attn)")(f)
+    return click.option("-ctk", "--cache-type-k", "type_k", type=click.Choice(list(KV_TYPES)), default="f16",
+                        show_default=True, help="K cache type, as llama.cpp's -ctk")(f)
+
+
 def model_options(f):
     """The model and runtime options of generate and inspect."""
     for opt in reversed([

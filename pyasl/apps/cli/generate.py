@@ -5,7 +5,7 @@ import json
 
 import click
 
-from .common import Progress, check_text, fail, load_model, model_options, policy_options, prompt_tokens, read_prompt, \
+from .common import Progress, cache_type_options, check_text, fail, load_model, model_options, policy_options, prompt_tokens, read_prompt, \
     user_errors
 
 
@@ -16,10 +16,11 @@ from .common import Progress, check_text, fail, load_model, model_options, polic
                             "kept tokens; zigzag/pyramid: per-layer budgets")
 @click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(min=1))
 @click.option("--ctx", "n_ctx", type=click.IntRange(min=16), help="context size limit for the prompt")
+@cache_type_options
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @click.option("--progress/--no-progress", default=None, help="prefill progress bar (default: when stderr is a tty)")
 def generate(model, prompt, prompt_file, raw, system, threads, flash_attn, verbose, policy, max_tokens, n_ctx,
-             as_json, progress):
+             type_k, type_v, as_json, progress):
     """Answer a (long) prompt with the KV cache pruned by POLICY.
 
     MODEL is a GGUF path or a known name (smollm2, qwen2.5-0.5b, gemma3-270m).
@@ -35,7 +36,7 @@ def generate(model, prompt, prompt_file, raw, system, threads, flash_attn, verbo
         toks = prompt_tokens(m, text, raw, system)
         stream = None if as_json else (lambda s: click.echo(s, nl=False))
         res = run(m, toks, policy=pol, max_tokens=max_tokens, n_ctx=n_ctx, n_threads=threads, flash_attn=flash_attn,
-                  progress=bar, on_text=stream)
+                  progress=bar, on_text=stream, type_k=type_k, type_v=type_v)
     except user_errors() as e:
         bar.close()
         fail(str(e))

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ...session.session import MODES
-from .common import Progress, check_text, fail, policy_options, read_utf8, user_errors
+from .common import Progress, cache_type_options, check_text, fail, policy_options, read_utf8, user_errors
 
 _session_policy = policy_options(asl_layers=True, prefill=True, layer_budgets=True, layer_only_fixed=True)
 
@@ -41,10 +41,11 @@ def _read_doc(path: str) -> tuple:
 @click.option("--raw", is_flag=True, help="do not apply the chat template")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: all cores)")
 @click.option("--flash-attn/--no-flash-attn", default=False, show_default=True)
+@cache_type_options
 @click.option("--verbose", is_flag=True, help="show llama.cpp's log")
 @click.option("--progress/--no-progress", default=None, help="prefill progress bar (default: when stderr is a tty)")
 def chat(model, docs, policy, system, max_tokens, n_ctx, temperature, top_p, seed, repeat_penalty, mode, load_path,
-         raw, threads, flash_attn, verbose, progress):
+         raw, threads, flash_attn, type_k, type_v, verbose, progress):
     """Talk with MODEL about long documents over a pruned KV cache.
 
     The documents are prefilled and pruned by POLICY; each turn is appended; when the context
@@ -66,7 +67,7 @@ def chat(model, docs, policy, system, max_tokens, n_ctx, temperature, top_p, see
             sess = Session.load(m, load_path, n_threads=threads)
         else:
             sess = Session(m, policy=pol, n_ctx=n_ctx, system=system, max_tokens=max_tokens, raw=raw,
-                           n_threads=threads, flash_attn=flash_attn, mode=mode)
+                           n_threads=threads, flash_attn=flash_attn, mode=mode, type_k=type_k, type_v=type_v)
         rc = C.run(sess, documents, Progress(progress), temperature=temperature, top_p=top_p, seed=seed,
                    repeat_penalty=repeat_penalty)
     except KeyboardInterrupt:
@@ -92,8 +93,10 @@ def chat(model, docs, policy, system, max_tokens, n_ctx, temperature, top_p, see
 @click.option("--alias", help="model name in the API (default: the file name)")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads")
 @click.option("--flash-attn/--no-flash-attn", default=False, show_default=True)
+@cache_type_options
 @click.option("--verbose", is_flag=True, help="show llama.cpp's log")
-def serve(model, policy, n_ctx, max_prompt_tokens, kv_mode, host, port, alias, threads, flash_attn, verbose):
+def serve(model, policy, n_ctx, max_prompt_tokens, kv_mode, host, port, alias, threads, flash_attn, type_k, type_v,
+          verbose):
     """An OpenAI-compatible HTTP server (llama-cpp-python's) whose requests are pruned by POLICY.
 
     /v1/completions, /v1/chat/completions (stream or not), /v1/models. Needs pip install 'pyasl[server]'.
@@ -111,6 +114,7 @@ def serve(model, policy, n_ctx, max_prompt_tokens, kv_mode, host, port, alias, t
         if pol is None and max_prompt_tokens is not None:
             raise ValueError("--max-prompt-tokens needs a pruning policy (with full KV every prompt must fit --ctx)")
         run_server(str(path), pol, host=host, port=port, n_ctx=n_ctx, alias=alias, n_threads=threads,
-                   flash_attn=flash_attn, verbose=verbose, max_prompt_tokens=max_prompt_tokens, kv_mode=kv_mode)
+                   flash_attn=flash_attn, verbose=verbose, max_prompt_tokens=max_prompt_tokens, kv_mode=kv_mode,
+                   type_k=type_k, type_v=type_v)
     except user_errors() as e:
         fail(str(e))
