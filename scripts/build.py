@@ -5,6 +5,8 @@ llama.cpp + native/ with CMake into a cache folder outside the clone.
     python scripts/build.py                 # CPU build into $PYASL_HOME/build/cpu
     python scripts/build.py --cuda          # same code paths, CUDA backend (build/cuda)
     python scripts/build.py --metal         # Metal backend (build/metal)
+    python scripts/build.py --stock         # stock libllama: the same sdist unpatched, no native/
+                                            # (build/stock; what pyasl's figures are compared with)
     python scripts/build.py --print-lib-dir # where the libraries are
 
 Re-running is incremental: the patched tree is synced file by file, so only files whose
@@ -128,7 +130,7 @@ def tree_digest(paths: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def extract_and_patch(sdist: Path, dest: Path) -> None:
+def extract_and_patch(sdist: Path, dest: Path, patches: bool = True) -> None:
     prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/"
     with tarfile.open(sdist) as tar:
         members = []
@@ -138,7 +140,7 @@ def extract_and_patch(sdist: Path, dest: Path) -> None:
                 if m.name:
                     members.append(m)
         tar.extractall(dest, members=members, filter="data")
-    for p in patch_files():
+    for p in patch_files() if patches else []:
         check = subprocess.run(["patch", "-p1", "--dry-run", "-N", "-s", "-i", str(p)], cwd=dest,
                                capture_output=True, text=True)
         if check.returncode != 0:
@@ -185,6 +187,41 @@ def prepare_source() -> Path:
     return src
 
 
+def prepare_stock_source() -> Path:
+    """The sdist's llama.cpp as llama-cpp-python builds it: no patches/, no native/."""
+    sdist = fetch_sdist()
+    src = cache_home() / "src" / f"llama.cpp-{LLAMA_CPP_PYTHON_VERSION}-stock"
+    if (src / "CMakeLists.txt").exists():
+        return src
+    src.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=src.parent) as tmp:
+        extract_and_patch(sdist, Path(tmp), patches=False)
+        sync_tree(Path(tmp), src)
+    log(f"stock source ready at {src}")
+    return src
+
+
+def build_stock(jobs: int, verbose: bool) -> None:
+    """libllama and ggml from the unpatched sdist into build/stock/bin (configured as llama-cpp-python's
+    own build: shared libraries, no tools, examples or tests)."""
+    src = prepare_stock_source()
+    out = build_dir("stock")
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "CMakeCache.txt").exists():
+        gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+        args = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_BUILD_TESTS=OFF",
+                "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+                "-DLLAMA_CURL=OFF", f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out / 'bin'}",
+                f"-DCMAKE_RUNTIME_OUTPUT_DIRECTORY={out / 'bin'}"]
+        log(f"configuring {out}")
+        run_quiet(["cmake", "-S", str(src), "-B", str(out), *gen, *args], out / "pyasl-configure.log", "configure",
+                  verbose)
+    log(f"compiling stock libllama with {jobs} jobs")
+    run_quiet(["cmake", "--build", str(out), "--target", "llama", "-j", str(jobs)], out / "pyasl-build.log",
+              "compiling", verbose)
+    log(f"libraries in {out / 'bin'}")
+
+
 def prepare_cmake_tree() -> Path:
     """Copy CMakeLists.txt and native/ to a fixed folder in the cache, so that one build folder
     serves every clone (CI clones land at new paths) and only changed files recompile."""
@@ -203,6 +240,8 @@ def main() -> None:
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--cuda", action="store_true", help="build with -DGGML_CUDA=ON")
     g.add_argument("--metal", action="store_true", help="build with -DGGML_METAL=ON")
+    g.add_argument("--stock", action="store_true",
+                   help="build the stock libllama of the same sdist (no patches, no native/) into build/stock")
     ap.add_argument("--variant", help="build folder name (default: cpu, cuda or metal)")
     ap.add_argument("--debug", action="store_true", help="CMAKE_BUILD_TYPE=RelWithDebInfo")
     ap.add_argument("--sanitize", action="store_true", help="AddressSanitizer + UBSan build")
@@ -220,6 +259,12 @@ def main() -> None:
         print(fetch_sdist())
         return
 
+    if args.stock:
+        if args.print_lib_dir:
+            print(build_dir("stock") / "bin")
+        else:
+            build_stock(args.jobs, args.verbose)
+        return
     backend = "cuda" if args.cuda else "metal" if args.metal else "cpu"
     variant = args.variant or (backend + ("-asan" if args.sanitize else ""))
     out = build_dir(variant)

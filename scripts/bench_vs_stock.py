@@ -1,0 +1,159 @@
+#!/usr/bin/env python3
+"""pyasl beside stock llama-cpp-python (the same sdist, unpatched) on one long prompt: peak memory
+and time to first token, each run in its own process; the peak is that process's max RSS as the OS
+counts it (wait4), next to the KV bytes. --repeat N runs the configs in turn N times (A B A B ...),
+so that time ratios come from neighbouring runs. Resumable: rows already in --out are skipped.
+
+    python scripts/build.py --stock          # once: the stock libllama (build/stock)
+    python scripts/bench_vs_stock.py --model qwen2.5-0.5b --lengths 8192,16384 \\
+        --configs stock,full,asl,fastkv,snapkv --out docs/bench/memory.jsonl
+
+A row: model, length, config, budget, flash_attn, max_rss_mib, kv_bytes_full, kv_bytes (held for
+decoding), n_kept, selected_layer, ttft_s (prompt in to first token out), text (the greedy answer),
+run (0..repeat-1).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+POLICIES = ("full", "asl", "fastkv", "snapkv", "asl-2pass", "gemfilter")
+TASK = "niah_single_1"  # one needle in a long haystack: the answer shows the run still works
+
+
+def _pad(n: int) -> int:
+    return (n + 255) // 256 * 256
+
+
+def child_stock(a) -> dict:
+    """Stock llama-cpp-python: Llama.eval of the prompt, then greedy tokens (LLAMA_CPP_LIB_PATH: the stock build)."""
+    import llama_cpp
+
+    tokens = json.loads(Path(a.tokens).read_text())
+    llm = llama_cpp.Llama(a.model_path, n_ctx=_pad(len(tokens) + a.max_tokens), n_batch=512, n_ubatch=512,
+                          n_threads=a.threads, n_threads_batch=a.threads, flash_attn=a.flash_attn, verbose=False)
+    t0 = time.perf_counter()
+    llm.eval(tokens)
+    out = [int(llm.sample(temp=0.0))]
+    ttft = time.perf_counter() - t0
+    while len(out) < a.max_tokens and out[-1] != llm.token_eos():
+        llm.eval([out[-1]])
+        out.append(int(llm.sample(temp=0.0)))
+    return {"ttft_s": ttft, "text": llm.detokenize(out).decode("utf-8", "replace"), "n_kept": len(tokens)}
+
+
+def child_pyasl(a) -> dict:
+    import pyasl
+
+    tokens = json.loads(Path(a.tokens).read_text())
+    m = pyasl.Model(a.model_path)
+    budget = None if a.child == "full" else a.budget
+    r = pyasl.generate(m, tokens, policy=a.child, budget=budget, max_tokens=a.max_tokens, n_threads=a.threads,
+                       flash_attn=a.flash_attn)
+    return {"ttft_s": r.time_to_first_token_s, "text": r.text, "n_kept": r.n_kept, "kv_bytes_full": r.kv_bytes_full,
+            "kv_bytes": r.kv_bytes, "selected_layer": r.selected_layer, "prefill_work": r.prefill_work,
+            "note": r.note}
+
+
+def run_child(config: str, model_path: str, tokens_file: str, a) -> dict:
+    """One config in a fresh process; its peak RSS from the OS (ru_maxrss of the reaped child)."""
+    env = dict(os.environ)
+    cmd = [sys.executable, __file__, "--child", config, "--model-path", model_path, "--tokens", tokens_file,
+           "--budget", str(a.budget), "--max-tokens", str(a.max_tokens), "--threads", str(a.threads)]
+    if a.flash_attn:
+        cmd.append("--flash-attn")
+    if config == "stock":
+        from pyasl._paths import build_dir
+
+        lib = build_dir("stock") / "bin"
+        if not (lib / "libllama.so").exists() and not (lib / "libllama.dylib").exists():
+            raise SystemExit(f"no stock libllama in {lib}: run `python scripts/build.py --stock` first")
+        env["LLAMA_CPP_LIB_PATH"] = str(lib)
+    with tempfile.TemporaryFile() as out:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.PIPE, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+        wall = time.perf_counter() - t0
+        out.seek(0)
+        text = out.read().decode(errors="replace")
+    if proc.returncode != 0:
+        raise SystemExit(f"{config} failed (exit {proc.returncode}):\n{err[-3000:]}")
+    row = json.loads(text.strip().splitlines()[-1])
+    row["max_rss_mib"] = round(usage.ru_maxrss / 1024, 1)  # Linux: KiB
+    row["wall_s"] = round(wall, 2)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen2.5-0.5b")
+    ap.add_argument("--lengths", default="8192,16384", help="prompt lengths in tokens, comma-separated")
+    ap.add_argument("--configs", default="stock,full,asl,fastkv,snapkv",
+                    help=f"stock and pyasl policies ({', '.join(POLICIES)})")
+    ap.add_argument("--budget", type=int, default=1024)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--flash-attn", action="store_true")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each config, in turn")
+    ap.add_argument("--out", default="docs/bench/memory.jsonl")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--model-path", help=argparse.SUPPRESS)
+    ap.add_argument("--tokens", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        print(json.dumps(child_stock(a) if a.child == "stock" else child_pyasl(a)), flush=True)
+        return
+
+    configs = [c.strip() for c in a.configs.split(",") if c.strip()]
+    for c in configs:
+        if c != "stock" and c not in POLICIES:
+            raise SystemExit(f"unknown config {c!r}: stock or one of {', '.join(POLICIES)}")
+    lengths = [int(x) for x in a.lengths.split(",")]
+    import pyasl
+    from pyasl.bench.data import build_sample
+    from pyasl.models import fetch_model
+
+    model_path = str(fetch_model(a.model))
+    out = ROOT / a.out if not os.path.isabs(a.out) else Path(a.out)
+    done = set()
+    if out.exists():
+        for line in out.read_text().splitlines():
+            r = json.loads(line)
+            done.add((r["model"], r["length"], r["config"], r.get("budget"), r["flash_attn"], r.get("run", 0)))
+    for n in lengths:
+        todo = [(i, c) for i in range(a.repeat) for c in configs
+                if (a.model, n, c, None if c in ("stock", "full") else a.budget, a.flash_attn, i) not in done]
+        if not todo:
+            continue
+        with pyasl.Model(model_path) as m:
+            s = build_sample(m, TASK, n, seed=0, index=0)
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(s.tokens, f)
+        try:
+            for i, c in todo:
+                row = run_child(c, model_path, f.name, a)
+                row = {"model": a.model, "length": n, "config": c,
+                       "budget": None if c in ("stock", "full") else a.budget, "flash_attn": a.flash_attn,
+                       "threads": a.threads, "task": TASK, "reference": s.references[0], "run": i, **row}
+                out.parent.mkdir(parents=True, exist_ok=True)
+                with open(out, "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+                print(f"{a.model} {n} {c}: peak {row['max_rss_mib']:.0f} MiB, ttft {row['ttft_s']:.1f} s, "
+                      f"answer {row['text'][:40]!r}", flush=True)
+        finally:
+            os.unlink(f.name)
+
+
+if __name__ == "__main__":
+    main()
