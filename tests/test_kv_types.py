@@ -28,8 +28,8 @@ from pyasl.engine import Context, Model  # noqa: E402
 from pyasl.engine import strategies  # noqa: E402
 from pyasl.engine.context import kv_type_name  # noqa: E402
 
-# bytes of 32 values: f16 64, q8_0 34, q4_0 18
-BLOCK_BYTES = {"f16": 64, "q8_0": 34, "q4_0": 18}
+# bytes of 32 values: f16 64, q8_0 34, q4_0 and iq4_nl 18
+BLOCK_BYTES = {"f16": 64, "q8_0": 34, "q4_0": 18, "iq4_nl": 18}
 POLICIES = ["snapkv", "asl", "fastkv", "asl-2pass", "gemfilter", "pyramid", "zigzag"]
 
 
@@ -40,7 +40,7 @@ def tiny() -> Model:
 
 
 
-@pytest.mark.parametrize("kv", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("kv", ["q8_0", "q4_0", "iq4_nl"])
 @pytest.mark.parametrize("policy", POLICIES)
 def test_every_policy_prunes_a_quantized_cache(tiny, policy, kv):
     t = toks(tiny, 300, seed=1)

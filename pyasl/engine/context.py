@@ -40,8 +40,8 @@ def _int32_array(values, what: str) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.int32)
 
 
-# KV cache types by llama.cpp's names (-ctk / -ctv); the values are ggml_type
-KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
+# the KV cache types llama.cpp accepts (its -ctk / -ctv names); the values are ggml_type
+KV_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, "iq4_nl": 20, "q5_0": 6, "q5_1": 7}
 _KV_TYPE_NAMES = {v: k for k, v in KV_TYPES.items()}
 
 
