@@ -79,6 +79,18 @@ int32_t get_caches(llama_context * ctx, caches & out) {
     return PYASL_OK;
 }
 
+// the caches of two contexts of the same model (a copy from src to dst)
+int32_t get_cache_pair(llama_context * dst, llama_context * src, caches & cd, caches & cs, const char * what) {
+    int32_t rc;
+    if ((rc = get_caches(dst, cd)) != PYASL_OK || (rc = get_caches(src, cs)) != PYASL_OK) {
+        return rc;
+    }
+    if (&dst->get_model() != &src->get_model()) {
+        PYASL_FAIL(PYASL_ERR_ARG, std::string(what) + ": the contexts use different models");
+    }
+    return PYASL_OK;
+}
+
 int64_t cell_bytes(llama_kv_cache * kv) {
     int64_t total = 0;
     for (const auto & l : pyasl_access::layers(kv)) {
@@ -139,6 +151,16 @@ int32_t check_positions(const int32_t * pos, int32_t n, const std::vector<int32_
         if (i > 0 && p <= pos[i - 1]) {
             PYASL_FAIL(PYASL_ERR_ARG, std::string(what) + ": positions must be strictly increasing (" +
                        std::to_string(pos[i - 1]) + " then " + std::to_string(p) + ")");
+        }
+    }
+    return PYASL_OK;
+}
+
+// pos[0..n) must be >= 0 and strictly increasing (noun: what the message calls them)
+int32_t check_increasing(const int32_t * pos, int32_t n, const char * what, const char * noun) {
+    for (int32_t i = 0; i < n; ++i) {
+        if (pos[i] < 0 || (i > 0 && pos[i] <= pos[i - 1])) {
+            PYASL_FAIL(PYASL_ERR_ARG, std::string(what) + ": " + noun + " must be >= 0 and strictly increasing");
         }
     }
     return PYASL_OK;
@@ -775,10 +797,8 @@ int32_t pyasl_kv_set_layer_cells(struct llama_context * ctx, llama_seq_id seq_id
         if (cells.used_max_p1() > (uint32_t) P) {
             PYASL_FAIL(PYASL_ERR_STATE, std::string(what) + ": cells past " + std::to_string(P) + " are in use");
         }
-        for (int32_t i = 0; i < n_meta; ++i) {
-            if (meta_pos[i] < 0 || (i > 0 && meta_pos[i] <= meta_pos[i - 1])) {
-                PYASL_FAIL(PYASL_ERR_ARG, std::string(what) + ": metadata positions must be >= 0 and strictly increasing");
-            }
+        if ((rc = check_increasing(meta_pos, n_meta, what, "metadata positions")) != PYASL_OK) {
+            return rc;
         }
         if (meta_pos[n_meta - 1] != pos_max) {
             PYASL_FAIL(PYASL_ERR_ARG, std::string(what) + ": the last metadata position must be the sequence's last "
@@ -882,15 +902,12 @@ int32_t pyasl_kv_layer_cell_bytes(struct llama_context * ctx, int64_t * out, int
 int32_t pyasl_kv_copy_cells(struct llama_context * dst, struct llama_context * src,
                             int32_t il_begin, int32_t il_end, int32_t n_cells) {
     caches cd, cs;
-    int32_t rc;
-    if ((rc = get_caches(dst, cd)) != PYASL_OK || (rc = get_caches(src, cs)) != PYASL_OK) {
+    int32_t rc = get_cache_pair(dst, src, cd, cs, "pyasl_kv_copy_cells");
+    if (rc != PYASL_OK) {
         return rc;
     }
     if ((cd.swa == nullptr) != (cs.swa == nullptr)) {
         PYASL_FAIL(PYASL_ERR_UNSUPPORTED, "pyasl_kv_copy_cells: one context has a sliding-window cache, the other not");
-    }
-    if (&dst->get_model() != &src->get_model()) {
-        PYASL_FAIL(PYASL_ERR_ARG, "pyasl_kv_copy_cells: the contexts use different models");
     }
     return copy_cache_cells(cd.base, cs.base, il_begin, il_end, n_cells);
 }
@@ -898,15 +915,12 @@ int32_t pyasl_kv_copy_cells(struct llama_context * dst, struct llama_context * s
 int32_t pyasl_kv_copy_cells_swa(struct llama_context * dst, struct llama_context * src,
                                 int32_t il_begin, int32_t il_end, int32_t n_cells) {
     caches cd, cs;
-    int32_t rc;
-    if ((rc = get_caches(dst, cd)) != PYASL_OK || (rc = get_caches(src, cs)) != PYASL_OK) {
+    int32_t rc = get_cache_pair(dst, src, cd, cs, "pyasl_kv_copy_cells_swa");
+    if (rc != PYASL_OK) {
         return rc;
     }
     if (!cd.swa || !cs.swa) {
         PYASL_FAIL(PYASL_ERR_UNSUPPORTED, "pyasl_kv_copy_cells_swa: both contexts need a sliding-window cache");
-    }
-    if (&dst->get_model() != &src->get_model()) {
-        PYASL_FAIL(PYASL_ERR_ARG, "pyasl_kv_copy_cells_swa: the contexts use different models");
     }
     return copy_cache_cells(cd.swa, cs.swa, il_begin, il_end, n_cells);
 }
@@ -952,15 +966,12 @@ int32_t pyasl_kv_gather_layer(struct llama_context * dst, struct llama_context *
                               const int32_t * pos, int32_t n_head_kv, int32_t k) {
     static const char * what = "pyasl_kv_gather_layer";
     caches cd, cs;
-    int32_t rc;
-    if ((rc = get_caches(dst, cd)) != PYASL_OK || (rc = get_caches(src, cs)) != PYASL_OK) {
+    int32_t rc = get_cache_pair(dst, src, cd, cs, what);
+    if (rc != PYASL_OK) {
         return rc;
     }
     if (cd.swa || cs.swa) {
         PYASL_FAIL(PYASL_ERR_UNSUPPORTED, std::string(what) + ": sliding-window caches are not supported");
-    }
-    if (&dst->get_model() != &src->get_model()) {
-        PYASL_FAIL(PYASL_ERR_ARG, std::string(what) + ": the contexts use different models");
     }
     const auto & hp = pyasl_access::hparams(cs.base);
     if (!pos || il < 0 || (uint32_t) il >= hp.n_layer() || k <= 0) {
@@ -1044,10 +1055,8 @@ int32_t pyasl_kv_set_cell_positions(struct llama_context * ctx, llama_seq_id seq
             (uint32_t) seq_id >= pyasl_access::n_seq_max(c.base)) {
         PYASL_FAIL(PYASL_ERR_ARG, std::string(what) + ": bad sizes or sequence id");
     }
-    for (int32_t i = 0; i < n; ++i) {
-        if (pos[i] < 0 || (i > 0 && pos[i] <= pos[i - 1])) {
-            PYASL_FAIL(PYASL_ERR_ARG, std::string(what) + ": positions must be >= 0 and strictly increasing");
-        }
+    if ((rc = check_increasing(pos, n, what, "positions")) != PYASL_OK) {
+        return rc;
     }
     set_meta(c.base, seq_id, {}, std::vector<int32_t>(pos, pos + n));
     return PYASL_OK;

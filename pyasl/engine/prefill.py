@@ -226,6 +226,26 @@ def move_to_context(ctx: Context, n_prompt: int, n_cells: int, **context_kwargs)
     return new
 
 
+def run_deeper_layers(ctx: Context, H: np.ndarray, positions, first_layer: int) -> np.ndarray:
+    """Run the tokens at `positions` (their rows of H, the input of layer `first_layer`) through layers
+    first_layer..N-1 of ctx, a ubatch at a time, into ctx's next cells; returns the last one's logits.
+    ctx runs every layer again afterwards."""
+    N, nb, pos_all = ctx.model.n_layer, ctx.n_batch, [int(p) for p in positions]
+    ctx.set_layer_range(first_layer, N)
+    for i in range(0, len(pos_all), nb):
+        pos = pos_all[i: i + nb]
+        ctx.decode_hidden(H[pos], pos, logits_last=i + nb >= len(pos_all))
+    logits = ctx.logits()
+    ctx.set_layer_range(0, N)
+    return logits
+
+
+def propagation_work(stop: int, n: int, n_prop: int, n_layer: int) -> float:
+    """Share of a full prefill's layer x token work when every token runs layers 0..stop and n_prop
+    tokens the rest."""
+    return ((stop + 1) * n + (n_layer - stop - 1) * n_prop) / (n_layer * n)
+
+
 def propagate(model: Model, A: Context, H: Optional[np.ndarray], kept: list[int], early: Selection, stop: int, n: int,
               max_tokens: int, last_logits: Optional[np.ndarray] = None, **ctx_kw):
     """One-shot token-selective propagation after layer `stop` (A: the full KV of layers 0..stop;
@@ -240,7 +260,6 @@ def propagate(model: Model, A: Context, H: Optional[np.ndarray], kept: list[int]
     ctx_kw: Context settings (n_batch, n_threads, flash_attn, type_k, type_v). Closes A."""
     N, k = model.n_layer, len(kept)
     win = swa_window(model, n)  # None, or the positions the sliding-window cache keeps
-    n_batch = ctx_kw.setdefault("n_batch", 512)
     try:
         if early.per_layer is not None and win is not None:
             raise ValueError("per-layer budgets do not support sliding-window models yet")
@@ -259,12 +278,7 @@ def propagate(model: Model, A: Context, H: Optional[np.ndarray], kept: list[int]
         prop = kept if win is None else sorted(set(kept) | set(int(p) for p in win))
         B = Context(model, _pad(max(len(prop), cells + max_tokens)), allow_pos_gaps=True, **ctx_kw)
         try:
-            B.set_layer_range(stop + 1, N)
-            for i in range(0, len(prop), n_batch):
-                pos = prop[i: i + n_batch]
-                B.decode_hidden(H[pos], pos, logits_last=i + n_batch >= len(prop))
-            logits = B.logits()
-            B.set_layer_range(0, N)
+            logits = run_deeper_layers(B, H, prop, stop + 1)
             if win is not None:
                 if len(prop) != k:
                     B.kv_keep(np.asarray(kept))

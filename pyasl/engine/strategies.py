@@ -27,7 +27,7 @@ from ..policies.options import policy_from_options
 from .context import Context, _check_int, _int32_array, _pad, kv_type_name
 from .model import Model
 from .prefill import (LayerBudgets, apply_selection, kv_bytes, layer_major_pass, move_to_context, prefill,
-                      prefill_kept, propagate, shrink_context)
+                      prefill_kept, propagate, propagation_work, run_deeper_layers, shrink_context)
 
 Progress = Optional[Callable[[int, int], None]]
 
@@ -266,20 +266,14 @@ def _run_layer_major_streamed(model, tokens, policy: Policy, max_tokens, mask, n
             raise RuntimeError(f"the selection keeps {len(kept)} tokens, not the budget {k}")
         n_prop = 0
         if stop < N - 1:  # one-shot propagation: the kept tokens through layers stop+1..N-1 into cells 0..k-1
-            H, nb = Hs[-1], D.n_batch
-            D.set_layer_range(stop + 1, N)
-            for i in range(0, k, nb):
-                pos = [int(p) for p in kept[i: i + nb]]
-                D.decode_hidden(H[pos], pos, logits_last=i + nb >= k)
-            logits = D.logits()
-            D.set_layer_range(0, N)
+            logits = run_deeper_layers(D, Hs[-1], kept, stop + 1)
             n_prop = k
         else:  # every layer ran over the whole prompt: the cells get the positions kv_keep_per_head gives
             D.set_cell_positions(meta)
     except BaseException:
         D.close()
         raise
-    work = ((stop + 1) * n + (N - stop - 1) * n_prop) / (N * n)
+    work = propagation_work(stop, n, n_prop, N)
     info = D.kv_info()
     return Pruned(ctx=D, logits=logits, n_kept=k, kv_bytes_full=kv_bytes(info, n, 0), prefill_s=time.perf_counter() - t0,
                   prefill_work=work, selection=sel, stop_layer=stop, kept=kept, scores=scores[: stop + 1],
@@ -299,7 +293,7 @@ def finish_layer_major(model, A: Context, H: Optional[np.ndarray], policy: Polic
         raise
     B, logits, lb, n_prop = propagate(model, A, H, kept, early, stop, n, max_tokens, last_logits=last_logits, **kw)
     cells = len(kept) if lb is None else lb.prompt_cells  # prompt cells of the decode context
-    work = ((stop + 1) * n + (N - stop - 1) * n_prop) / (N * n)
+    work = propagation_work(stop, n, n_prop, N)
     return Pruned(ctx=B, logits=logits, n_kept=cells, kv_bytes_full=0, prefill_s=0.0, prefill_work=work,
                   selection=sel, stop_layer=stop, kept=np.asarray(kept), scores=scores[: stop + 1], layer_budgets=lb,
                   strategy="layer-major")
