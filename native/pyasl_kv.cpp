@@ -441,7 +441,11 @@ int32_t pyasl_set_hidden_output(struct llama_context * ctx, int32_t lid, bool en
     if (lid < 0 || lid > n_layer) {
         PYASL_FAIL(PYASL_ERR_ARG, "hidden output layer " + std::to_string(lid) + " outside 0.." + std::to_string(n_layer));
     }
-    ctx->set_embeddings_layer_inp((uint32_t) lid, enable);
+    // Not llama_context::set_embeddings_layer_inp: that rebuilds the scheduler and reallocates every
+    // compute buffer (sched_reserve), which a layer-major pass paid once per layer. The flag alone is
+    // enough here: output_reserve sizes the host copy at each decode, the scheduler reallocates a graph
+    // that outgrows its buffer, and patches/0003 keeps a graph built with other flags from being reused.
+    pyasl_access::cparams(ctx).embeddings_layer_inp[lid] = enable;
     return PYASL_OK;
 }
 

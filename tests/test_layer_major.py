@@ -93,6 +93,28 @@ def test_layer_range_split_equals_whole_smollm2(smollm2):
     assert np.array_equal(want2, got2)
 
 
+def test_arming_a_hidden_output_between_same_shaped_ubatches_rebuilds_the_graph(tiny_llama):
+    # pyasl_set_hidden_output sets the flag without rebuilding the scheduler (a layer-major pass arms
+    # one per layer): the graph of the previous ubatch (same shape, same outputs) is rebuilt with the
+    # hidden output marked as a graph output (patches/0003 compares the flags), not reused without it
+    m, nb = tiny_llama, 64
+    t = toks(m, 3 * nb, seed=3)
+    with Context(m, 256, n_batch=nb) as ref:
+        ref.set_hidden_output(3)
+        for i in range(3):
+            ref.decode(t[i * nb:(i + 1) * nb], logits_last=False)
+            if i == 1:
+                want = ref.hidden(nb).copy()
+    with Context(m, 256, n_batch=nb) as c:
+        c.decode(t[:nb], logits_last=False)
+        c.set_hidden_output(3)
+        c.decode(t[nb:2 * nb], logits_last=False)
+        assert np.array_equal(c.hidden(nb), want)
+        c.set_hidden_output(None)
+        c.decode(t[2 * nb:], logits_last=True)
+        assert np.all(np.isfinite(c.logits()))
+
+
 def test_bad_layer_ranges_are_refused(tiny_llama):
     with Context(tiny_llama, 256) as c:
         for a, b in [(-1, 2), (3, 3), (4, 2), (0, N_LAYER + 1)]:
