@@ -47,12 +47,22 @@ def user_file(model) -> Path:
     return cache_home() / "calibration" / f"{model.path.stem}.json"
 
 
+_read: dict = {}  # path -> (mtime_ns, size, records): ASL asks at every layer of a pass
+
+
 def _records(path: Path) -> list[dict]:
+    """The records of a calibration file, read again only when the file changed."""
     try:
+        st = path.stat()
+        hit = _read.get(path)
+        if hit is not None and hit[:2] == (st.st_mtime_ns, st.st_size):
+            return hit[2]
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return []
-    return data if isinstance(data, list) else [data]
+    records = data if isinstance(data, list) else [data]
+    _read[path] = (st.st_mtime_ns, st.st_size, records)
+    return records
 
 
 def lookup(model) -> Optional[Calibration]:

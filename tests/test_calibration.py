@@ -3,6 +3,7 @@ it; ASL without a tau uses the model's calibration (else the paper's 0.3) and sa
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -74,6 +75,15 @@ def test_asl_uses_the_model_calibration_and_says_so(home):
         # another model file (or another quantization: another size) does not match
         f.write_text(json.dumps({"identity": dict(C.identity(m), size=1), "tau": 0.8}))
         assert C.lookup(m) is None
+        # the file is read once per change (ASL asks at every layer), and read again when it changes,
+        # even to the same size
+        rec = {"identity": C.identity(m), "tau": 0.8, "date": "2026-12-03", "samples": 16, "n_tokens": 4096}
+        f.write_text(json.dumps(rec))
+        assert C.lookup(m).tau == 0.8
+        st = f.stat()
+        f.write_text(json.dumps(dict(rec, tau=0.7)))
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        assert f.stat().st_size == st.st_size and C.lookup(m).tau == 0.7
     finally:
         m.close()
 

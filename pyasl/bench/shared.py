@@ -128,8 +128,8 @@ class SharedPrefill:
                                         last_logits=self.logits, **self.kw)
                 work, lb = pr.prefill_work, pr.layer_budgets
             else:
-                pr = finish_two_pass(model, self.tokens, sel, max_tokens, **self.kw)
-                work = ((stop + 1) * n + N * pr.n_kept) / (N * n)
+                pr = finish_two_pass(model, self.tokens, sel, max_tokens, stop + 1, **self.kw)
+                work = pr.prefill_work
             ctx, logits, k = pr.ctx, pr.logits, pr.n_kept
         info = ctx.kv_info()
         held = kv_bytes(info, k, info.used_swa)

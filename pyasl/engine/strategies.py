@@ -321,9 +321,8 @@ def _run_two_pass(model, tokens, policy: Policy, max_tokens, n_ctx, mask, note, 
         stop = stop_at if stop_at is not None else N - 1
         layers = N if stop_at is None else stop_at + 1
     t1 = time.perf_counter()
-    out = finish_two_pass(model, tokens, sel, max_tokens, **kw)
+    out = finish_two_pass(model, tokens, sel, max_tokens, layers, **kw)
     out.compact_s, out.select_s = time.perf_counter() - t1, t_sel
-    out.prefill_work = (layers * n + N * out.n_kept) / (N * n)
     info = out.ctx.kv_info()  # the bytes of a cell of every layer (a one-layer scratch stores fewer)
     out.kv_bytes_full = kv_bytes(info, n, used_swa)
     out.prefill_s, out.stop_layer, out.scores = time.perf_counter() - t0, stop, scores[: stop + 1]
@@ -331,11 +330,14 @@ def _run_two_pass(model, tokens, policy: Policy, max_tokens, n_ctx, mask, note, 
     return out
 
 
-def finish_two_pass(model, tokens, sel: Selection, max_tokens: int, **kw) -> Pruned:
-    """The second pass: only `sel`'s kept tokens, at their positions, through every layer."""
+def finish_two_pass(model, tokens, sel: Selection, max_tokens: int, first_pass_layers: int, **kw) -> Pruned:
+    """The second pass: only `sel`'s kept tokens, at their positions, through every layer; the work
+    counts the first pass's layers over every token too."""
     ctx = prefill_kept(model, tokens, sel.shared, max_tokens, **kw)
-    return Pruned(ctx=ctx, logits=ctx.logits(), n_kept=len(sel.shared), kv_bytes_full=0, prefill_s=0.0,
-                  selection=sel, kept=np.asarray(sel.shared), strategy="two-pass")
+    n, N, k = len(tokens), model.n_layer, len(sel.shared)
+    return Pruned(ctx=ctx, logits=ctx.logits(), n_kept=k, kv_bytes_full=0, prefill_s=0.0,
+                  prefill_work=(first_pass_layers * n + N * k) / (N * n), selection=sel,
+                  kept=np.asarray(sel.shared), strategy="two-pass")
 
 
 # ---- the pruned prefill of a conversation (Session, pyasl.Llama) -----------------------------------
