@@ -68,6 +68,23 @@ def prefill(ctx: Context, tokens: list[int], window: int = 0,
     return Prefill(logits=logits, scores=scores, seconds=secs)
 
 
+PASS_ATTN_BYTES = 128 << 20  # a layer-major pass's attention weights per ubatch, flash attention off
+
+
+def pass_ubatch(model: Model, n: int, n_batch: int, window: int, flash_attn: bool) -> int:
+    """The ubatch of a layer-major pass over n tokens. With flash attention off a ubatch of u queries
+    materialises u x n x n_head attention weights (F32, and an F16 copy for KQ.V): 672 MiB for 512
+    queries at 16K tokens on Qwen2.5-0.5B, 3.5 times its whole-prompt K/V. A pass holds one layer's
+    K/V, so those weights are its peak: it takes as many queries per ubatch as fit in
+    PASS_ATTN_BYTES (a multiple of 32, at least 32 and the window, at most n_batch). Flash attention
+    never materialises them: n_batch."""
+    if flash_attn:
+        return n_batch
+    per_query = max(1, n * model.n_head * 6)
+    u = PASS_ATTN_BYTES // per_query // 32 * 32
+    return min(n_batch, max(32, window, u))
+
+
 def layer_major_pass(model: Model, tokens: list[int], window: int, decide,
                       progress: Optional[Callable[[int, int], None]] = None, keep_all_hidden: bool = False,
                       on_layer: Optional[Callable[[int, Context, np.ndarray], None]] = None, one_layer_kv: bool = False,
@@ -82,11 +99,12 @@ def layer_major_pass(model: Model, tokens: list[int], window: int, decide,
     on_layer(l, A, scores): called after layer l ran, before decide.
     one_layer_kv: A stores one layer of K/V, every layer overwriting the last one's (patches/0005), for
     a caller that takes what it needs of each layer in on_layer or needs none of A's K/V.
-    ctx_kw: Context settings (n_batch, n_threads, flash_attn, type_k, type_v).
+    ctx_kw: Context settings (n_batch, n_threads, flash_attn, type_k, type_v); A's ubatch is
+    :func:`pass_ubatch`'s.
     """
     N, n = model.n_layer, len(tokens)
-    n_batch = ctx_kw.setdefault("n_batch", 512)
-    A = Context(model, _pad(n + 1), capture=True, one_layer_kv=one_layer_kv, **ctx_kw)
+    n_batch = pass_ubatch(model, n, ctx_kw.get("n_batch", 512), window, ctx_kw.get("flash_attn", False))
+    A = Context(model, _pad(n + 1), capture=True, one_layer_kv=one_layer_kv, **{**ctx_kw, "n_batch": n_batch})
     head = n - window
     chunks = [(i, min(i + n_batch, head)) for i in range(0, head, n_batch)] + [(head, n)]
     scores = np.zeros((N, model.n_head, n), dtype=np.float32)
@@ -154,13 +172,15 @@ def prefill_kept(model: Model, tokens: list[int], kept, max_tokens: int, **ctx_k
     return ctx
 
 
-def shrink_context(ctx: Context, n_kept: int, n_past: int, max_tokens: int) -> Context:
+def shrink_context(ctx: Context, n_kept: int, n_past: int, max_tokens: int, n_batch: Optional[int] = None) -> Context:
     """Move a pruned sequence (n_kept cells, next position n_past) into a new context sized to the
     kept cells + max_tokens (+ the sliding-window cells in use), so the memory is really freed.
-    Closes ctx; the new context has ctx's settings (Context.settings)."""
+    Closes ctx; the new context has ctx's settings (Context.settings), n_batch if given."""
     state = ctx.state_get()
     swa_used = ctx.kv_info().used_swa
     model, kw = ctx.model, ctx.settings()
+    if n_batch is not None:
+        kw["n_batch"] = n_batch
     ctx.close()
     new = Context(model, _pad(max(n_kept, swa_used) + max_tokens), **kw)
     new.state_set(state, n_past=n_past)
@@ -272,7 +292,7 @@ def propagate(model: Model, A: Context, H: Optional[np.ndarray], kept: list[int]
             logits = A.logits() if last_logits is None else last_logits
             if lb is not None:  # per-layer counts are set again on the new context
                 return move_to_context(A, n, cells + max_tokens, **ctx_kw), logits, lb, k
-            return shrink_context(A, k, n, max_tokens), logits, lb, k
+            return shrink_context(A, k, n, max_tokens, n_batch=ctx_kw.get("n_batch")), logits, lb, k
         # sliding-window models: the window's tokens are propagated too, so every sliding-window
         # layer holds them; B's global cache is then pruned back to the kept tokens
         prop = kept if win is None else sorted(set(kept) | set(int(p) for p in win))
