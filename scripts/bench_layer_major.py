@@ -6,10 +6,12 @@ compares neighbouring runs on a shared machine. Configs:
   ordinary               llama_decode ubatch by ubatch through all layers (what stock llama.cpp does)
   ordinary+scores        the same with the observation window's scores captured (snapkv's prefill)
   layer-major            layer 0 over every ubatch, then layer 1, ... (asl/fastkv's pass, window scores
-                         and hidden states of every layer, never selecting: work 1.0)
-  layer-major+reserve    the same, arming each layer's hidden output through llama.cpp's own setter,
-                         which rebuilds the scheduler and its compute buffers (the pass before this
-                         script's commit did that once per layer)
+                         and hidden states of every layer, never selecting: work 1.0), in the pass's
+                         ubatches (prefill.pass_ubatch: fewer queries per ubatch on long prompts)
+  layer-major:full-ubatch  the same in ubatches of n_batch (512), as the pass ran before pass_ubatch
+  layer-major+reserve    the same in ubatches of 512, arming each layer's hidden output through
+                         llama.cpp's own setter, which rebuilds the scheduler and its compute buffers
+                         (the pass before this script's commit did that once per layer)
 
     python scripts/bench_layer_major.py --model qwen2.5-0.5b --lengths 4096,8192 --repeat 5 \\
         --out docs/bench/layer_major.jsonl
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib
 import json
 import statistics
 import sys
@@ -30,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-CONFIGS = ("ordinary", "ordinary+scores", "layer-major", "layer-major+reserve")
+CONFIGS = ("ordinary", "ordinary+scores", "layer-major", "layer-major:full-ubatch", "layer-major+reserve")
 WINDOW = 32
 _UPSTREAM_SETTER = "_Z30llama_set_embeddings_layer_inpP13llama_contextjb"  # llama_set_embeddings_layer_inp
 
@@ -51,7 +54,9 @@ def _rearm_through_llama(ctx, lid) -> None:
 def time_config(model, tokens, config: str, n_threads) -> float:
     from pyasl.engine import Context, prefill
     from pyasl.engine.context import Context as ContextClass
-    from pyasl.engine.prefill import _pad, layer_major_pass
+    from pyasl.engine.prefill import _pad
+
+    PF = importlib.import_module("pyasl.engine.prefill")  # the module (pyasl.engine.prefill: the function)
 
     t0 = time.perf_counter()
     if config.startswith("ordinary"):
@@ -59,16 +64,18 @@ def time_config(model, tokens, config: str, n_threads) -> float:
         with Context(model, _pad(len(tokens) + 1), capture=scores, n_threads=n_threads) as ctx:
             prefill(ctx, tokens, window=WINDOW if scores else 0)
         return time.perf_counter() - t0
-    own = ContextClass.set_hidden_output
+    own, cap = ContextClass.set_hidden_output, PF.PASS_ATTN_BYTES
     if config == "layer-major+reserve":
         ContextClass.set_hidden_output = _rearm_through_llama
+    if config != "layer-major":
+        PF.PASS_ATTN_BYTES = 1 << 62  # every ubatch n_batch queries
     try:
         t0 = time.perf_counter()
-        A, *_ = layer_major_pass(model, tokens, WINDOW, lambda l, s: (False, None), n_threads=n_threads)
+        A, *_ = PF.layer_major_pass(model, tokens, WINDOW, lambda l, s: (False, None), n_threads=n_threads)
         A.close()
         return time.perf_counter() - t0
     finally:
-        ContextClass.set_hidden_output = own
+        ContextClass.set_hidden_output, PF.PASS_ATTN_BYTES = own, cap
 
 
 def summary(path: Path) -> str:
@@ -82,7 +89,7 @@ def summary(path: Path) -> str:
             pairs = [(by[c, r], by["ordinary", r]) for r in runs if (c, r) in by and ("ordinary", r) in by]
             if pairs:
                 ratio = statistics.median(a / b for a, b in pairs)
-                out.append(f"  {c:20s} median {statistics.median(a for a, _ in pairs):7.2f} s   "
+                out.append(f"  {c:24s} median {statistics.median(a for a, _ in pairs):7.2f} s   "
                            f"x{ratio:.3f} of ordinary (median of per-run ratios)")
     return "\n".join(out)
 
