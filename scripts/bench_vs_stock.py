@@ -8,6 +8,9 @@ so that time ratios come from neighbouring runs. Resumable: rows already in --ou
     python scripts/bench_vs_stock.py --model qwen2.5-0.5b --lengths 8192,16384 \\
         --configs stock,full,asl,fastkv,snapkv --out docs/bench/memory.jsonl
 
+stock:ubatch=N runs stock with n_ubatch N (the ubatch pyasl's layer-major pass takes on a long
+prompt, prefill.pass_ubatch: what stock would save with the same setting).
+
 A row: model, length, config, budget, flash_attn, max_rss_mib, kv_bytes_full, kv_bytes (held for
 decoding), n_kept, selected_layer, ttft_s (prompt in to first token out), text (the greedy answer),
 run (0..repeat-1).
@@ -22,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -34,12 +38,29 @@ def _pad(n: int) -> int:
     return (n + 255) // 256 * 256
 
 
+def stock_ubatch(config: str) -> Optional[int]:
+    """The n_ubatch of a stock config: "stock" 512 (llama-cpp-python's default), "stock:ubatch=N" N;
+    None for a pyasl config."""
+    if config == "stock":
+        return 512
+    if config.startswith("stock:ubatch="):
+        try:
+            u = int(config.split("=", 1)[1])
+        except ValueError:
+            u = 0
+        if not 1 <= u <= 512:
+            raise SystemExit(f"{config}: the ubatch must be an integer in 1..512")
+        return u
+    return None
+
+
 def child_stock(a) -> dict:
     """Stock llama-cpp-python: Llama.eval of the prompt, then greedy tokens (LLAMA_CPP_LIB_PATH: the stock build)."""
     import llama_cpp
 
     tokens = json.loads(Path(a.tokens).read_text())
-    llm = llama_cpp.Llama(a.model_path, n_ctx=_pad(len(tokens) + a.max_tokens), n_batch=512, n_ubatch=512,
+    llm = llama_cpp.Llama(a.model_path, n_ctx=_pad(len(tokens) + a.max_tokens), n_batch=512,
+                          n_ubatch=stock_ubatch(a.child),
                           n_threads=a.threads, n_threads_batch=a.threads, flash_attn=a.flash_attn, verbose=False)
     t0 = time.perf_counter()
     llm.eval(tokens)
@@ -64,6 +85,10 @@ def child_pyasl(a) -> dict:
             "note": r.note}
 
 
+def budget_of(config: str, a) -> Optional[int]:
+    return None if config == "full" or stock_ubatch(config) is not None else a.budget
+
+
 def run_child(config: str, model_path: str, tokens_file: str, a) -> dict:
     """One config in a fresh process; its peak RSS from the OS (ru_maxrss of the reaped child)."""
     env = dict(os.environ)
@@ -71,7 +96,7 @@ def run_child(config: str, model_path: str, tokens_file: str, a) -> dict:
            "--budget", str(a.budget), "--max-tokens", str(a.max_tokens), "--threads", str(a.threads)]
     if a.flash_attn:
         cmd.append("--flash-attn")
-    if config == "stock":
+    if stock_ubatch(config) is not None:
         from pyasl._paths import build_dir
 
         lib = build_dir("stock") / "bin"
@@ -112,13 +137,13 @@ def main() -> None:
     ap.add_argument("--tokens", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(child_stock(a) if a.child == "stock" else child_pyasl(a)), flush=True)
+        print(json.dumps(child_stock(a) if stock_ubatch(a.child) else child_pyasl(a)), flush=True)
         return
 
     configs = [c.strip() for c in a.configs.split(",") if c.strip()]
     for c in configs:
-        if c != "stock" and c not in POLICIES:
-            raise SystemExit(f"unknown config {c!r}: stock or one of {', '.join(POLICIES)}")
+        if stock_ubatch(c) is None and c not in POLICIES:
+            raise SystemExit(f"unknown config {c!r}: stock, stock:ubatch=N or one of {', '.join(POLICIES)}")
     lengths = [int(x) for x in a.lengths.split(",")]
     import pyasl
     from pyasl.bench.data import build_sample
@@ -133,7 +158,7 @@ def main() -> None:
             done.add((r["model"], r["length"], r["config"], r.get("budget"), r["flash_attn"], r.get("run", 0)))
     for n in lengths:
         todo = [(i, c) for i in range(a.repeat) for c in configs
-                if (a.model, n, c, None if c in ("stock", "full") else a.budget, a.flash_attn, i) not in done]
+                if (a.model, n, c, budget_of(c, a), a.flash_attn, i) not in done]
         if not todo:
             continue
         with pyasl.Model(model_path) as m:
@@ -144,7 +169,7 @@ def main() -> None:
             for i, c in todo:
                 row = run_child(c, model_path, f.name, a)
                 row = {"model": a.model, "length": n, "config": c,
-                       "budget": None if c in ("stock", "full") else a.budget, "flash_attn": a.flash_attn,
+                       "budget": budget_of(c, a), "flash_attn": a.flash_attn,
                        "threads": a.threads, "task": TASK, "reference": s.references[0], "run": i, **row}
                 out.parent.mkdir(parents=True, exist_ok=True)
                 with open(out, "a") as fh:
