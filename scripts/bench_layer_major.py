@@ -52,21 +52,18 @@ def _rearm_through_llama(ctx, lid) -> None:
 
 
 def time_config(model, tokens, config: str, n_threads) -> float:
-    from pyasl.engine import Context, prefill
-    from pyasl.engine.context import Context as ContextClass
-    from pyasl.engine.prefill import _pad
+    from pyasl.engine import Context
 
     PF = importlib.import_module("pyasl.engine.prefill")  # the module (pyasl.engine.prefill: the function)
-
-    t0 = time.perf_counter()
     if config.startswith("ordinary"):
         scores = config == "ordinary+scores"
-        with Context(model, _pad(len(tokens) + 1), capture=scores, n_threads=n_threads) as ctx:
-            prefill(ctx, tokens, window=WINDOW if scores else 0)
+        t0 = time.perf_counter()
+        with Context(model, PF._pad(len(tokens) + 1), capture=scores, n_threads=n_threads) as ctx:
+            PF.prefill(ctx, tokens, window=WINDOW if scores else 0)
         return time.perf_counter() - t0
-    own, cap = ContextClass.set_hidden_output, PF.PASS_ATTN_BYTES
+    own, cap = Context.set_hidden_output, PF.PASS_ATTN_BYTES
     if config == "layer-major+reserve":
-        ContextClass.set_hidden_output = _rearm_through_llama
+        Context.set_hidden_output = _rearm_through_llama
     if config != "layer-major":
         PF.PASS_ATTN_BYTES = 1 << 62  # every ubatch n_batch queries
     try:
@@ -75,7 +72,7 @@ def time_config(model, tokens, config: str, n_threads) -> float:
         A.close()
         return time.perf_counter() - t0
     finally:
-        ContextClass.set_hidden_output, PF.PASS_ATTN_BYTES = own, cap
+        Context.set_hidden_output, PF.PASS_ATTN_BYTES = own, cap
 
 
 def summary(path: Path) -> str:
