@@ -9,7 +9,8 @@ so that time ratios come from neighbouring runs. Resumable: rows already in --ou
         --configs stock,full,asl,fastkv,snapkv --out docs/bench/memory.jsonl
 
 stock:ubatch=N runs stock with n_ubatch N (the ubatch pyasl's layer-major pass takes on a long
-prompt, prefill.pass_ubatch: what stock would save with the same setting).
+prompt, prefill.pass_ubatch: what stock would save with the same setting). POLICY:prefill=MODE runs
+a pyasl policy with prefill_mode MODE (snapkv:prefill=ordinary: SnapKV without layer-by-layer pruning).
 
 A row: model, length, config, budget, flash_attn, max_rss_mib, kv_bytes_full, kv_bytes (held for
 decoding), n_kept, selected_layer, ttft_s (prompt in to first token out), text (the greedy answer),
@@ -72,21 +73,33 @@ def child_stock(a) -> dict:
     return {"ttft_s": ttft, "text": llm.detokenize(out).decode("utf-8", "replace"), "n_kept": len(tokens)}
 
 
+def pyasl_config(config: str) -> tuple[str, dict]:
+    """(policy, generate options) of a pyasl config: "asl", or "snapkv:prefill=ordinary"."""
+    name, _, opt = config.partition(":")
+    if not opt:
+        return name, {}
+    key, _, value = opt.partition("=")
+    if key != "prefill" or value not in ("auto", "layer-major", "ordinary"):
+        raise SystemExit(f"{config}: a pyasl config takes :prefill=auto|layer-major|ordinary only")
+    return name, {"prefill_mode": value}
+
+
 def child_pyasl(a) -> dict:
     import pyasl
 
     tokens = json.loads(Path(a.tokens).read_text())
     m = pyasl.Model(a.model_path)
-    budget = None if a.child == "full" else a.budget
-    r = pyasl.generate(m, tokens, policy=a.child, budget=budget, max_tokens=a.max_tokens, n_threads=a.threads,
-                       flash_attn=a.flash_attn)
+    name, opts = pyasl_config(a.child)
+    budget = None if name == "full" else a.budget
+    r = pyasl.generate(m, tokens, policy=name, budget=budget, max_tokens=a.max_tokens, n_threads=a.threads,
+                       flash_attn=a.flash_attn, **opts)
     return {"ttft_s": r.time_to_first_token_s, "text": r.text, "n_kept": r.n_kept, "kv_bytes_full": r.kv_bytes_full,
             "kv_bytes": r.kv_bytes, "selected_layer": r.selected_layer, "prefill_work": r.prefill_work,
             "note": r.note}
 
 
 def budget_of(config: str, a) -> Optional[int]:
-    return None if config == "full" or stock_ubatch(config) is not None else a.budget
+    return None if stock_ubatch(config) is not None or pyasl_config(config)[0] == "full" else a.budget
 
 
 def run_child(config: str, model_path: str, tokens_file: str, a) -> dict:
@@ -142,8 +155,9 @@ def main() -> None:
 
     configs = [c.strip() for c in a.configs.split(",") if c.strip()]
     for c in configs:
-        if stock_ubatch(c) is None and c not in POLICIES:
-            raise SystemExit(f"unknown config {c!r}: stock, stock:ubatch=N or one of {', '.join(POLICIES)}")
+        if stock_ubatch(c) is None and pyasl_config(c)[0] not in POLICIES:
+            raise SystemExit(f"unknown config {c!r}: stock, stock:ubatch=N or one of {', '.join(POLICIES)} "
+                             "(POLICY:prefill=MODE)")
     lengths = [int(x) for x in a.lengths.split(",")]
     import pyasl
     from pyasl.bench.data import build_sample

@@ -181,7 +181,7 @@ def finish_ordinary(ctx: Context, sel: Selection, n: int, max_tokens: int, **kw)
     if lb is not None:  # per-layer counts are set again on the new context
         return move_to_context(ctx, n, lb.prompt_cells + max_tokens, **kw), lb.prompt_cells, lb
     n_kept = sel.n_kept or n
-    return shrink_context(ctx, n_kept, n, max_tokens), n_kept, None
+    return shrink_context(ctx, n_kept, n, max_tokens, n_batch=kw.get("n_batch")), n_kept, None
 
 
 def replay(policy: Policy, scores: np.ndarray, model: Model, mask) -> tuple[int, Selection]:
@@ -261,8 +261,8 @@ def _run_layer_major_streamed(model, tokens, policy: Policy, max_tokens, mask, n
             logits = A.logits() if stop == N - 1 else None
         finally:
             A.close()
-        kept = np.asarray(sel.shared)
-        if len(kept) != k:
+        kept = None if sel.shared is None else np.asarray(sel.shared)  # None: per-head sets in every layer (SnapKV)
+        if kept is not None and len(kept) != k:
             raise RuntimeError(f"the selection keeps {len(kept)} tokens, not the budget {k}")
         n_prop = 0
         if stop < N - 1:  # one-shot propagation: the kept tokens through layers stop+1..N-1 into cells 0..k-1
@@ -283,8 +283,17 @@ def _run_layer_major_streamed(model, tokens, policy: Policy, max_tokens, mask, n
 def finish_layer_major(model, A: Context, H: Optional[np.ndarray], policy: Policy, sel: Selection, scores, stop: int,
                        n: int, max_tokens: int, last_logits: Optional[np.ndarray] = None, **kw) -> Pruned:
     """One-shot propagation of `sel`'s kept tokens after layer `stop` (A: the full KV of layers
-    0..stop, H: the input of layer stop + 1). Closes A."""
+    0..stop, H: the input of layer stop + 1). A selection without a shared set (SnapKV: every
+    layer's own per-head sets, every layer ran) prunes A as an ordinary prefill would. Closes A."""
     N = model.n_layer
+    if sel.shared is None:
+        if stop != N - 1:
+            A.close()
+            raise RuntimeError(f"a per-head selection at layer {stop} leaves nothing to propagate past it")
+        logits = A.logits() if last_logits is None else last_logits
+        B, cells, lb = finish_ordinary(A, sel, n, max_tokens, **kw)
+        return Pruned(ctx=B, logits=logits, n_kept=cells, kv_bytes_full=0, prefill_s=0.0, selection=sel, stop_layer=stop,
+                      scores=scores, layer_budgets=lb, strategy="layer-major")
     kept = [int(x) for x in sel.shared]
     try:
         early = policy.early_layers(scores[: stop + 1], np.asarray(kept), model)

@@ -13,11 +13,9 @@ from typing import Optional
 
 from .. import arch
 from .asl_rule import asl_select
-from .base import Policy, Selection, register_policy
+from .base import Policy, PrefillChoice, Selection, register_policy
 from .layer_budgets import DEFAULT_B_MIN_FRAC, DEFAULT_BETA, DEFAULT_THETA, EarlyLayerBudgets
 from .scoring import _check_unit, default_layer_params
-
-PREFILL_MODES = ("auto", "layer-major", "ordinary")
 
 
 class _ASLRule(Policy):
@@ -80,7 +78,7 @@ class _ASLRule(Policy):
 
 
 @register_policy
-class ASL(EarlyLayerBudgets, _ASLRule):
+class ASL(PrefillChoice, EarlyLayerBudgets, _ASLRule):
     """ASL: one token set past the selection layer, chosen where the ranking is stable (see the
     module doc). ``prefill``: auto, layer-major or ordinary. ``layer_budgets`` (zigzag, pyramid,
     uniform; ``theta``, ``b_min_frac``, ``beta``): per-layer budgets for the layers up to the
@@ -93,26 +91,17 @@ class ASL(EarlyLayerBudgets, _ASLRule):
                  layer_budgets: Optional[str] = None, theta: float = DEFAULT_THETA,
                  b_min_frac: float = DEFAULT_B_MIN_FRAC, beta: float = DEFAULT_BETA):
         super().__init__(budget=budget, window=window, tau=tau, l_min=l_min, l_obs=l_obs, kernel=kernel, span=span)
-        if prefill not in PREFILL_MODES:
-            raise ValueError(f"prefill must be auto, layer-major or ordinary, not {prefill!r}")
-        self.prefill_mode = prefill
+        self._init_prefill(prefill)
         self._init_budgets(layer_budgets, theta, b_min_frac, beta)
 
     def params(self) -> dict:
         return {**super().params(), "prefill": self.prefill_mode, **self._budget_params()}
 
-    def strategy(self, model) -> str:
-        if self.prefill_mode == "ordinary" or arch.layer_major_supported(model):
-            return "ordinary"
-        return "layer-major"
-
     def per_head(self, model) -> bool:
         return self.layer_budgets is not None or self.strategy(model) == "layer-major"
 
     def check_model(self, model) -> None:
-        why = arch.layer_major_supported(model)
-        if self.prefill_mode == "layer-major" and why:
-            raise ValueError(why)
+        self._check_prefill(model)
         self._check_budget_model(model)
         super().check_model(model)
 

@@ -34,9 +34,10 @@ from .. import arch
 from .snapkv_rule import snapkv_select
 from .spans import Spans
 
-__all__ = ["Policy", "Selection", "make_policy", "policy_names", "register_policy"]
+__all__ = ["Policy", "PrefillChoice", "Selection", "make_policy", "policy_names", "register_policy"]
 
 STRATEGIES = ("ordinary", "layer-major", "two-pass")
+PREFILL_MODES = ("auto", "layer-major", "ordinary")
 
 
 @dataclass
@@ -229,3 +230,30 @@ class Policy:
     def first_pass(self, model) -> str:
         """two-pass: how the first pass runs (layer-major or ordinary)."""
         return "ordinary"
+
+
+class PrefillChoice:
+    """Mixin for a policy that can prefill layer-major or ordinary (ASL, SnapKV): ``prefill`` auto
+    (layer-major where :meth:`layer_major_unavailable` finds no reason against it), layer-major (a
+    ValueError where it cannot) or ordinary."""
+
+    prefill_mode: str = "auto"
+
+    def _init_prefill(self, prefill: str) -> None:
+        if prefill not in PREFILL_MODES:
+            raise ValueError(f"prefill must be auto, layer-major or ordinary, not {prefill!r}")
+        self.prefill_mode = prefill
+
+    def layer_major_unavailable(self, model) -> Optional[str]:
+        """Why this policy cannot prefill layer-major on `model` (None: it can)."""
+        return arch.layer_major_supported(model)
+
+    def strategy(self, model) -> str:
+        if self.prefill_mode == "ordinary" or self.layer_major_unavailable(model):
+            return "ordinary"
+        return "layer-major"
+
+    def _check_prefill(self, model) -> None:
+        why = self.layer_major_unavailable(model)
+        if self.prefill_mode == "layer-major" and why:
+            raise ValueError(why)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect as _inspect
 from typing import Optional
 
-from .base import _REGISTRY, Policy, make_policy
+from .base import _REGISTRY, PREFILL_MODES, Policy, make_policy
 from .layer_budgets import check_method
 
 
@@ -14,9 +14,9 @@ def policy_from_options(name: str, budget: Optional[int] = 512, window: int = 32
                         layer: Optional[int] = None, prefill_mode: str = "auto", layer_budgets: Optional[str] = None,
                         budget_opts: Optional[dict] = None, span=None) -> Policy:
     """A policy from engine.generate's keyword options: each policy takes the options it has and
-    ignores the others (tau means nothing to snapkv); ``prefill_mode`` is ASL's ``prefill``,
+    ignores the others (tau means nothing to snapkv); ``prefill_mode`` is ASL's and SnapKV's ``prefill``,
     ``budget_opts`` the per-layer budget options (theta, b_min_frac, beta)."""
-    if prefill_mode not in ("auto", "layer-major", "ordinary"):
+    if prefill_mode not in PREFILL_MODES:
         raise ValueError(f"prefill_mode must be auto, layer-major or ordinary, not {prefill_mode!r}")
     cls = _REGISTRY.get(name) if isinstance(name, str) else None
     if cls is None:

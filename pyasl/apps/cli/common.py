@@ -9,6 +9,7 @@ from typing import Optional
 
 import click
 
+from ...policies.base import PREFILL_MODES
 from ...policies.spans import DEFAULT_SPAN
 
 
@@ -178,9 +179,10 @@ def policy_options(policies=ALL_POLICIES, default: str = "asl", budget_default: 
                  click.option("--l-obs", type=click.IntRange(min=1),
                               help="ASL layers observed (default: depth-scaled 8/32)")]
     if prefill:
-        opts.append(click.option("--prefill", "prefill_mode", type=click.Choice(["auto", "layer-major", "ordinary"]),
+        opts.append(click.option("--prefill", "prefill_mode", type=click.Choice(list(PREFILL_MODES)),
                                  default="auto", show_default=True,
-                                 help="how asl prefills (auto: layer-major where the architecture allows)"))
+                                 help="how asl and snapkv prefill (auto: layer-major where the architecture "
+                                      "allows; snapkv then prunes each layer as it runs, holding less memory)"))
     if layer_budgets:
         opts += [
             click.option("--layer-budgets", type=click.Choice(["zigzag", "pyramid", "uniform"]),

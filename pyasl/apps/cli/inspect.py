@@ -108,4 +108,6 @@ def _what_it_keeps(pol, scores, model, mask):
         sel = select(pol, scores, pol.window, model, mask)
         return sel, sel
     stop, sel = replay(pol, scores, model, mask)
+    if sel.shared is None:  # every layer's own per-head sets (SnapKV pruned layer by layer)
+        return sel, sel
     return sel, (pol.early_layers(scores[: stop + 1], sel.shared, model) if strategy == "layer-major" else None)
