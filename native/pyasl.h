@@ -35,7 +35,9 @@ PYASL_API const char * pyasl_last_error(void);
 
 // ---- window-attention scores ------------------------------------------------------------
 // Arm (n_window > 0) or disarm (0) the score outputs for the following llama_decode calls.
-// mode 0: per layer [n_kv, n_head] summed over the window queries; mode 1: [n_kv, n_window, n_head].
+// mode 0: per layer [n_kv, n_head] softmax attention summed over the window queries; mode 1: the
+// same unsummed, [n_kv, n_window, n_head]; mode 2: raw q.k products (no scale, mask or softmax:
+// GemFilter's score) summed over the window queries, [n_kv, n_head].
 // The window is the last n_window tokens of each ubatch; ubatches shorter than that give no scores.
 PYASL_API int32_t pyasl_set_score_window(struct llama_context * ctx, int32_t n_window, int32_t mode);
 

@@ -26,6 +26,15 @@ ggml_tensor * pyasl_build_window_scores(
     ggml_tensor * kq = ggml_mul_mat(ctx, k, qw); // [n_kv, n_window, n_head, 1]
     ggml_prec_set_acc(kq, GGML_PREC_F32);
 
+    if (mode == 2) {
+        // GemFilter's score: the raw q.k products (no scale, bias, mask or softmax), summed over the
+        // window queries; cells the queries may not see hold products too (the caller reads only
+        // the positions it needs)
+        ggml_tensor * t = ggml_cont(ctx, ggml_permute(ctx, kq, 1, 0, 2, 3));
+        t = ggml_sum_rows(ctx, t);
+        return ggml_reshape_2d(ctx, t, t->ne[1], t->ne[2]);
+    }
+
     if (softcap != 0.0f) {
         kq = ggml_scale(ctx, kq, 1.0f/softcap);
         kq = ggml_tanh(ctx, kq);

@@ -393,8 +393,8 @@ int32_t pyasl_set_score_window(struct llama_context * ctx, int32_t n_window, int
     if (!ctx) {
         PYASL_FAIL(PYASL_ERR_ARG, "null llama_context");
     }
-    if (n_window < 0 || mode < 0 || mode > 1) {
-        PYASL_FAIL(PYASL_ERR_ARG, "pyasl_set_score_window: n_window must be >= 0 and mode 0 or 1");
+    if (n_window < 0 || mode < 0 || mode > 2) {
+        PYASL_FAIL(PYASL_ERR_ARG, "pyasl_set_score_window: n_window must be >= 0 and mode 0, 1 or 2");
     }
     auto & cp = pyasl_access::cparams(ctx);
     if (n_window > 0 && (uint32_t) n_window > cp.n_ubatch) {

@@ -181,7 +181,7 @@ def _prefill_with_kv(model, toks, W, fa):
     ctx = Context(model, 256, flash_attn=fa, capture=True)
     ctx.add_capture_prefix("Kcur")
     ctx.add_capture_prefix("Vcur")
-    ctx.arm_scores(W, 0)
+    ctx.arm_scores(W)
     ctx.decode(toks, logits_last=False)
     ctx.disarm_scores()
     scores = ctx.window_scores(len(toks))
@@ -229,7 +229,7 @@ def test_layer_attends_to_exactly_its_budget(tiny, fa):
         ctx.add_capture_prefix(prefix)
     if not fa:
         ctx.add_capture_prefix("kq_soft_max")
-    ctx.arm_scores(n_new, 1)                                     # the softmax rows of the new tokens, FA or not
+    ctx.arm_scores(n_new, "attention-rows")  # the softmax rows of the new tokens, FA or not
     ctx.decode(toks[n:], pos0=n)
     ctx.disarm_scores()
     caps = ctx.captured()

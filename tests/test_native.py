@@ -103,7 +103,7 @@ def test_scores_equal_kq_soft_max(request, which):
     assert ctx.kv_info().v_trans == 1
     ctx.decode(toks[: n - n_last], logits_last=False)
     ctx.add_capture_prefix("kq_soft_max")
-    ctx.arm_scores(W, 1)
+    ctx.arm_scores(W, "attention-rows")
     ctx.decode(toks[n - n_last:])
     ctx.disarm_scores()
     caps = ctx.captured()
@@ -131,7 +131,7 @@ def test_scores_equal_kq_soft_max(request, which):
 
     # mode 0 on the same cells: rewind the last ubatch and decode it again
     assert ctx.seq_rm(n - n_last, -1)
-    ctx.arm_scores(W, 0)
+    ctx.arm_scores(W)
     ctx.decode(toks[n - n_last:], pos0=n - n_last)
     ctx.disarm_scores()
     caps0 = ctx.captured()
@@ -184,7 +184,7 @@ def test_scores_flash_attn_on_and_off(request, which):
         ctx.add_capture_prefix("Qcur")
         ctx.add_capture_prefix("Kcur")
         ctx.add_capture_prefix("kq_soft_max")
-        ctx.arm_scores(W, 1)
+        ctx.arm_scores(W, "attention-rows")
         ctx.decode(toks)                              # one ubatch: Q and K of every position are captured
         caps = ctx.captured()
         assert any(k.startswith("kq_soft_max") for k in caps) == (not fa)
@@ -222,7 +222,7 @@ def test_window_scores_map_cells_to_positions(tiny):
         pos = ctx.cell_positions(il, 256)
         np.testing.assert_array_equal(pos[: len(keep)], keep)
         assert np.all(pos[len(keep):] == -1)
-    ctx.arm_scores(W, 0)
+    ctx.arm_scores(W)
     ctx.decode(toks[n:], pos0=n)
     ctx.disarm_scores()
     caps = ctx.captured()
@@ -453,7 +453,7 @@ def test_per_head_different_sets(tiny, fa):
     ctx.kv_keep_per_head(sets)
     # the cell metadata is the element-wise max position over every (layer, head) list
     np.testing.assert_array_equal(ctx.cell_positions(0, k), sets.max(axis=(0, 1)))
-    ctx.arm_scores(W, 1)
+    ctx.arm_scores(W, "attention-rows")
     ctx.decode(toks[n:], pos0=n)
     lg = ctx.logits()
     assert np.all(np.isfinite(lg))
@@ -464,7 +464,7 @@ def test_per_head_different_sets(tiny, fa):
         ref = Context(model, 256, flash_attn=fa, capture=True)
         decode_all(ref, toks[:n], logits_last=False)
         ref.kv_keep(sets[0, h])
-        ref.arm_scores(W, 1)
+        ref.arm_scores(W, "attention-rows")
         ref.decode(toks[n:], pos0=n)
         glob0 = full_probs(ref, model, 0)
         ref.close()
@@ -510,7 +510,7 @@ def test_scores_need_a_full_window(tiny):
     ctx = Context(tiny, 256, capture=True)
     toks = rand_tokens(tiny, 40, seed=14)
     ctx.decode(toks[:30], logits_last=False)
-    ctx.arm_scores(16, 0)
+    ctx.arm_scores(16)
     ctx.decode(toks[30:40])                      # 10 tokens < 16
     assert not any(k.startswith("pyasl_scores") for k in ctx.captured())
     with pytest.raises(RuntimeError, match="0 of 4 layers"):
@@ -590,11 +590,13 @@ def test_refusals_leave_the_cache_untouched(tiny):
         ctx.kv_keep_per_head(np.zeros((L, Hkv, 0), dtype=np.int32))
 
     with pytest.raises(PyaslError, match="longer than n_ubatch"):
-        ctx.arm_scores(129, 0)
-    with pytest.raises(PyaslError, match="mode 0 or 1"):
-        ctx.arm_scores(16, 2)
+        ctx.arm_scores(129)
+    with pytest.raises(ValueError, match="score must be one of attention, attention-rows, qk"):
+        ctx.arm_scores(16, "softmax")
+    with pytest.raises(PyaslError, match="mode 0, 1 or 2"):
+        _native.check(_native.load()[1].pyasl_set_score_window(ctx._ctx, 16, 3), "arm scores")
     with pytest.raises(PyaslError):
-        ctx.arm_scores(-1, 0)
+        ctx.arm_scores(-1)
     with pytest.raises(PyaslError, match="has no KV cache"):
         ctx.cell_positions(model.n_layer, 16)
 

@@ -62,7 +62,8 @@ def plot(rows: list[dict], out_dir: str | os.PathLike) -> list[Path]:
         for n_tok in sorted({int(r["n_tokens"]) for r in mr}):
             lr = [r for r in mr if int(r["n_tokens"]) == n_tok]
             tasks = sorted({r["task"] for r in lr}, key=D.TASKS.index)
-            pols = [p for p in ("full", "snapkv", "zigzag", "pyramid", "fastkv", "gemfilter", "asl", "asl-2pass")
+            pols = [p for p in ("full", "snapkv", "zigzag", "pyramid", "fastkv", "gemfilter", "gemfilter-published",
+                                "asl", "asl-2pass")
                     if any(r["policy"] == p for r in lr)]
             budgets = sorted({int(r["budget"]) for r in lr if r.get("budget") is not None})
             # accuracy vs budget per task

@@ -42,8 +42,8 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def _order(labels) -> list[str]:
-    pol = {p: i for i, p in enumerate(("full", "snapkv", "zigzag", "pyramid", "fastkv", "gemfilter", "asl",
-                                       "asl-2pass"))}
+    pol = {p: i for i, p in enumerate(("full", "snapkv", "zigzag", "pyramid", "fastkv", "gemfilter",
+                                       "gemfilter-published", "asl", "asl-2pass"))}
 
     def key(lab: str):
         name, _, b = lab.partition("@")

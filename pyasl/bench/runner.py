@@ -5,7 +5,8 @@ stopped and resumed: rows already in the file are skipped. Two modes:
 
 - shared (default): per sample, one full-depth layer-major prefill (pyasl.bench.shared.SharedPrefill) from
   which every policy x budget is derived and decoded. Answers are what each policy produces;
-  prefill cost is reported as prefill_work (share of layer x token work), not seconds.
+  prefill cost is reported as prefill_work (share of layer x token work), not seconds. A policy
+  that ranks by scores of its own (gemfilter-published) runs pyasl.generate on its own.
 - independent: every policy x budget runs pyasl.generate on its own, so prefill seconds and time
   to first token are real (slow: one prefill per policy).
 """
@@ -21,7 +22,7 @@ from ..calibration import DEFAULT_TAU
 from . import data as D
 
 DEFAULT_POLICIES = ("full", "snapkv", "fastkv", "gemfilter", "asl", "asl-2pass")
-FIXED_LAYER_POLICIES = ("fastkv", "gemfilter")
+FIXED_LAYER_POLICIES = ("fastkv", "gemfilter", "gemfilter-published")
 TAU_POLICIES = ("asl", "asl-2pass")  # the policies a row's tau means something to
 NIAH_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -94,6 +95,7 @@ def run(models: list[str], tasks: list[str], lengths: list[int], budgets: list[i
     from ..engine import Model, greedy_decode
     from ..generation import generate
     from ..models import resolve_model
+    from ..policies import policy_names
     from ..policies.options import policy_from_options
     from ..policies.spans import Spans
     from .shared import SHARED_POLICIES, SharedPrefill
@@ -110,8 +112,8 @@ def run(models: list[str], tasks: list[str], lengths: list[int], budgets: list[i
         if t not in D.TASKS:
             raise ValueError(f"unknown task {t!r}; choose from {', '.join(D.TASKS)}")
     for p in policies:
-        if p not in SHARED_POLICIES:
-            raise ValueError(f"unknown policy {p!r}; choose from {', '.join(SHARED_POLICIES)}")
+        if p not in policy_names():
+            raise ValueError(f"unknown policy {p!r}; choose from {', '.join(policy_names())}")
     if samples < 1:
         raise ValueError("samples must be >= 1")
     for b in budgets:
@@ -154,39 +156,35 @@ def run(models: list[str], tasks: list[str], lengths: list[int], budgets: list[i
             s = D.build_sample(m, task, n_tok, seed=seed, index=index, depth=depth)
             t0 = time.perf_counter()
             rows = []
-            if mode == "shared":
-                sp = SharedPrefill(m, s.tokens, window=window, n_threads=n_threads)
-                for p, b, span, t in want:
-                    layer = fixed_layer(m.n_layer, fixed_frac) if p in FIXED_LAYER_POLICIES else None
-                    pol = policy_from_options(p, budget=b, window=window, tau=t, layer=layer, span=span)
+            shared = [w for w in want if mode == "shared" and w[0] in SHARED_POLICIES]
+            sp = SharedPrefill(m, s.tokens, window=window, n_threads=n_threads) if shared else None
+            for p, b, span, t in want:
+                layer = fixed_layer(m.n_layer, fixed_frac) if p in FIXED_LAYER_POLICIES else None
+                pol = policy_from_options(p, budget=b, window=window, tau=t, layer=layer, span=span)
+                row = dict(base, policy=p, budget=b, span=span, tau=t, layer=layer)
+                if sp is not None and (p, b, span, t) in shared:
                     d = sp.derive(pol, max_tokens=s.max_tokens)
                     try:
                         dec = greedy_decode(m, d.ctx, d.logits, s.max_tokens)
                     finally:
                         d.ctx.close()
-                    rows.append(dict(
-                        base, policy=p, budget=b, span=span, tau=t, layer=layer, selected_layer=d.selected_layer,
-                        n_kept=d.n_kept, prefill_work=d.prefill_work, kv_bytes=d.kv_bytes,
-                        kv_bytes_full=sp.kv_bytes_full, kv_bytes_allocated=d.kv_bytes_allocated,
-                        shared_prefill_s=sp.prefill_s, derive_s=d.derive_s,
-                        decode_tokens_per_s=dec.tokens_per_s, n_generated=len(dec.tokens),
-                        output=dec.text, note=d.note,
-                        asl=None if d.asl is None else {k: d.asl[k] for k in ("ranking_layer", "triggered")},
-                        **d.extra))
-                del sp
-            else:
-                for p, b, span, t in want:
-                    layer = fixed_layer(m.n_layer, fixed_frac) if p in FIXED_LAYER_POLICIES else None
-                    pol = policy_from_options(p, budget=b, window=window, tau=t, layer=layer, span=span)
+                    row.update(selected_layer=d.selected_layer, n_kept=d.n_kept, prefill_work=d.prefill_work,
+                               kv_bytes=d.kv_bytes, kv_bytes_full=sp.kv_bytes_full,
+                               kv_bytes_allocated=d.kv_bytes_allocated, shared_prefill_s=sp.prefill_s,
+                               derive_s=d.derive_s, decode_tokens_per_s=dec.tokens_per_s,
+                               n_generated=len(dec.tokens), output=dec.text, note=d.note, asl=d.asl, **d.extra)
+                else:  # independent mode, or a policy the shared prefill cannot derive (its own scores)
                     g = generate(m, s.tokens, policy=pol, max_tokens=s.max_tokens, n_threads=n_threads)
-                    rows.append(dict(
-                        base, policy=p, budget=b, span=span, tau=t, layer=layer, selected_layer=g.selected_layer,
-                        n_kept=g.n_kept, prefill_work=g.prefill_work, kv_bytes=g.kv_bytes,
-                        kv_bytes_full=g.kv_bytes_full, kv_bytes_allocated=g.kv_bytes_allocated,
-                        prefill_s=g.prefill_s, time_to_first_token_s=g.time_to_first_token_s,
-                        decode_tokens_per_s=g.decode_tokens_per_s, n_generated=g.n_generated,
-                        output=g.text, note=g.note,
-                        asl=None if g.asl is None else {k: g.asl[k] for k in ("ranking_layer", "triggered")}))
+                    row.update(selected_layer=g.selected_layer, n_kept=g.n_kept, prefill_work=g.prefill_work,
+                               kv_bytes=g.kv_bytes, kv_bytes_full=g.kv_bytes_full,
+                               kv_bytes_allocated=g.kv_bytes_allocated, prefill_s=g.prefill_s,
+                               time_to_first_token_s=g.time_to_first_token_s,
+                               decode_tokens_per_s=g.decode_tokens_per_s, n_generated=g.n_generated,
+                               output=g.text, note=g.note, asl=g.asl)
+                if row["asl"] is not None:
+                    row["asl"] = {k: row["asl"][k] for k in ("ranking_layer", "triggered")}
+                rows.append(row)
+            del sp
             with outp.open("a", encoding="utf-8") as f:
                 for r in rows:
                     r.update(mode=mode, seed=seed, window=window, n_layer=m.n_layer,

@@ -41,6 +41,10 @@ def _int32_array(values, what: str) -> np.ndarray:
 
 
 # the KV cache types llama.cpp accepts (its -ctk / -ctv names); the values are ggml_type
+# window scores (native/pyasl.h): softmax attention summed over the window queries (every policy),
+# the same per query (attention-rows: (n_kv, window, n_head) captures), or the raw q.k products
+# summed over them (GemFilter as published)
+SCORES = {"attention": 0, "attention-rows": 1, "qk": 2}
 KV_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, "iq4_nl": 20, "q5_0": 6, "q5_1": 7}
 _KV_TYPE_NAMES = {v: k for k, v in KV_TYPES.items()}
 
@@ -285,12 +289,15 @@ class Context(_Native):
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
 
     # ---- scores -----------------------------------------------------------------------
-    def arm_scores(self, window: int, mode: int = 0) -> None:
+    def arm_scores(self, window: int, score: str = "attention") -> None:
+        """Capture the window scores of the next decodes (SCORES: attention or qk)."""
         _, lib, _ = _ll()
+        if score not in SCORES:
+            raise ValueError(f"score must be one of {', '.join(SCORES)}, not {score!r}")
         if self._cap is None:
             raise RuntimeError("this context was created without score capture")
         lib.pyasl_capture_clear(self._cap)
-        check(lib.pyasl_set_score_window(self._ctx, window, mode), "arm scores")
+        check(lib.pyasl_set_score_window(self._ctx, window, SCORES[score]), "arm scores")
 
     def disarm_scores(self) -> None:
         _, lib, _ = _ll()

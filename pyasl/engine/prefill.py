@@ -33,8 +33,10 @@ class Prefill:
 
 
 def prefill(ctx: Context, tokens: list[int], window: int = 0,
-            progress: Optional[Callable[[int, int], None]] = None, stop_layer: Optional[int] = None) -> Prefill:
-    """Ordinary prefill. With window > 0 the last `window` tokens go in one ubatch with scores armed.
+            progress: Optional[Callable[[int, int], None]] = None, stop_layer: Optional[int] = None,
+            score: str = "attention") -> Prefill:
+    """Ordinary prefill. With window > 0 the last `window` tokens go in one ubatch with scores armed
+    (`score`: context.SCORES).
 
     stop_layer: compute only layers 0..stop_layer for every ubatch (first pass of a two-pass
     policy); the logits are then meaningless and scores cover stop_layer + 1 layers."""
@@ -52,7 +54,7 @@ def prefill(ctx: Context, tokens: list[int], window: int = 0,
             progress(done, n)
     scores = None
     if window:
-        ctx.arm_scores(window)
+        ctx.arm_scores(window, score)
         try:
             ctx.decode(tokens[n - window:], logits_last=True)
         finally:
@@ -159,16 +161,19 @@ def layer_major_pass(model: Model, tokens: list[int], window: int, decide,
     return A, scores, Hs, stop, sel
 
 
-def prefill_kept(model: Model, tokens: list[int], kept, max_tokens: int, **ctx_kw) -> Context:
+def prefill_kept(model: Model, tokens: list[int], kept, max_tokens: int, renumber: bool = False,
+                 **ctx_kw) -> Context:
     """Second pass of asl-2pass / gemfilter: a context of len(kept) + max_tokens cells holding only the
-    kept tokens, prefilled through every layer at their original positions (logits: the last one).
+    kept tokens, prefilled through every layer at their original positions (renumber: as a new prompt,
+    positions 0..k-1; decoding then continues at k) (logits: the last one).
     ctx_kw: Context settings (n_batch, n_threads, flash_attn, type_k, type_v)."""
     kept_l = [int(x) for x in kept]
     n_batch = ctx_kw.setdefault("n_batch", 512)
     ctx = Context(model, _pad(len(kept_l) + max_tokens), allow_pos_gaps=True, **ctx_kw)
     for i in range(0, len(kept_l), n_batch):
         pos = kept_l[i: i + n_batch]
-        ctx.decode([tokens[p] for p in pos], positions=pos, logits_last=i + n_batch >= len(kept_l))
+        ctx.decode([tokens[p] for p in pos], positions=list(range(i, i + len(pos))) if renumber else pos,
+                   logits_last=i + n_batch >= len(kept_l))
     return ctx
 
 

@@ -153,7 +153,7 @@ def _run_ordinary(model, tokens, policy: Policy, max_tokens, n_ctx, mask, note, 
                            "(full KV)")
         return _run_full(model, tokens, max_tokens, n_ctx, note, progress, **kw)
     try:
-        pf = prefill(ctx, tokens, window=policy.window, progress=progress)
+        pf = prefill(ctx, tokens, window=policy.window, progress=progress, score=policy.score)
         info = ctx.kv_info()
         full = kv_bytes(info, n, info.used_swa)
         t0 = time.perf_counter()
@@ -198,6 +198,9 @@ def _layer_major_first(model, tokens, policy: Policy, mask, progress, keep_all_h
     """A layer-major pass that stops at the policy's selection layer: (A, scores, hidden states, stop,
     selection); on_layer, one_layer_kv: see :func:`layer_major_pass`."""
     _check_int("window", policy.window, 1, min(len(tokens) - 1, kw["n_batch"]) if len(tokens) > 1 else 0)
+    if policy.score != "attention":
+        raise ValueError(f"a layer-major pass captures attention scores, not the {policy.score} scores of "
+                         f"policy {policy.name}")
     l_min = getattr(policy, "l_min", None)
     if l_min is not None and not 0 <= l_min < model.n_layer:
         raise ValueError(f"l_min {l_min} is outside the model's layers 0..{model.n_layer - 1}")
@@ -321,7 +324,7 @@ def _run_two_pass(model, tokens, policy: Policy, max_tokens, n_ctx, mask, note, 
     else:
         stop_at = policy.first_pass_stop(model)
         with Context(model, max(n_ctx or 0, _pad(n + 1)), capture=True, **kw) as ctx:
-            pf = prefill(ctx, tokens, window=policy.window, progress=progress, stop_layer=stop_at)
+            pf = prefill(ctx, tokens, window=policy.window, progress=progress, stop_layer=stop_at, score=policy.score)
             used_swa = ctx.kv_info().used_swa
         scores = pf.scores
         t1 = time.perf_counter()
@@ -330,7 +333,7 @@ def _run_two_pass(model, tokens, policy: Policy, max_tokens, n_ctx, mask, note, 
         stop = stop_at if stop_at is not None else N - 1
         layers = N if stop_at is None else stop_at + 1
     t1 = time.perf_counter()
-    out = finish_two_pass(model, tokens, sel, max_tokens, layers, **kw)
+    out = finish_two_pass(model, tokens, sel, max_tokens, layers, renumber=policy.renumbers_positions, **kw)
     out.compact_s, out.select_s = time.perf_counter() - t1, t_sel
     info = out.ctx.kv_info()  # the bytes of a cell of every layer (a one-layer scratch stores fewer)
     out.kv_bytes_full = kv_bytes(info, n, used_swa)
@@ -339,10 +342,11 @@ def _run_two_pass(model, tokens, policy: Policy, max_tokens, n_ctx, mask, note, 
     return out
 
 
-def finish_two_pass(model, tokens, sel: Selection, max_tokens: int, first_pass_layers: int, **kw) -> Pruned:
-    """The second pass: only `sel`'s kept tokens, at their positions, through every layer; the work
-    counts the first pass's layers over every token too."""
-    ctx = prefill_kept(model, tokens, sel.shared, max_tokens, **kw)
+def finish_two_pass(model, tokens, sel: Selection, max_tokens: int, first_pass_layers: int, renumber: bool = False,
+                    **kw) -> Pruned:
+    """The second pass: only `sel`'s kept tokens, at their positions (renumber: at 0..k-1), through
+    every layer; the work counts the first pass's layers over every token too."""
+    ctx = prefill_kept(model, tokens, sel.shared, max_tokens, renumber=renumber, **kw)
     n, N, k = len(tokens), model.n_layer, len(sel.shared)
     return Pruned(ctx=ctx, logits=ctx.logits(), n_kept=k, kv_bytes_full=0, prefill_s=0.0,
                   prefill_work=(first_pass_layers * n + N * k) / (N * n), selection=sel,
@@ -363,10 +367,19 @@ class PrunedPrefill:
     layer_cells: Optional[np.ndarray] = None  # per-layer budgets: set them after loading the state
 
 
+def check_continuable(policy: Policy) -> None:
+    """Raise ValueError for a policy a conversation cannot continue after (Session, pyasl.Llama, the
+    server): one that renumbers the kept tokens' positions."""
+    if policy.renumbers_positions:
+        raise ValueError(f"policy {policy.name} prefills the kept tokens again as a new prompt (positions "
+                         "0..k-1), a benchmark baseline that a conversation cannot continue after; use gemfilter")
+
+
 def prefill_state(model: Model, tokens: list[int], policy: Policy, n_threads: Optional[int] = None,
                   flash_attn: bool = False, n_batch: int = 512, progress: Progress = None, type_k="f16",
                   type_v="f16") -> PrunedPrefill:
     """Prefill and prune `tokens` with `policy`; the result as state bytes (see PrunedPrefill)."""
+    check_continuable(policy)
     t0 = time.perf_counter()
     pr = run(model, tokens, policy, max_tokens=1, n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn,
              progress=progress, type_k=type_k, type_v=type_v)

@@ -3,7 +3,8 @@ selection rules they use.
 
 Policies (by name, :func:`make_policy`): ``full`` (:class:`Full`), ``snapkv`` (:class:`SnapKV`),
 ``asl`` (:class:`ASL`), ``asl-2pass`` (:class:`ASL2Pass`), ``fastkv`` (:class:`FastKV`),
-``gemfilter`` (:class:`GemFilter`), ``zigzag`` (:class:`ZigZag`), ``pyramid`` (:class:`Pyramid`).
+``gemfilter`` (:class:`GemFilter`), ``gemfilter-published``
+(:class:`GemFilterPublished`), ``zigzag`` (:class:`ZigZag`), ``pyramid`` (:class:`Pyramid`).
 
 Rules and building blocks (numpy only): :mod:`.scoring` (pooling, ranks, layer masks),
 :mod:`.spans` (how scores become kept positions), :mod:`.asl_rule` (the ASL rule, fixed-layer
@@ -15,7 +16,7 @@ from __future__ import annotations
 from .asl import ASL, ASL2Pass
 from .asl_rule import ASLSelection, asl_select, asl_select_at_layer, inspect_layers
 from .base import Policy, Selection, make_policy, policy_names, register_policy
-from .fixed_layer import FastKV, GemFilter, default_layer
+from .fixed_layer import FastKV, GemFilter, GemFilterPublished, default_layer
 from .full import Full
 from .layer_budgets import Pyramid, ZigZag
 from .options import policy_from_options
@@ -26,7 +27,8 @@ from .snapkv_rule import snapkv_select, snapkv_select_all
 from .spans import DEFAULT_SPAN, Spans
 
 __all__ = [
-    "ASL", "ASL2Pass", "ASLSelection", "DEFAULT_SPAN", "FastKV", "Full", "GemFilter", "POOL_MODES", "Policy",
+    "ASL", "ASL2Pass", "ASLSelection", "DEFAULT_SPAN", "FastKV", "Full", "GemFilter", "GemFilterPublished",
+    "POOL_MODES", "Policy",
     "Pyramid", "Selection", "SnapKV", "Spans", "ZigZag", "asl_select", "asl_select_at_layer", "default_layer",
     "default_layer_params", "descending_ranks", "inspect_layers", "latest_ranked_layer", "make_policy",
     "policy_from_options", "policy_names", "pool_scores", "ranked_layer_mask", "register_policy", "snapkv_select", "snapkv_select_all",

@@ -129,6 +129,8 @@ class Policy:
 
     name: ClassVar[str] = "?"
     prunes: ClassVar[bool] = True
+    score: ClassVar[str] = "attention"  # the window scores it ranks by (engine.context.SCORES)
+    renumbers_positions: ClassVar[bool] = False  # two-pass: the kept tokens are prefilled again at 0..k-1
 
     def __init__(self, budget: int = 512, window: int = 32, kernel: int = 7, span=None):
         budget, window, kernel = _check_int("budget", budget), _check_int("window", window), _check_int("kernel", kernel)

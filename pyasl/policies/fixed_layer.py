@@ -122,3 +122,24 @@ class GemFilter(_FixedLayer):
 
     def select(self, scores, window, model, layer_mask=None) -> Selection:
         return self._kept(scores, window, model, layer_mask)
+
+
+@register_policy
+class GemFilterPublished(GemFilter):
+    """GemFilter as its authors run it (arXiv 2409.17422, SalesforceAIResearch/GemFilter): at the
+    filter layer the last query's raw q.k products (no scale, no softmax) summed over the query heads,
+    averaged over 5 neighbours, rank the tokens; the top ``budget`` (the last token among them) are
+    prefilled again as a new prompt, at positions 0..k-1. :class:`GemFilter` is pyasl's variant:
+    softmax attention of the last ``window`` tokens and the original positions. A benchmark baseline:
+    a conversation cannot continue after it (engine.strategies.check_continuable)."""
+
+    name = "gemfilter-published"
+    score = "qk"
+    renumbers_positions = True
+
+    def __init__(self, layer: Optional[int] = None, budget: int = 512, span="token"):
+        super().__init__(layer=layer, budget=budget, window=1, kernel=5, span=span)
+
+    def params(self) -> dict:
+        p = super().params()
+        return {k: p[k] for k in ("layer", "budget", "span")}

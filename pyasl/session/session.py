@@ -51,7 +51,7 @@ import numpy as np
 from ..engine import Context, Model
 from ..engine.context import kv_type_name
 from ..engine.full_copy import FullCopy
-from ..engine.strategies import prefill_state
+from ..engine.strategies import check_continuable, prefill_state
 from ..policies import ASL, Policy, Selection, make_policy
 from .files import load, save
 from .format import ANSWER, ChatFormat
@@ -75,6 +75,7 @@ def _check_policy(model: Model, policy: Policy) -> None:
     """What a session can prune with: the policy's own limits, no sliding-window models, per-layer
     budgets through zigzag and pyramid only (their re-prunes keep to the cells each layer sees)."""
     policy.check_model(model)
+    check_continuable(policy)
     if getattr(policy, "layer_budgets", None):
         raise ValueError("sessions prune with per-layer budgets through policy zigzag or pyramid, not "
                          f"{policy.name} with layer_budgets")

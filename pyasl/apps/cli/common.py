@@ -114,7 +114,7 @@ class Progress:
 
 
 # ---- policy options -------------------------------------------------------------------------------
-ALL_POLICIES = ["full", "snapkv", "asl", "fastkv", "asl-2pass", "gemfilter", "zigzag", "pyramid"]
+ALL_POLICIES = ["full", "snapkv", "asl", "fastkv", "asl-2pass", "gemfilter", "gemfilter-published", "zigzag", "pyramid"]
 
 
 def _parse_span(ctx, param, value):
@@ -139,7 +139,7 @@ class PolicyOptions:
         if layer_budgets and name != "asl":
             raise ValueError(f"--layer-budgets applies to --policy asl, not {name}"
                              + (" (its second pass keeps one set)" if name == "asl-2pass" else ""))
-        if layer_only_fixed and layer is not None and name not in ("fastkv", "gemfilter"):
+        if layer_only_fixed and layer is not None and name not in ("fastkv", "gemfilter", "gemfilter-published"):
             raise ValueError(f"policy {name} does not take --layer")
 
     @property

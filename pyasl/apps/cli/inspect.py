@@ -27,7 +27,8 @@ def inspect(model, prompt, prompt_file, raw, system, threads, flash_attn, verbos
     check_text(system, "--system")
     window, method = policy.window, policy.budget_method
     try:
-        policy.build(budget=max(window + 1, policy.budget or 0))  # bad options fail before the prefill
+        probe = policy.build(budget=max(window + 1, policy.budget or 0))  # bad options fail before the prefill
+        window = probe.window  # gemfilter-published: its own (1)
         m = load_model(model, verbose)
         toks = prompt_tokens(m, text, raw, system)
         n = len(toks)
@@ -38,7 +39,7 @@ def inspect(model, prompt, prompt_file, raw, system, threads, flash_attn, verbos
         if window > 512:
             raise ValueError("window must be <= 512 (the batch size)")
         with Context(m, ((n + 255) // 256) * 256, n_threads=threads, flash_attn=flash_attn, capture=True) as ctx:
-            pf = prefill(ctx, toks, window=window)
+            pf = prefill(ctx, toks, window=window, score=probe.score)
         if policy.budget is not None and policy.budget <= window:
             raise ValueError(f"budget {policy.budget} must be larger than the window {window}")
         mask = ranked_layer_mask(m, n)
@@ -52,7 +53,7 @@ def inspect(model, prompt, prompt_file, raw, system, threads, flash_attn, verbos
         if pol.prunes and budget < n:
             pol.check_model(m)
             sel, kept = _what_it_keeps(pol, pf.scores, m, mask)
-        if policy.name in ("fastkv", "gemfilter"):
+        if policy.name in ("fastkv", "gemfilter", "gemfilter-published"):
             layer = pol.layer_for(m)
             info["selected_layer"] = layer
             info["note"] = "; ".join(x for x in (f"fixed layer {layer}", sel.note if sel else "") if x)
