@@ -175,7 +175,8 @@ def run(models: list[str], tasks: list[str], lengths: list[int], budgets: list[i
                                n_generated=len(dec.tokens), output=dec.text, note=d.note, asl=d.asl, **d.extra)
                 else:  # independent mode, or a policy the shared prefill cannot derive (its own scores)
                     g = generate(m, s.tokens, policy=pol, max_tokens=s.max_tokens, n_threads=n_threads)
-                    row.update(selected_layer=g.selected_layer, n_kept=g.n_kept, prefill_work=g.prefill_work,
+                    row.update(mode="independent", window=pol.window if pol.prunes else window,
+                               selected_layer=g.selected_layer, n_kept=g.n_kept, prefill_work=g.prefill_work,
                                kv_bytes=g.kv_bytes, kv_bytes_full=g.kv_bytes_full,
                                kv_bytes_allocated=g.kv_bytes_allocated, prefill_s=g.prefill_s,
                                time_to_first_token_s=g.time_to_first_token_s,
@@ -187,7 +188,9 @@ def run(models: list[str], tasks: list[str], lengths: list[int], budgets: list[i
             del sp
             with outp.open("a", encoding="utf-8") as f:
                 for r in rows:
-                    r.update(mode=mode, seed=seed, window=window, n_layer=m.n_layer,
+                    r.setdefault("mode", mode)
+                    r.setdefault("window", window)
+                    r.update(seed=seed, n_layer=m.n_layer,
                              references=s.references, metric=s.metric,
                              score=D.score(s.metric, r["output"], s.references))
                     f.write(json.dumps(r) + "\n")
