@@ -96,3 +96,13 @@ def test_generate_on_smollm2(smollm2):
     text = (Path(__file__).resolve().parent.parent / "examples" / "long_prompt.txt").read_text()
     r = pyasl.generate(smollm2, smollm2.tokenize(text), policy="gemfilter-published", budget=256, max_tokens=8)
     assert r.n_kept == 256 and 0 < r.prefill_work < 1 and r.text
+
+
+def test_cli_keeps_its_token_default():
+    """--span not given: each policy's own default (gemfilter-published: token; others: forward:32)."""
+    from pyasl.apps.cli.common import PolicyOptions, _parse_span
+
+    assert _parse_span(None, None, None) is None
+    for name, want in (("gemfilter-published", "token"), ("gemfilter", str(P.DEFAULT_SPAN))):
+        opts = PolicyOptions(name, budget=256, window=32, tau=None, layer=None, span=_parse_span(None, None, None))
+        assert str(opts.build().span) == want

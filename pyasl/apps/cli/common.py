@@ -118,8 +118,12 @@ ALL_POLICIES = ["full", "snapkv", "asl", "fastkv", "asl-2pass", "gemfilter", "ge
 
 
 def _parse_span(ctx, param, value):
+    """--span as a Spans; None when not given, so the policy's own default applies (forward:32; token
+    for gemfilter-published)."""
     from ...policies.spans import Spans
 
+    if value is None:
+        return None
     try:
         return Spans.parse(value)
     except ValueError as e:
@@ -171,7 +175,8 @@ def policy_options(policies=ALL_POLICIES, default: str = "asl", budget_default: 
                      help="selection layer of fastkv and gemfilter (default: 15 / 13 of 32 layers, scaled by depth)"),
         click.option("--span", callback=_parse_span, metavar="token|forward:S|chunk:C",
                      help="how scores become kept cells: token (top-k tokens), forward:S (a kept token brings the S-1 "
-                          f"after it), chunk:C (whole chunks of C tokens); default: {DEFAULT_SPAN}"),
+                          f"after it), chunk:C (whole chunks of C tokens); default: {DEFAULT_SPAN} (gemfilter-published: "
+                          "token)"),
     ]
     if asl_layers:
         opts += [click.option("--l-min", type=click.IntRange(min=0),
