@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from ..calibration import DEFAULT_TAU
+from ..policies.fixed_layer import FIXED_LAYER_POLICIES
 from . import data as D
 
 DEFAULT_POLICIES = ("full", "snapkv", "fastkv", "gemfilter", "asl", "asl-2pass")
-FIXED_LAYER_POLICIES = ("fastkv", "gemfilter", "gemfilter-published")
 TAU_POLICIES = ("asl", "asl-2pass")  # the policies a row's tau means something to
 NIAH_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 

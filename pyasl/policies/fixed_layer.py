@@ -143,3 +143,6 @@ class GemFilterPublished(GemFilter):
     def params(self) -> dict:
         p = super().params()
         return {k: p[k] for k in ("layer", "budget", "span")}
+
+
+FIXED_LAYER_POLICIES = (FastKV.name, GemFilter.name, GemFilterPublished.name)  # the policies that take a layer

@@ -10,6 +10,7 @@ from typing import Optional
 import click
 
 from ...policies.base import PREFILL_MODES
+from ...policies.fixed_layer import FIXED_LAYER_POLICIES
 from ...policies.spans import DEFAULT_SPAN
 
 
@@ -143,7 +144,7 @@ class PolicyOptions:
         if layer_budgets and name != "asl":
             raise ValueError(f"--layer-budgets applies to --policy asl, not {name}"
                              + (" (its second pass keeps one set)" if name == "asl-2pass" else ""))
-        if layer_only_fixed and layer is not None and name not in ("fastkv", "gemfilter", "gemfilter-published"):
+        if layer_only_fixed and layer is not None and name not in FIXED_LAYER_POLICIES:
             raise ValueError(f"policy {name} does not take --layer")
 
     @property

@@ -21,6 +21,7 @@ def inspect(model, prompt, prompt_file, raw, system, threads, flash_attn, verbos
     from ...calibration import DEFAULT_TAU
     from ...engine import Context, prefill
     from ...policies import inspect_layers
+    from ...policies.fixed_layer import FIXED_LAYER_POLICIES
     from ...policies.spans import runs
 
     text = read_prompt(prompt, prompt_file)
@@ -53,7 +54,7 @@ def inspect(model, prompt, prompt_file, raw, system, threads, flash_attn, verbos
         if pol.prunes and budget < n:
             pol.check_model(m)
             sel, kept = _what_it_keeps(pol, pf.scores, m, mask)
-        if policy.name in ("fastkv", "gemfilter", "gemfilter-published"):
+        if policy.name in FIXED_LAYER_POLICIES:
             layer = pol.layer_for(m)
             info["selected_layer"] = layer
             info["note"] = "; ".join(x for x in (f"fixed layer {layer}", sel.note if sel else "") if x)
