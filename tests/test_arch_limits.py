@@ -21,12 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tinymodels  # noqa: E402
 from kvcheck import keep_vs_seq_rm, random_tokens  # noqa: E402
-from pyasl import _native  # noqa: E402
-
-try:
-    _native.load()
-except _native.NativeLibraryError as e:  # pragma: no cover - depends on the machine
-    pytest.skip(f"pyasl native library not available: {e}", allow_module_level=True)
 
 from click.testing import CliRunner  # noqa: E402
 
@@ -35,6 +29,8 @@ from pyasl import policies as P  # noqa: E402
 from pyasl._native import PyaslError  # noqa: E402
 from pyasl.engine import Context, Model  # noqa: E402
 from pyasl import generate  # noqa: E402
+
+pytestmark = pytest.mark.native
 
 PRUNING = ("snapkv", "asl", "fastkv", "asl-2pass", "gemfilter", "zigzag", "pyramid")
 ALIBI = ("mpt", "bloom")

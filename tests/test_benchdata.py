@@ -7,17 +7,13 @@ import re
 
 import pytest
 
-from pyasl import _native
 from pyasl import bench as BR
 from pyasl.bench import data as D
 
-try:
-    _native.load()
-except _native.NativeLibraryError as e:  # pragma: no cover
-    pytest.skip(f"pyasl native library not available: {e}", allow_module_level=True)
+from pyasl.engine import Model
+from pyasl.models import fetch_model
 
-from pyasl.engine import Model  # noqa: E402
-from pyasl.models import fetch_model  # noqa: E402
+pytestmark = pytest.mark.native
 
 
 @pytest.fixture(scope="module")

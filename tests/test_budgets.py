@@ -26,13 +26,10 @@ from pyasl.policies import layer_budgets as BG  # noqa: E402
 from pyasl import policies as P  # noqa: E402
 from pyasl._native import PyaslError  # noqa: E402
 
-try:
-    _native.load()
-except _native.NativeLibraryError as e:  # pragma: no cover - depends on the machine
-    pytest.skip(f"pyasl native library not available: {e}", allow_module_level=True)
-
 from pyasl.engine import Context, Model, layer_major_prefill, prefill  # noqa: E402
 from pyasl import generate  # noqa: E402
+
+pytestmark = pytest.mark.native
 
 REAL = pytest.mark.real
 FA = pytest.mark.parametrize("fa", [False, True], ids=["fa-off", "fa-on"])

@@ -30,15 +30,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tinymodels  # noqa: E402
-from pyasl import _native  # noqa: E402
-
-try:
-    _native.load()
-except _native.NativeLibraryError as e:  # pragma: no cover - depends on the machine
-    pytest.skip(f"pyasl native library not available: {e}", allow_module_level=True)
 
 from pyasl.engine import POLICIES, Context, Model, layer_major_supported  # noqa: E402
 from pyasl import generate  # noqa: E402
+
+pytestmark = pytest.mark.native
 
 SEED = int(os.environ.get("PYASL_FUZZ_SEED", "0"))
 SCALE = float(os.environ.get("PYASL_FUZZ_SCALE", "1"))

@@ -13,24 +13,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tinymodels  # noqa: E402
 from kvcheck import random_tokens as toks  # noqa: E402
-from pyasl import _native  # noqa: E402
-
-try:
-    _native.load()
-except _native.NativeLibraryError as e:  # pragma: no cover
-    pytest.skip(f"pyasl native library not available: {e}", allow_module_level=True)
 
 import pyasl  # noqa: E402
 from pyasl import policies as P  # noqa: E402
-from pyasl.engine import Context, Model, prefill, strategies  # noqa: E402
+from pyasl.engine import Context, prefill, strategies  # noqa: E402
 from pyasl.policies.scoring import pool_scores  # noqa: E402
 
-N_LAYER = 6
+pytestmark = pytest.mark.native
 
-
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
-def tiny(request) -> Model:
-    return Model(tinymodels.tiny_model_path(request.param, n_layer=N_LAYER))
+N_LAYER = tinymodels.DENSE_N_LAYER
 
 
 def _scores(m, t, score, window=1):
@@ -38,10 +29,10 @@ def _scores(m, t, score, window=1):
         return prefill(ctx, t, window=window, score=score).scores
 
 
-def test_qk_scores_are_the_logits_of_the_attention(tiny):
+def test_qk_scores_are_the_logits_of_the_attention(tiny_dense):
     """For the last query every cell is visible, so per head softmax(q.k / sqrt(d)) is the attention
     pyasl's default scores capture: the raw products are the attention's logits."""
-    m = tiny
+    m = tiny_dense
     t = toks(m, 200, seed=1)
     att, qk = _scores(m, t, "attention"), _scores(m, t, "qk")
     assert att.shape == qk.shape == (m.n_layer, m.n_head, len(t))
@@ -51,8 +42,8 @@ def test_qk_scores_are_the_logits_of_the_attention(tiny):
     np.testing.assert_allclose(z / z.sum(axis=-1, keepdims=True), att, rtol=2e-3, atol=1e-6)
 
 
-def test_published_selection_and_renumbered_positions(tiny):
-    m = tiny
+def test_published_selection_and_renumbered_positions(tiny_dense):
+    m = tiny_dense
     t = toks(m, 300, seed=2)
     pol = P.GemFilterPublished(layer=2, budget=64)
     assert (pol.window, pol.kernel, str(pol.span), pol.strategy(m)) == (1, 5, "token", "two-pass")
@@ -76,12 +67,12 @@ def test_published_selection_and_renumbered_positions(tiny):
         pr.ctx.close()
 
 
-def test_conversations_refuse_it(tiny):
+def test_conversations_refuse_it(tiny_dense):
     pol = P.GemFilterPublished(budget=64)
     with pytest.raises(ValueError, match="new prompt"):
-        pyasl.Session(tiny, policy=pol, n_ctx=512)
+        pyasl.Session(tiny_dense, policy=pol, n_ctx=512)
     with pytest.raises(ValueError, match="new prompt"):
-        strategies.prefill_state(tiny, toks(tiny, 300), pol)
+        strategies.prefill_state(tiny_dense, toks(tiny_dense, 300), pol)
 
 
 def test_options_and_round_trip():

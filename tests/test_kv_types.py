@@ -15,18 +15,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tinymodels  # noqa: E402
 from kvcheck import random_tokens as toks  # noqa: E402
-from pyasl import _native  # noqa: E402
-
-try:
-    _native.load()
-except _native.NativeLibraryError as e:  # pragma: no cover
-    pytest.skip(f"pyasl native library not available: {e}", allow_module_level=True)
 
 from pyasl import generate  # noqa: E402
 from pyasl import policies as P  # noqa: E402
 from pyasl.engine import Context, Model  # noqa: E402
 from pyasl.engine import strategies  # noqa: E402
 from pyasl.engine.context import kv_type_name  # noqa: E402
+
+pytestmark = pytest.mark.native
 
 # bytes of 32 values: f16 64, q8_0 34, q4_0 and iq4_nl 18
 BLOCK_BYTES = {"f16": 64, "q8_0": 34, "q4_0": 18, "iq4_nl": 18}
@@ -37,7 +33,6 @@ POLICIES = ["snapkv", "asl", "fastkv", "asl-2pass", "gemfilter", "pyramid", "zig
 def tiny() -> Model:
     # head size 32: one q8_0 / q4_0 block per head
     return Model(tinymodels.tiny_model_path("llama", n_layer=6, n_embd=128))
-
 
 
 @pytest.mark.parametrize("kv", ["q8_0", "q4_0", "iq4_nl"])

@@ -13,18 +13,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tinymodels  # noqa: E402
 from pyasl import _native  # noqa: E402
 
-try:
-    _native.load()
-except _native.NativeLibraryError as e:  # pragma: no cover
-    pytest.skip(f"pyasl native library not available: {e}", allow_module_level=True)
-
 from pyasl import policies as P  # noqa: E402
 from pyasl import generate  # noqa: E402
 from pyasl.engine import (Context, Model, layer_major_prefill, layer_major_supported, prefill,  # noqa: E402
                           ranked_layer_mask)
 from pyasl.models import fetch_model  # noqa: E402
 
-N_LAYER = 6
+pytestmark = pytest.mark.native
+
+N_LAYER = tinymodels.DENSE_N_LAYER
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "gemma3", "qwen3", "phi3", "mistral3"])

@@ -25,13 +25,10 @@ from kvcheck import DROP, keep_set, keep_vs_seq_rm  # noqa: E402
 from pyasl import _native  # noqa: E402
 from pyasl._native import PyaslError  # noqa: E402
 
-try:
-    _native.load()
-except _native.NativeLibraryError as e:  # pragma: no cover - depends on the machine
-    pytest.skip(f"pyasl native library not available: {e}", allow_module_level=True)
-
 from pyasl.engine import Context, Model, prefill  # noqa: E402
 from pyasl import generate  # noqa: E402
+
+pytestmark = pytest.mark.native
 
 
 # ---------------------------------------------------------------- fixtures / helpers

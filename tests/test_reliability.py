@@ -34,14 +34,11 @@ from kvcheck import random_tokens  # noqa: E402
 from pyasl import _native, models  # noqa: E402
 from pyasl.gguf_check import read_header, unsupported_reason  # noqa: E402
 
-try:
-    _native.load()
-except _native.NativeLibraryError as e:  # pragma: no cover - depends on the machine
-    pytest.skip(f"pyasl native library not available: {e}", allow_module_level=True)
-
 from pyasl._native import PyaslError  # noqa: E402
 from pyasl.engine import ClosedError, Context, Model, ModelLoadError  # noqa: E402
 from pyasl import generate  # noqa: E402
+
+pytestmark = pytest.mark.native
 
 TINY = tinymodels.tiny_model_path("llama")
 

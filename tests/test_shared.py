@@ -11,17 +11,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tinymodels  # noqa: E402
-from pyasl import _native  # noqa: E402
-
-try:
-    _native.load()
-except _native.NativeLibraryError as e:  # pragma: no cover
-    pytest.skip(f"pyasl native library not available: {e}", allow_module_level=True)
 
 from pyasl.engine import Model, greedy_decode, layer_major_prefill  # noqa: E402
 from pyasl import generate  # noqa: E402
 from pyasl.models import fetch_model  # noqa: E402
 from pyasl.bench.shared import SharedPrefill  # noqa: E402
+
+pytestmark = pytest.mark.native
 
 
 @pytest.fixture(scope="module")

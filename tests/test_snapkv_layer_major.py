@@ -14,23 +14,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tinymodels  # noqa: E402
 from kvcheck import random_tokens as toks  # noqa: E402
-from pyasl import _native  # noqa: E402
-
-try:
-    _native.load()
-except _native.NativeLibraryError as e:  # pragma: no cover
-    pytest.skip(f"pyasl native library not available: {e}", allow_module_level=True)
 
 from pyasl import policies as P  # noqa: E402
 from pyasl.bench.shared import SharedPrefill  # noqa: E402
 from pyasl.engine import Model, strategies  # noqa: E402
 
-N_LAYER = 6
+pytestmark = pytest.mark.native
 
-
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
-def tiny(request) -> Model:
-    return Model(tinymodels.tiny_model_path(request.param, n_layer=N_LAYER))
+N_LAYER = tinymodels.DENSE_N_LAYER
 
 
 def _run(model, t, policy, fa=False, follow=(5, 9, 11), n_batch=128):
@@ -66,11 +57,11 @@ def _assert_same(model, layered, ordinary, exact=True):
 
 @pytest.mark.parametrize("fa", [False, True], ids=["fa-off", "fa-on"])
 @pytest.mark.parametrize("span", ["token", "forward:8"])
-def test_layer_by_layer_equals_ordinary(tiny, fa, span):
-    t = toks(tiny, 300, seed=3)
+def test_layer_by_layer_equals_ordinary(tiny_dense, fa, span):
+    t = toks(tiny_dense, 300, seed=3)
     pol = P.SnapKV(budget=64, window=16, span=span)
-    assert pol.strategy(tiny) == "layer-major"
-    _assert_same(tiny, _run(tiny, t, pol, fa), _run(tiny, t, pol.replace(prefill="ordinary"), fa))
+    assert pol.strategy(tiny_dense) == "layer-major"
+    _assert_same(tiny_dense, _run(tiny_dense, t, pol, fa), _run(tiny_dense, t, pol.replace(prefill="ordinary"), fa))
 
 
 def test_layer_by_layer_equals_ordinary_smollm2(smollm2):
@@ -83,15 +74,15 @@ def test_layer_by_layer_equals_ordinary_smollm2(smollm2):
                                                                     n_batch=512))
 
 
-def test_shared_prefill_derives_the_same_cells(tiny):
+def test_shared_prefill_derives_the_same_cells(tiny_dense):
     """The benchmark's shared prefill finishes a layer-major SnapKV as the ordinary one."""
-    t = toks(tiny, 300, seed=5)
+    t = toks(tiny_dense, 300, seed=5)
     pol = P.SnapKV(budget=64, window=16)
-    d = SharedPrefill(tiny, t, window=16, n_batch=128).derive(pol, max_tokens=8)
-    pr = strategies.run(tiny, t, pol.replace(prefill="ordinary"), max_tokens=8, n_batch=128)
+    d = SharedPrefill(tiny_dense, t, window=16, n_batch=128).derive(pol, max_tokens=8)
+    pr = strategies.run(tiny_dense, t, pol.replace(prefill="ordinary"), max_tokens=8, n_batch=128)
     try:
         assert d.n_kept == pr.n_kept and d.prefill_work == 1.0
-        for il in range(tiny.n_layer):
+        for il in range(tiny_dense.n_layer):
             assert list(d.ctx.cell_positions(il, d.n_kept)) == list(pr.ctx.cell_positions(il, pr.n_kept))
         np.testing.assert_allclose(d.logits, pr.logits, rtol=1e-4, atol=1e-3)
     finally:

@@ -15,26 +15,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tinymodels  # noqa: E402
 from kvcheck import random_tokens as toks  # noqa: E402
-from pyasl import _native  # noqa: E402
-
-try:
-    _native.load()
-except _native.NativeLibraryError as e:  # pragma: no cover
-    pytest.skip(f"pyasl native library not available: {e}", allow_module_level=True)
 
 from pyasl import policies as P  # noqa: E402
 from pyasl.engine import Context, Model, prefill  # noqa: E402
 from pyasl.engine import strategies  # noqa: E402
 from pyasl.engine.prefill import layer_major_pass  # noqa: E402
 
-N_LAYER = 6
+pytestmark = pytest.mark.native
 
-
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
-def tiny(request) -> Model:
-    return Model(tinymodels.tiny_model_path(request.param, n_layer=N_LAYER))
-
-
+N_LAYER = tinymodels.DENSE_N_LAYER
 
 
 def _stored(policy):
@@ -77,15 +66,15 @@ def _assert_same(streamed, stored, model):
 
 @pytest.mark.parametrize("fa", [False, True], ids=["fa-off", "fa-on"])
 @pytest.mark.parametrize("layer", [2, N_LAYER - 1], ids=["propagated", "last-layer"])
-def test_streamed_equals_stored_fastkv(tiny, fa, layer):
-    t = toks(tiny, 300, seed=layer)
-    _assert_same(*_both(tiny, t, P.FastKV(layer=layer, budget=64, window=16), fa), tiny)
+def test_streamed_equals_stored_fastkv(tiny_dense, fa, layer):
+    t = toks(tiny_dense, 300, seed=layer)
+    _assert_same(*_both(tiny_dense, t, P.FastKV(layer=layer, budget=64, window=16), fa), tiny_dense)
 
 
 @pytest.mark.parametrize("span", [None, "forward:8"])
-def test_streamed_equals_stored_asl(tiny, span):
-    t = toks(tiny, 300, seed=7)
-    _assert_same(*_both(tiny, t, P.ASL(budget=64, window=16, tau=0.9, span=span), False), tiny)
+def test_streamed_equals_stored_asl(tiny_dense, span):
+    t = toks(tiny_dense, 300, seed=7)
+    _assert_same(*_both(tiny_dense, t, P.ASL(budget=64, window=16, tau=0.9, span=span), False), tiny_dense)
 
 
 def test_streamed_equals_stored_smollm2(smollm2):
@@ -95,9 +84,9 @@ def test_streamed_equals_stored_smollm2(smollm2):
         _assert_same(*_both(smollm2, t, pol, False), smollm2)
 
 
-def test_layer_budgets_keep_every_layer_until_the_selection_layer(tiny):
+def test_layer_budgets_keep_every_layer_until_the_selection_layer(tiny_dense):
     """Per-layer budgets rank all early layers at once: that policy cannot stream."""
-    m = tiny
+    m = tiny_dense
     assert not P.ASL(budget=64, layer_budgets="zigzag").streams_early_layers(m)
     assert not P.FastKV(budget=64, layer_budgets="pyramid").streams_early_layers(m)
     assert P.ASL(budget=64).streams_early_layers(m) and P.FastKV(budget=64).streams_early_layers(m)
@@ -114,8 +103,8 @@ def test_sliding_window_models_do_not_stream():
     assert not P.ASL(budget=64).streams_early_layers(gemma)
 
 
-def test_scratch_context_stores_one_layer(tiny):
-    m = tiny
+def test_scratch_context_stores_one_layer(tiny_dense):
+    m = tiny_dense
     with Context(m, 512, one_layer_kv=True) as one, Context(m, 512) as every:
         a, b = one.kv_info(), every.kv_info()
         assert a.n_layer_base == 1 and b.n_layer_base == m.n_layer
@@ -125,9 +114,9 @@ def test_scratch_context_stores_one_layer(tiny):
         assert again.kv_info().n_layer_base == m.n_layer
 
 
-def test_one_layer_pass_scores_and_hidden_equal_every_layer(tiny):
+def test_one_layer_pass_scores_and_hidden_equal_every_layer(tiny_dense):
     """Each layer's pass reads only its own K/V, so sharing one layer's storage changes nothing."""
-    m = tiny
+    m = tiny_dense
     t = toks(m, 300, seed=3)
     runs = []
     for one in (True, False):
@@ -143,9 +132,9 @@ def test_one_layer_pass_scores_and_hidden_equal_every_layer(tiny):
         np.testing.assert_array_equal(x, y)
 
 
-def test_in_place_hidden_states_equal_copies(tiny):
+def test_in_place_hidden_states_equal_copies(tiny_dense):
     """Without keep_all_hidden the pass overwrites each ubatch's input with its output."""
-    m = tiny
+    m = tiny_dense
     t = toks(m, 300, seed=4)
     out = []
     for keep in (True, False):
@@ -172,20 +161,20 @@ def test_pass_ubatch_bounds_the_attention_weights():
     assert pass_ubatch(M, 16384, 512, 32, False) == 96  # 128 MiB / (16K x 14 heads x 6 bytes)
 
 
-def test_smaller_pass_ubatches_change_nothing(tiny, monkeypatch):
+def test_smaller_pass_ubatches_change_nothing(tiny_dense, monkeypatch):
     """A pass in ubatches of 32 (a long prompt's) keeps the same tokens and decodes the same: every
     query's attention and every row's matmuls do not depend on which ubatch holds it."""
     PF = importlib.import_module("pyasl.engine.prefill")  # the module (pyasl.engine.prefill is the function)
 
-    t = toks(tiny, 300, seed=9)
+    t = toks(tiny_dense, 300, seed=9)
     out = []
     for cap in (None, 1):
         if cap is not None:
             monkeypatch.setattr(PF, "PASS_ATTN_BYTES", cap)  # the floor: 32 queries per ubatch
-        A, scores, Hs, stop, _ = layer_major_pass(tiny, t, 16, lambda l, s: (l == 3, None), n_batch=128)
+        A, scores, Hs, stop, _ = layer_major_pass(tiny_dense, t, 16, lambda l, s: (l == 3, None), n_batch=128)
         out.append((A.n_batch, scores, Hs[-1]))
         A.close()
-        pr = strategies.run(tiny, t, P.FastKV(layer=2, budget=64, window=16), max_tokens=4, n_batch=128)
+        pr = strategies.run(tiny_dense, t, P.FastKV(layer=2, budget=64, window=16), max_tokens=4, n_batch=128)
         try:
             out[-1] += (pr.kept, pr.logits, pr.ctx.n_batch)
         finally:
@@ -204,8 +193,8 @@ def _filled(m, n=300, seed=5):
     return c
 
 
-def test_gather_and_set_positions_refuse_bad_input(tiny):
-    m = tiny
+def test_gather_and_set_positions_refuse_bad_input(tiny_dense):
+    m = tiny_dense
     H = m.n_head_kv
     with _filled(m) as src, Context(m, 256) as dst:
         good = np.tile(np.arange(0, 100, 2, dtype=np.int32), (H, 1))

@@ -11,14 +11,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tinymodels  # noqa: E402
-from pyasl import _native  # noqa: E402
-
-try:
-    _native.load()
-except _native.NativeLibraryError as e:  # pragma: no cover
-    pytest.skip(f"pyasl native library not available: {e}", allow_module_level=True)
 
 from pyasl.engine import Context, Model, prefill  # noqa: E402
+
+pytestmark = pytest.mark.native
 
 
 @pytest.fixture(scope="module")

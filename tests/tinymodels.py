@@ -515,3 +515,6 @@ def tiny_model_path(arch: str = "llama", **kw) -> Path:
     make_tiny_model(path, arch=arch, **kw)
     _CACHE[key] = path
     return path
+
+
+DENSE_N_LAYER = 6  # the depth of conftest's tiny_dense models

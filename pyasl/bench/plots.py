@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from . import data as D
-from .report import _order
+from .report import POLICY_ORDER, order_labels
 from .runner import row_label
 
 
@@ -35,7 +35,7 @@ def plot(rows: list[dict], out_dir: str | os.PathLike) -> list[Path]:
         # NIAH heatmaps
         nr = [r for r in mr if r["task"] == "niah"]
         if nr:
-            labs = _order({row_label(r) for r in nr})
+            labs = order_labels({row_label(r) for r in nr})
             lens = sorted({int(r["n_tokens"]) for r in nr})
             deps = sorted({float(r["depth"]) for r in nr})
             cols = min(4, len(labs))
@@ -62,9 +62,7 @@ def plot(rows: list[dict], out_dir: str | os.PathLike) -> list[Path]:
         for n_tok in sorted({int(r["n_tokens"]) for r in mr}):
             lr = [r for r in mr if int(r["n_tokens"]) == n_tok]
             tasks = sorted({r["task"] for r in lr}, key=D.TASKS.index)
-            pols = [p for p in ("full", "snapkv", "zigzag", "pyramid", "fastkv", "gemfilter", "gemfilter-published",
-                                "asl", "asl-2pass")
-                    if any(r["policy"] == p for r in lr)]
+            pols = [p for p in POLICY_ORDER if any(r["policy"] == p for r in lr)]
             budgets = sorted({int(r["budget"]) for r in lr if r.get("budget") is not None})
             # accuracy vs budget per task
             cols = min(3, len(tasks))
@@ -117,7 +115,7 @@ def plot(rows: list[dict], out_dir: str | os.PathLike) -> list[Path]:
                 fig.suptitle(f"ASL selected layer: {model}, {n_tok} tokens", fontsize=10)
                 save(fig, f"layers-{model}-{n_tok}.png")
             # speed and memory
-            labs = _order({row_label(r) for r in lr})
+            labs = order_labels({row_label(r) for r in lr})
             dec = [np.mean([r["decode_tokens_per_s"] for r in lr if row_label(r) == lab
                             and r["decode_tokens_per_s"]] or [np.nan]) for lab in labs]
             kv = [np.mean([r["kv_bytes"] for r in lr if row_label(r) == lab]) / 2**20

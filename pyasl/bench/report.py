@@ -41,14 +41,18 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
-def _order(labels) -> list[str]:
-    pol = {p: i for i, p in enumerate(("full", "snapkv", "zigzag", "pyramid", "fastkv", "gemfilter",
-                                       "gemfilter-published", "asl", "asl-2pass"))}
+# the order policies are shown in, tables and plots alike: full KV, then from the whole prefill to the cheapest
+POLICY_ORDER = ("full", "snapkv", "zigzag", "pyramid", "fastkv", "gemfilter", "gemfilter-published", "asl", "asl-2pass")
+
+
+def order_labels(labels) -> list[str]:
+    """Row labels (runner.row_label) by budget, then POLICY_ORDER, then span."""
+    pol = {p: i for i, p in enumerate(POLICY_ORDER)}
 
     def key(lab: str):
         name, _, b = lab.partition("@")
         p, _, span = name.partition("+")
-        return (int(b) if b else -1, pol.get(p, 99), span, lab)
+        return (int(b) if b else -1, pol.get(p.partition("[")[0], 99), span, lab)
     return sorted(labels, key=key)
 
 
@@ -56,7 +60,7 @@ def _group_markdown(g: dict, fold: bool = False) -> list[str]:
     """One (model, length) group: the accuracy table, then the selected-layer distribution (folded
     into a <details> block when `fold`)."""
     tasks = sorted({t for d in g["accuracy"].values() for t in d}, key=lambda t: D.TASKS.index(t))
-    labs = _order(g["accuracy"])
+    labs = order_labels(g["accuracy"])
     lines = ["| policy | " + " | ".join(tasks) + " | mean | KV MiB held | KV MiB allocated | prefill work | "
              "decode tok/s |", "|---" * (len(tasks) + 6) + "|"]
     for lab in labs:
