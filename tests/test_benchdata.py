@@ -143,11 +143,18 @@ def test_summary_and_plots(tmp_path):
 
 def test_row_keys_resume():
     r = _rows()[0]
-    assert BR.row_key(r) == ("m", "passkey", 1000, 0, None, "full", None, None, None)
+    assert BR.row_key(r) == ("m", "passkey", 1000, 0, None, "full", None, None, None, None)
     # rows written before spans existed are token-level; a span variant is a row of its own
     old = dict(r, policy="snapkv", budget=128)
     assert BR.row_key(old) == BR.row_key(dict(old, span="token"))
     assert BR.row_key(old) != BR.row_key(dict(old, span="forward:16"))
+    # a fixed-layer policy's layer is part of its key (a layer sweep); other policies' is not
+    fast = dict(r, policy="fastkv", budget=128, layer=4)
+    assert BR.row_key(fast) != BR.row_key(dict(fast, layer=2))
+    assert BR.row_key(old) == BR.row_key(dict(old, layer=3))
+    # the label names a layer only where it is not the default fraction of the depth
+    assert BR.row_label(dict(fast, n_layer=12, layer=4)) == "fastkv@128"
+    assert BR.row_label(dict(fast, n_layer=12, layer=2)) == "fastkv[layer=2]@128"
 
 
 def test_run_appends_and_resumes(tmp_path):
@@ -187,6 +194,16 @@ def test_run_appends_and_resumes(tmp_path):
     assert BR.run(*args, ["asl"], 1, out, log=lambda s: None, taus=[0.9]) == 0
     with pytest.raises(ValueError, match="tau must satisfy"):
         BR.run(*args, ["asl"], 1, out, log=lambda s: None, taus=[1.5])
+
+    logs.clear()
+    # a layer sweep: fastkv at 0.4 of the depth (layer 12 of 30) is there, 0.1 (layer 3) is new
+    assert BR.run(*args, ["fastkv"], 1, out, log=logs.append, fixed_fracs=[0.4, 0.1]) == 1
+    assert "fastkv[layer=3]+forward:32@128=" in logs[1]
+    rows = [r for r in BR.load_rows(out) if r["policy"] == "fastkv" and r["index"] == 0]
+    assert [r["layer"] for r in rows] == [12, 3] and rows[1]["prefill_work"] < rows[0]["prefill_work"]
+    assert BR.run(*args, ["fastkv"], 1, out, log=lambda s: None, fixed_fracs=[0.1]) == 0
+    with pytest.raises(ValueError, match="fraction of the depth"):
+        BR.run(*args, ["fastkv"], 1, out, log=lambda s: None, fixed_fracs=[1.5])
 
 
 def test_update_doc_rewrites_marked_tables(tmp_path):

@@ -25,6 +25,7 @@ from . import data as D
 DEFAULT_POLICIES = ("full", "snapkv", "fastkv", "gemfilter", "asl", "asl-2pass")
 TAU_POLICIES = ("asl", "asl-2pass")  # the policies a row's tau means something to
 NIAH_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+DEFAULT_FIXED_FRAC = 0.4  # fastkv's and gemfilter's layer: this fraction of the depth unless swept
 
 
 def fixed_layer(n_layer: int, frac: float) -> int:
@@ -42,21 +43,32 @@ def row_tau(r: dict) -> Optional[float]:
     return round(float(r.get("tau", DEFAULT_TAU)), 4) if r["policy"] in TAU_POLICIES else None
 
 
-def _label(policy: str, budget, span: Optional[str] = None, tau: Optional[float] = None) -> str:
-    """policy[tau][+span]@budget: snapkv@512 (token-level), snapkv+forward:16@512, asl[tau=0.6]@512, full
-    (tau shown when it is not the paper's 0.3)."""
+def _label(policy: str, budget, span: Optional[str] = None, tau: Optional[float] = None,
+           layer: Optional[int] = None) -> str:
+    """policy[tau|layer][+span]@budget: snapkv@512 (token-level), snapkv+forward:16@512, asl[tau=0.6]@512,
+    fastkv[layer=6]@512, full (tau shown when it is not the paper's 0.3, layer when it is not the default
+    fraction of the depth)."""
     name = policy if tau is None or tau == DEFAULT_TAU else f"{policy}[tau={tau:g}]"
+    name = name if layer is None else f"{name}[layer={layer}]"
     name = name if span in (None, "token") else f"{name}+{span}"
     return name if budget is None else f"{name}@{budget}"
 
 
 def row_label(r: dict) -> str:
-    return _label(r["policy"], r.get("budget"), row_span(r), row_tau(r))
+    layer = row_layer(r)
+    if layer is not None and r.get("n_layer") and layer == fixed_layer(int(r["n_layer"]), DEFAULT_FIXED_FRAC):
+        layer = None
+    return _label(r["policy"], r.get("budget"), row_span(r), row_tau(r), layer)
+
+
+def row_layer(r: dict) -> Optional[int]:
+    """A fixed-layer policy's layer (fastkv, gemfilter: a layer sweep is a row each), None for others."""
+    return r.get("layer") if r["policy"] in FIXED_LAYER_POLICIES else None
 
 
 def row_key(r: dict) -> tuple:
     return (r["model"], r["task"], int(r["n_tokens"]), int(r["index"]), r.get("depth"), r["policy"], r.get("budget"),
-            row_span(r), row_tau(r))
+            row_span(r), row_tau(r), row_layer(r))
 
 
 def load_rows(path: str | os.PathLike) -> list[dict]:
@@ -85,13 +97,16 @@ def _items(task: str, samples: int, depths: Iterable[float]) -> list[tuple[int, 
 
 def run(models: list[str], tasks: list[str], lengths: list[int], budgets: list[int], policies: list[str],
         samples: int, out: str | os.PathLike, seed: int = 0, window: int = 32, tau: float = DEFAULT_TAU,
-        fixed_frac: float = 0.4, depths: Iterable[float] = NIAH_DEPTHS, mode: str = "shared",
+        fixed_frac: float = DEFAULT_FIXED_FRAC, depths: Iterable[float] = NIAH_DEPTHS, mode: str = "shared",
         n_threads: Optional[int] = None, log: Callable[[str], None] = print,
-        spans: Optional[Iterable] = None, taus: Optional[Iterable[float]] = None) -> int:
+        spans: Optional[Iterable] = None, taus: Optional[Iterable[float]] = None,
+        fixed_fracs: Optional[Iterable[float]] = None) -> int:
     """Run (resuming) and append rows to `out`. Returns the number of new rows. `spans`: the span
     stages (pyasl.policies.spans) every pruning policy runs with, each a row of its own (default: the
     library default only). `taus`: the taus asl and asl-2pass run with, a row each (default: `tau`);
-    from one shared prefill each costs a propagation tail, not a prefill."""
+    `fixed_fracs`: the layers fastkv and gemfilter select at, as fractions of each model's depth, a
+    row each (default: `fixed_frac`). From one shared prefill each costs a propagation tail, not a
+    prefill."""
     from ..engine import Model, greedy_decode
     from ..generation import generate
     from ..models import resolve_model
@@ -105,6 +120,10 @@ def run(models: list[str], tasks: list[str], lengths: list[int], budgets: list[i
     for t in tau_list:
         if not 0 < t <= 1:
             raise ValueError(f"tau must satisfy 0 < tau <= 1, got {t}")
+    frac_list = list(dict.fromkeys(float(f) for f in (fixed_fracs or [fixed_frac])))
+    for f in frac_list:
+        if not 0 <= f <= 1:
+            raise ValueError(f"a fixed layer is a fraction of the depth in [0, 1], got {f}")
 
     if mode not in ("shared", "independent"):
         raise ValueError("mode must be shared or independent")
@@ -127,17 +146,20 @@ def run(models: list[str], tasks: list[str], lengths: list[int], budgets: list[i
     # partial run covers every task
     plan = []
     for name in models:
+        n_layer = _n_layer(name)
+        layers = list(dict.fromkeys(fixed_layer(n_layer, f) for f in frac_list))
         for n_tok in lengths:
             work = [(task, it) for task in tasks for it in _items(task, samples, depths)]
             work.sort(key=lambda x: (x[1][0], tasks.index(x[0])))
             for task, (index, depth) in work:
                 base = {"model": name, "task": task, "n_tokens": n_tok, "index": index, "depth": depth}
-                want = [(p, None, None, tau) if p == "full" else (p, b, sp, t) for p in policies
+                want = [(p, None, None, tau, None) if p == "full" else (p, b, sp, t, ly) for p in policies
                         for b in ([None] if p == "full" else budgets) for sp in ([None] if p == "full" else span_list)
-                        for t in (tau_list if p in TAU_POLICIES else [tau])]
+                        for t in (tau_list if p in TAU_POLICIES else [tau])
+                        for ly in (layers if p in FIXED_LAYER_POLICIES else [None])]
                 want = list(dict.fromkeys(want))
-                want = [(p, b, sp, t) for p, b, sp, t in want
-                        if row_key(dict(base, policy=p, budget=b, span=sp, tau=t)) not in done]
+                want = [w for w in want if row_key(dict(base, policy=w[0], budget=w[1], span=w[2], tau=w[3],
+                                                        layer=w[4])) not in done]
                 if want:
                     plan.append((base, want))
     log(f"samples to run: {len(plan)} ({len(done)} results already in {outp})")
@@ -158,11 +180,10 @@ def run(models: list[str], tasks: list[str], lengths: list[int], budgets: list[i
             rows = []
             shared = [w for w in want if mode == "shared" and w[0] in SHARED_POLICIES]
             sp = SharedPrefill(m, s.tokens, window=window, n_threads=n_threads) if shared else None
-            for p, b, span, t in want:
-                layer = fixed_layer(m.n_layer, fixed_frac) if p in FIXED_LAYER_POLICIES else None
+            for p, b, span, t, layer in want:
                 pol = policy_from_options(p, budget=b, window=window, tau=t, layer=layer, span=span)
                 row = dict(base, policy=p, budget=b, span=span, tau=t, layer=layer)
-                if sp is not None and (p, b, span, t) in shared:
+                if sp is not None and (p, b, span, t, layer) in shared:
                     d = sp.derive(pol, max_tokens=s.max_tokens)
                     try:
                         dec = greedy_decode(m, d.ctx, d.logits, s.max_tokens)
@@ -204,6 +225,17 @@ def run(models: list[str], tasks: list[str], lengths: list[int], budgets: list[i
         if m is not None:
             m.close()
     return new
+
+
+def _n_layer(model: str) -> int:
+    """A model's depth from its GGUF header (the plan needs each fixed layer before any model loads)."""
+    from ..gguf_check import read_header
+    from ..models import resolve_model
+
+    n = read_header(resolve_model(model)).get("block_count")
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"{model}: the GGUF header has no layer count (block_count)")
+    return n
 
 
 def _duration(s: float) -> str:

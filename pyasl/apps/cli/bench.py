@@ -42,8 +42,9 @@ def bench() -> None:
 @click.option("--window", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--tau", "taus", default="0.3", show_default=True, callback=_csv(float), metavar="TAU,...",
               help="asl's and asl-2pass's tau; several: a row each (a tau sweep from the same prefill)")
-@click.option("--fixed-layer", "fixed_frac", default=0.4, show_default=True, type=click.FloatRange(0, 1),
-              help="fastkv's and gemfilter's layer as a fraction of the depth")
+@click.option("--fixed-layer", "fixed_fracs", default="0.4", show_default=True, callback=_csv(float),
+              metavar="FRAC,...", help="fastkv's and gemfilter's layer as a fraction of the depth; several: a row "
+                                       "each (a layer sweep from the same prefill)")
 @click.option("--mode", type=click.Choice(["shared", "independent"]), default="shared", show_default=True,
               help="shared: one prefill per sample feeds every policy; independent: each policy prefills itself")
 @click.option("--threads", type=click.IntRange(min=1))
@@ -51,7 +52,7 @@ def bench() -> None:
               help="span stages every pruning policy runs with, a row each: token, forward:S, chunk:C "
                    "(default: the library default)")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="results JSONL (appended; resumable)")
-def bench_run(models, tasks, lengths, budgets, policies, samples, depths, seed, window, taus, fixed_frac, mode,
+def bench_run(models, tasks, lengths, budgets, policies, samples, depths, seed, window, taus, fixed_fracs, mode,
               threads, spans, out):
     """Run (or resume) a benchmark; every result is appended to --out as one JSON line."""
     from ... import bench as B
@@ -61,10 +62,12 @@ def bench_run(models, tasks, lengths, budgets, policies, samples, depths, seed, 
             _fail(f"depth {d} is outside [0, 1]")
     if not taus:
         _fail("--tau needs a value")
+    if not fixed_fracs:
+        _fail("--fixed-layer needs a value")
     try:
         n = B.run(models, tasks, lengths, budgets, policies, samples, out, seed=seed, window=window, tau=taus[0],
-                  fixed_frac=fixed_frac, depths=depths, mode=mode, n_threads=threads,
-                  log=lambda s: click.echo(s, err=True), spans=spans, taus=taus)
+                  fixed_frac=fixed_fracs[0], depths=depths, mode=mode, n_threads=threads,
+                  log=lambda s: click.echo(s, err=True), spans=spans, taus=taus, fixed_fracs=fixed_fracs)
     except _errors() as e:
         _fail(str(e))
     click.echo(f"{n} new results in {out}", err=True)
@@ -116,6 +119,30 @@ def bench_plot(results, out_dir):
         raise click.ClickException("plots need matplotlib: pip install 'pyasl[bench]'") from None
     for f in files:
         click.echo(str(f))
+
+
+@bench.command("pareto")
+@click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="folder for one PNG per group (matplotlib)")
+@click.option("--json", "as_json", is_flag=True, help="print the points as JSON")
+def bench_pareto(results, out_dir, as_json):
+    """Accuracy against prefill work for every setting in RESULTS (JSONL files; a τ sweep, a layer sweep):
+    one table (and chart) per model, length, budget and span, each over the samples all its settings share."""
+    from ... import bench as B
+    from ...bench.pareto import pareto_groups, pareto_markdown, plot_pareto
+
+    rows = [r for f in results for r in B.load_rows(f)]
+    groups = pareto_groups(rows)
+    if not groups:
+        raise click.ClickException("no group with two settings on shared samples in " + ", ".join(results))
+    click.echo(json.dumps(groups, indent=1) if as_json else pareto_markdown(groups))
+    if out_dir:
+        try:
+            files = plot_pareto(groups, out_dir)
+        except ImportError:
+            raise click.ClickException("plots need matplotlib: pip install 'pyasl[bench]'") from None
+        for f in files:
+            click.echo(str(f), err=True)
 
 
 @bench.command("questions")
