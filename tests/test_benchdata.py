@@ -143,7 +143,7 @@ def test_summary_and_plots(tmp_path):
 
 def test_row_keys_resume():
     r = _rows()[0]
-    assert BR.row_key(r) == ("m", "passkey", 1000, 0, None, "full", None, None, None, None)
+    assert BR.row_key(r) == ("m", "passkey", 1000, 0, None, "full", None, None, None, None, "f16")
     # rows written before spans existed are token-level; a span variant is a row of its own
     old = dict(r, policy="snapkv", budget=128)
     assert BR.row_key(old) == BR.row_key(dict(old, span="token"))
@@ -204,6 +204,18 @@ def test_run_appends_and_resumes(tmp_path):
     assert BR.run(*args, ["fastkv"], 1, out, log=lambda s: None, fixed_fracs=[0.1]) == 0
     with pytest.raises(ValueError, match="fraction of the depth"):
         BR.run(*args, ["fastkv"], 1, out, log=lambda s: None, fixed_fracs=[1.5])
+
+    logs.clear()
+    # a quantized cache: a row per KV type, each policy prefilled on its own with flash attention
+    assert BR.run(*args, ["full", "asl"], 1, out, log=logs.append, kv_types=["f16", "q8_0"]) == 2
+    assert "full/q8_0=" in logs[1] and "asl+forward:32@128/q8_0=" in logs[1]
+    rows = {BR.row_label(r): r for r in BR.load_rows(out) if r["index"] == 0}
+    q8, f16 = rows["asl+forward:32@128/q8_0"], rows["asl+forward:32@128"]
+    assert q8["kv_type"] == "q8_0" and q8["flash_attn"] and q8["mode"] == "independent" and q8["n_kept"] == 128
+    assert q8["kv_bytes"] == pytest.approx(f16["kv_bytes"] * 34 / 64)   # q8_0: 34 bytes per 32 values
+    assert BR.run(*args, ["full", "asl"], 1, out, log=lambda s: None, kv_types=["q8_0"]) == 0
+    with pytest.raises(ValueError, match="unknown KV cache type"):
+        BR.run(*args, ["asl"], 1, out, log=lambda s: None, kv_types=["q3"])
 
 
 def test_update_doc_rewrites_marked_tables(tmp_path):

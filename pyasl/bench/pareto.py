@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from .report import POLICY_ORDER
-from .runner import row_label, row_layer, row_span, row_tau
+from .runner import row_kv_type, row_label, row_layer, row_span, row_tau
 
 __all__ = ["pareto_groups", "pareto_markdown", "plot_pareto", "on_or_above"]
 
@@ -32,8 +32,8 @@ def pareto_groups(rows: list[dict]) -> list[dict]:
     full: dict[tuple, dict] = {}
     groups: dict[tuple, dict[str, list[dict]]] = {}
     for r in rows:
-        if r.get("prefill_work") is None or r.get("score") is None:
-            continue
+        if r.get("prefill_work") is None or r.get("score") is None or row_kv_type(r) != "f16":
+            continue  # a quantized cache is another trade (bytes, not prefill): its own table
         ml = (os.path.basename(str(r["model"])), round(int(r["n_tokens"]) / 1024) * 1024)  # the length asked for
         if r["policy"] == "full":
             full.setdefault(ml, {})[_sample(r)] = r

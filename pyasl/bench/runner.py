@@ -16,7 +16,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, NamedTuple, Optional
 
 from ..calibration import DEFAULT_TAU
 from ..policies.fixed_layer import FIXED_LAYER_POLICIES
@@ -44,21 +44,22 @@ def row_tau(r: dict) -> Optional[float]:
 
 
 def _label(policy: str, budget, span: Optional[str] = None, tau: Optional[float] = None,
-           layer: Optional[int] = None) -> str:
-    """policy[tau|layer][+span]@budget: snapkv@512 (token-level), snapkv+forward:16@512, asl[tau=0.6]@512,
-    fastkv[layer=6]@512, full (tau shown when it is not the paper's 0.3, layer when it is not the default
-    fraction of the depth)."""
+           layer: Optional[int] = None, kv_type: str = "f16") -> str:
+    """policy[tau|layer][+span]@budget[/kv]: snapkv@512 (token-level), snapkv+forward:16@512, asl[tau=0.6]@512,
+    fastkv[layer=6]@512, asl@512/q8_0, full, full/q4_0 (tau shown when it is not the paper's 0.3, layer when
+    it is not the default fraction of the depth, the KV type when it is not f16)."""
     name = policy if tau is None or tau == DEFAULT_TAU else f"{policy}[tau={tau:g}]"
     name = name if layer is None else f"{name}[layer={layer}]"
     name = name if span in (None, "token") else f"{name}+{span}"
-    return name if budget is None else f"{name}@{budget}"
+    name = name if budget is None else f"{name}@{budget}"
+    return name if kv_type == "f16" else f"{name}/{kv_type}"
 
 
 def row_label(r: dict) -> str:
     layer = row_layer(r)
     if layer is not None and r.get("n_layer") and layer == fixed_layer(int(r["n_layer"]), DEFAULT_FIXED_FRAC):
         layer = None
-    return _label(r["policy"], r.get("budget"), row_span(r), row_tau(r), layer)
+    return _label(r["policy"], r.get("budget"), row_span(r), row_tau(r), layer, row_kv_type(r))
 
 
 def row_layer(r: dict) -> Optional[int]:
@@ -66,9 +67,14 @@ def row_layer(r: dict) -> Optional[int]:
     return r.get("layer") if r["policy"] in FIXED_LAYER_POLICIES else None
 
 
+def row_kv_type(r: dict) -> str:
+    """The KV cache type a row ran with (rows written before KV types were swept: f16)."""
+    return r.get("kv_type") or "f16"
+
+
 def row_key(r: dict) -> tuple:
     return (r["model"], r["task"], int(r["n_tokens"]), int(r["index"]), r.get("depth"), r["policy"], r.get("budget"),
-            row_span(r), row_tau(r), row_layer(r))
+            row_span(r), row_tau(r), row_layer(r), row_kv_type(r))
 
 
 def load_rows(path: str | os.PathLike) -> list[dict]:
@@ -100,13 +106,15 @@ def run(models: list[str], tasks: list[str], lengths: list[int], budgets: list[i
         fixed_frac: float = DEFAULT_FIXED_FRAC, depths: Iterable[float] = NIAH_DEPTHS, mode: str = "shared",
         n_threads: Optional[int] = None, log: Callable[[str], None] = print,
         spans: Optional[Iterable] = None, taus: Optional[Iterable[float]] = None,
-        fixed_fracs: Optional[Iterable[float]] = None) -> int:
+        fixed_fracs: Optional[Iterable[float]] = None, kv_types: Optional[Iterable[str]] = None) -> int:
     """Run (resuming) and append rows to `out`. Returns the number of new rows. `spans`: the span
     stages (pyasl.policies.spans) every pruning policy runs with, each a row of its own (default: the
     library default only). `taus`: the taus asl and asl-2pass run with, a row each (default: `tau`);
     `fixed_fracs`: the layers fastkv and gemfilter select at, as fractions of each model's depth, a
     row each (default: `fixed_frac`). From one shared prefill each costs a propagation tail, not a
-    prefill."""
+    prefill. `kv_types`: the KV cache types every policy runs with, a row each (default f16); a
+    quantized cache runs each policy on its own (generate, flash attention on: llama.cpp needs it for
+    a quantized V), not from the shared prefill."""
     from ..engine import Model, greedy_decode
     from ..generation import generate
     from ..models import resolve_model
@@ -120,6 +128,9 @@ def run(models: list[str], tasks: list[str], lengths: list[int], budgets: list[i
     for t in tau_list:
         if not 0 < t <= 1:
             raise ValueError(f"tau must satisfy 0 < tau <= 1, got {t}")
+    from ..engine.context import kv_type_name
+
+    kv_list = list(dict.fromkeys(kv_type_name(k) for k in (kv_types or ["f16"])))
     frac_list = list(dict.fromkeys(float(f) for f in (fixed_fracs or [fixed_frac])))
     for f in frac_list:
         if not 0 <= f <= 1:
@@ -153,13 +164,12 @@ def run(models: list[str], tasks: list[str], lengths: list[int], budgets: list[i
             work.sort(key=lambda x: (x[1][0], tasks.index(x[0])))
             for task, (index, depth) in work:
                 base = {"model": name, "task": task, "n_tokens": n_tok, "index": index, "depth": depth}
-                want = [(p, None, None, tau, None) if p == "full" else (p, b, sp, t, ly) for p in policies
+                want = [_Setting(p, None, None, tau, None, kv) if p == "full" else _Setting(p, b, sp, t, ly, kv)
+                        for kv in kv_list for p in policies
                         for b in ([None] if p == "full" else budgets) for sp in ([None] if p == "full" else span_list)
                         for t in (tau_list if p in TAU_POLICIES else [tau])
                         for ly in (layers if p in FIXED_LAYER_POLICIES else [None])]
-                want = list(dict.fromkeys(want))
-                want = [w for w in want if row_key(dict(base, policy=w[0], budget=w[1], span=w[2], tau=w[3],
-                                                        layer=w[4])) not in done]
+                want = [w for w in dict.fromkeys(want) if row_key(dict(base, **w._asdict())) not in done]
                 if want:
                     plan.append((base, want))
     log(f"samples to run: {len(plan)} ({len(done)} results already in {outp})")
@@ -178,12 +188,13 @@ def run(models: list[str], tasks: list[str], lengths: list[int], budgets: list[i
             s = D.build_sample(m, task, n_tok, seed=seed, index=index, depth=depth)
             t0 = time.perf_counter()
             rows = []
-            shared = [w for w in want if mode == "shared" and w[0] in SHARED_POLICIES]
+            shared = [w for w in want if mode == "shared" and w.policy in SHARED_POLICIES and w.kv_type == "f16"]
             sp = SharedPrefill(m, s.tokens, window=window, n_threads=n_threads) if shared else None
-            for p, b, span, t, layer in want:
-                pol = policy_from_options(p, budget=b, window=window, tau=t, layer=layer, span=span)
-                row = dict(base, policy=p, budget=b, span=span, tau=t, layer=layer)
-                if sp is not None and (p, b, span, t, layer) in shared:
+            for w in want:
+                pol = policy_from_options(w.policy, budget=w.budget, window=window, tau=w.tau, layer=w.layer,
+                                          span=w.span)
+                row = dict(base, **w._asdict())
+                if w in shared:
                     d = sp.derive(pol, max_tokens=s.max_tokens)
                     try:
                         dec = greedy_decode(m, d.ctx, d.logits, s.max_tokens)
@@ -194,15 +205,17 @@ def run(models: list[str], tasks: list[str], lengths: list[int], budgets: list[i
                                kv_bytes_allocated=d.kv_bytes_allocated, shared_prefill_s=sp.prefill_s,
                                derive_s=d.derive_s, decode_tokens_per_s=dec.tokens_per_s,
                                n_generated=len(dec.tokens), output=dec.text, note=d.note, asl=d.asl, **d.extra)
-                else:  # independent mode, or a policy the shared prefill cannot derive (its own scores)
-                    g = generate(m, s.tokens, policy=pol, max_tokens=s.max_tokens, n_threads=n_threads)
+                else:  # independent mode, a quantized cache, or a policy the shared prefill cannot derive
+                    quantized = w.kv_type != "f16"
+                    g = generate(m, s.tokens, policy=pol, max_tokens=s.max_tokens, n_threads=n_threads,
+                                 type_k=w.kv_type, type_v=w.kv_type, flash_attn=quantized)
                     row.update(mode="independent", window=pol.window if pol.prunes else window,
                                selected_layer=g.selected_layer, n_kept=g.n_kept, prefill_work=g.prefill_work,
                                kv_bytes=g.kv_bytes, kv_bytes_full=g.kv_bytes_full,
                                kv_bytes_allocated=g.kv_bytes_allocated, prefill_s=g.prefill_s,
                                time_to_first_token_s=g.time_to_first_token_s,
                                decode_tokens_per_s=g.decode_tokens_per_s, n_generated=g.n_generated,
-                               output=g.text, note=g.note, asl=g.asl)
+                               output=g.text, note=g.note, asl=g.asl, flash_attn=quantized)
                 if row["asl"] is not None:
                     row["asl"] = {k: row["asl"][k] for k in ("ranking_layer", "triggered")}
                 rows.append(row)
@@ -225,6 +238,17 @@ def run(models: list[str], tasks: list[str], lengths: list[int], budgets: list[i
         if m is not None:
             m.close()
     return new
+
+
+class _Setting(NamedTuple):
+    """One row's settings for a sample (the fields a row is keyed on besides the sample)."""
+
+    policy: str
+    budget: Optional[int]
+    span: Optional[str]
+    tau: Optional[float]
+    layer: Optional[int]
+    kv_type: str
 
 
 def _n_layer(model: str) -> int:

@@ -51,9 +51,12 @@ def bench() -> None:
 @click.option("--spans", default=None, callback=_csv(str), metavar="SPAN,...",
               help="span stages every pruning policy runs with, a row each: token, forward:S, chunk:C "
                    "(default: the library default)")
+@click.option("--kv-type", "kv_types", default="f16", show_default=True, callback=_csv(str), metavar="TYPE,...",
+              help="KV cache types, a row each: f16, q8_0, q4_0, ... (quantized: each policy prefills on its own, "
+                   "flash attention on)")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="results JSONL (appended; resumable)")
 def bench_run(models, tasks, lengths, budgets, policies, samples, depths, seed, window, taus, fixed_fracs, mode,
-              threads, spans, out):
+              threads, spans, kv_types, out):
     """Run (or resume) a benchmark; every result is appended to --out as one JSON line."""
     from ... import bench as B
 
@@ -67,7 +70,8 @@ def bench_run(models, tasks, lengths, budgets, policies, samples, depths, seed, 
     try:
         n = B.run(models, tasks, lengths, budgets, policies, samples, out, seed=seed, window=window, tau=taus[0],
                   fixed_frac=fixed_fracs[0], depths=depths, mode=mode, n_threads=threads,
-                  log=lambda s: click.echo(s, err=True), spans=spans, taus=taus, fixed_fracs=fixed_fracs)
+                  log=lambda s: click.echo(s, err=True), spans=spans, taus=taus, fixed_fracs=fixed_fracs,
+                  kv_types=kv_types)
     except _errors() as e:
         _fail(str(e))
     click.echo(f"{n} new results in {out}", err=True)
