@@ -250,3 +250,7 @@ def test_update_doc_rewrites_marked_tables(tmp_path):
     md.write_text("no blocks here\n")
     r = CliRunner().invoke(main, ["bench", "summary", str(res), "--into", str(md)])
     assert r.exit_code != 0 and "has no '<!-- accuracy:MODEL:N_TOKENS -->' blocks" in r.output
+    # --samples: the first N samples of every task only
+    r = CliRunner().invoke(main, ["bench", "summary", str(res), "--json", "--samples", "1"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["m@1000"]["accuracy"]["full"]["passkey"]["n"] == 1

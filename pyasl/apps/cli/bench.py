@@ -83,13 +83,16 @@ def bench_run(models, tasks, lengths, budgets, policies, samples, depths, seed, 
 @click.option("--into", "into", type=click.Path(exists=True, dir_okay=False),
               help="instead of printing, rewrite the tables in this markdown file: every block between "
                    "'<!-- accuracy:MODEL:N_TOKENS -->' and '<!-- /accuracy -->'")
-def bench_summary(results, as_json, into):
+@click.option("--samples", type=click.IntRange(min=1),
+              help="only the first SAMPLES samples of every task (as `bench run --samples`): compare a "
+                   "partial round with the rows of a longer one on the same samples")
+def bench_summary(results, as_json, into, samples):
     """Accuracy per task and policy, selected layers, speed and memory, from RESULTS (JSONL)."""
     from ... import bench as B
 
-    rows = B.load_rows(results)
+    rows = [r for r in B.load_rows(results) if samples is None or int(r["index"]) < samples]
     if not rows:
-        raise click.ClickException(f"{results} holds no results")
+        raise click.ClickException(f"{results} holds no results" + ("" if samples is None else f" for {samples} samples"))
     s = B.summarize(rows)
     if into:
         p = Path(into)
