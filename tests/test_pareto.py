@@ -38,15 +38,18 @@ def test_groups_share_samples_and_include_full():
     assert all(p["n"] == 4 for p in g["points"])
 
 
-def test_on_or_above_the_curve():
+def test_on_or_above_the_frontier():
+    """The frontier at a work level is the best FastKV layer that costs no more: a deeper layer that
+    scores less does not lower it."""
     curve = [{"prefill_work": 0.3, "accuracy": 0.0}, {"prefill_work": 0.56, "accuracy": 75.0},
-             {"prefill_work": 0.8, "accuracy": 100.0}]
-    assert on_or_above({"prefill_work": 0.7, "accuracy": 100.0}, curve) is True
-    assert on_or_above({"prefill_work": 0.7, "accuracy": 80.0}, curve) is False   # the curve is at 89.6
-    assert on_or_above({"prefill_work": 0.9, "accuracy": 100.0}, curve) is None   # beyond FastKV's sweep
+             {"prefill_work": 0.7, "accuracy": 50.0}, {"prefill_work": 0.8, "accuracy": 100.0}]
+    assert on_or_above({"prefill_work": 0.72, "accuracy": 75.0}, curve) is True
+    assert on_or_above({"prefill_work": 0.72, "accuracy": 70.0}, curve) is False   # layer 0.56 did better
+    assert on_or_above({"prefill_work": 0.9, "accuracy": 90.0}, curve) is False
+    assert on_or_above({"prefill_work": 0.2, "accuracy": 10.0}, curve) is None     # cheaper than every layer
     md = pareto_markdown(pareto_groups(_rows()))
     assert "| asl[tau=0.9]+forward:32@1024 | 0.70 | 100.0 | on or above |" in md
-    assert "| asl[tau=0.5]+forward:32@1024 | 0.90 | 50.0 | outside its range |" in md
+    assert "| asl[tau=0.5]+forward:32@1024 | 0.90 | 50.0 | below |" in md
 
 
 def test_chart_and_cli(tmp_path):
