@@ -15,7 +15,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("sse_starlette")
 
-from test_llama_dropin import PROMPT, _doc
+from test_llama_dropin import PROMPT, _doc  # noqa: E402
 
 
 def _free_port() -> int:

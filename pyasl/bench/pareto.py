@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from .report import POLICY_ORDER
+from .report import policy_rank
 from .runner import row_kv_type, row_label, row_layer, row_span, row_tau
 
 __all__ = ["pareto_groups", "pareto_markdown", "plot_pareto", "on_or_above"]
@@ -57,8 +57,7 @@ def pareto_groups(rows: list[dict]) -> list[dict]:
             points.append(_point(label, rs))
         if ref:
             points.append(_point("full", [ref[s] for s in shared]))
-        order = {p: i for i, p in enumerate(POLICY_ORDER)}
-        points.sort(key=lambda p: (order.get(p["policy"], 99), p["prefill_work"]))
+        points.sort(key=lambda p: (policy_rank(p["policy"]), p["prefill_work"]))
         out.append({"model": key[0], "n_tokens": key[1], "budget": key[2], "span": key[3],
                     "samples": len(shared), "points": points})
     return out

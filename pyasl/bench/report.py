@@ -45,14 +45,17 @@ def summarize(rows: list[dict]) -> dict:
 POLICY_ORDER = ("full", "snapkv", "zigzag", "pyramid", "fastkv", "gemfilter", "gemfilter-published", "asl", "asl-2pass")
 
 
+def policy_rank(policy: str) -> int:
+    """A policy's place in POLICY_ORDER (policies not in it go last)."""
+    return POLICY_ORDER.index(policy) if policy in POLICY_ORDER else len(POLICY_ORDER)
+
+
 def order_labels(labels) -> list[str]:
     """Row labels (runner.row_label) by budget, then POLICY_ORDER, then span."""
-    pol = {p: i for i, p in enumerate(POLICY_ORDER)}
-
     def key(lab: str):
         name, _, b = lab.partition("@")
         p, _, span = name.partition("+")
-        return (int(b) if b else -1, pol.get(p.partition("[")[0], 99), span, lab)
+        return (int(b) if b else -1, policy_rank(p.partition("[")[0]), span, lab)
     return sorted(labels, key=key)
 
 

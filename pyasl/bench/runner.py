@@ -116,6 +116,7 @@ def run(models: list[str], tasks: list[str], lengths: list[int], budgets: list[i
     quantized cache runs each policy on its own (generate, flash attention on: llama.cpp needs it for
     a quantized V), not from the shared prefill."""
     from ..engine import Model, greedy_decode
+    from ..engine.context import kv_type_name
     from ..generation import generate
     from ..models import resolve_model
     from ..policies import policy_names
@@ -128,8 +129,6 @@ def run(models: list[str], tasks: list[str], lengths: list[int], budgets: list[i
     for t in tau_list:
         if not 0 < t <= 1:
             raise ValueError(f"tau must satisfy 0 < tau <= 1, got {t}")
-    from ..engine.context import kv_type_name
-
     kv_list = list(dict.fromkeys(kv_type_name(k) for k in (kv_types or ["f16"])))
     frac_list = list(dict.fromkeys(float(f) for f in (fixed_fracs or [fixed_frac])))
     for f in frac_list:
