@@ -62,7 +62,7 @@ def generate(model: Model, tokens: list[int], policy: Union[str, Policy] = "asl"
     the ASL layer / at `layer`, then prefill only the kept tokens at their original positions);
     gemfilter-published (GemFilter's own scores, the kept tokens prefilled again as a new prompt);
     zigzag and pyramid (per-layer budgets; budget_opts: theta, b_min_frac, beta). span: how every
-    selection turns scores into kept positions (token, forward:S, chunk:C). type_k, type_v: KV cache
+    selection turns scores into kept positions (token, forward:S, around:B+S, chunk:C). type_k, type_v: KV cache
     types (f16, q8_0, q4_0, ...; a quantized V needs flash_attn), as llama.cpp's -ctk / -ctv.
     """
     pol = policy if isinstance(policy, Policy) else policy_from_options(

@@ -13,7 +13,7 @@ import pyasl
 from pyasl import policies as P
 from pyasl.engine import Context
 from pyasl.engine.context import _pad
-from pyasl.engine.prefill import prefill
+from pyasl.engine.prefill import prefill, prefill_kept
 from pyasl.engine.strategies import select
 from tinymodels import tiny_model_path
 
@@ -150,9 +150,40 @@ def test_reconstruct_mode_prunes_once_by_reconstruction_scores(tiny, policy):
     finally:
         fc.close()
     assert kept_sets(s.last_selection) == kept_sets(sel)
+    n_doc, shared = st["document_tokens"], s.last_selection.shared
+    if shared is not None:  # one set: the kept tokens were prefilled again, at positions 0..k-1
+        k = len(shared)
+        assert st["reprefill"] and s.n_past == k and s.n_seen == n_doc and s._base_state.pos_shift == n_doc - k
+        np.testing.assert_array_equal(np.sort(s._ctx.cell_positions(0, k)), np.arange(k))
+        ctx = prefill_kept(tiny, toks, shared, 1, renumber=True, n_batch=s.n_batch)
+        try:  # the held cache is exactly that second prefill
+            assert ctx.state_get() == s._ctx.state_get()
+        finally:
+            ctx.close()
+        notes = []
+    else:  # a set per KV head: kept as the document computed them, and said so
+        assert s.n_seen == n_doc and s.stats()["renumbers"] == (s.n_past < n_doc)  # near n_ctx_train: renumbered
+        notes = [n for n in s.stats()["notes"] if "keeps a set per KV head" in n]
+        assert len(notes) == 1
     for q in ["Which parcel did courier 17 carry?", "And courier 3?"] * 4:
         assert isinstance(s.ask(q), str) and s.n_cells() <= s.n_ctx
-    assert s.stats()["questions_selected"] == 0 and s.stats()["notes"] == []
+    assert s.stats()["questions_selected"] == 0 and s.stats()["notes"] == notes
+    s.reset()
+    assert s.n_past + s._pos_shift == n_doc
+
+
+def test_reconstruct_mode_in_place_keeps_the_documents_cells(tiny):
+    """reprefill=False: the selected cells stay as the whole document computed them, at their
+    original positions."""
+    pol = P.make_policy("asl", budget=96, window=8)
+    s = pyasl.Session(tiny, policy=pol, n_ctx=256, max_tokens=8, raw=True, mode="reconstruct", reprefill=False)
+    s.prefill(documents=[DOC[:len(DOC) // 2]])  # positions far from n_ctx_train: never renumbered
+    st = s.stats()
+    assert not st["reprefill"] and s.n_past == st["document_tokens"] and s._pos_shift == 0
+    kept = s.last_selection.shared
+    np.testing.assert_array_equal(np.sort(s._ctx.cell_positions(0, len(kept))), kept)
+    with pytest.raises(ValueError, match="reprefill must be True or False"):
+        pyasl.Session(tiny, policy=pol, n_ctx=256, max_tokens=8, mode="reconstruct", reprefill="no")
 
 
 def test_reconstruct_mode_without_room_to_repeat_ranks_like_once(tiny):

@@ -25,14 +25,16 @@ def _scores(n_layer=6, n_head=4, n=300, seed=0):
 
 # ---- parsing ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("text,want", [("token", TOKEN), ("forward:16", Spans("forward", 16)),
-                                       (" Chunk:8 ", Spans("chunk", 8)), (None, Spans.parse(DEFAULT_SPAN))])
+                                       (" Chunk:8 ", Spans("chunk", 8)), ("around:8+32", Spans("around", 32, 8)),
+                                       (None, Spans.parse(DEFAULT_SPAN))])
 def test_parse(text, want):
     assert Spans.parse(text) == want
     assert Spans.parse(str(want)) == want
 
 
 @pytest.mark.parametrize("bad", ["", "forward", "forward:", "forward:x", "chunk:-2", "chunk:0", "token:4",
-                                 "forward:1.5", "window:8", "forward:99999", 16, 1.0])
+                                 "forward:1.5", "window:8", "forward:99999", 16, 1.0, "around:8", "around:+8",
+                                 "around:8+", "around:x+8", "around:-1+8", "forward:4+8", "around:8+0"])
 def test_parse_rejects(bad):
     with pytest.raises(ValueError, match="span"):
         Spans.parse(bad)
@@ -43,10 +45,14 @@ def test_constructor_rejects():
         Spans("backward", 4)
     with pytest.raises(ValueError, match="integer"):
         Spans("forward", True)
+    with pytest.raises(ValueError, match="only span mode around"):
+        Spans("forward", 8, 4)
+    with pytest.raises(ValueError, match="before"):
+        Spans("around", 8, 5000)
 
 
 # ---- top-k ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("spec", ["token", "forward:1", "chunk:1"])
+@pytest.mark.parametrize("spec", ["token", "forward:1", "chunk:1", "around:0+1"])
 def test_size_one_is_token_topk(spec):
     x = RNG.random((3, 200))
     x[:, 50:60] = 0.5  # ties go to the lower position
@@ -64,6 +70,21 @@ def test_forward_keeps_what_follows_a_peak():
     # a span that does not fit whole keeps its head
     np.testing.assert_array_equal(Spans("forward", 8).top_k(x, 11), np.r_[20:28, 70:73])
     assert TOKEN.top_k(x, 2).tolist() == [20, 70]
+
+
+def test_around_keeps_what_precedes_and_follows_a_peak():
+    x = np.full(100, 0.01)
+    x[20], x[70] = 1.0, 0.9
+    around = Spans.parse("around:4+8")
+    assert str(around) == "around:4+8" and not around.is_token
+    np.testing.assert_array_equal(around.top_k(x, 24), np.r_[16:28, 66:78])
+    # a span that does not fit whole keeps its head: the tokens before the peak come first
+    np.testing.assert_array_equal(around.top_k(x, 14), np.r_[16:28, 66:68])
+    # a peak at the first position reaches back to nothing; no reach back is forward:S exactly
+    y = RNG.random((3, 150)) ** 4
+    for k in (0, 9, 60, 150):
+        np.testing.assert_array_equal(Spans.parse("around:0+8").top_k(y, k), Spans.parse("forward:8").top_k(y, k))
+    np.testing.assert_array_equal(Spans.parse("around:3+1").top_k(np.r_[1.0, np.zeros(9)], 1), [0])
 
 
 def _short_runs(kept, size, n):
@@ -137,7 +158,7 @@ def test_size_one_equals_token_for_every_selection(spec):
             np.testing.assert_array_equal(x, y)
 
 
-@pytest.mark.parametrize("spec", ["forward:8", "chunk:8"])
+@pytest.mark.parametrize("spec", ["forward:8", "around:4+8", "chunk:8"])
 def test_spans_keep_the_budget_and_the_window(spec):
     s = _scores()
     n, W = s.shape[-1], 16
@@ -156,7 +177,7 @@ def test_asl_rule_does_not_depend_on_the_span():
     """The selection layer is the paper's rule on token ranks; the span only shapes what it keeps."""
     s = _scores(n_layer=12)
     a = P.asl_select(s, 16, 80, tau=0.95, l_min=2, l_obs=3)
-    for spec in ("forward:8", "chunk:16"):
+    for spec in ("forward:8", "around:4+8", "chunk:16"):
         b = P.asl_select(s, 16, 80, tau=0.95, l_min=2, l_obs=3, span=spec)
         assert b.selected_layer == a.selected_layer and b.variance_ratio == a.variance_ratio
         assert not np.array_equal(b.kept, a.kept)

@@ -50,7 +50,9 @@ def format_stats(st: dict) -> str:
         f"{st['questions_selected']} for a question)",
         f"mode {st['mode']}" + (f": the full KV ({st['full_copy_mib']:.1f} MiB) stays beside the decode context, every "
                                 "question selects again" if st["mode"] == "per-question" else
-                                ": the documents were pruned once" + (" (ranked by a request to repeat them)"
+                                ": the documents were pruned once" + (" (ranked by a request to repeat them"
+                                                                      + (", the kept tokens prefilled again"
+                                                                         if st["reprefill"] else "") + ")"
                                                                       if st["mode"] == "reconstruct" else "")
                                 + ", the context re-prunes when full"),
     ] + [f"note: {n}" for n in st["notes"]])
@@ -227,7 +229,8 @@ def _talk(session, documents, progress, temperature, top_p, seed, repeat_penalty
                      f"({st['full_copy_mib']:.1f} MiB); every question selects {session.policy.budget} cells with "
                      f"{session.policy.name}{speed}]")
         else:
-            how = " ranked by a request to repeat them" if st["mode"] == "reconstruct" else ""
+            how = (" ranked by a request to repeat them" + (" and prefilled again" if st["reprefill"] else "")
+                   if st["mode"] == "reconstruct" else "")
             chat.say(f"[documents: {st['document_tokens']} tokens, kept {st['kept_tokens']} cells with "
                      f"{session.policy.name}{how}" + (f", selection layer {lay}" if lay is not None else "")
                      + speed + "]")

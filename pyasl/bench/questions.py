@@ -7,8 +7,11 @@ keys in turn, at depths spread over the document, in these modes:
 
 * ``full``: a Session with full KV (the reference);
 * ``once``: a Session that prunes the document once, before any question (``mode="once"``);
-* ``reconstruct``: a Session that prunes the document once, ranked by a request to repeat it
-  (``mode="reconstruct"``: query-agnostic, holds only the decode context, like ``once``);
+* ``reconstruct``: a Session that prunes the document once, ranked by a request to repeat it, and
+  prefills the kept tokens again on their own (``mode="reconstruct"``: query-agnostic, holds only
+  the decode context, like ``once``);
+* ``reconstruct-in-place``: the same selection, its cells kept as the whole document computed them
+  (``reprefill=False``; the rows of mode ``reconstruct`` before 2026-12-04);
 * ``per-question``: a Session that keeps the full KV beside the decode context and selects again
   for every question (the default);
 * ``one-shot``: each question inside the prompt, pruned by the same policy (``generate``): what
@@ -29,7 +32,7 @@ from typing import Callable, Optional
 from .data import _CITIES, WORDS, _number, _prose, _uuid
 from .runner import row_tau
 
-MODES = ("full", "once", "reconstruct", "per-question", "one-shot")
+MODES = ("full", "once", "reconstruct", "reconstruct-in-place", "per-question", "one-shot")
 CONTEXTS = ("kv", "needles")
 INTRO = "Extract the value corresponding to the specified key in the JSON object below.\n\nJSON data:\n{"
 
@@ -154,7 +157,8 @@ def _ask_all(model, doc, asked, policy, mode, max_tokens, n_threads, Session, ge
     room = len(asked) * (max_tokens + 48) + 64
     n_ctx = n_doc + room + 256 if mode == "full" else policy.budget + max_tokens + 128
     s = Session(model, policy=policy, n_ctx=n_ctx, max_tokens=max_tokens, n_threads=n_threads,
-                mode="once" if mode == "full" else mode)
+                mode={"full": "once", "reconstruct-in-place": "reconstruct"}.get(mode, mode),
+                reprefill=mode != "reconstruct-in-place")
     try:
         s.prefill(documents=[doc])
         for question, value, depth in asked:

@@ -125,7 +125,7 @@ class Policy:
     ``budget`` counts every kept cell, observation window included (a hard cap); ``window`` is the
     observation window (the last ``window`` prompt tokens, always kept); ``kernel`` is the pooling
     kernel of the scores; ``span`` how scores become kept cells (:mod:`pyasl.policies.spans`:
-    ``token``, ``forward:S``, ``chunk:C``; None: the default)."""
+    ``token``, ``forward:S``, ``around:B+S``, ``chunk:C``; None: the default)."""
 
     name: ClassVar[str] = "?"
     prunes: ClassVar[bool] = True

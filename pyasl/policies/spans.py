@@ -8,7 +8,7 @@ per-position scores into kept positions in contiguous pieces instead. It compose
 policy: each one computes its (pooled) scores as before and asks :meth:`Spans.top_k` for the
 ``k`` positions to keep, per layer and KV head or shared by all of them.
 
-Modes (``Spans.parse`` reads ``token``, ``forward:S``, ``chunk:C``):
+Modes (``Spans.parse`` reads ``token``, ``forward:S``, ``around:B+S``, ``chunk:C``):
 
 * ``token`` -- plain top-k (ties to the lower position): the selection SnapKV, ASL, FastKV and
   GemFilter publish.
@@ -16,6 +16,10 @@ Modes (``Spans.parse`` reads ``token``, ``forward:S``, ``chunk:C``):
   positions before it, then plain top-k. What follows an attended token inherits its score, so a
   kept token brings the ``S - 1`` tokens after it (ties go to the lower position, so a span that
   does not fit whole keeps its head).
+* ``around:B+S`` -- ``forward:S`` that also reaches back: a position inherits the best score of the
+  ``S - 1`` positions before it and of the ``B`` after it, so a kept token brings the ``B`` tokens
+  before it as well (the words that name a value: ``The secret code of the Accra project is`` comes
+  with ``beacon-471`` when the attention peaks on the code). ``around:0+S`` is ``forward:S``.
 * ``chunk:C`` -- ChunkKV (arXiv 2502.00299): the positions are cut into chunks of ``C`` (the last
   one may be shorter), a chunk scores the mean of its positions, and whole chunks are kept in score
   order; the last one that does not fit keeps its first positions.
@@ -37,16 +41,18 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 __all__ = ["DEFAULT_SPAN", "SPAN_MODES", "Spans", "TOKEN", "runs"]
 
-SPAN_MODES = ("token", "forward", "chunk")
+SPAN_MODES = ("token", "forward", "around", "chunk")
 DEFAULT_SPAN = "forward:32"  # what every policy uses unless told otherwise (measured: docs/BENCHMARKS.md, "Spans")
 
 
 @dataclass(frozen=True)
 class Spans:
-    """How scores become kept positions: ``mode`` (``SPAN_MODES``) and ``size`` (tokens)."""
+    """How scores become kept positions: ``mode`` (``SPAN_MODES``), ``size`` (tokens) and, for
+    ``around``, ``before`` (the tokens a kept token brings before it)."""
 
     mode: str = "token"
     size: int = 1
+    before: int = 0
 
     def __post_init__(self):
         if self.mode not in SPAN_MODES:
@@ -62,42 +68,60 @@ class Spans:
         if not 1 <= size <= 4096:
             raise ValueError(f"span size must be in 1..4096, got {size}")
         object.__setattr__(self, "size", int(size))
+        before = self.before
+        if isinstance(before, bool) or not isinstance(before, (int, np.integer)):
+            raise ValueError(f"span reach before must be an integer, got {before!r}")
+        if self.mode != "around" and before:
+            raise ValueError(f"only span mode around reaches before a kept token, got {self.mode} with {before}")
+        if not 0 <= before <= 4096:
+            raise ValueError(f"span reach before must be in 0..4096, got {before}")
+        object.__setattr__(self, "before", int(before))
 
     @classmethod
     def parse(cls, spec) -> "Spans":
         """A Spans from ``None`` (:data:`DEFAULT_SPAN`), a Spans, or text: ``token``, ``forward:S``,
-        ``chunk:C``."""
+        ``around:B+S``, ``chunk:C``."""
         if spec is None:
             spec = DEFAULT_SPAN
         if isinstance(spec, Spans):
             return spec
         if not isinstance(spec, str):
-            raise ValueError(f"a span is written token, forward:S or chunk:C, got {spec!r}")
+            raise ValueError(f"a span is written token, forward:S, around:B+S or chunk:C, got {spec!r}")
         text = spec.strip().lower()
         mode, sep, size = text.partition(":")
         if mode == "token" and not sep:
             return TOKEN
+        before = "0"
+        if mode == "around":
+            before, plus, size = size.partition("+")
+            if not plus or not before.strip().isdigit():
+                size = ""  # malformed: refused below
         if mode not in SPAN_MODES or not sep or not size.strip().isdigit():
-            raise ValueError(f"a span is written token, forward:S or chunk:C (S, C: tokens), got {spec!r}")
-        return cls(mode, int(size))
+            raise ValueError("a span is written token, forward:S, around:B+S or chunk:C (B, S, C: tokens), "
+                             f"got {spec!r}")
+        return cls(mode, int(size), int(before))
 
     def __str__(self) -> str:
+        if self.mode == "around":
+            return f"around:{self.before}+{self.size}"
         return "token" if self.mode == "token" else f"{self.mode}:{self.size}"
 
     @property
     def is_token(self) -> bool:
-        """Whether this is plain token-level top-k (size 1 in any mode)."""
-        return self.size == 1
+        """Whether this is plain token-level top-k (size 1 in any mode, nothing reached before)."""
+        return self.size == 1 and self.before == 0
 
     def spread(self, scores) -> np.ndarray:
-        """``forward`` scores: each position gets the max of itself and the ``size - 1`` before it
-        (float64, same shape). Other modes return the scores as float64."""
+        """``forward`` and ``around`` scores: each position gets the max of itself, the ``size - 1``
+        before it and the ``before`` after it (float64, same shape). ``chunk`` and ``token`` return
+        the scores as float64."""
         arr = np.asarray(scores, dtype=np.float64)
-        if self.mode != "forward" or self.size == 1 or arr.shape[-1] == 0:
+        width = self.size + self.before
+        if self.mode not in ("forward", "around") or width == 1 or arr.shape[-1] == 0:
             return arr.copy()
-        widths = [(0, 0)] * (arr.ndim - 1) + [(self.size - 1, 0)]
+        widths = [(0, 0)] * (arr.ndim - 1) + [(self.size - 1, self.before)]
         padded = np.pad(arr, widths, constant_values=-np.inf)
-        return sliding_window_view(padded, self.size, axis=-1).max(axis=-1)
+        return sliding_window_view(padded, width, axis=-1).max(axis=-1)
 
     def top_k(self, scores, k: int) -> np.ndarray:
         """The ``k`` positions to keep along the last axis of ``scores`` (``(n,)`` or ``(rows, n)``):

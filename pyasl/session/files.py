@@ -38,7 +38,8 @@ def save(s, path: Union[str, os.PathLike]) -> None:
         "cached_text": s._cached_text, "stats": s.stats_.__dict__,
         "layer_cells": s._layer_cells(),
         "base": None if base is None else {"n_past": base.n_past, "text": base.text, "struct": base.struct,
-                                            "size": len(base.state), "layer_cells": base.layer_cells},
+                                            "size": len(base.state), "layer_cells": base.layer_cells,
+                                            "pos_shift": base.pos_shift},
         "mode": s.mode,
         "full": None if full is None else {"tokens": s._full.tokens, "pending": s._full.pending, "size": len(full),
                                            "n_docs": s._n_docs},
@@ -138,7 +139,7 @@ def load(cls, model: Model, path: Union[str, os.PathLike], n_threads: Optional[i
             s.mode = "once"  # saved without its full copy
         if base:
             s._base_state = _Base(base_state, int(base["n_past"]), str(base["text"]), list(base["struct"]),
-                                  base.get("layer_cells"))
+                                  base.get("layer_cells"), int(base.get("pos_shift", 0)))
     except SessionFileError:
         if s is not None:
             s.close()

@@ -2,6 +2,14 @@
 the model attends to while repeating them (a query-agnostic score: KVzip, arXiv 2505.23416), and
 then only the decode context is held, as in mode ``once``.
 
+The kept tokens are then prefilled again as their own prompt (positions 0..k-1, GemFilter's second
+pass) unless ``reprefill=False``: cells cut out of the whole document's KV answer a later question
+with the value of a *neighbouring* fact (4 notes with a code each, asked in turn, Qwen2.5 at 25%:
+12 of 16, every miss another note's code, with the asked sentence kept whole), while the same
+tokens prefilled among themselves answer 16 of 16 with spans around:8+32, 13 of 16 with forward:32
+(docs/BENCHMARKS.md, "The kept tokens prefilled again"). The second pass costs a prefill of
+``budget`` tokens.
+
 Mode ``once`` ranks the documents by the attention of their own last tokens, which is what the end
 of the document needs, not what a later question will. Asking the model to repeat the documents
 touches every part that carries information, whatever the question turns out to be. It costs about
@@ -11,6 +19,7 @@ from __future__ import annotations
 import time
 from typing import Callable, Optional
 
+from ..engine.prefill import prefill_kept
 from ..engine.strategies import PrunedPrefill
 
 Progress = Optional[Callable[[int, int], None]]
@@ -43,7 +52,26 @@ class Reconstruct:
                 self.stats_.notes.append(
                     f"the documents ({len(toks)} tokens) leave no room to repeat them inside the model's training "
                     f"context ({self.model.n_ctx_train}): ranked by their own last tokens, as in mode once")
-            self.last_selection = full.select(self.policy, scores, window)
-            return full.pruned_state(self.last_selection, t0)
+            self.last_selection = sel = full.select(self.policy, scores, window)
+            if not self.reprefill or sel is None:
+                return full.pruned_state(sel, t0)
+            if sel.shared is None:
+                self.stats_.notes.append(
+                    f"{self.policy.name} keeps a set per KV head or layer: its cells are kept as the whole document "
+                    "computed them (a second prefill needs one set of tokens)")
+                return full.pruned_state(sel, t0)
         finally:
             full.close()
+        return self._reprefill(toks, sel, t0)
+
+    def _reprefill(self, toks: list[int], sel, t0: float) -> PrunedPrefill:
+        """The kept tokens of `toks` prefilled again as a prompt of their own, positions 0..k-1 (the
+        next position is k: the session's positions given back are len(toks) - k)."""
+        kept = [int(p) for p in sel.shared]
+        ctx = prefill_kept(self.model, toks, kept, 1, renumber=True, **self._ctx_kw())
+        try:
+            state = ctx.state_get()
+        finally:
+            ctx.close()
+        return PrunedPrefill(state=state, n_tokens=len(kept), n_kept=len(kept), selected_layer=sel.layer,
+                             seconds=time.perf_counter() - t0, note=sel.note)

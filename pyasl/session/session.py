@@ -36,7 +36,8 @@ Modes (``mode=``):
   full. Holds at most ``n_ctx`` cells.
 * ``reconstruct``: like ``once``, but the documents are ranked by the attention the model gives them
   while asked to repeat them (query-agnostic, KVzip-style; about one more prefill) instead of the
-  attention of their own last tokens (:mod:`.reconstruct`). Holds at most ``n_ctx`` cells after it.
+  attention of their own last tokens, and the kept tokens are prefilled again as a prompt of their
+  own (``reprefill``; :mod:`.reconstruct`). Holds at most ``n_ctx`` cells after it.
 """
 from __future__ import annotations
 
@@ -119,13 +120,17 @@ class Session(Repruning, PerQuestion, Reconstruct):
         mode: ``per-question`` (default for a pruning policy: every question selects from the full
             KV, kept beside the decode context), ``once`` (prune the documents once) or
             ``reconstruct`` (prune them once, ranked by a request to repeat them); see the module doc.
+        reprefill: mode ``reconstruct``: prefill the kept tokens again as a prompt of their own
+            (positions 0..k-1), so their KV is computed among themselves (default; measured in
+            docs/BENCHMARKS.md); False keeps the cells as the whole document computed them.
 
     Raises ValueError when ``n_ctx`` cannot hold ``budget`` cells plus an answer."""
 
     def __init__(self, model: Model, policy: Union[Policy, str, None] = None, n_ctx: int = 4096,
                  system: Optional[str] = None, max_tokens: int = 256, raw: bool = False,
                  n_threads: Optional[int] = None, flash_attn: bool = False, n_batch: int = 512,
-                 sink: int = 4, keep_recent: int = 0, mode: Optional[str] = None, type_k="f16", type_v="f16"):
+                 sink: int = 4, keep_recent: int = 0, mode: Optional[str] = None, type_k="f16", type_v="f16",
+                 reprefill: bool = True):
         if policy is None:
             policy = ASL(budget=512)
         elif isinstance(policy, str):
@@ -148,6 +153,9 @@ class Session(Repruning, PerQuestion, Reconstruct):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         self.mode = mode
+        if not isinstance(reprefill, bool):
+            raise ValueError(f"reprefill must be True or False, got {reprefill!r}")
+        self.reprefill = reprefill
         self.sink = int(sink)
         self.keep_recent = int(keep_recent)
         self.model = model
@@ -248,6 +256,7 @@ class Session(Repruning, PerQuestion, Reconstruct):
         if base is not None:
             self._load_state(base.state, base.n_past, base.layer_cells)
             self._n_past, self._cached_text, self._struct = base.n_past, base.text, list(base.struct)
+            self._pos_shift = base.pos_shift
             self._started = True
             self._base_state = base
             self.stats_ = _Stats(prefill_tokens=stats.prefill_tokens, prefill_s=stats.prefill_s,
@@ -302,6 +311,7 @@ class Session(Repruning, PerQuestion, Reconstruct):
                 pp = prefill_state(self.model, toks, self.policy, progress=progress, **self._ctx_kw())
             self._load_state(pp.state, pp.n_tokens, pp.layer_cells)
             self._n_past = pp.n_tokens
+            self._pos_shift = n - pp.n_tokens  # a second prefill gave the kept tokens positions 0..k-1
             self._remember(toks[-_RECENT_MAX:])
             self._bound_positions()
             self.stats_.prefill_tokens, self.stats_.prefill_s, self.stats_.prefill_kept = n, pp.seconds, pp.n_kept
@@ -317,7 +327,8 @@ class Session(Repruning, PerQuestion, Reconstruct):
             self._ctx = self._new_ctx()
             if self.mode == "per-question" and self.policy.prunes:  # the conversation alone goes into the copy
                 self._full = self._new_full_copy()
-        self._base_state = _Base(self._ctx.state_get(), self._n_past, text, list(pre), self._layer_cells()) if n else None
+        self._base_state = _Base(self._ctx.state_get(), self._n_past, text, list(pre), self._layer_cells(),
+                                 self._pos_shift) if n else None
         return self.stats()
 
     def _load_state(self, state: bytes, n_past: int, layer_cells=None) -> None:
@@ -477,7 +488,8 @@ class Session(Repruning, PerQuestion, Reconstruct):
             "decode_tok_s": st.decode_tokens / st.decode_s if st.decode_s > 0 and st.decode_tokens else None,
             "last_decode_tok_s": (st.last_decode_tokens / st.last_decode_s
                                   if st.last_decode_s > 0 and st.last_decode_tokens else None),
-            "mode": self.mode, "questions_selected": st.questions_selected,
+            "mode": self.mode, "reprefill": self.mode == "reconstruct" and self.reprefill,
+            "questions_selected": st.questions_selected,
             "full_copy_mib": None if self._full is None else self._full.kv_bytes() / mib, "notes": list(st.notes),
         }
 

@@ -26,6 +26,7 @@ class _Base:
     text: str
     struct: list
     layer_cells: Optional[list] = None  # per-layer budgets in force (zigzag, pyramid)
+    pos_shift: int = 0                  # positions given back by then (tokens seen - n_past)
 
 
 @dataclass

@@ -49,7 +49,7 @@ def bench() -> None:
               help="shared: one prefill per sample feeds every policy; independent: each policy prefills itself")
 @click.option("--threads", type=click.IntRange(min=1))
 @click.option("--spans", default=None, callback=_csv(str), metavar="SPAN,...",
-              help="span stages every pruning policy runs with, a row each: token, forward:S, chunk:C "
+              help="span stages every pruning policy runs with, a row each: token, forward:S, around:B+S, chunk:C "
                    "(default: the library default)")
 @click.option("--kv-type", "kv_types", default="f16", show_default=True, callback=_csv(str), metavar="TYPE,...",
               help="KV cache types, a row each: f16, q8_0, q4_0, ... (quantized: each policy prefills on its own, "

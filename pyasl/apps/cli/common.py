@@ -174,9 +174,9 @@ def policy_options(policies=ALL_POLICIES, default: str = "asl", budget_default: 
                           "else the paper's 0.3)"),
         click.option("--layer", type=click.IntRange(min=0),
                      help="selection layer of fastkv and gemfilter (default: 15 / 13 of 32 layers, scaled by depth)"),
-        click.option("--span", callback=_parse_span, metavar="token|forward:S|chunk:C",
+        click.option("--span", callback=_parse_span, metavar="token|forward:S|around:B+S|chunk:C",
                      help="how scores become kept cells: token (top-k tokens), forward:S (a kept token brings the S-1 "
-                          f"after it), chunk:C (whole chunks of C tokens); default: {DEFAULT_SPAN} (gemfilter-published: "
+                          f"after it), around:B+S (and the B before it), chunk:C (whole chunks of C tokens); default: {DEFAULT_SPAN} (gemfilter-published: "
                           "token)"),
     ]
     if asl_layers:
