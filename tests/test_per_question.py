@@ -172,6 +172,23 @@ def test_reconstruct_mode_prunes_once_by_reconstruction_scores(tiny, policy):
     assert s.n_past + s._pos_shift == n_doc
 
 
+def test_reconstruct_mode_save_load_keeps_the_second_prefill(tiny, tmp_path):
+    """A session whose kept tokens were prefilled again (positions 0..k-1) saves and loads them with
+    the positions given back, and reset restores them."""
+    pol = P.make_policy("asl", budget=96, window=8)
+    s = pyasl.Session(tiny, policy=pol, n_ctx=256, max_tokens=8, raw=True, mode="reconstruct")
+    s.prefill(documents=[DOC[:len(DOC) // 2]])
+    n_doc, k = s.stats()["document_tokens"], len(s.last_selection.shared)
+    assert (s.n_past, s.n_seen) == (k, n_doc)
+    s.ask("Which parcel did courier 17 carry?")
+    f = tmp_path / "r.pyasl"
+    s.save(f)
+    t = pyasl.Session.load(tiny, f)
+    assert (t.n_past, t.n_seen) == (s.n_past, s.n_seen) and t.ask("And courier 3?") == s.ask("And courier 3?")
+    t.reset()
+    assert (t.n_past, t.n_seen) == (k, n_doc)
+
+
 def test_reconstruct_mode_in_place_keeps_the_documents_cells(tiny):
     """reprefill=False: the selected cells stay as the whole document computed them, at their
     original positions."""
