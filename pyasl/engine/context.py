@@ -492,6 +492,13 @@ class Context(_Native):
         # one copy; buf[:got] would build a list of `got` Python ints (seconds, and 8 bytes per KV byte)
         return ctypes.string_at(buf, got)
 
+    def take_state(self) -> bytes:
+        """The sequence's state bytes, then close the context (what a pruned prefill hands over)."""
+        try:
+            return self.state_get()
+        finally:
+            self.close()
+
     def state_set(self, data: bytes, n_past: int) -> None:
         llama_cpp, _, _ = _ll()
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)

@@ -126,11 +126,7 @@ class FullCopy:
     def pruned_state(self, sel: Optional[Selection], t0: float) -> PrunedPrefill:
         """`sel` of the copy as state bytes with room for one more token (seconds counted from t0)."""
         ctx, n_kept, lb = self.pruned(sel, room=1)
-        try:
-            state = ctx.state_get()
-        finally:
-            ctx.close()
-        return PrunedPrefill(state=state, n_tokens=self.n, n_kept=n_kept,
+        return PrunedPrefill(state=ctx.take_state(), n_tokens=self.n, n_kept=n_kept,
                              selected_layer=None if sel is None else sel.layer, seconds=time.perf_counter() - t0,
                              note="" if sel is None else sel.note, layer_cells=None if lb is None else lb.counts)
 

@@ -383,12 +383,8 @@ def prefill_state(model: Model, tokens: list[int], policy: Policy, n_threads: Op
     t0 = time.perf_counter()
     pr = run(model, tokens, policy, max_tokens=1, n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn,
              progress=progress, type_k=type_k, type_v=type_v)
-    try:
-        state = pr.ctx.state_get()
-    finally:
-        pr.ctx.close()
     pruned = pr.selection is not None
-    return PrunedPrefill(state=state, n_tokens=len(tokens), n_kept=pr.n_kept,
+    return PrunedPrefill(state=pr.ctx.take_state(), n_tokens=len(tokens), n_kept=pr.n_kept,
                          selected_layer=pr.selected_layer if pruned else None, seconds=time.perf_counter() - t0,
                          note=pr.note, layer_cells=None if pr.layer_budgets is None else pr.layer_budgets.counts)
 

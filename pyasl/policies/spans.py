@@ -57,25 +57,17 @@ class Spans:
     def __post_init__(self):
         if self.mode not in SPAN_MODES:
             raise ValueError(f"span mode must be one of {', '.join(SPAN_MODES)}, got {self.mode!r}")
-        if isinstance(self.size, bool):
-            raise ValueError(f"span size must be an integer, got {self.size!r}")
-        try:
-            size = operator.index(self.size)
-        except TypeError:
-            raise ValueError(f"span size must be an integer, got {self.size!r}") from None
+        size, before = _integer(self.size, "size"), _integer(self.before, "reach before")
         if self.mode == "token" and size != 1:
             raise ValueError(f"span mode token has size 1, got {size}")
         if not 1 <= size <= 4096:
             raise ValueError(f"span size must be in 1..4096, got {size}")
-        object.__setattr__(self, "size", int(size))
-        before = self.before
-        if isinstance(before, bool) or not isinstance(before, (int, np.integer)):
-            raise ValueError(f"span reach before must be an integer, got {before!r}")
+        object.__setattr__(self, "size", size)
         if self.mode != "around" and before:
             raise ValueError(f"only span mode around reaches before a kept token, got {self.mode} with {before}")
         if not 0 <= before <= 4096:
             raise ValueError(f"span reach before must be in 0..4096, got {before}")
-        object.__setattr__(self, "before", int(before))
+        object.__setattr__(self, "before", before)
 
     @classmethod
     def parse(cls, spec) -> "Spans":
@@ -138,6 +130,16 @@ class Spans:
         else:
             order = np.argsort(-self.spread(arr), axis=-1, kind="stable")
         return np.sort(order[..., :k], axis=-1).astype(np.int64)
+
+
+def _integer(value, what: str) -> int:
+    """`value` as an int (numpy integers too; not bools or floats), else a ValueError naming `what`."""
+    if isinstance(value, bool):
+        raise ValueError(f"span {what} must be an integer, got {value!r}")
+    try:
+        return int(operator.index(value))
+    except TypeError:
+        raise ValueError(f"span {what} must be an integer, got {value!r}") from None
 
 
 TOKEN = Spans()

@@ -67,11 +67,7 @@ class Reconstruct:
     def _reprefill(self, toks: list[int], sel, t0: float) -> PrunedPrefill:
         """The kept tokens of `toks` prefilled again as a prompt of their own, positions 0..k-1 (the
         next position is k: the session's positions given back are len(toks) - k)."""
-        kept = [int(p) for p in sel.shared]
-        ctx = prefill_kept(self.model, toks, kept, 1, renumber=True, **self._ctx_kw())
-        try:
-            state = ctx.state_get()
-        finally:
-            ctx.close()
-        return PrunedPrefill(state=state, n_tokens=len(kept), n_kept=len(kept), selected_layer=sel.layer,
+        k = len(sel.shared)
+        ctx = prefill_kept(self.model, toks, sel.shared, 1, renumber=True, **self._ctx_kw())
+        return PrunedPrefill(state=ctx.take_state(), n_tokens=k, n_kept=k, selected_layer=sel.layer,
                              seconds=time.perf_counter() - t0, note=sel.note)
