@@ -472,9 +472,9 @@ def test_cli_chat_mode_reconstruct_says_what_it_holds(cli, tmp_path):
     r = cli("chat", TINY, "--doc", str(doc), "--budget", "64", "--window", "8", "--ctx", "256", "--max-tokens", "4",
             "--mode", "reconstruct", input="which parcel?\n/stats\n/quit\n")
     assert r.exit_code == 0, r.output
-    assert "kept 64 cells with asl ranked by a request to repeat them and prefilled again" in r.output, r.output
-    assert ("mode reconstruct: the documents were pruned once (ranked by a request to repeat them, the kept tokens "
-            "prefilled again)") in r.output
+    ranked = "(ranked by a request to repeat them, the kept tokens prefilled again)"
+    assert f"kept 64 cells with asl {ranked}" in r.output, r.output
+    assert f"mode reconstruct: the documents were pruned once {ranked}" in r.output
 
 
 def test_cli_chat_line_not_utf8(cli):

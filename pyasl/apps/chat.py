@@ -50,12 +50,17 @@ def format_stats(st: dict) -> str:
         f"{st['questions_selected']} for a question)",
         f"mode {st['mode']}" + (f": the full KV ({st['full_copy_mib']:.1f} MiB) stays beside the decode context, every "
                                 "question selects again" if st["mode"] == "per-question" else
-                                ": the documents were pruned once" + (" (ranked by a request to repeat them"
-                                                                      + (", the kept tokens prefilled again"
-                                                                         if st["reprefill"] else "") + ")"
-                                                                      if st["mode"] == "reconstruct" else "")
+                                ": the documents were pruned once" + _how_ranked(st)
                                 + ", the context re-prunes when full"),
     ] + [f"note: {n}" for n in st["notes"]])
+
+
+def _how_ranked(st: dict) -> str:
+    """How a prune-once session ranked its documents, in one wording for the banner and /stats."""
+    if st["mode"] != "reconstruct":
+        return ""
+    again = ", the kept tokens prefilled again" if st["reprefill"] else ""
+    return f" (ranked by a request to repeat them{again})"
 
 
 class Chat:
@@ -229,10 +234,8 @@ def _talk(session, documents, progress, temperature, top_p, seed, repeat_penalty
                      f"({st['full_copy_mib']:.1f} MiB); every question selects {session.policy.budget} cells with "
                      f"{session.policy.name}{speed}]")
         else:
-            how = (" ranked by a request to repeat them" + (" and prefilled again" if st["reprefill"] else "")
-                   if st["mode"] == "reconstruct" else "")
             chat.say(f"[documents: {st['document_tokens']} tokens, kept {st['kept_tokens']} cells with "
-                     f"{session.policy.name}{how}" + (f", selection layer {lay}" if lay is not None else "")
+                     f"{session.policy.name}{_how_ranked(st)}" + (f", selection layer {lay}" if lay is not None else "")
                      + speed + "]")
     _setup_readline()
     return chat.loop()
