@@ -242,7 +242,24 @@ def test_questions_benchmark_rows_and_resume(tiny, tmp_path):
     assert groups["per-question"]["full_copy_mib"] > groups["per-question"]["kv_mib"]
     assert groups["once"]["full_copy_mib"] is None and groups["full"]["policy"] == "full"
     assert groups["reconstruct"]["full_copy_mib"] is None
+    assert groups["one-shot"]["prefill_s"] is None  # each question prefills its whole prompt
+    kv_groups = {g["mode"]: g for g in Q.summary(rows[:n_rows])}
+    for mode in set(Q.MODES) - {"one-shot"}:
+        prefills = {r["prefill_s"] for r in rows[:n_rows] if r["mode"] == mode}
+        assert len(prefills) == 1 and kv_groups[mode]["prefill_s"] == prefills.pop() > 0, mode
+    old_rows = [{k: v for k, v in r.items() if k != "prefill_s"} for r in rows]  # rows before prefill_s
+    assert all(g["prefill_s"] is None for g in Q.summary(old_rows))
     assert {(g["context"], g["mode"]) for g in Q.summary(rows + [json.loads(x) for x in
             out.read_text().splitlines()[n_rows:]])} >= {("kv", "once"), ("needles", "reconstruct")}
     with pytest.raises(ValueError, match="unknown mode"):
         Q.run(tiny, 600, 1, pol, out, modes=["sometimes"])
+    old = tmp_path / "old.jsonl"
+    old.write_text("".join(json.dumps(r) + "\n" for r in old_rows + rows))
+    from click.testing import CliRunner
+
+    from pyasl.apps.cli import main
+    r = CliRunner().invoke(main, ["bench", "questions-summary", str(old)])
+    assert r.exit_code == 0, r.output
+    lines = {ln.split()[3]: ln for ln in r.output.splitlines()[1:]}
+    assert set(lines) == set(Q.MODES) and "prefill s" in r.output.splitlines()[0]
+    assert f"{kv_groups['once']['prefill_s']:.1f}" in lines["once"].split()

@@ -18,7 +18,9 @@ keys in turn, at depths spread over the document, in these modes:
   the accuracy suite measures, the target of ``per-question``.
 
 One row per (context, mode, question): the answer, its score (the value is a substring of it),
-seconds for the question (prefill excluded; in ``one-shot``: the whole prompt) and the KV held.
+seconds for the question (prefill excluded; in ``one-shot``: the whole prompt), seconds for the
+document's prefill (``prefill_s``, the same on every row of a context and mode; in ``one-shot``:
+none, each question prefills the whole prompt) and the KV held.
 """
 from __future__ import annotations
 
@@ -151,7 +153,7 @@ def _ask_all(model, doc, asked, policy, mode, max_tokens, n_threads, Session, ge
             toks = model.prompt_tokens(doc + "\n\n" + question)
             t0 = time.perf_counter()
             res = generate(model, toks, policy=policy, max_tokens=max_tokens, n_threads=n_threads)
-            rows.append(_row(res.text, value, depth, time.perf_counter() - t0, res.kv_bytes / 2**20, None))
+            rows.append(_row(res.text, value, depth, time.perf_counter() - t0, res.kv_bytes / 2**20, None, None))
         return rows
     n_doc = len(model.tokenize(doc, add_special=False))
     room = len(asked) * (max_tokens + 48) + 64
@@ -160,25 +162,28 @@ def _ask_all(model, doc, asked, policy, mode, max_tokens, n_threads, Session, ge
                 mode={"full": "once", "reconstruct-in-place": "reconstruct"}.get(mode, mode),
                 reprefill=mode != "reconstruct-in-place")
     try:
+        t0 = time.perf_counter()
         s.prefill(documents=[doc])
+        prefill_s = time.perf_counter() - t0
         for question, value, depth in asked:
             t0 = time.perf_counter()
             text = s.ask(question)
             st = s.stats()
-            rows.append(_row(text, value, depth, time.perf_counter() - t0, st["kv_mib"], st["full_copy_mib"]))
+            rows.append(_row(text, value, depth, time.perf_counter() - t0, st["kv_mib"], st["full_copy_mib"],
+                             prefill_s))
     finally:
         s.close()
     return rows
 
 
-def _row(text: str, value: str, depth: float, seconds: float, kv_mib: float, full_copy_mib) -> dict:
+def _row(text: str, value: str, depth: float, seconds: float, kv_mib: float, full_copy_mib, prefill_s) -> dict:
     return {"depth": depth, "reference": value, "output": text, "score": 100.0 * (value in text),
-            "seconds": seconds, "kv_mib": kv_mib, "full_copy_mib": full_copy_mib}
+            "seconds": seconds, "prefill_s": prefill_s, "kv_mib": kv_mib, "full_copy_mib": full_copy_mib}
 
 
 def summary(rows: list[dict]) -> list[dict]:
-    """Mean accuracy, seconds per question and KV held, per (model, context, n_tokens, mode, policy,
-    budget, span)."""
+    """Mean accuracy, seconds per question (median), the document's prefill seconds (median over the
+    contexts that recorded it) and KV held, per (model, context, n_tokens, mode, policy, budget, span)."""
     groups: dict = {}
     for r in rows:
         k = (r["model"], r.get("context", "kv"), r["n_tokens"], r["mode"], r["policy"], r["budget"], r["span"],
@@ -187,10 +192,13 @@ def summary(rows: list[dict]) -> list[dict]:
     out = []
     for k, rs in sorted(groups.items(), key=lambda kv: (kv[0][:3], MODES.index(kv[0][3]))):
         n = len(rs)
+        prefills = sorted({(r["index"], r["prefill_s"]) for r in rs if r.get("prefill_s") is not None},
+                          key=lambda ip: ip[1])
         out.append({"model": k[0], "context": k[1], "n_tokens": k[2], "mode": k[3], "policy": k[4], "budget": k[5],
                     "span": k[6], "tau": k[7], "questions": n, "contexts": len({r["index"] for r in rs}),
                     "accuracy": sum(r["score"] for r in rs) / n,
                     "seconds_per_question": sorted(r["seconds"] for r in rs)[n // 2],
+                    "prefill_s": prefills[len(prefills) // 2][1] if prefills else None,
                     "kv_mib": max(r["kv_mib"] for r in rs),
                     "full_copy_mib": max((r["full_copy_mib"] or 0) for r in rs) or None})
     return out
