@@ -11,8 +11,10 @@ so that time ratios come from neighbouring runs. Resumable: rows already in --ou
 stock:ubatch=N runs stock with n_ubatch N (the ubatch pyasl's layer-major pass takes on a long
 prompt, prefill.pass_ubatch: what stock would save with the same setting). POLICY:prefill=MODE runs
 a pyasl policy with prefill_mode MODE (snapkv:prefill=ordinary: SnapKV without layer-by-layer pruning).
+--kv-type q8_0 (with --flash-attn, which llama.cpp needs for a quantized V) runs every config, stock
+included, with K and V of that type: stock's `-ctk q8_0 -ctv q8_0` beside pyasl's pruning of it.
 
-A row: model, length, config, budget, flash_attn, max_rss_mib, kv_bytes_full, kv_bytes (held for
+A row: model, length, config, budget, flash_attn, kv_type, max_rss_mib, kv_bytes_full, kv_bytes (held for
 decoding), n_kept, selected_layer, ttft_s (prompt in to first token out), text (the greedy answer),
 run (0..repeat-1).
 """
@@ -32,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 POLICIES = ("full", "asl", "fastkv", "snapkv", "asl-2pass", "gemfilter")
+KV_TYPES = ("f16", "q8_0", "q4_0")  # the cache types both stock llama-cpp-python and pyasl take here
 TASK = "niah_single_1"  # one needle in a long haystack: the answer shows the run still works
 
 
@@ -60,8 +63,9 @@ def child_stock(a) -> dict:
     import llama_cpp
 
     tokens = json.loads(Path(a.tokens).read_text())
+    kv = getattr(llama_cpp, f"GGML_TYPE_{a.kv_type.upper()}")
     llm = llama_cpp.Llama(a.model_path, n_ctx=_pad(len(tokens) + a.max_tokens), n_batch=512,
-                          n_ubatch=stock_ubatch(a.child),
+                          n_ubatch=stock_ubatch(a.child), type_k=kv, type_v=kv,
                           n_threads=a.threads, n_threads_batch=a.threads, flash_attn=a.flash_attn, verbose=False)
     t0 = time.perf_counter()
     llm.eval(tokens)
@@ -92,7 +96,7 @@ def child_pyasl(a) -> dict:
     name, opts = pyasl_config(a.child)
     budget = None if name == "full" else a.budget
     r = pyasl.generate(m, tokens, policy=name, budget=budget, max_tokens=a.max_tokens, n_threads=a.threads,
-                       flash_attn=a.flash_attn, **opts)
+                       flash_attn=a.flash_attn, type_k=a.kv_type, type_v=a.kv_type, **opts)
     return {"ttft_s": r.time_to_first_token_s, "text": r.text, "n_kept": r.n_kept, "kv_bytes_full": r.kv_bytes_full,
             "kv_bytes": r.kv_bytes, "selected_layer": r.selected_layer, "prefill_work": r.prefill_work,
             "note": r.note}
@@ -106,7 +110,8 @@ def run_child(config: str, model_path: str, tokens_file: str, a) -> dict:
     """One config in a fresh process; its peak RSS from the OS (ru_maxrss of the reaped child)."""
     env = dict(os.environ)
     cmd = [sys.executable, __file__, "--child", config, "--model-path", model_path, "--tokens", tokens_file,
-           "--budget", str(a.budget), "--max-tokens", str(a.max_tokens), "--threads", str(a.threads)]
+           "--budget", str(a.budget), "--max-tokens", str(a.max_tokens), "--threads", str(a.threads),
+           "--kv-type", a.kv_type]
     if a.flash_attn:
         cmd.append("--flash-attn")
     if stock_ubatch(config) is not None:
@@ -143,6 +148,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--flash-attn", action="store_true")
+    ap.add_argument("--kv-type", default="f16", choices=KV_TYPES,
+                    help="K and V cache type of every config (a quantized type needs --flash-attn)")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each config, in turn")
     ap.add_argument("--out", default="docs/bench/memory.jsonl")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -153,6 +160,8 @@ def main() -> None:
         print(json.dumps(child_stock(a) if stock_ubatch(a.child) else child_pyasl(a)), flush=True)
         return
 
+    if a.kv_type not in ("f16", "f32", "bf16") and not a.flash_attn:
+        raise SystemExit(f"--kv-type {a.kv_type} needs --flash-attn (llama.cpp quantizes V only with flash attention)")
     configs = [c.strip() for c in a.configs.split(",") if c.strip()]
     for c in configs:
         if stock_ubatch(c) is None and pyasl_config(c)[0] not in POLICIES:
@@ -169,10 +178,11 @@ def main() -> None:
     if out.exists():
         for line in out.read_text().splitlines():
             r = json.loads(line)
-            done.add((r["model"], r["length"], r["config"], r.get("budget"), r["flash_attn"], r.get("run", 0)))
+            done.add((r["model"], r["length"], r["config"], r.get("budget"), r["flash_attn"], r.get("kv_type", "f16"),
+                      r.get("run", 0)))
     for n in lengths:
         todo = [(i, c) for i in range(a.repeat) for c in configs
-                if (a.model, n, c, budget_of(c, a), a.flash_attn, i) not in done]
+                if (a.model, n, c, budget_of(c, a), a.flash_attn, a.kv_type, i) not in done]
         if not todo:
             continue
         with pyasl.Model(model_path) as m:
@@ -183,7 +193,7 @@ def main() -> None:
             for i, c in todo:
                 row = run_child(c, model_path, f.name, a)
                 row = {"model": a.model, "length": n, "config": c,
-                       "budget": budget_of(c, a), "flash_attn": a.flash_attn,
+                       "budget": budget_of(c, a), "flash_attn": a.flash_attn, "kv_type": a.kv_type,
                        "threads": a.threads, "task": TASK, "reference": s.references[0], "run": i, **row}
                 out.parent.mkdir(parents=True, exist_ok=True)
                 with open(out, "a") as fh:
