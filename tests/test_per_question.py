@@ -143,13 +143,17 @@ def test_reconstruct_mode_prunes_once_by_reconstruction_scores(tiny, policy):
     toks = s._fmt.tokens(text, first=True)
     prompt = s._fmt.tokens(s._fmt.render(s._struct + [{"role": "user", "content": R.REPEAT_REQUEST}], True)[len(text):],
                            first=False)
+    ranking = R.ranking_policy(policy)  # the default span widened: the words before a kept token come too
+    assert str(ranking.span) == R.RANKING_SPAN and str(policy.span) == "forward:32"
     fc = FullCopy(tiny, n_batch=s.n_batch)
     try:
         fc.prefill(toks, 1)
-        sel = fc.select(policy, fc.reconstruction_scores(prompt, fc.repeat_room(len(prompt))), policy.window)
+        scores = fc.reconstruction_scores(prompt, fc.repeat_room(len(prompt)))
+        sel = fc.select(ranking, scores, policy.window)
+        forward = fc.select(policy, scores, policy.window)
     finally:
         fc.close()
-    assert kept_sets(s.last_selection) == kept_sets(sel)
+    assert kept_sets(s.last_selection) == kept_sets(sel) != kept_sets(forward)
     n_doc, shared = st["document_tokens"], s.last_selection.shared
     if shared is not None:  # one set: the kept tokens were prefilled again, at positions 0..k-1
         k = len(shared)
@@ -160,16 +164,39 @@ def test_reconstruct_mode_prunes_once_by_reconstruction_scores(tiny, policy):
             assert ctx.state_get() == s._ctx.state_get()
         finally:
             ctx.close()
-        notes = []
+        notes = [n for n in s.stats()["notes"] if "ranked without a question: spans around:8+32" in n]
+        assert len(notes) == 1
     else:  # a set per KV head: kept as the document computed them, and said so
         assert s.n_seen == n_doc and s.stats()["renumbers"] == (s.n_past < n_doc)  # near n_ctx_train: renumbered
-        notes = [n for n in s.stats()["notes"] if "keeps a set per KV head" in n]
-        assert len(notes) == 1
+        notes = [n for n in s.stats()["notes"] if "keeps a set per KV head" in n or "ranked without a question" in n]
+        assert len(notes) == 2
     for q in ["Which parcel did courier 17 carry?", "And courier 3?"] * 4:
         assert isinstance(s.ask(q), str) and s.n_cells() <= s.n_ctx
     assert s.stats()["questions_selected"] == 0 and s.stats()["notes"] == notes
     s.reset()
     assert s.n_past + s._pos_shift == n_doc
+
+
+def test_reconstruct_mode_keeps_a_span_the_caller_chose(tiny):
+    """Only the default span is widened for the question-agnostic ranking: a policy given a span
+    (forward:32 included) selects with it, and the session adds no note about it."""
+    from pyasl.session import reconstruct as R
+
+    chosen = P.make_policy("asl", budget=96, window=8, span="forward:32")
+    assert chosen.span_given and R.ranking_policy(chosen) is chosen
+    default = P.make_policy("asl", budget=96, window=8)
+    assert not default.span_given and not default.replace(budget=128).span_given
+    assert P.Policy.from_dict(default.to_dict()).span_given  # written down, the span is a choice
+    full = P.Full()
+    assert R.ranking_policy(full) is full
+    runs = {}
+    for pol in (chosen, default):
+        s = pyasl.Session(tiny, policy=pol, n_ctx=256, max_tokens=8, raw=True, mode="reconstruct")
+        s.prefill(documents=[DOC[:len(DOC) // 2]])
+        runs[pol.span_given] = (kept_sets(s.last_selection), s.stats()["notes"], s.stats()["policy"]["span"])
+        s.close()
+    assert runs[True][0] != runs[False][0] and runs[True][1] == []
+    assert runs[True][2] == runs[False][2] == "forward:32"  # the session's policy (re-prunes) is unchanged
 
 
 def test_reconstruct_mode_save_load_keeps_the_second_prefill(tiny, tmp_path):

@@ -9,7 +9,8 @@ keys in turn, at depths spread over the document, in these modes:
 * ``once``: a Session that prunes the document once, before any question (``mode="once"``);
 * ``reconstruct``: a Session that prunes the document once, ranked by a request to repeat it, and
   prefills the kept tokens again on their own (``mode="reconstruct"``: query-agnostic, holds only
-  the decode context, like ``once``);
+  the decode context, like ``once``; a default span is widened to around:8+32, and the row's span
+  is the one it selected with);
 * ``reconstruct-in-place``: the same selection, its cells kept as the whole document computed them
   (``reprefill=False``; the rows of mode ``reconstruct`` before 2026-12-04);
 * ``per-question``: a Session that keeps the full KV beside the decode context and selects again
@@ -109,6 +110,7 @@ def run(model_name: str, n_tokens: int, samples: int, policy, out, modes=MODES, 
     from ..models import resolve_model
     from ..policies import Full
     from ..session import Session
+    from ..session.reconstruct import ranking_policy
 
     for m in modes:
         if m not in MODES:
@@ -128,9 +130,10 @@ def run(model_name: str, n_tokens: int, samples: int, policy, out, modes=MODES, 
             doc, asked = build_context(model, n_tokens, index, questions, seed, kind)
             for mode in modes:
                 pol = Full() if mode == "full" else policy
+                ranked = ranking_policy(pol) if mode.startswith("reconstruct") else pol  # the span it selects with
                 base = {"model": name, "context": kind, "n_tokens": n_tokens, "index": index, "mode": mode, "policy": pol.name,
                         "budget": getattr(pol, "budget", None) if pol.prunes else None,
-                        "span": str(pol.span) if pol.prunes else None,
+                        "span": str(ranked.span) if pol.prunes else None,
                         "tau": pol.tau_for(model)[0] if hasattr(pol, "tau_for") else None}
                 if all(_key({**base, "question": q}) in done for q in range(len(asked))):
                     continue

@@ -142,6 +142,7 @@ class Policy:
             raise ValueError("kernel must be an odd integer >= 1")
         self.budget, self.window, self.kernel = budget, window, kernel
         self.span = Spans.parse(span)
+        self.span_given = span is not None  # False: the default, which a question-agnostic ranking widens
 
     # -- description ---------------------------------------------------------------------------
     def params(self) -> dict:
@@ -156,8 +157,12 @@ class Policy:
         return make_policy(d.pop("name"), **d)
 
     def replace(self, **changes) -> "Policy":
-        """A copy with some parameters changed (``policy.replace(budget=256)``)."""
-        return Policy.from_dict({**self.to_dict(), **changes})
+        """A copy with some parameters changed (``policy.replace(budget=256)``); a default span stays
+        the default."""
+        d = {**self.to_dict(), **changes}
+        if not self.span_given and "span" not in changes:
+            d["span"] = None
+        return Policy.from_dict(d)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.params().items())})"

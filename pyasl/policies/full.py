@@ -13,7 +13,7 @@ class Full(Policy):
     prunes = False
 
     def __init__(self):
-        self.budget, self.window, self.kernel, self.span = None, 32, 7, TOKEN
+        self.budget, self.window, self.kernel, self.span, self.span_given = None, 32, 7, TOKEN, True
 
     def params(self) -> dict:
         return {}

@@ -35,9 +35,10 @@ Modes (``mode=``):
   ``pyasl generate``: layer-major for asl and fastkv); later turns re-prune only when the context is
   full. Holds at most ``n_ctx`` cells.
 * ``reconstruct``: like ``once``, but the documents are ranked by the attention the model gives them
-  while asked to repeat them (query-agnostic, KVzip-style; about one more prefill) instead of the
-  attention of their own last tokens, and the kept tokens are prefilled again as a prompt of their
-  own (``reprefill``; :mod:`.reconstruct`). Holds at most ``n_ctx`` cells after it.
+  while asked to repeat them (query-agnostic, KVzip-style; a default span is widened to
+  ``around:8+32``; about 4x the documents' prefill time) instead of the attention of their own last
+  tokens, and the kept tokens are prefilled again as a prompt of their own (``reprefill``;
+  :mod:`.reconstruct`). Holds at most ``n_ctx`` cells after it.
 """
 from __future__ import annotations
 

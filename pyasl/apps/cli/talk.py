@@ -37,7 +37,8 @@ def _read_doc(path: str) -> tuple:
               help="per-question: every question selects from the full KV kept beside the decode context "
                    "(default); once: prune the documents once, before any question; reconstruct: prune them once, "
                    "ranked by a request to repeat them, and prefill the kept tokens again (question-agnostic, "
-                   "holds only the decode context; about 1.2 more prefills)")
+                   "holds only the decode context; a default span keeps around:8+32; about 4x the documents' "
+                   "prefill time)")
 @click.option("--load", "load_path", type=click.Path(dir_okay=False), help="open a session saved with /save")
 @click.option("--raw", is_flag=True, help="do not apply the chat template")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: all cores)")
