@@ -160,8 +160,12 @@ def main() -> None:
         print(json.dumps(child_stock(a) if stock_ubatch(a.child) else child_pyasl(a)), flush=True)
         return
 
-    if a.kv_type not in ("f16", "f32", "bf16") and not a.flash_attn:
-        raise SystemExit(f"--kv-type {a.kv_type} needs --flash-attn (llama.cpp quantizes V only with flash attention)")
+    from pyasl.engine import Context
+
+    try:  # pyasl's own check, so that stock and pyasl refuse the same settings
+        Context.check_kv_types(a.kv_type, a.flash_attn)
+    except ValueError as e:
+        raise SystemExit(f"--kv-type {a.kv_type}: {e}") from None
     configs = [c.strip() for c in a.configs.split(",") if c.strip()]
     for c in configs:
         if stock_ubatch(c) is None and pyasl_config(c)[0] not in POLICIES:
