@@ -8,15 +8,18 @@ propagation tail per tau), measures SnapKV at the same budget as the reference, 
 with the least prefill work whose accuracy is within ``tolerance`` points of SnapKV's (when none
 is, the most accurate tau, and the record says so).
 
-A calibration is stored in ``cache_home()/calibration/<model file>.json``; the package ships
-calibrations for the known models (``calibration.json`` beside this module). :class:`pyasl.ASL`
-built without a tau uses the model's calibration when there is one, else 0.3, and its selection
-note says which.
+The ratio curve moves with the prompt's length (on Qwen2.5 the same tau selects later at 8K than
+at 4K), so a model may hold one calibration per prompt length. They are stored in
+``cache_home()/calibration/<model file>.json``; the package ships calibrations for the known models
+(``calibration.json`` beside this module). :class:`pyasl.ASL` built without a tau uses the
+calibration of the length nearest the prompt's (the user's before the shipped one at one length),
+else 0.3, and its selection note says which.
 """
 from __future__ import annotations
 
 import datetime
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -65,15 +68,36 @@ def _records(path: Path) -> list[dict]:
     return records
 
 
-def lookup(model) -> Optional[Calibration]:
-    """The model's calibration: the user's (`pyasl calibrate`) before the shipped one; None if neither."""
+def _length_distance(n_tokens: Optional[int], rec: dict) -> float:
+    """How far a calibration's prompt length is from `n_tokens`, as a ratio (4K is as far from 8K as
+    8K from 16K); 0 when either is unknown."""
+    length = rec.get("n_tokens")
+    if not n_tokens or not isinstance(length, int) or length <= 0:
+        return 0.0
+    return abs(math.log(n_tokens / length))
+
+
+def lookup(model, n_tokens: Optional[int] = None) -> Optional[Calibration]:
+    """The model's calibration for prompts of `n_tokens` (any length when None): the record of the
+    nearest calibrated length, the user's (`pyasl calibrate`) before the shipped one; None if neither."""
     ident = identity(model)
-    for path, whose in ((user_file(model), "pyasl calibrate"), (SHIPPED, "shipped")):
+    found = []
+    for rank, (path, whose) in enumerate(((user_file(model), "pyasl calibrate"), (SHIPPED, "shipped"))):
         for rec in _records(path):
             if rec.get("identity") == ident and isinstance(rec.get("tau"), (int, float)):
-                return Calibration(float(rec["tau"]), f"{whose} calibration of {rec.get('date', '?')}, "
-                                                      f"{rec.get('samples', '?')} samples at {rec.get('n_tokens')} tokens")
-    return None
+                found.append((_length_distance(n_tokens, rec), rank, rec, whose))
+    if not found:
+        return None
+    _, _, rec, whose = min(found, key=lambda f: f[:2])
+    return Calibration(float(rec["tau"]), f"{whose} calibration of {rec.get('date', '?')}, "
+                                          f"{rec.get('samples', '?')} samples at {rec.get('n_tokens')} tokens")
+
+
+def store(path: Path, rec: dict) -> None:
+    """Add `rec` to the calibration file at `path`, replacing the record of the same model and length."""
+    keep = [r for r in _records(path)
+            if (r.get("identity"), r.get("n_tokens")) != (rec["identity"], rec["n_tokens"])]
+    path.write_text(json.dumps(keep + [rec], indent=1) + "\n", encoding="utf-8")
 
 
 def choose(rows: list[dict], tolerance: float = 2.0) -> dict:
@@ -135,5 +159,5 @@ def calibrate(model_name: str, n_tokens: int = 4096, budget: int = 1024, samples
             and r["task"] in set(tasks) and r["index"] < samples]
     rec = {"identity": ident, "date": datetime.date.today().isoformat(), "n_tokens": n_tokens, "budget": budget,
            "tasks": list(tasks), **choose(rows, tolerance)}
-    out.write_text(json.dumps(rec, indent=1) + "\n", encoding="utf-8")
+    store(out, rec)
     return rec, out

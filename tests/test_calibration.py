@@ -94,8 +94,8 @@ def test_cli_calibrate_stores_a_tau_that_generate_and_inspect_use(home):
     assert r.exit_code == 0, r.output
     m = pyasl.load_model(TINY)
     try:
-        rec = json.loads(C.user_file(m).read_text())
-        assert rec["identity"] == C.identity(m) and rec["samples"] == 2 and rec["budget"] == 128  # 2 tasks x 1
+        [rec] = json.loads(C.user_file(m).read_text())  # one record per calibrated length
+        assert rec["n_tokens"] == 600 and rec["identity"] == C.identity(m) and rec["samples"] == 2 and rec["budget"] == 128  # 2 tasks x 1
         assert [t["tau"] for t in rec["taus"]] == [0.3, 0.9] and rec["tau"] in (0.3, 0.9)
         assert f"tau {rec['tau']:g} (" in r.output and str(C.user_file(m)) in r.output
         assert C.lookup(m).tau == rec["tau"]
@@ -130,5 +130,30 @@ def test_shipped_calibrations_are_well_formed_and_used_after_the_users(home, mon
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text(json.dumps({"identity": C.identity(m), "tau": 0.8}))
         assert C.lookup(m).tau == 0.8  # the user's own calibration first
+    finally:
+        m.close()
+
+
+def test_one_calibration_per_prompt_length_the_nearest_is_used(home):
+    """The ratio curve moves with the prompt's length: a model keeps one record per calibrated length,
+    and ASL uses the one nearest its prompt (by ratio), the user's before the shipped one."""
+    m = pyasl.load_model(TINY)
+    try:
+        f = C.user_file(m)
+        f.parent.mkdir(parents=True)
+        rec = {"identity": C.identity(m), "date": "2026-12-05", "samples": 16}
+        C.store(f, dict(rec, n_tokens=256, tau=0.5))
+        C.store(f, dict(rec, n_tokens=1024, tau=0.9))
+        C.store(f, dict(rec, n_tokens=256, tau=0.6))  # the same length again replaces it
+        assert sorted((r["n_tokens"], r["tau"]) for r in json.loads(f.read_text())) == [(256, 0.6), (1024, 0.9)]
+        assert C.lookup(m, 200).tau == 0.6 and C.lookup(m, 4000).tau == 0.9
+        assert C.lookup(m, 500).tau == 0.6 and C.lookup(m, 520).tau == 0.9  # 512 is as far from both
+        assert "at 1024 tokens" in C.lookup(m, 900).source
+        # the selection on a prompt takes the tau of its length, and its note names it
+        scores = np.random.default_rng(0).random((m.n_layer, m.n_head, 300), dtype=np.float32)
+        assert "(tau 0.6: the model's pyasl calibrate calibration of 2026-12-05, 16 samples at 256 tokens)" in \
+            pyasl.ASL(budget=64, window=8).select(scores, 8, m).note
+        scores = np.random.default_rng(0).random((m.n_layer, m.n_head, 900), dtype=np.float32)
+        assert "(tau 0.9:" in pyasl.ASL(budget=64, window=8).select(scores, 8, m).note
     finally:
         m.close()

@@ -35,21 +35,22 @@ class _ASLRule(Policy):
         if self.l_min is not None and not 0 <= self.l_min < model.n_layer:
             raise ValueError(f"l_min {self.l_min} is outside the model's layers 0..{model.n_layer - 1}")
 
-    def tau_for(self, model) -> tuple[float, Optional[str]]:
-        """The tau used on `model`: the policy's own; without one, the model's calibration (then also
-        where it comes from, for the selection note), else the paper's 0.3."""
+    def tau_for(self, model, n_tokens: Optional[int] = None) -> tuple[float, Optional[str]]:
+        """The tau used on `model` for a prompt of `n_tokens`: the policy's own; without one, the model's
+        calibration nearest that length (then also where it comes from, for the selection note), else
+        the paper's 0.3."""
         if self.tau is not None:
             return self.tau, None
         from ..calibration import DEFAULT_TAU, lookup
 
-        cal = None if model is None or not hasattr(model, "path") else lookup(model)
+        cal = None if model is None or not hasattr(model, "path") else lookup(model, n_tokens)
         return (DEFAULT_TAU, None) if cal is None else (cal.tau, cal.source)
 
     def _asl(self, scores, window, layer_mask, model, n_layer: Optional[int] = None):
         """asl_select with this policy's parameters; L_min and L_obs default from the model's depth
         (``n_layer``; the scores may cover only the layers that ran so far)."""
         d_min, d_obs = default_layer_params(n_layer or scores.shape[0])
-        tau, source = self.tau_for(model)
+        tau, source = self.tau_for(model, scores.shape[-1])
         sel = asl_select(scores, window=window, budget=self.budget, tau=tau,
                          l_min=d_min if self.l_min is None else self.l_min,
                          l_obs=d_obs if self.l_obs is None else self.l_obs,

@@ -21,8 +21,9 @@ from .common import fail, user_errors
 def calibrate(model, length, budget, samples, taus, tasks, tolerance, threads):
     """Choose ASL's tau for MODEL: the offline tasks once per sample (one shared prefill, a propagation
     tail per tau), SnapKV at the same budget as the reference; the tau with the least prefill work
-    within TOLERANCE points of SnapKV is stored in the model cache and used by generate, chat, serve
-    and the Python API whenever no --tau is given. Resumable."""
+    within TOLERANCE points of SnapKV is stored in the model cache (one per --length) and used by
+    generate, chat, serve and the Python API whenever no --tau is given, from the calibrated length
+    nearest the prompt's. Resumable."""
     from ...calibration import calibrate as run
 
     if not taus or any(not 0 < t <= 1 for t in taus):
