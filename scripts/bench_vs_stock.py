@@ -8,13 +8,16 @@ so that time ratios come from neighbouring runs. Resumable: rows already in --ou
     python scripts/bench_vs_stock.py --model qwen2.5-0.5b --lengths 8192,16384 \\
         --configs stock,full,asl,fastkv,snapkv --out docs/bench/memory.jsonl
 
+--tasks runs the prompt (sample 0) of each offline task named (default niah_single_1): ASL's
+selection layer, and so its prefill time, depends on the prompt.
+
 stock:ubatch=N runs stock with n_ubatch N (the ubatch pyasl's layer-major pass takes on a long
 prompt, prefill.pass_ubatch: what stock would save with the same setting). POLICY:prefill=MODE runs
 a pyasl policy with prefill_mode MODE (snapkv:prefill=ordinary: SnapKV without layer-by-layer pruning).
 --kv-type q8_0 (with --flash-attn, which llama.cpp needs for a quantized V) runs every config, stock
 included, with K and V of that type: stock's `-ctk q8_0 -ctv q8_0` beside pyasl's pruning of it.
 
-A row: model, length, config, budget, flash_attn, kv_type, max_rss_mib, kv_bytes_full, kv_bytes (held for
+A row: model, length, task, config, budget, flash_attn, kv_type, max_rss_mib, kv_bytes_full, kv_bytes (held for
 decoding), n_kept, selected_layer, ttft_s (prompt in to first token out), text (the greedy answer),
 run (0..repeat-1).
 """
@@ -35,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 POLICIES = ("full", "asl", "fastkv", "snapkv", "asl-2pass", "gemfilter")
 KV_TYPES = ("f16", "q8_0", "q4_0")  # the cache types both stock llama-cpp-python and pyasl take here
-TASK = "niah_single_1"  # one needle in a long haystack: the answer shows the run still works
+TASK = "niah_single_1"  # the default prompt: one needle in a long haystack, the answer shows the run still works
 
 
 def _pad(n: int) -> int:
@@ -144,6 +147,7 @@ def main() -> None:
     ap.add_argument("--lengths", default="8192,16384", help="prompt lengths in tokens, comma-separated")
     ap.add_argument("--configs", default="stock,full,asl,fastkv,snapkv",
                     help=f"stock and pyasl policies ({', '.join(POLICIES)})")
+    ap.add_argument("--tasks", default=TASK, help="offline tasks whose prompt (sample 0) is run, comma-separated")
     ap.add_argument("--budget", type=int, default=1024)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
@@ -182,15 +186,20 @@ def main() -> None:
     if out.exists():
         for line in out.read_text().splitlines():
             r = json.loads(line)
-            done.add((r["model"], r["length"], r["config"], r.get("budget"), r["flash_attn"], r.get("kv_type", "f16"),
-                      r.get("run", 0)))
-    for n in lengths:
+            done.add((r["model"], r["length"], r.get("task", TASK), r["config"], r.get("budget"), r["flash_attn"],
+                      r.get("kv_type", "f16"), r.get("run", 0)))
+    tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
+    from pyasl.bench.data import TASKS
+    for t in tasks:
+        if t not in TASKS:
+            raise SystemExit(f"unknown task {t!r}: one of {', '.join(TASKS)}")
+    for n, task in [(n, t) for n in lengths for t in tasks]:
         todo = [(i, c) for i in range(a.repeat) for c in configs
-                if (a.model, n, c, budget_of(c, a), a.flash_attn, a.kv_type, i) not in done]
+                if (a.model, n, task, c, budget_of(c, a), a.flash_attn, a.kv_type, i) not in done]
         if not todo:
             continue
         with pyasl.Model(model_path) as m:
-            s = build_sample(m, TASK, n, seed=0, index=0)
+            s = build_sample(m, task, n, seed=0, index=0)
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
             json.dump(s.tokens, f)
         try:
@@ -198,11 +207,11 @@ def main() -> None:
                 row = run_child(c, model_path, f.name, a)
                 row = {"model": a.model, "length": n, "config": c,
                        "budget": budget_of(c, a), "flash_attn": a.flash_attn, "kv_type": a.kv_type,
-                       "threads": a.threads, "task": TASK, "reference": s.references[0], "run": i, **row}
+                       "threads": a.threads, "task": task, "reference": s.references[0], "run": i, **row}
                 out.parent.mkdir(parents=True, exist_ok=True)
                 with open(out, "a") as fh:
                     fh.write(json.dumps(row) + "\n")
-                print(f"{a.model} {n} {c}: peak {row['max_rss_mib']:.0f} MiB, ttft {row['ttft_s']:.1f} s, "
+                print(f"{a.model} {n} {task} {c}: peak {row['max_rss_mib']:.0f} MiB, ttft {row['ttft_s']:.1f} s, "
                       f"answer {row['text'][:40]!r}", flush=True)
         finally:
             os.unlink(f.name)
