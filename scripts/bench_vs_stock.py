@@ -189,17 +189,20 @@ def main() -> None:
             done.add((r["model"], r["length"], r.get("task", TASK), r["config"], r.get("budget"), r["flash_attn"],
                       r.get("kv_type", "f16"), r.get("run", 0)))
     tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
-    from pyasl.bench.data import TASKS
-    for t in tasks:
-        if t not in TASKS:
-            raise SystemExit(f"unknown task {t!r}: one of {', '.join(TASKS)}")
-    for n, task in [(n, t) for n in lengths for t in tasks]:
-        todo = [(i, c) for i in range(a.repeat) for c in configs
-                if (a.model, n, task, c, budget_of(c, a), a.flash_attn, a.kv_type, i) not in done]
-        if not todo:
-            continue
-        with pyasl.Model(model_path) as m:
-            s = build_sample(m, task, n, seed=0, index=0)
+    plan = {(n, task): [(i, c) for i in range(a.repeat) for c in configs
+                        if (a.model, n, task, c, budget_of(c, a), a.flash_attn, a.kv_type, i) not in done]
+            for n in lengths for task in tasks}
+    plan = {k: todo for k, todo in plan.items() if todo}
+    if not plan:
+        return
+    # every prompt before any run: a bad task or length stops here, not after hours of earlier runs
+    with pyasl.Model(model_path) as m:
+        try:
+            prompts = {(n, task): build_sample(m, task, n, seed=0, index=0) for n, task in plan}
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+    for (n, task), todo in plan.items():
+        s = prompts[(n, task)]
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
             json.dump(s.tokens, f)
         try:
