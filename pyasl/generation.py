@@ -39,6 +39,7 @@ class GenerateResult:
     asl: Optional[dict] = None
     layer_budgets: Optional[dict] = None  # per-layer budgets (zigzag, pyramid, asl --layer-budgets)
     span: str = "token"                    # the span stage of every selection (pyasl.policies.spans)
+    propagated: Optional[int] = None       # tokens run past the selection layer, when more than kept (propagate)
 
     def to_json(self) -> dict:
         d = dict(self.__dict__)
@@ -52,7 +53,8 @@ def generate(model: Model, tokens: list[int], policy: Union[str, Policy] = "asl"
              flash_attn: bool = False, n_batch: int = 512, ignore_eos: bool = False, layer: Optional[int] = None,
              prefill_mode: str = "auto", progress: Optional[Callable[[int, int], None]] = None,
              on_text: Optional[Callable[[str], None]] = None, layer_budgets: Optional[str] = None,
-             budget_opts: Optional[dict] = None, span=None, type_k="f16", type_v="f16") -> GenerateResult:
+             budget_opts: Optional[dict] = None, span=None, type_k="f16", type_v="f16",
+             propagate: Optional[int] = None) -> GenerateResult:
     """Prefill `tokens`, prune the KV cache with `policy`, then decode greedily.
 
     `policy` is a Policy object (pyasl.ASL(budget=512), ...) or a name whose options are the other
@@ -63,11 +65,13 @@ def generate(model: Model, tokens: list[int], policy: Union[str, Policy] = "asl"
     gemfilter-published (GemFilter's own scores, the kept tokens prefilled again as a new prompt);
     zigzag and pyramid (per-layer budgets; budget_opts: theta, b_min_frac, beta). span: how every
     selection turns scores into kept positions (token, forward:S, around:B+S, chunk:C). type_k, type_v: KV cache
-    types (f16, q8_0, q4_0, ...; a quantized V needs flash_attn), as llama.cpp's -ctk / -ctv.
+    types (f16, q8_0, q4_0, ...; a quantized V needs flash_attn), as llama.cpp's -ctk / -ctv. propagate
+    (asl, fastkv): tokens sent on past the selection layer, each deeper layer keeping `budget` of them.
     """
     pol = policy if isinstance(policy, Policy) else policy_from_options(
         policy, budget=budget, window=window, tau=tau, l_min=l_min, l_obs=l_obs, kernel=kernel, layer=layer,
-        prefill_mode=prefill_mode, layer_budgets=layer_budgets, budget_opts=budget_opts, span=span)
+        prefill_mode=prefill_mode, layer_budgets=layer_budgets, budget_opts=budget_opts, span=span,
+        propagate=propagate)
     pr = run(model, tokens, pol, max_tokens=max_tokens, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
              flash_attn=flash_attn, progress=progress, type_k=type_k, type_v=type_v)
     ctx = pr.ctx
@@ -99,4 +103,5 @@ def generate(model: Model, tokens: list[int], policy: Union[str, Policy] = "asl"
         time_to_first_token_s=pr.time_to_first_token_s, decode_s=dec.seconds,
         decode_tokens_per_s=(steps / dec.seconds) if dec.seconds > 0 and steps else 0.0,
         window=pol.window if pol.prunes else window, budget=pol.budget if pol.prunes else None, tokens=dec.tokens,
-        note="; ".join(x for x in (pr.note, dec.note) if x), asl=asl, layer_budgets=lb_json, span=str(pol.span))
+        note="; ".join(x for x in (pr.note, dec.note) if x), asl=asl, layer_budgets=lb_json, span=str(pol.span),
+        propagated=pr.extra.get("propagated"))

@@ -143,7 +143,7 @@ def test_summary_and_plots(tmp_path):
 
 def test_row_keys_resume():
     r = _rows()[0]
-    assert BR.row_key(r) == ("m", "passkey", 1000, 0, None, "full", None, None, None, None, "f16")
+    assert BR.row_key(r) == ("m", "passkey", 1000, 0, None, "full", None, None, None, None, "f16", None)
     # rows written before spans existed are token-level; a span variant is a row of its own
     old = dict(r, policy="snapkv", budget=128)
     assert BR.row_key(old) == BR.row_key(dict(old, span="token"))
@@ -155,6 +155,10 @@ def test_row_keys_resume():
     # the label names a layer only where it is not the default fraction of the depth
     assert BR.row_label(dict(fast, n_layer=12, layer=4)) == "fastkv@128"
     assert BR.row_label(dict(fast, n_layer=12, layer=2)) == "fastkv[layer=2]@128"
+    # a propagation wider than the budget is a row of its own; propagate == budget (or none) is the default
+    assert BR.row_key(dict(fast, propagate=512)) != BR.row_key(fast) == BR.row_key(dict(fast, propagate=128))
+    assert BR.row_label(dict(fast, n_layer=12, propagate=512)) == "fastkv[prop=512]@128"
+    assert BR.row_key(dict(old, propagate=512)) == BR.row_key(old)  # snapkv has no propagation
 
 
 def test_run_appends_and_resumes(tmp_path):
@@ -216,6 +220,17 @@ def test_run_appends_and_resumes(tmp_path):
     assert BR.run(*args, ["full", "asl"], 1, out, log=lambda s: None, kv_types=["q8_0"]) == 0
     with pytest.raises(ValueError, match="unknown KV cache type"):
         BR.run(*args, ["asl"], 1, out, log=lambda s: None, kv_types=["q3"])
+
+    logs.clear()
+    # wider propagation: fastkv (layer 12 of 30) sends 300 tokens on, a row of its own beside the default
+    assert BR.run(*args, ["fastkv"], 1, out, log=logs.append, propagates=[None, 300]) == 1
+    assert "fastkv[prop=300]+forward:32@128=" in logs[1]
+    rows = {BR.row_label(r): r for r in BR.load_rows(out) if r["index"] == 0}
+    wide, kept = rows["fastkv[prop=300]+forward:32@128"], rows["fastkv+forward:32@128"]
+    assert wide["propagated"] >= 300 and wide["n_kept"] == 128 and wide["prefill_work"] > kept["prefill_work"]
+    assert BR.run(*args, ["fastkv"], 1, out, log=lambda s: None, propagates=[300]) == 0
+    with pytest.raises(ValueError, match="smaller than the budget"):
+        BR.run(*args, ["fastkv"], 1, out, log=lambda s: None, propagates=[64])
 
 
 def test_update_doc_rewrites_marked_tables(tmp_path):

@@ -20,6 +20,7 @@ from typing import Callable, Iterable, NamedTuple, Optional
 
 from ..calibration import DEFAULT_TAU
 from ..policies.fixed_layer import FIXED_LAYER_POLICIES
+from ..policies.propagation import propagating_policies
 from . import data as D
 
 DEFAULT_POLICIES = ("full", "snapkv", "fastkv", "gemfilter", "asl", "asl-2pass")
@@ -44,12 +45,14 @@ def row_tau(r: dict) -> Optional[float]:
 
 
 def _label(policy: str, budget, span: Optional[str] = None, tau: Optional[float] = None,
-           layer: Optional[int] = None, kv_type: str = "f16") -> str:
-    """policy[tau|layer][+span]@budget[/kv]: snapkv@512 (token-level), snapkv+forward:16@512, asl[tau=0.6]@512,
-    fastkv[layer=6]@512, asl@512/q8_0, full, full/q4_0 (tau shown when it is not the paper's 0.3, layer when
-    it is not the default fraction of the depth, the KV type when it is not f16)."""
+           layer: Optional[int] = None, kv_type: str = "f16", propagate: Optional[int] = None) -> str:
+    """policy[tau|layer][prop][+span]@budget[/kv]: snapkv@512 (token-level), snapkv+forward:16@512,
+    asl[tau=0.6]@512, fastkv[layer=6]@512, asl[prop=2048]@512, asl@512/q8_0, full, full/q4_0 (tau shown when
+    it is not the paper's 0.3, layer when it is not the default fraction of the depth, prop when more tokens
+    than the budget go on past the selection layer, the KV type when it is not f16)."""
     name = policy if tau is None or tau == DEFAULT_TAU else f"{policy}[tau={tau:g}]"
     name = name if layer is None else f"{name}[layer={layer}]"
+    name = name if propagate is None else f"{name}[prop={propagate}]"
     name = name if span in (None, "token") else f"{name}+{span}"
     name = name if budget is None else f"{name}@{budget}"
     return name if kv_type == "f16" else f"{name}/{kv_type}"
@@ -59,12 +62,19 @@ def row_label(r: dict) -> str:
     layer = row_layer(r)
     if layer is not None and r.get("n_layer") and layer == fixed_layer(int(r["n_layer"]), DEFAULT_FIXED_FRAC):
         layer = None
-    return _label(r["policy"], r.get("budget"), row_span(r), row_tau(r), layer, row_kv_type(r))
+    return _label(r["policy"], r.get("budget"), row_span(r), row_tau(r), layer, row_kv_type(r), row_propagate(r))
 
 
 def row_layer(r: dict) -> Optional[int]:
     """A fixed-layer policy's layer (fastkv, gemfilter: a layer sweep is a row each), None for others."""
     return r.get("layer") if r["policy"] in FIXED_LAYER_POLICIES else None
+
+
+def row_propagate(r: dict) -> Optional[int]:
+    """The tokens a layer-major row sent on past its selection layer when more than its budget
+    (pyasl.policies.propagation), None for the default and for other policies."""
+    p = r.get("propagate")
+    return int(p) if p is not None and r["policy"] in propagating_policies() and p != r.get("budget") else None
 
 
 def row_kv_type(r: dict) -> str:
@@ -74,7 +84,7 @@ def row_kv_type(r: dict) -> str:
 
 def row_key(r: dict) -> tuple:
     return (r["model"], r["task"], int(r["n_tokens"]), int(r["index"]), r.get("depth"), r["policy"], r.get("budget"),
-            row_span(r), row_tau(r), row_layer(r), row_kv_type(r))
+            row_span(r), row_tau(r), row_layer(r), row_kv_type(r), row_propagate(r))
 
 
 def load_rows(path: str | os.PathLike) -> list[dict]:
@@ -106,7 +116,8 @@ def run(models: list[str], tasks: list[str], lengths: list[int], budgets: list[i
         fixed_frac: float = DEFAULT_FIXED_FRAC, depths: Iterable[float] = NIAH_DEPTHS, mode: str = "shared",
         n_threads: Optional[int] = None, log: Callable[[str], None] = print,
         spans: Optional[Iterable] = None, taus: Optional[Iterable[float]] = None,
-        fixed_fracs: Optional[Iterable[float]] = None, kv_types: Optional[Iterable[str]] = None) -> int:
+        fixed_fracs: Optional[Iterable[float]] = None, kv_types: Optional[Iterable[str]] = None,
+        propagates: Optional[Iterable[Optional[int]]] = None) -> int:
     """Run (resuming) and append rows to `out`. Returns the number of new rows. `spans`: the span
     stages (pyasl.policies.spans) every pruning policy runs with, each a row of its own (default: the
     library default only). `taus`: the taus asl and asl-2pass run with, a row each (default: `tau`);
@@ -114,7 +125,8 @@ def run(models: list[str], tasks: list[str], lengths: list[int], budgets: list[i
     row each (default: `fixed_frac`). From one shared prefill each costs a propagation tail, not a
     prefill. `kv_types`: the KV cache types every policy runs with, a row each (default f16); a
     quantized cache runs each policy on its own (generate, flash attention on: llama.cpp needs it for
-    a quantized V), not from the shared prefill."""
+    a quantized V), not from the shared prefill. `propagates`: the tokens asl and fastkv send on past
+    the selection layer (None: the budget), a row each; from the shared prefill each costs a tail."""
     from ..engine import Model, greedy_decode
     from ..engine.context import kv_type_name
     from ..generation import generate
@@ -148,6 +160,11 @@ def run(models: list[str], tasks: list[str], lengths: list[int], budgets: list[i
     for b in budgets:
         if b <= window:
             raise ValueError(f"budget {b} must be larger than the window {window}")
+    prop_list = list(dict.fromkeys(None if p is None else int(p) for p in (propagates or [None])))
+    for p in prop_list:
+        if p is not None and p < max(budgets):
+            raise ValueError(f"propagate {p} is smaller than the budget {max(budgets)}: the tokens that go on past "
+                             "the selection layer include the kept ones")
     outp = Path(out)
     outp.parent.mkdir(parents=True, exist_ok=True)
     done = {row_key(r) for r in load_rows(outp)}
@@ -163,11 +180,13 @@ def run(models: list[str], tasks: list[str], lengths: list[int], budgets: list[i
             work.sort(key=lambda x: (x[1][0], tasks.index(x[0])))
             for task, (index, depth) in work:
                 base = {"model": name, "task": task, "n_tokens": n_tok, "index": index, "depth": depth}
-                want = [_Setting(p, None, None, tau, None, kv) if p == "full" else _Setting(p, b, sp, t, ly, kv)
+                want = [_Setting(p, None, None, tau, None, kv) if p == "full" else
+                        _Setting(p, b, sp, t, ly, kv, None if pr == b else pr)
                         for kv in kv_list for p in policies
                         for b in ([None] if p == "full" else budgets) for sp in ([None] if p == "full" else span_list)
                         for t in (tau_list if p in TAU_POLICIES else [tau])
-                        for ly in (layers if p in FIXED_LAYER_POLICIES else [None])]
+                        for ly in (layers if p in FIXED_LAYER_POLICIES else [None])
+                        for pr in (prop_list if p in propagating_policies() else [None])]
                 want = [w for w in dict.fromkeys(want) if row_key(dict(base, **w._asdict())) not in done]
                 if want:
                     plan.append((base, want))
@@ -191,7 +210,7 @@ def run(models: list[str], tasks: list[str], lengths: list[int], budgets: list[i
             sp = SharedPrefill(m, s.tokens, window=window, n_threads=n_threads) if shared else None
             for w in want:
                 pol = policy_from_options(w.policy, budget=w.budget, window=window, tau=w.tau, layer=w.layer,
-                                          span=w.span)
+                                          span=w.span, propagate=w.propagate)
                 row = dict(base, **w._asdict())
                 if w in shared:
                     d = sp.derive(pol, max_tokens=s.max_tokens)
@@ -248,6 +267,7 @@ class _Setting(NamedTuple):
     tau: Optional[float]
     layer: Optional[int]
     kv_type: str
+    propagate: Optional[int] = None
 
 
 def _n_layer(model: str) -> int:

@@ -107,7 +107,7 @@ class SharedPrefill:
         if policy.prunes and policy.window != self.window:
             raise ValueError(f"the policy's window {policy.window} is not the shared prefill's {self.window}")
         t0 = time.perf_counter()
-        note, sel, lb, work = "", None, None, 1.0
+        note, sel, lb, work, extra = "", None, None, 1.0, {}
         if policy.prunes:
             policy.check_model(model)
             if policy.budget >= n:
@@ -127,17 +127,17 @@ class SharedPrefill:
                 pr = finish_layer_major(model, self._full(1), H, policy, sel, self.scores, stop, n, max_tokens,
                                         last_logits=self.logits, **self.kw)
                 work, lb = pr.prefill_work, pr.layer_budgets
+                extra = {k: v for k, v in pr.extra.items() if k == "propagated"}
             else:
                 pr = finish_two_pass(model, self.tokens, sel, max_tokens, stop + 1, **self.kw)
                 work = pr.prefill_work
             ctx, logits, k = pr.ctx, pr.logits, pr.n_kept
         info = ctx.kv_info()
         held = kv_bytes(info, k, info.used_swa)
-        extra = {}
         if lb is not None:
             held = lb.kv_bytes(ctx)
             k = int(round(float(np.mean(lb.counts))))
-            extra = {"layer_budgets": [int(c) for c in lb.counts], "prompt_cells": int(lb.prompt_cells)}
+            extra.update(layer_budgets=[int(c) for c in lb.counts], prompt_cells=int(lb.prompt_cells))
         asl = None
         if sel is not None and sel.asl is not None:
             asl = {"ranking_layer": sel.asl.ranking_layer, "triggered": sel.asl.triggered,

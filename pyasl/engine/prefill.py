@@ -4,7 +4,8 @@
 * :func:`layer_major_pass` -- each layer over the whole prompt before the next, until the
   policy's decision says stop;
 * :func:`propagate` -- one-shot token-selective propagation: after the selection layer only the kept
-  tokens' hidden states go through the deeper layers;
+  tokens' hidden states go through the deeper layers (:func:`propagate_ranked`: more tokens than
+  the budget, each deeper layer keeping its own sets of them);
 * :func:`prefill_kept` -- the second pass of a two-pass policy: only the kept tokens, at their
   original positions;
 * :func:`apply_selection`, :func:`shrink_context`, :func:`move_to_context` -- prune a cache to a
@@ -251,17 +252,48 @@ def move_to_context(ctx: Context, n_prompt: int, n_cells: int, **context_kwargs)
     return new
 
 
-def run_deeper_layers(ctx: Context, H: np.ndarray, positions, first_layer: int) -> np.ndarray:
+def run_deeper_layers(ctx: Context, H: np.ndarray, positions, first_layer: int, window: int = 0) -> np.ndarray:
     """Run the tokens at `positions` (their rows of H, the input of layer `first_layer`) through layers
     first_layer..N-1 of ctx, a ubatch at a time, into ctx's next cells; returns the last one's logits.
-    ctx runs every layer again afterwards."""
+    window > 0: the last `window` positions run as a ubatch of their own with window scores captured
+    (ctx made with capture=True). ctx runs every layer again afterwards."""
     N, nb, pos_all = ctx.model.n_layer, ctx.n_batch, [int(p) for p in positions]
+    head = len(pos_all) - window if window else len(pos_all)
+    chunks = [(i, min(i + nb, head)) for i in range(0, head, nb)] + ([(head, len(pos_all))] if window else [])
     ctx.set_layer_range(first_layer, N)
-    for i in range(0, len(pos_all), nb):
-        pos = pos_all[i: i + nb]
-        ctx.decode_hidden(H[pos], pos, logits_last=i + nb >= len(pos_all))
+    for a, b in chunks:
+        pos = pos_all[a:b]
+        armed = window and a == head
+        if armed:
+            ctx.arm_scores(window)
+        try:
+            ctx.decode_hidden(H[pos], pos, logits_last=b == len(pos_all))
+        finally:
+            if armed:
+                ctx.disarm_scores()
     logits = ctx.logits()
     ctx.set_layer_range(0, N)
+    return logits
+
+
+def propagate_ranked(D: Context, meta: np.ndarray, H: np.ndarray, prop, stop: int, n: int, window: int,
+                     layer_set: Callable[[np.ndarray], np.ndarray], **ctx_kw) -> np.ndarray:
+    """Propagation wider than the budget (pyasl.policies.propagation): the `prop` positions (sorted,
+    the window last) run through layers stop+1..N-1 in a context of their own with window scores
+    captured; then each of those layers keeps ``prop[layer_set(its (n_head, len(prop)) scores)]``
+    ((n_head_kv, k) per KV head), gathered into D's cells 0..k-1. ``meta`` (the largest position each
+    cell holds in any layer, for D.set_cell_positions) is updated. Returns the last prompt token's
+    full-depth logits. ctx_kw: Context settings."""
+    prop = np.asarray(prop, dtype=np.int64)
+    P = Context(D.model, _pad(len(prop) + 1), capture=True, allow_pos_gaps=True, **ctx_kw)
+    try:
+        logits = run_deeper_layers(P, H, prop, stop + 1, window=window)
+        for l in range(stop + 1, D.model.n_layer):
+            sets = prop[layer_set(P.layer_scores(l, n)[:, prop])]
+            D.kv_gather_layer_from(P, l, sets)
+            np.maximum(meta, sets.max(axis=0), out=meta)
+    finally:
+        P.close()
     return logits
 
 

@@ -27,7 +27,8 @@ from ..policies.options import policy_from_options
 from .context import Context, _check_int, _int32_array, _pad, kv_type_name
 from .model import Model
 from .prefill import (LayerBudgets, apply_selection, kv_bytes, layer_major_pass, move_to_context, prefill,
-                      prefill_kept, propagate, propagation_work, run_deeper_layers, shrink_context)
+                      prefill_kept, propagate, propagate_ranked, propagation_work, run_deeper_layers,
+                      shrink_context)
 
 Progress = Optional[Callable[[int, int], None]]
 
@@ -269,8 +270,14 @@ def _run_layer_major_streamed(model, tokens, policy: Policy, max_tokens, mask, n
             raise RuntimeError(f"the selection keeps {len(kept)} tokens, not the budget {k}")
         n_prop = 0
         if stop < N - 1:  # one-shot propagation: the kept tokens through layers stop+1..N-1 into cells 0..k-1
-            logits = run_deeper_layers(D, Hs[-1], kept, stop + 1)
-            n_prop = k
+            prop = policy.propagated(scores[: stop + 1], kept)
+            n_prop = len(prop)
+            if n_prop > k:  # wider: each deeper layer keeps its own sets of the propagated tokens
+                logits = propagate_ranked(D, meta, Hs[-1], prop, stop, n, policy.window,
+                                          lambda s: policy.early_layer_set(s, model), **kw)
+                D.set_cell_positions(meta)
+            else:
+                logits = run_deeper_layers(D, Hs[-1], kept, stop + 1)
         else:  # every layer ran over the whole prompt: the cells get the positions kv_keep_per_head gives
             D.set_cell_positions(meta)
     except BaseException:
@@ -280,7 +287,8 @@ def _run_layer_major_streamed(model, tokens, policy: Policy, max_tokens, mask, n
     info = D.kv_info()
     return Pruned(ctx=D, logits=logits, n_kept=k, kv_bytes_full=kv_bytes(info, n, 0), prefill_s=time.perf_counter() - t0,
                   prefill_work=work, selection=sel, stop_layer=stop, kept=kept, scores=scores[: stop + 1],
-                  strategy="layer-major", note=_join(note, sel.note), extra={"scratch_kv": "one layer"})
+                  strategy="layer-major", note=_join(note, sel.note),
+                  extra={"scratch_kv": "one layer", **({"propagated": n_prop} if n_prop > k else {})})
 
 
 def finish_layer_major(model, A: Context, H: Optional[np.ndarray], policy: Policy, sel: Selection, scores, stop: int,
@@ -300,15 +308,44 @@ def finish_layer_major(model, A: Context, H: Optional[np.ndarray], policy: Polic
     kept = [int(x) for x in sel.shared]
     try:
         early = policy.early_layers(scores[: stop + 1], np.asarray(kept), model)
+        prop = policy.propagated(scores[: stop + 1], kept) if stop < N - 1 else np.asarray(kept)
     except BaseException:
         A.close()
         raise
+    if len(prop) > len(kept):
+        return _finish_wide(model, A, H, policy, sel, early, prop, scores, stop, n, max_tokens, **kw)
     B, logits, lb, n_prop = propagate(model, A, H, kept, early, stop, n, max_tokens, last_logits=last_logits, **kw)
     cells = len(kept) if lb is None else lb.prompt_cells  # prompt cells of the decode context
     work = propagation_work(stop, n, n_prop, N)
     return Pruned(ctx=B, logits=logits, n_kept=cells, kv_bytes_full=0, prefill_s=0.0, prefill_work=work,
                   selection=sel, stop_layer=stop, kept=np.asarray(kept), scores=scores[: stop + 1], layer_budgets=lb,
                   strategy="layer-major")
+
+
+def _finish_wide(model, A: Context, H: np.ndarray, policy: Policy, sel: Selection, early: Selection, prop, scores,
+                 stop: int, n: int, max_tokens: int, **kw) -> Pruned:
+    """finish_layer_major with more tokens propagated than kept (pyasl.policies.propagation): layers
+    0..stop keep `early`'s sets of A's full KV, the deeper ones their own sets of `prop`. Closes A."""
+    k = policy.budget
+    D = Context(model, _pad(k + max_tokens), allow_pos_gaps=True, **kw)
+    meta = np.full(k, -1, dtype=np.int64)
+    try:
+        try:
+            for l in range(stop + 1):
+                D.kv_gather_layer_from(A, l, early.per_head[l])
+                np.maximum(meta, early.per_head[l].max(axis=0), out=meta)
+        finally:
+            A.close()
+        logits = propagate_ranked(D, meta, H, prop, stop, n, policy.window,
+                                  lambda s: policy.early_layer_set(s, model), **kw)
+        D.set_cell_positions(meta)
+    except BaseException:
+        D.close()
+        raise
+    return Pruned(ctx=D, logits=logits, n_kept=k, kv_bytes_full=0, prefill_s=0.0,
+                  prefill_work=propagation_work(stop, n, len(prop), model.n_layer), selection=sel, stop_layer=stop,
+                  kept=np.asarray(sel.shared), scores=scores[: stop + 1], strategy="layer-major",
+                  extra={"propagated": len(prop)})
 
 
 def _run_two_pass(model, tokens, policy: Policy, max_tokens, n_ctx, mask, note, progress, **kw) -> Pruned:
@@ -394,7 +431,7 @@ def layer_major_prefill(model: Model, tokens: list[int], policy, budget: Optiona
                         layer: Optional[int] = None, max_tokens: int = 128, n_batch: int = 512,
                         n_threads: Optional[int] = None, flash_attn: bool = False, progress: Progress = None,
                         layer_budgets: Optional[str] = None, budget_opts: Optional[dict] = None,
-                        span=None) -> Pruned:
+                        span=None, propagate: Optional[int] = None) -> Pruned:
     """The layer-major strategy of asl or fastkv (or the layer-major first pass of asl-2pass and its
     second pass), whatever the budget (a budget >= the prompt propagates every token). `policy`: a
     Policy, or a name with generate's options."""
@@ -407,7 +444,7 @@ def layer_major_prefill(model: Model, tokens: list[int], policy, budget: Optiona
     if not isinstance(policy, Policy):
         # generate refuses layer budgets for fastkv; the layer-major strategy runs them (tests, experiments)
         policy = policy_from_options(name, budget=budget, window=window, tau=tau, l_min=l_min, l_obs=l_obs,
-                                     kernel=kernel, layer=layer, span=span,
+                                     kernel=kernel, layer=layer, span=span, propagate=propagate,
                                      layer_budgets=layer_budgets if name == "asl" else None, budget_opts=budget_opts)
         if layer_budgets and name == "fastkv":
             policy = policy.replace(layer_budgets=layer_budgets, **(budget_opts or {}))

@@ -15,6 +15,7 @@ from .. import arch
 from .asl_rule import asl_select
 from .base import Policy, PrefillChoice, Selection, register_policy
 from .layer_budgets import DEFAULT_B_MIN_FRAC, DEFAULT_BETA, DEFAULT_THETA, EarlyLayerBudgets
+from .propagation import Propagates
 from .scoring import _check_unit, default_layer_params
 
 
@@ -79,24 +80,25 @@ class _ASLRule(Policy):
 
 
 @register_policy
-class ASL(PrefillChoice, EarlyLayerBudgets, _ASLRule):
+class ASL(PrefillChoice, EarlyLayerBudgets, Propagates, _ASLRule):
     """ASL: one token set past the selection layer, chosen where the ranking is stable (see the
     module doc). ``prefill``: auto, layer-major or ordinary. ``layer_budgets`` (zigzag, pyramid,
     uniform; ``theta``, ``b_min_frac``, ``beta``): per-layer budgets for the layers up to the
-    selection layer."""
+    selection layer. ``propagate``: tokens sent past the selection layer (:mod:`.propagation`)."""
 
     name = "asl"
 
     def __init__(self, budget: int = 512, window: int = 32, tau: Optional[float] = None, l_min: Optional[int] = None,
                  l_obs: Optional[int] = None, kernel: int = 7, prefill: str = "auto", span=None,
                  layer_budgets: Optional[str] = None, theta: float = DEFAULT_THETA,
-                 b_min_frac: float = DEFAULT_B_MIN_FRAC, beta: float = DEFAULT_BETA):
+                 b_min_frac: float = DEFAULT_B_MIN_FRAC, beta: float = DEFAULT_BETA, propagate: Optional[int] = None):
         super().__init__(budget=budget, window=window, tau=tau, l_min=l_min, l_obs=l_obs, kernel=kernel, span=span)
         self._init_prefill(prefill)
         self._init_budgets(layer_budgets, theta, b_min_frac, beta)
+        self._init_propagate(propagate)
 
     def params(self) -> dict:
-        return {**super().params(), "prefill": self.prefill_mode, **self._budget_params()}
+        return {**super().params(), "prefill": self.prefill_mode, **self._budget_params(), **self._propagate_params()}
 
     def per_head(self, model) -> bool:
         return self.layer_budgets is not None or self.strategy(model) == "layer-major"
@@ -104,6 +106,7 @@ class ASL(PrefillChoice, EarlyLayerBudgets, _ASLRule):
     def check_model(self, model) -> None:
         self._check_prefill(model)
         self._check_budget_model(model)
+        self._check_propagate_model(model)
         super().check_model(model)
 
     def select(self, scores, window, model, layer_mask=None) -> Selection:

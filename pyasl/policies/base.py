@@ -218,6 +218,12 @@ class Policy:
             sets[l] = self.early_layer_set(scores[l], model, window) if l <= L and not swa[l] else kept
         return Selection(per_head=sets)
 
+    def propagated(self, scores: np.ndarray, kept: np.ndarray) -> np.ndarray:
+        """One-shot propagation from layer ``L = len(scores) - 1``: the positions that run through the
+        deeper layers. Default: ``kept``, which every deeper layer then holds; a wider set
+        (:mod:`pyasl.policies.propagation`) has each deeper layer keep :meth:`early_layer_set` of it."""
+        return np.asarray(kept, dtype=np.int64)
+
     def early_layer_set(self, layer_scores: np.ndarray, model, window: Optional[int] = None) -> np.ndarray:
         """What one layer up to the selection layer keeps by default: SnapKV per KV head of ``budget``
         from that layer's own ``(n_head, n)`` scores, ``(n_head_kv, budget)`` positions."""

@@ -18,6 +18,7 @@ from .. import arch
 from .asl_rule import asl_select_at_layer
 from .base import Policy, Selection, register_policy
 from .layer_budgets import DEFAULT_B_MIN_FRAC, DEFAULT_BETA, DEFAULT_THETA, EarlyLayerBudgets
+from .propagation import Propagates
 from .scoring import latest_ranked_layer
 
 
@@ -62,21 +63,23 @@ class _FixedLayer(Policy):
 
 
 @register_policy
-class FastKV(EarlyLayerBudgets, _FixedLayer):
+class FastKV(EarlyLayerBudgets, Propagates, _FixedLayer):
     """FastKV: the ranking of ``layer`` chooses the tokens propagated past it (layer-major prefill);
-    layers up to ``layer`` keep their own SnapKV sets (or per-layer budgets, ``layer_budgets``)."""
+    layers up to ``layer`` keep their own SnapKV sets (or per-layer budgets, ``layer_budgets``).
+    ``propagate``: how many go on (FastKV's TSP length; default the budget, :mod:`.propagation`)."""
 
     name = "fastkv"
     reference_layer = 15
 
     def __init__(self, layer: Optional[int] = None, budget: int = 512, window: int = 32, kernel: int = 7, span=None,
                  layer_budgets: Optional[str] = None, theta: float = DEFAULT_THETA,
-                 b_min_frac: float = DEFAULT_B_MIN_FRAC, beta: float = DEFAULT_BETA):
+                 b_min_frac: float = DEFAULT_B_MIN_FRAC, beta: float = DEFAULT_BETA, propagate: Optional[int] = None):
         super().__init__(layer=layer, budget=budget, window=window, kernel=kernel, span=span)
         self._init_budgets(layer_budgets, theta, b_min_frac, beta)
+        self._init_propagate(propagate)
 
     def params(self) -> dict:
-        return {**super().params(), **self._budget_params()}
+        return {**super().params(), **self._budget_params(), **self._propagate_params()}
 
     def strategy(self, model) -> str:
         return "layer-major"
@@ -86,6 +89,7 @@ class FastKV(EarlyLayerBudgets, _FixedLayer):
 
     def check_model(self, model) -> None:
         self._check_budget_model(model)
+        self._check_propagate_model(model)
         super().check_model(model)
         why = arch.layer_major_supported(model)
         if why:

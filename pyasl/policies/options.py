@@ -12,7 +12,7 @@ from .layer_budgets import check_method
 def policy_from_options(name: str, budget: Optional[int] = 512, window: int = 32, tau: Optional[float] = None,
                         l_min: Optional[int] = None, l_obs: Optional[int] = None, kernel: int = 7,
                         layer: Optional[int] = None, prefill_mode: str = "auto", layer_budgets: Optional[str] = None,
-                        budget_opts: Optional[dict] = None, span=None) -> Policy:
+                        budget_opts: Optional[dict] = None, span=None, propagate: Optional[int] = None) -> Policy:
     """A policy from engine.generate's keyword options: each policy takes the options it has and
     ignores the others (tau means nothing to snapkv); ``prefill_mode`` is ASL's and SnapKV's ``prefill``,
     ``budget_opts`` the per-layer budget options (theta, b_min_frac, beta)."""
@@ -33,6 +33,6 @@ def policy_from_options(name: str, budget: Optional[int] = 512, window: int = 32
     if cls.prunes and budget is None:
         raise ValueError(f"policy {name} needs a budget")
     given = dict(budget=budget, window=window, tau=tau, l_min=l_min, l_obs=l_obs, kernel=kernel, layer=layer,
-                 prefill=prefill_mode, layer_budgets=layer_budgets, span=span, **opts)
+                 prefill=prefill_mode, layer_budgets=layer_budgets, span=span, propagate=propagate, **opts)
     params = _inspect.signature(cls.__init__).parameters
     return make_policy(name, **{k: v for k, v in given.items() if k in params})

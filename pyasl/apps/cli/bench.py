@@ -25,6 +25,16 @@ def bench() -> None:
     """Offline long-context accuracy benchmarks (RULER- and InfiniteBench-style tasks, NIAH)."""
 
 
+def _propagates(values):
+    """--propagate's values: integers, or "budget" for the default (None)."""
+    if values is None:
+        return None
+    try:
+        return [None if v.strip() == "budget" else int(v) for v in values]
+    except ValueError:
+        _fail(f"--propagate takes token counts or 'budget', not {','.join(values)}")
+
+
 @bench.command("run")
 @click.option("--models", default="qwen2.5-0.5b", show_default=True, callback=_csv(str),
               help="comma-separated model names or GGUF paths")
@@ -54,9 +64,12 @@ def bench() -> None:
 @click.option("--kv-type", "kv_types", default="f16", show_default=True, callback=_csv(str), metavar="TYPE,...",
               help="KV cache types, a row each: f16, q8_0, q4_0, ... (quantized: each policy prefills on its own, "
                    "flash attention on)")
+@click.option("--propagate", "propagates", default=None, callback=_csv(str), metavar="N,...",
+              help="tokens asl and fastkv send on past the selection layer, a row each (budget: the default; "
+                   "default: budget only)")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="results JSONL (appended; resumable)")
 def bench_run(models, tasks, lengths, budgets, policies, samples, depths, seed, window, taus, fixed_fracs, mode,
-              threads, spans, kv_types, out):
+              threads, spans, kv_types, propagates, out):
     """Run (or resume) a benchmark; every result is appended to --out as one JSON line."""
     from ... import bench as B
 
@@ -71,7 +84,7 @@ def bench_run(models, tasks, lengths, budgets, policies, samples, depths, seed, 
         n = B.run(models, tasks, lengths, budgets, policies, samples, out, seed=seed, window=window, tau=taus[0],
                   fixed_frac=fixed_fracs[0], depths=depths, mode=mode, n_threads=threads,
                   log=lambda s: click.echo(s, err=True), spans=spans, taus=taus, fixed_fracs=fixed_fracs,
-                  kv_types=kv_types)
+                  kv_types=kv_types, propagates=_propagates(propagates))
     except _errors() as e:
         _fail(str(e))
     click.echo(f"{n} new results in {out}", err=True)

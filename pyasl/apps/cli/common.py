@@ -11,6 +11,7 @@ import click
 
 from ...policies.base import PREFILL_MODES
 from ...policies.fixed_layer import FIXED_LAYER_POLICIES
+from ...policies.propagation import propagating_policies
 from ...policies.spans import DEFAULT_SPAN
 
 
@@ -137,15 +138,20 @@ class PolicyOptions:
 
     def __init__(self, name: str, budget: Optional[int], window: int, tau: Optional[float], layer: Optional[int],
                  l_min=None, l_obs=None, prefill_mode: str = "auto", layer_budgets: Optional[str] = None,
-                 theta: float = 0.9, b_min_frac: float = 0.2, beta: float = 20.0, span=None, layer_only_fixed=False):
+                 theta: float = 0.9, b_min_frac: float = 0.2, beta: float = 20.0, span=None, layer_only_fixed=False,
+                 propagate: Optional[int] = None):
         self.name, self.budget, self.window = name, budget, window
         self.kw = dict(tau=tau, l_min=l_min, l_obs=l_obs, layer=layer, prefill_mode=prefill_mode, span=span,
+                       propagate=propagate,
                        layer_budgets=layer_budgets, budget_opts={"theta": theta, "b_min_frac": b_min_frac, "beta": beta})
         if layer_budgets and name != "asl":
             raise ValueError(f"--layer-budgets applies to --policy asl, not {name}"
                              + (" (its second pass keeps one set)" if name == "asl-2pass" else ""))
         if layer_only_fixed and layer is not None and name not in FIXED_LAYER_POLICIES:
             raise ValueError(f"policy {name} does not take --layer")
+        if propagate is not None and name not in propagating_policies():
+            raise ValueError(f"--propagate applies to {' and '.join(propagating_policies())} (the tokens sent on "
+                             f"past the selection layer), not {name}")
 
     @property
     def budget_method(self) -> Optional[str]:
@@ -174,6 +180,9 @@ def policy_options(policies=ALL_POLICIES, default: str = "asl", budget_default: 
                           "else the paper's 0.3)"),
         click.option("--layer", type=click.IntRange(min=0),
                      help="selection layer of fastkv and gemfilter (default: 15 / 13 of 32 layers, scaled by depth)"),
+        click.option("--propagate", type=click.IntRange(min=2), metavar="N",
+                     help="asl, fastkv: tokens sent on past the selection layer, each deeper layer keeping its own "
+                          "--budget of them (FastKV's TSP length; default: the budget)"),
         click.option("--span", callback=_parse_span, metavar="token|forward:S|around:B+S|chunk:C",
                      help="how scores become kept cells: token (top-k tokens), forward:S (a kept token brings the S-1 "
                           f"after it), around:B+S (and the B before it), chunk:C (whole chunks of C tokens); default: {DEFAULT_SPAN} (gemfilter-published: "
@@ -202,7 +211,7 @@ def policy_options(policies=ALL_POLICIES, default: str = "asl", budget_default: 
             click.option("--beta", default=20.0, show_default=True, type=click.FloatRange(min=1),
                          help="pyramid: top layer keeps (budget - window) / beta prefix tokens"),
         ]
-    keys = ("policy_name", "budget", "window", "tau", "layer", "span", "l_min", "l_obs", "prefill_mode",
+    keys = ("policy_name", "budget", "window", "tau", "layer", "propagate", "span", "l_min", "l_obs", "prefill_mode",
             "layer_budgets", "theta", "b_min_frac", "beta")
 
     def deco(f):

@@ -54,6 +54,7 @@ def generate(model, prompt, prompt_file, raw, system, threads, flash_attn, verbo
     click.echo(f"policy {res.policy}{'' if res.policy == 'full' else f' (span {res.span})'}: "
                f"prompt {res.n_prompt} tokens, kept {res.n_kept}"
                + (f", selected layer {sel}" if res.policy in ("asl", "fastkv", "asl-2pass", "gemfilter") else "")
+               + (f", {res.propagated} tokens past it" if res.propagated else "")
                + (f", prefill work {res.prefill_work:.2f}x" if res.prefill_work != 1.0 else ""), err=True)
     click.echo(f"KV memory {res.kv_bytes_full / mib:.1f} MiB -> {res.kv_bytes / mib:.1f} MiB "
                f"({100.0 * res.kv_bytes / max(1, res.kv_bytes_full):.1f}%)", err=True)

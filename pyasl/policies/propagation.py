@@ -1,0 +1,68 @@
+"""How many tokens go on past the selection layer of a layer-major policy (ASL, FastKV).
+
+By default the selection layer's kept set is both what the deeper layers run over and what every
+one of them keeps: ``budget`` tokens. FastKV's authors set the two apart (arXiv 2502.01068: the
+TSP length, 2,048 tokens or a share of the prompt, beside the KV budget): with ``propagate`` larger
+than the budget, the selection layer's top ``propagate`` tokens run through the deeper layers, and
+each deeper layer keeps its own SnapKV sets of ``budget`` cells from them, ranked by that layer's
+window attention. A token the selection layer ranks just below the budget can then still be kept
+where a deeper layer attends to it; the cost is the deeper layers' work over ``propagate`` tokens.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from .asl_rule import asl_select_at_layer
+
+
+class Propagates:
+    """Mixin for the layer-major policies (ASL, FastKV): the ``propagate`` option (None: the budget)."""
+
+    propagate: Optional[int] = None
+
+    def _init_propagate(self, propagate) -> None:
+        if propagate is None:
+            self.propagate = None
+            return
+        if isinstance(propagate, bool) or not isinstance(propagate, (int, np.integer)):
+            raise ValueError(f"propagate must be an integer, got {propagate!r}")
+        if propagate < self.budget:
+            raise ValueError(f"propagate {propagate} is smaller than the budget {self.budget}: the tokens that go "
+                             "on past the selection layer include the kept ones")
+        if getattr(self, "layer_budgets", None):
+            raise ValueError(f"propagate does not combine with layer budgets ({self.layer_budgets}): the deeper "
+                             "layers keep the budget each")
+        self.propagate = None if propagate == self.budget else int(propagate)
+
+    def _propagate_params(self) -> dict:
+        return {"propagate": self.propagate} if self.propagate is not None else {}
+
+    def _check_propagate_model(self, model) -> None:
+        if self.propagate is None:
+            return
+        if model.n_swa > 0:
+            raise ValueError(f"propagate is not supported on sliding-window models yet ({model.arch}); "
+                             "leave it out (the kept set alone goes on)")
+        if self.strategy(model) != "layer-major":
+            raise ValueError(f"propagate applies to a layer-major prefill; policy {self.name} prefills "
+                             f"{self.strategy(model)} here")
+
+    def propagated(self, scores: np.ndarray, kept: np.ndarray) -> np.ndarray:
+        """The positions that go on past the selection layer ``L = len(scores) - 1`` (``scores``: rows
+        0..L): ``kept`` alone by default, else the ``propagate`` best of layer L's ranking (through the
+        span stage, window included) joined with ``kept``; sorted."""
+        kept = np.asarray(kept, dtype=np.int64)
+        if self.propagate is None or self.propagate <= len(kept):
+            return kept
+        wide = asl_select_at_layer(scores, window=self.window, budget=self.propagate, layer=scores.shape[0] - 1,
+                                   kernel=self.kernel, span=self.span)
+        return np.union1d(kept, wide).astype(np.int64)
+
+
+def propagating_policies() -> list[str]:
+    """The registered policies that take ``propagate``."""
+    from .base import _REGISTRY
+
+    return [name for name, cls in _REGISTRY.items() if issubclass(cls, Propagates)]
