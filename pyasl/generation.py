@@ -54,7 +54,7 @@ def generate(model: Model, tokens: list[int], policy: Union[str, Policy] = "asl"
              prefill_mode: str = "auto", progress: Optional[Callable[[int, int], None]] = None,
              on_text: Optional[Callable[[str], None]] = None, layer_budgets: Optional[str] = None,
              budget_opts: Optional[dict] = None, span=None, type_k="f16", type_v="f16",
-             propagate: Optional[int] = None) -> GenerateResult:
+             propagate=None) -> GenerateResult:
     """Prefill `tokens`, prune the KV cache with `policy`, then decode greedily.
 
     `policy` is a Policy object (pyasl.ASL(budget=512), ...) or a name whose options are the other

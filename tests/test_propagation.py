@@ -143,3 +143,37 @@ def test_bad_propagate_is_refused(tiny_dense):
     # the options interface passes it to the policies that take it
     assert policy_from_options("fastkv", budget=64, propagate=128).propagate == 128
     assert policy_from_options("asl", budget=64, propagate=128).to_dict()["propagate"] == 128
+
+
+def test_kept_variant_keeps_the_selection_layers_set_in_the_deeper_layers(tiny_dense):
+    """propagate="n:kept" with every token propagated: the deeper layers run over the whole prompt and
+    keep the selection layer's set, which is what fastkv's in-place pruning of a full prefill keeps."""
+    from pyasl.engine.strategies import finish_ordinary
+
+    m, n = tiny_dense, 300
+    t = toks(m, n, seed=5)
+    pol = P.FastKV(layer=2, budget=64, window=16, propagate=f"{n}:kept")
+    assert pol.to_dict()["propagate"] == f"{n}:kept" and P.Policy.from_dict(pol.to_dict()) == pol
+    a, sa = _run(m, t, pol)
+    sp = SharedPrefill(m, t, window=16, n_batch=128)
+    sel = P.FastKV(layer=2, budget=64, window=16).select(sp.scores, 16, m)
+    b, _, _ = finish_ordinary(sp._full(1), sel, n, 8, n_batch=128)
+    try:
+        assert a.extra["propagated"] == n
+        np.testing.assert_allclose(a.logits, sp.logits, rtol=1e-4, atol=1e-4)
+        for tok, x in zip(FOLLOW, sa):
+            b.decode([tok])
+            np.testing.assert_allclose(x, b.logits(), rtol=1e-4, atol=1e-4)
+    finally:
+        a.ctx.close()
+        b.close()
+
+
+def test_propagate_spec_is_parsed_once():
+    from pyasl.policies.propagation import parse_propagate
+
+    assert parse_propagate(None) == (None, "own") and parse_propagate(300) == (300, "own")
+    assert parse_propagate("300") == (300, "own") and parse_propagate("300:kept") == (300, "kept")
+    for bad in ("300:all", "x", "300.5", 2.5, True):
+        with pytest.raises(ValueError, match="propagate must be"):
+            parse_propagate(bad)

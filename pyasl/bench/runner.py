@@ -20,7 +20,7 @@ from typing import Callable, Iterable, NamedTuple, Optional
 
 from ..calibration import DEFAULT_TAU
 from ..policies.fixed_layer import FIXED_LAYER_POLICIES
-from ..policies.propagation import propagating_policies
+from ..policies.propagation import parse_propagate, propagating_policies
 from . import data as D
 
 DEFAULT_POLICIES = ("full", "snapkv", "fastkv", "gemfilter", "asl", "asl-2pass")
@@ -45,7 +45,7 @@ def row_tau(r: dict) -> Optional[float]:
 
 
 def _label(policy: str, budget, span: Optional[str] = None, tau: Optional[float] = None,
-           layer: Optional[int] = None, kv_type: str = "f16", propagate: Optional[int] = None) -> str:
+           layer: Optional[int] = None, kv_type: str = "f16", propagate=None) -> str:
     """policy[tau|layer][prop][+span]@budget[/kv]: snapkv@512 (token-level), snapkv+forward:16@512,
     asl[tau=0.6]@512, fastkv[layer=6]@512, asl[prop=2048]@512, asl@512/q8_0, full, full/q4_0 (tau shown when
     it is not the paper's 0.3, layer when it is not the default fraction of the depth, prop when more tokens
@@ -70,11 +70,13 @@ def row_layer(r: dict) -> Optional[int]:
     return r.get("layer") if r["policy"] in FIXED_LAYER_POLICIES else None
 
 
-def row_propagate(r: dict) -> Optional[int]:
-    """The tokens a layer-major row sent on past its selection layer when more than its budget
-    (pyasl.policies.propagation), None for the default and for other policies."""
-    p = r.get("propagate")
-    return int(p) if p is not None and r["policy"] in propagating_policies() and p != r.get("budget") else None
+def row_propagate(r: dict):
+    """What a layer-major row sent on past its selection layer when more than its budget
+    (pyasl.policies.propagation: N, or "N:kept"), None for the default and for other policies."""
+    n, keep = parse_propagate(r.get("propagate"))
+    if n is None or r["policy"] not in propagating_policies() or n == r.get("budget"):
+        return None
+    return n if keep == "own" else f"{n}:{keep}"
 
 
 def row_kv_type(r: dict) -> str:
@@ -160,10 +162,11 @@ def run(models: list[str], tasks: list[str], lengths: list[int], budgets: list[i
     for b in budgets:
         if b <= window:
             raise ValueError(f"budget {b} must be larger than the window {window}")
-    prop_list = list(dict.fromkeys(None if p is None else int(p) for p in (propagates or [None])))
+    prop_list = list(dict.fromkeys(propagates or [None]))
     for p in prop_list:
-        if p is not None and p < max(budgets):
-            raise ValueError(f"propagate {p} is smaller than the budget {max(budgets)}: the tokens that go on past "
+        n_p = parse_propagate(p)[0]
+        if n_p is not None and n_p < max(budgets):
+            raise ValueError(f"propagate {n_p} is smaller than the budget {max(budgets)}: the tokens that go on past "
                              "the selection layer include the kept ones")
     outp = Path(out)
     outp.parent.mkdir(parents=True, exist_ok=True)
@@ -181,7 +184,7 @@ def run(models: list[str], tasks: list[str], lengths: list[int], budgets: list[i
             for task, (index, depth) in work:
                 base = {"model": name, "task": task, "n_tokens": n_tok, "index": index, "depth": depth}
                 want = [_Setting(p, None, None, tau, None, kv) if p == "full" else
-                        _Setting(p, b, sp, t, ly, kv, None if pr == b else pr)
+                        _Setting(p, b, sp, t, ly, kv, None if parse_propagate(pr)[0] == b else pr)
                         for kv in kv_list for p in policies
                         for b in ([None] if p == "full" else budgets) for sp in ([None] if p == "full" else span_list)
                         for t in (tau_list if p in TAU_POLICIES else [tau])
@@ -267,7 +270,7 @@ class _Setting(NamedTuple):
     tau: Optional[float]
     layer: Optional[int]
     kv_type: str
-    propagate: Optional[int] = None
+    propagate: Optional[object] = None  # N or "N:kept" (pyasl.policies.propagation)
 
 
 def _n_layer(model: str) -> int:

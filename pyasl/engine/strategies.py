@@ -274,7 +274,7 @@ def _run_layer_major_streamed(model, tokens, policy: Policy, max_tokens, mask, n
             n_prop = len(prop)
             if n_prop > k:  # wider: each deeper layer keeps its own sets of the propagated tokens
                 logits = propagate_ranked(D, meta, Hs[-1], prop, stop, n, policy.window,
-                                          lambda s: policy.early_layer_set(s, model), **kw)
+                                          _deep_sets(policy, prop, kept, model), **kw)
                 D.set_cell_positions(meta)
             else:
                 logits = run_deeper_layers(D, Hs[-1], kept, stop + 1)
@@ -322,10 +322,16 @@ def finish_layer_major(model, A: Context, H: Optional[np.ndarray], policy: Polic
                   strategy="layer-major")
 
 
+def _deep_sets(policy: Policy, prop, kept, model):
+    """The deeper layers' choice of the propagated tokens `prop` (indices into prop, per KV head)."""
+    kept_idx = np.searchsorted(np.asarray(prop), np.asarray(kept))
+    return lambda scores: policy.deep_layer_set(scores, kept_idx, model)
+
+
 def _finish_wide(model, A: Context, H: np.ndarray, policy: Policy, sel: Selection, early: Selection, prop, scores,
                  stop: int, n: int, max_tokens: int, **kw) -> Pruned:
     """finish_layer_major with more tokens propagated than kept (pyasl.policies.propagation): layers
-    0..stop keep `early`'s sets of A's full KV, the deeper ones their own sets of `prop`. Closes A."""
+    0..stop keep `early`'s sets of A's full KV, the deeper ones their choice of `prop`. Closes A."""
     k = policy.budget
     D = Context(model, _pad(k + max_tokens), allow_pos_gaps=True, **kw)
     meta = np.full(k, -1, dtype=np.int64)
@@ -337,7 +343,7 @@ def _finish_wide(model, A: Context, H: np.ndarray, policy: Policy, sel: Selectio
         finally:
             A.close()
         logits = propagate_ranked(D, meta, H, prop, stop, n, policy.window,
-                                  lambda s: policy.early_layer_set(s, model), **kw)
+                                  _deep_sets(policy, prop, sel.shared, model), **kw)
         D.set_cell_positions(meta)
     except BaseException:
         D.close()
@@ -431,7 +437,7 @@ def layer_major_prefill(model: Model, tokens: list[int], policy, budget: Optiona
                         layer: Optional[int] = None, max_tokens: int = 128, n_batch: int = 512,
                         n_threads: Optional[int] = None, flash_attn: bool = False, progress: Progress = None,
                         layer_budgets: Optional[str] = None, budget_opts: Optional[dict] = None,
-                        span=None, propagate: Optional[int] = None) -> Pruned:
+                        span=None, propagate=None) -> Pruned:
     """The layer-major strategy of asl or fastkv (or the layer-major first pass of asl-2pass and its
     second pass), whatever the budget (a budget >= the prompt propagates every token). `policy`: a
     Policy, or a name with generate's options."""

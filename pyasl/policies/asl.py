@@ -91,7 +91,7 @@ class ASL(PrefillChoice, EarlyLayerBudgets, Propagates, _ASLRule):
     def __init__(self, budget: int = 512, window: int = 32, tau: Optional[float] = None, l_min: Optional[int] = None,
                  l_obs: Optional[int] = None, kernel: int = 7, prefill: str = "auto", span=None,
                  layer_budgets: Optional[str] = None, theta: float = DEFAULT_THETA,
-                 b_min_frac: float = DEFAULT_B_MIN_FRAC, beta: float = DEFAULT_BETA, propagate: Optional[int] = None):
+                 b_min_frac: float = DEFAULT_B_MIN_FRAC, beta: float = DEFAULT_BETA, propagate=None):
         super().__init__(budget=budget, window=window, tau=tau, l_min=l_min, l_obs=l_obs, kernel=kernel, span=span)
         self._init_prefill(prefill)
         self._init_budgets(layer_budgets, theta, b_min_frac, beta)

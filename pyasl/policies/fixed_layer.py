@@ -73,7 +73,7 @@ class FastKV(EarlyLayerBudgets, Propagates, _FixedLayer):
 
     def __init__(self, layer: Optional[int] = None, budget: int = 512, window: int = 32, kernel: int = 7, span=None,
                  layer_budgets: Optional[str] = None, theta: float = DEFAULT_THETA,
-                 b_min_frac: float = DEFAULT_B_MIN_FRAC, beta: float = DEFAULT_BETA, propagate: Optional[int] = None):
+                 b_min_frac: float = DEFAULT_B_MIN_FRAC, beta: float = DEFAULT_BETA, propagate=None):
         super().__init__(layer=layer, budget=budget, window=window, kernel=kernel, span=span)
         self._init_budgets(layer_budgets, theta, b_min_frac, beta)
         self._init_propagate(propagate)

@@ -12,7 +12,7 @@ from .layer_budgets import check_method
 def policy_from_options(name: str, budget: Optional[int] = 512, window: int = 32, tau: Optional[float] = None,
                         l_min: Optional[int] = None, l_obs: Optional[int] = None, kernel: int = 7,
                         layer: Optional[int] = None, prefill_mode: str = "auto", layer_budgets: Optional[str] = None,
-                        budget_opts: Optional[dict] = None, span=None, propagate: Optional[int] = None) -> Policy:
+                        budget_opts: Optional[dict] = None, span=None, propagate=None) -> Policy:
     """A policy from engine.generate's keyword options: each policy takes the options it has and
     ignores the others (tau means nothing to snapkv); ``prefill_mode`` is ASL's and SnapKV's ``prefill``,
     ``budget_opts`` the per-layer budget options (theta, b_min_frac, beta)."""

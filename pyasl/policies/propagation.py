@@ -7,6 +7,10 @@ than the budget, the selection layer's top ``propagate`` tokens run through the 
 each deeper layer keeps its own SnapKV sets of ``budget`` cells from them, ranked by that layer's
 window attention. A token the selection layer ranks just below the budget can then still be kept
 where a deeper layer attends to it; the cost is the deeper layers' work over ``propagate`` tokens.
+
+``propagate="N:kept"`` runs the same N tokens through the deeper layers but has every deeper layer
+keep the selection layer's set, as by default: the wider set only informs what the deeper layers
+compute (the kept tokens' K/V and the last token's hidden state).
 """
 from __future__ import annotations
 
@@ -17,17 +21,36 @@ import numpy as np
 from .asl_rule import asl_select_at_layer
 
 
+DEEP_KEEPS = ("own", "kept")  # what a deeper layer keeps of the propagated tokens
+
+
+def parse_propagate(value) -> tuple[Optional[int], str]:
+    """``propagate`` as (tokens, what the deeper layers keep): None, an integer N (own sets) or "N:kept"."""
+    if value is None:
+        return None, "own"
+    if isinstance(value, str):
+        n, _, keep = value.partition(":")
+        keep = keep or "own"
+        if keep not in DEEP_KEEPS or not n.strip().isdigit():
+            raise ValueError(f"propagate must be a token count N or N:kept, got {value!r}")
+        return int(n), keep
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"propagate must be an integer, got {value!r}")
+    return int(value), "own"
+
+
 class Propagates:
-    """Mixin for the layer-major policies (ASL, FastKV): the ``propagate`` option (None: the budget)."""
+    """Mixin for the layer-major policies (ASL, FastKV): the ``propagate`` option (None: the budget;
+    N; "N:kept")."""
 
     propagate: Optional[int] = None
+    deep_keep: str = "own"
 
-    def _init_propagate(self, propagate) -> None:
+    def _init_propagate(self, value) -> None:
+        propagate, self.deep_keep = parse_propagate(value)
         if propagate is None:
             self.propagate = None
             return
-        if isinstance(propagate, bool) or not isinstance(propagate, (int, np.integer)):
-            raise ValueError(f"propagate must be an integer, got {propagate!r}")
         if propagate < self.budget:
             raise ValueError(f"propagate {propagate} is smaller than the budget {self.budget}: the tokens that go "
                              "on past the selection layer include the kept ones")
@@ -37,7 +60,17 @@ class Propagates:
         self.propagate = None if propagate == self.budget else int(propagate)
 
     def _propagate_params(self) -> dict:
-        return {"propagate": self.propagate} if self.propagate is not None else {}
+        if self.propagate is None:
+            return {}
+        return {"propagate": self.propagate if self.deep_keep == "own" else f"{self.propagate}:{self.deep_keep}"}
+
+    def deep_layer_set(self, scores: np.ndarray, kept: np.ndarray, model) -> np.ndarray:
+        """What a layer past the selection layer keeps, as ``(n_head_kv, budget)`` indices into the
+        propagated tokens: its own SnapKV sets from its ``(n_head, n_propagated)`` window scores, or
+        (``N:kept``) ``kept``, the indices of the selection layer's set."""
+        if self.deep_keep == "kept":
+            return np.tile(np.asarray(kept, dtype=np.int64), (model.n_head_kv, 1))
+        return self.early_layer_set(scores, model)
 
     def _check_propagate_model(self, model) -> None:
         if self.propagate is None:

@@ -26,13 +26,19 @@ def bench() -> None:
 
 
 def _propagates(values):
-    """--propagate's values: integers, or "budget" for the default (None)."""
+    """--propagate's values: N, N:kept, or "budget" for the default (None)."""
+    from ...policies.propagation import parse_propagate
+
     if values is None:
         return None
-    try:
-        return [None if v.strip() == "budget" else int(v) for v in values]
-    except ValueError:
-        _fail(f"--propagate takes token counts or 'budget', not {','.join(values)}")
+    out = []
+    for v in values:
+        try:
+            n, keep = (None, "own") if v.strip() == "budget" else parse_propagate(v.strip())
+        except ValueError as e:
+            _fail(f"--propagate: {e} (or 'budget')")
+        out.append(n if keep == "own" else f"{n}:{keep}")
+    return out
 
 
 @bench.command("run")
@@ -64,9 +70,9 @@ def _propagates(values):
 @click.option("--kv-type", "kv_types", default="f16", show_default=True, callback=_csv(str), metavar="TYPE,...",
               help="KV cache types, a row each: f16, q8_0, q4_0, ... (quantized: each policy prefills on its own, "
                    "flash attention on)")
-@click.option("--propagate", "propagates", default=None, callback=_csv(str), metavar="N,...",
-              help="tokens asl and fastkv send on past the selection layer, a row each (budget: the default; "
-                   "default: budget only)")
+@click.option("--propagate", "propagates", default=None, callback=_csv(str), metavar="N|N:kept,...",
+              help="tokens asl and fastkv send on past the selection layer, a row each: N (each deeper layer "
+                   "keeps its own sets), N:kept (the selection layer's set), budget (the default; default: budget)")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="results JSONL (appended; resumable)")
 def bench_run(models, tasks, lengths, budgets, policies, samples, depths, seed, window, taus, fixed_fracs, mode,
               threads, spans, kv_types, propagates, out):

@@ -132,6 +132,19 @@ def _parse_span(ctx, param, value):
         raise click.BadParameter(str(e)) from None
 
 
+def _parse_propagate(ctx, param, value):
+    """--propagate as an int (N) or "N:kept"; None when not given."""
+    from ...policies.propagation import parse_propagate
+
+    if value is None:
+        return None
+    try:
+        n, keep = parse_propagate(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    return n if keep == "own" else f"{n}:{keep}"
+
+
 class PolicyOptions:
     """The policy options of one command line; :meth:`build` makes the policy object (once the
     budget is known: ``pyasl inspect`` defaults it to the prompt)."""
@@ -139,7 +152,7 @@ class PolicyOptions:
     def __init__(self, name: str, budget: Optional[int], window: int, tau: Optional[float], layer: Optional[int],
                  l_min=None, l_obs=None, prefill_mode: str = "auto", layer_budgets: Optional[str] = None,
                  theta: float = 0.9, b_min_frac: float = 0.2, beta: float = 20.0, span=None, layer_only_fixed=False,
-                 propagate: Optional[int] = None):
+                 propagate=None):
         self.name, self.budget, self.window = name, budget, window
         self.kw = dict(tau=tau, l_min=l_min, l_obs=l_obs, layer=layer, prefill_mode=prefill_mode, span=span,
                        propagate=propagate,
@@ -180,9 +193,10 @@ def policy_options(policies=ALL_POLICIES, default: str = "asl", budget_default: 
                           "else the paper's 0.3)"),
         click.option("--layer", type=click.IntRange(min=0),
                      help="selection layer of fastkv and gemfilter (default: 15 / 13 of 32 layers, scaled by depth)"),
-        click.option("--propagate", type=click.IntRange(min=2), metavar="N",
+        click.option("--propagate", callback=_parse_propagate, metavar="N|N:kept",
                      help="asl, fastkv: tokens sent on past the selection layer, each deeper layer keeping its own "
-                          "--budget of them (FastKV's TSP length; default: the budget)"),
+                          "--budget of them (FastKV's TSP length; N:kept: every deeper layer keeps the selection "
+                          "layer's set; default: the budget)"),
         click.option("--span", callback=_parse_span, metavar="token|forward:S|around:B+S|chunk:C",
                      help="how scores become kept cells: token (top-k tokens), forward:S (a kept token brings the S-1 "
                           f"after it), around:B+S (and the B before it), chunk:C (whole chunks of C tokens); default: {DEFAULT_SPAN} (gemfilter-published: "
