@@ -37,6 +37,19 @@ SHIPPED = Path(__file__).with_name("calibration.json")
 class Calibration:
     tau: float
     source: str   # where it comes from, for the notes: "calibrated 2026-12-03, 16 samples" etc.
+    propagate: Optional[object] = None  # N or "N:kept" chosen with tau (pyasl.policies.propagation), or None
+    n_tokens: Optional[int] = None      # the calibrated prompt length (propagate scales with the prompt)
+
+    def propagate_for(self, n_tokens: int):
+        """The calibrated propagation for a prompt of `n_tokens`: the same share of the prompt."""
+        from .policies.propagation import parse_propagate
+
+        n, keep = parse_propagate(self.propagate)
+        if n is None:
+            return None
+        if self.n_tokens:
+            n = max(1, int(round(n * n_tokens / self.n_tokens)))
+        return n if keep == "own" else f"{n}:{keep}"
 
 
 def identity(model) -> dict:
@@ -90,7 +103,8 @@ def lookup(model, n_tokens: Optional[int] = None) -> Optional[Calibration]:
         return None
     _, _, rec, whose = min(found, key=lambda f: f[:2])
     return Calibration(float(rec["tau"]), f"{whose} calibration of {rec.get('date', '?')}, "
-                                          f"{rec.get('samples', '?')} samples at {rec.get('n_tokens')} tokens")
+                                          f"{rec.get('samples', '?')} samples at {rec.get('n_tokens')} tokens",
+                       propagate=rec.get("propagate"), n_tokens=rec.get("n_tokens"))
 
 
 def store(path: Path, rec: dict) -> None:
@@ -101,44 +115,56 @@ def store(path: Path, rec: dict) -> None:
 
 
 def choose(rows: list[dict], tolerance: float = 2.0) -> dict:
-    """The calibration from benchmark rows of snapkv and asl at several taus (same samples, one
-    budget): per tau the accuracy, the mean prefill work and the selection layers; the chosen tau
-    (least work within `tolerance` points of snapkv, ties to the smaller tau)."""
+    """The calibration from benchmark rows of snapkv and asl at several taus (and propagations; same
+    samples, one budget): per setting the accuracy, the mean prefill work and the selection layers;
+    the chosen one (least work within `tolerance` points of snapkv, ties to the smaller tau and the
+    narrower propagation)."""
+    from .bench.runner import row_propagate
+    from .policies.propagation import parse_propagate
+
     snap = [r["score"] for r in rows if r["policy"] == "snapkv"]
     if not snap:
         raise ValueError("no snapkv rows to compare with")
     ref = 100.0 * sum(snap) / len(snap)
-    by_tau: dict = {}
+    by_setting: dict = {}
     for r in rows:
         if r["policy"] == "asl":
-            by_tau.setdefault(round(float(r["tau"]), 4), []).append(r)
-    if not by_tau:
+            by_setting.setdefault((round(float(r["tau"]), 4), row_propagate(r)), []).append(r)
+    if not by_setting:
         raise ValueError("no asl rows")
-    n = max(len(v) for v in by_tau.values())
+    n = max(len(v) for v in by_setting.values())
     table = []
-    for tau, rs in sorted(by_tau.items()):
+    for (tau, prop), rs in sorted(by_setting.items(), key=lambda kv: (kv[0][0], parse_propagate(kv[0][1])[0] or 0,
+                                                                      str(kv[0][1]))):
         if len(rs) < n:
-            continue  # a tau not run on every sample is not compared
+            continue  # a setting not run on every sample is not compared
         layers = [r["selected_layer"] for r in rs]
-        table.append({"tau": tau, "accuracy": 100.0 * sum(r["score"] for r in rs) / len(rs),
+        table.append({"tau": tau, **({"propagate": prop} if prop is not None else {}),
+                      "accuracy": 100.0 * sum(r["score"] for r in rs) / len(rs),
                       "prefill_work": sum(r["prefill_work"] for r in rs) / len(rs),
                       "selected": sum(x is not None for x in layers) / len(rs),
                       "mean_layer": (sum(x for x in layers if x is not None) / max(1, sum(x is not None for x in layers))
                                      if any(x is not None for x in layers) else None)})
+    def width(t):
+        return parse_propagate(t.get("propagate"))[0] or 0
+
     ok = [t for t in table if t["accuracy"] >= ref - tolerance]
     if ok:
-        best = min(ok, key=lambda t: (round(t["prefill_work"], 6), t["tau"]))
+        best = min(ok, key=lambda t: (round(t["prefill_work"], 6), t["tau"], width(t)))
     else:
-        best = max(table, key=lambda t: (t["accuracy"], -t["prefill_work"], -t["tau"]))
-    return {"tau": best["tau"], "within_tolerance": bool(ok), "tolerance": tolerance, "snapkv_accuracy": ref,
-            "samples": n, "taus": table}
+        best = max(table, key=lambda t: (t["accuracy"], -t["prefill_work"], -t["tau"], -width(t)))
+    return {"tau": best["tau"], **({"propagate": best["propagate"]} if "propagate" in best else {}),
+            "within_tolerance": bool(ok), "tolerance": tolerance, "snapkv_accuracy": ref, "samples": n,
+            "taus": table}
 
 
 def calibrate(model_name: str, n_tokens: int = 4096, budget: int = 1024, samples: int = 2,
               taus: Iterable[float] = TAUS, tolerance: float = 2.0, tasks: Iterable[str] = TASKS,
-              n_threads: Optional[int] = None, log: Callable[[str], None] = print) -> tuple[dict, Path]:
+              n_threads: Optional[int] = None, log: Callable[[str], None] = print,
+              propagates: Optional[Iterable] = None) -> tuple[dict, Path]:
     """Run (resuming) the calibration benchmark of `model_name` and store its result; returns
-    (record, path of the stored file)."""
+    (record, path of the stored file). `propagates`: ASL's propagations to try with every tau
+    (pyasl.policies.propagation; None: the budget only)."""
     from .bench import load_rows
     from .bench import run as run_bench
     from .engine import Model
@@ -154,7 +180,7 @@ def calibrate(model_name: str, n_tokens: int = 4096, budget: int = 1024, samples
     runs.parent.mkdir(parents=True, exist_ok=True)
     taus = list(taus)
     run_bench([str(path)], list(tasks), [n_tokens], [budget], ["snapkv", "asl"], samples, runs, tau=taus[0],
-              taus=taus, n_threads=n_threads, log=log)
+              taus=taus, n_threads=n_threads, log=log, propagates=propagates)
     rows = [r for r in load_rows(runs) if r["n_tokens"] == n_tokens and r.get("budget") == budget
             and r["task"] in set(tasks) and r["index"] < samples]
     rec = {"identity": ident, "date": datetime.date.today().isoformat(), "n_tokens": n_tokens, "budget": budget,

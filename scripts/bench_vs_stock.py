@@ -80,15 +80,26 @@ def child_stock(a) -> dict:
     return {"ttft_s": ttft, "text": llm.detokenize(out).decode("utf-8", "replace"), "n_kept": len(tokens)}
 
 
+CONFIG_OPTIONS = {"prefill": ("prefill_mode", str), "tau": ("tau", float), "layer": ("layer", int),
+                  "propagate": ("propagate", str)}
+
+
 def pyasl_config(config: str) -> tuple[str, dict]:
-    """(policy, generate options) of a pyasl config: "asl", or "snapkv:prefill=ordinary"."""
-    name, _, opt = config.partition(":")
-    if not opt:
-        return name, {}
-    key, _, value = opt.partition("=")
-    if key != "prefill" or value not in ("auto", "layer-major", "ordinary"):
-        raise SystemExit(f"{config}: a pyasl config takes :prefill=auto|layer-major|ordinary only")
-    return name, {"prefill_mode": value}
+    """(policy, generate options) of a pyasl config: "asl", "snapkv:prefill=ordinary" or several options
+    joined by "+": "asl:tau=0.97+propagate=4096:kept" (prefill, tau, layer, propagate)."""
+    name, _, opts = config.partition(":")
+    out = {}
+    for opt in filter(None, opts.split("+")):
+        key, _, value = opt.partition("=")
+        if key not in CONFIG_OPTIONS or not value:
+            raise SystemExit(f"{config}: a pyasl config takes {', '.join(k + '=' for k in CONFIG_OPTIONS)} "
+                             "options joined by +")
+        arg, kind = CONFIG_OPTIONS[key]
+        try:
+            out[arg] = kind(value)
+        except ValueError:
+            raise SystemExit(f"{config}: {key}={value} is not a {kind.__name__}") from None
+    return name, out
 
 
 def child_pyasl(a) -> dict:

@@ -157,3 +157,38 @@ def test_one_calibration_per_prompt_length_the_nearest_is_used(home):
         assert "(tau 0.9:" in pyasl.ASL(budget=64, window=8).select(scores, 8, m).note
     finally:
         m.close()
+
+
+def test_a_propagation_is_calibrated_with_its_tau_and_used_by_default(home):
+    """calibrate --propagate: a (tau, propagation) pair is one setting; ASL without a tau of its own
+    runs the calibrated propagation, scaled to its prompt, and says so; an explicit tau leaves it out."""
+    rows = _rows({0.3: (4, 0.95, None), 0.97: (3, 0.55, 9)}, snapkv=1.0)
+    rows += [dict(r, propagate="3072:kept", prefill_work=0.62, budget=1024) for r in _rows({0.97: (4, 0, 9)}, 1.0)
+             if r["policy"] == "asl"]
+    rec = C.choose(rows, tolerance=2.0)
+    assert (rec["tau"], rec["propagate"]) == (0.97, "3072:kept")
+    assert [(t["tau"], t.get("propagate")) for t in rec["taus"]] == [(0.3, None), (0.97, None), (0.97, "3072:kept")]
+    assert "propagate" not in C.choose(rows, tolerance=30.0)  # 0.97 alone is within 30 points, with less work
+    m = pyasl.load_model(TINY)
+    try:
+        f = C.user_file(m)
+        f.parent.mkdir(parents=True)
+        f.write_text(json.dumps({"identity": C.identity(m), "tau": 0.97, "propagate": "300:kept", "n_tokens": 600,
+                                 "date": "2026-12-05", "samples": 16}))
+        assert C.lookup(m, 600).propagate_for(600) == "300:kept" and C.lookup(m, 600).propagate_for(1200) == "600:kept"
+        asl = pyasl.ASL(budget=64, window=8)
+        assert asl.propagation_for(m, 600) == (300, "kept") and asl.propagation_for(m, 240) == (120, "kept")
+        assert asl.propagation_for(m, 100) == (None, "own")  # 50 would be fewer than the budget
+        assert pyasl.ASL(budget=64, window=8, tau=0.97).propagation_for(m, 600) == (None, "own")
+        assert pyasl.ASL(budget=64, window=8, propagate=100).propagation_for(m, 600) == (100, "own")
+        assert pyasl.ASL(budget=64, window=8, prefill="ordinary").propagation_for(m, 600) == (None, "own")
+        scores = np.random.default_rng(0).random((m.n_layer, m.n_head, 600), dtype=np.float32)
+        assert "(tau 0.97, propagate 300:kept: the model's pyasl calibrate calibration" in asl.select(scores, 8, m).note
+        t = [int(x) for x in np.random.default_rng(1).integers(10, 380, 600)]
+        pr = pyasl.engine.strategies.run(m, t, pyasl.ASL(budget=64, window=8), max_tokens=4, n_batch=128)
+        try:
+            assert pr.stop_layer < m.n_layer - 1 and pr.extra["propagated"] >= 300 and pr.n_kept == 64
+        finally:
+            pr.ctx.close()
+    finally:
+        m.close()

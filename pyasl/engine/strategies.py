@@ -270,11 +270,11 @@ def _run_layer_major_streamed(model, tokens, policy: Policy, max_tokens, mask, n
             raise RuntimeError(f"the selection keeps {len(kept)} tokens, not the budget {k}")
         n_prop = 0
         if stop < N - 1:  # one-shot propagation: the kept tokens through layers stop+1..N-1 into cells 0..k-1
-            prop = policy.propagated(scores[: stop + 1], kept)
+            prop = policy.propagated(scores[: stop + 1], kept, model)
             n_prop = len(prop)
             if n_prop > k:  # wider: each deeper layer keeps its own sets of the propagated tokens
                 logits = propagate_ranked(D, meta, Hs[-1], prop, stop, n, policy.window,
-                                          _deep_sets(policy, prop, kept, model), **kw)
+                                          _deep_sets(policy, prop, kept, model, n), **kw)
                 D.set_cell_positions(meta)
             else:
                 logits = run_deeper_layers(D, Hs[-1], kept, stop + 1)
@@ -308,7 +308,7 @@ def finish_layer_major(model, A: Context, H: Optional[np.ndarray], policy: Polic
     kept = [int(x) for x in sel.shared]
     try:
         early = policy.early_layers(scores[: stop + 1], np.asarray(kept), model)
-        prop = policy.propagated(scores[: stop + 1], kept) if stop < N - 1 else np.asarray(kept)
+        prop = policy.propagated(scores[: stop + 1], kept, model) if stop < N - 1 else np.asarray(kept)
     except BaseException:
         A.close()
         raise
@@ -322,10 +322,11 @@ def finish_layer_major(model, A: Context, H: Optional[np.ndarray], policy: Polic
                   strategy="layer-major")
 
 
-def _deep_sets(policy: Policy, prop, kept, model):
+def _deep_sets(policy: Policy, prop, kept, model, n: int):
     """The deeper layers' choice of the propagated tokens `prop` (indices into prop, per KV head)."""
     kept_idx = np.searchsorted(np.asarray(prop), np.asarray(kept))
-    return lambda scores: policy.deep_layer_set(scores, kept_idx, model)
+    keep = policy.propagation_for(model, n)[1]
+    return lambda scores: policy.deep_layer_set(scores, kept_idx, model, keep)
 
 
 def _finish_wide(model, A: Context, H: np.ndarray, policy: Policy, sel: Selection, early: Selection, prop, scores,
@@ -343,7 +344,7 @@ def _finish_wide(model, A: Context, H: np.ndarray, policy: Policy, sel: Selectio
         finally:
             A.close()
         logits = propagate_ranked(D, meta, H, prop, stop, n, policy.window,
-                                  _deep_sets(policy, prop, sel.shared, model), **kw)
+                                  _deep_sets(policy, prop, sel.shared, model, n), **kw)
         D.set_cell_positions(meta)
     except BaseException:
         D.close()

@@ -15,7 +15,7 @@ from .. import arch
 from .asl_rule import asl_select
 from .base import Policy, PrefillChoice, Selection, register_policy
 from .layer_budgets import DEFAULT_B_MIN_FRAC, DEFAULT_BETA, DEFAULT_THETA, EarlyLayerBudgets
-from .propagation import Propagates
+from .propagation import Propagates, parse_propagate
 from .scoring import _check_unit, default_layer_params
 
 
@@ -47,6 +47,10 @@ class _ASLRule(Policy):
         cal = None if model is None or not hasattr(model, "path") else lookup(model, n_tokens)
         return (DEFAULT_TAU, None) if cal is None else (cal.tau, cal.source)
 
+    def calibrated_propagation(self, model, n_tokens: int):
+        """The calibrated propagation this policy uses (None: none; see ASL)."""
+        return None
+
     def _asl(self, scores, window, layer_mask, model, n_layer: Optional[int] = None):
         """asl_select with this policy's parameters; L_min and L_obs default from the model's depth
         (``n_layer``; the scores may cover only the layers that ran so far)."""
@@ -57,7 +61,9 @@ class _ASLRule(Policy):
                          l_obs=d_obs if self.l_obs is None else self.l_obs,
                          kernel=self.kernel, layer_mask=layer_mask, span=self.span)
         if source:
-            sel.note = f"{sel.note} (tau {tau:g}: the model's {source})"
+            spec = self.calibrated_propagation(model, scores.shape[-1])
+            with_prop = "" if spec is None else f", propagate {spec}"
+            sel.note = f"{sel.note} (tau {tau:g}{with_prop}: the model's {source})"
         return sel
 
     def _shared(self, sel) -> Selection:
@@ -108,6 +114,23 @@ class ASL(PrefillChoice, EarlyLayerBudgets, Propagates, _ASLRule):
         self._check_budget_model(model)
         self._check_propagate_model(model)
         super().check_model(model)
+
+    def calibrated_propagation(self, model, n_tokens: int):
+        """The propagation the model's calibration chose with its tau (N or "N:kept", scaled to the
+        prompt), when this policy takes the calibrated defaults: no tau, no propagate and no layer
+        budgets of its own, a layer-major prefill on a model without sliding windows; else None."""
+        if self.tau is not None or self.propagate is not None or self.layer_budgets or model is None \
+                or not hasattr(model, "path") or model.n_swa > 0 or self.strategy(model) != "layer-major":
+            return None
+        from ..calibration import lookup
+
+        cal = lookup(model, n_tokens)
+        spec = None if cal is None else cal.propagate_for(n_tokens)
+        return spec if spec is not None and parse_propagate(spec)[0] > self.budget else None
+
+    def propagation_for(self, model, n_tokens: int):
+        spec = self.calibrated_propagation(model, n_tokens)
+        return super().propagation_for(model, n_tokens) if spec is None else parse_propagate(spec)
 
     def select(self, scores, window, model, layer_mask=None) -> Selection:
         sel = self._asl(scores, window, layer_mask, model)

@@ -218,7 +218,7 @@ class Policy:
             sets[l] = self.early_layer_set(scores[l], model, window) if l <= L and not swa[l] else kept
         return Selection(per_head=sets)
 
-    def propagated(self, scores: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    def propagated(self, scores: np.ndarray, kept: np.ndarray, model=None) -> np.ndarray:
         """One-shot propagation from layer ``L = len(scores) - 1``: the positions that run through the
         deeper layers. Default: ``kept``, which every deeper layer then holds; a wider set
         (:mod:`pyasl.policies.propagation`) has each deeper layer keep :meth:`early_layer_set` of it."""

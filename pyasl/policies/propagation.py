@@ -64,11 +64,16 @@ class Propagates:
             return {}
         return {"propagate": self.propagate if self.deep_keep == "own" else f"{self.propagate}:{self.deep_keep}"}
 
-    def deep_layer_set(self, scores: np.ndarray, kept: np.ndarray, model) -> np.ndarray:
+    def propagation_for(self, model, n_tokens: int) -> tuple[Optional[int], str]:
+        """(tokens propagated or None for the budget, what the deeper layers keep) on `model` for a
+        prompt of `n_tokens`: the policy's own setting."""
+        return self.propagate, self.deep_keep
+
+    def deep_layer_set(self, scores: np.ndarray, kept: np.ndarray, model, keep: str = "own") -> np.ndarray:
         """What a layer past the selection layer keeps, as ``(n_head_kv, budget)`` indices into the
         propagated tokens: its own SnapKV sets from its ``(n_head, n_propagated)`` window scores, or
-        (``N:kept``) ``kept``, the indices of the selection layer's set."""
-        if self.deep_keep == "kept":
+        (``keep="kept"``) ``kept``, the indices of the selection layer's set."""
+        if keep == "kept":
             return np.tile(np.asarray(kept, dtype=np.int64), (model.n_head_kv, 1))
         return self.early_layer_set(scores, model)
 
@@ -82,14 +87,15 @@ class Propagates:
             raise ValueError(f"propagate applies to a layer-major prefill; policy {self.name} prefills "
                              f"{self.strategy(model)} here")
 
-    def propagated(self, scores: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    def propagated(self, scores: np.ndarray, kept: np.ndarray, model=None) -> np.ndarray:
         """The positions that go on past the selection layer ``L = len(scores) - 1`` (``scores``: rows
-        0..L): ``kept`` alone by default, else the ``propagate`` best of layer L's ranking (through the
-        span stage, window included) joined with ``kept``; sorted."""
+        0..L): ``kept`` alone by default, else the best of layer L's ranking (through the span stage,
+        window included; :meth:`propagation_for` says how many) joined with ``kept``; sorted."""
         kept = np.asarray(kept, dtype=np.int64)
-        if self.propagate is None or self.propagate <= len(kept):
+        n_prop, _ = self.propagation_for(model, scores.shape[-1])
+        if n_prop is None or n_prop <= len(kept):
             return kept
-        wide = asl_select_at_layer(scores, window=self.window, budget=self.propagate, layer=scores.shape[0] - 1,
+        wide = asl_select_at_layer(scores, window=self.window, budget=n_prop, layer=scores.shape[0] - 1,
                                    kernel=self.kernel, span=self.span)
         return np.union1d(kept, wide).astype(np.int64)
 

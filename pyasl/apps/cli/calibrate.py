@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from ...calibration import TASKS, TAUS
-from .bench import _csv
+from .bench import _csv, _propagates
 from .common import fail, user_errors
 
 
@@ -17,26 +17,32 @@ from .common import fail, user_errors
 @click.option("--tasks", default=",".join(TASKS), show_default=True, callback=_csv(str))
 @click.option("--tolerance", default=2.0, show_default=True, type=click.FloatRange(min=0),
               help="accuracy points below snapkv's that a tau may lose")
+@click.option("--propagate", "propagates", default=None, callback=_csv(str), metavar="N|N:kept,...",
+              help="propagations to try with every tau (budget: the default; see generate --propagate)")
 @click.option("--threads", type=click.IntRange(min=1))
-def calibrate(model, length, budget, samples, taus, tasks, tolerance, threads):
+def calibrate(model, length, budget, samples, taus, tasks, tolerance, propagates, threads):
     """Choose ASL's tau for MODEL: the offline tasks once per sample (one shared prefill, a propagation
     tail per tau), SnapKV at the same budget as the reference; the tau with the least prefill work
     within TOLERANCE points of SnapKV is stored in the model cache (one per --length) and used by
     generate, chat, serve and the Python API whenever no --tau is given, from the calibrated length
-    nearest the prompt's. Resumable."""
+    nearest the prompt's. With --propagate a (tau, propagation) pair is one setting, used together
+    (the propagation as the same share of the prompt). Resumable."""
     from ...calibration import calibrate as run
 
     if not taus or any(not 0 < t <= 1 for t in taus):
         fail("--taus must be values in (0, 1]")
     try:
         rec, path = run(model, n_tokens=length, budget=budget, samples=samples, taus=taus, tolerance=tolerance,
-                        tasks=tasks, n_threads=threads, log=lambda s: click.echo(s, err=True))
+                        tasks=tasks, n_threads=threads, log=lambda s: click.echo(s, err=True),
+                        propagates=_propagates(propagates))
     except user_errors() as e:
         fail(str(e))
     click.echo(f"snapkv@{budget}: {rec['snapkv_accuracy']:.1f}")
-    click.echo("tau   accuracy  prefill work  selected  mean layer")
+    click.echo("tau   propagate   accuracy  prefill work  selected  mean layer")
     for t in rec["taus"]:
         layer = "-" if t["mean_layer"] is None else f"{t['mean_layer']:.1f}"
-        click.echo(f"{t['tau']:<5g} {t['accuracy']:8.1f}  {t['prefill_work']:12.2f}  {t['selected']:8.0%}  {layer:>10}")
-    how = "least prefill work within" if rec["within_tolerance"] else "no tau came within"
-    click.echo(f"tau {rec['tau']:g} ({how} {tolerance:g} points of snapkv) -> {path}")
+        click.echo(f"{t['tau']:<5g} {str(t.get('propagate', '-')):<10}  {t['accuracy']:8.1f}  {t['prefill_work']:12.2f}  "
+                   f"{t['selected']:8.0%}  {layer:>10}")
+    how = "least prefill work within" if rec["within_tolerance"] else "no setting came within"
+    prop = f", propagate {rec['propagate']}" if "propagate" in rec else ""
+    click.echo(f"tau {rec['tau']:g}{prop} ({how} {tolerance:g} points of snapkv) -> {path}")

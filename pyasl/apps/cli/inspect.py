@@ -73,10 +73,10 @@ def inspect(model, prompt, prompt_file, raw, system, threads, flash_attn, verbos
            "kept_spans": runs(sel.shared) if sel is not None and sel.shared is not None else None,
            "layers": [{"layer": d["layer"], "scores": d["scores"], "variance_ratio": d["variance_ratio"],
                        "ranked": d["ranked"]} for d in info["layers"]]}
-    if getattr(pol, "propagate", None) and sel is not None and sel.shared is not None and sel.layer is not None \
-            and sel.layer < m.n_layer - 1:
-        # what runs past the selection layer; each deeper layer keeps its own sets of it when the policy runs
-        out["propagated_spans"] = runs(pol.propagated(pf.scores[: sel.layer + 1], sel.shared))
+    if hasattr(pol, "propagation_for") and pol.propagation_for(m, n)[0] and sel is not None \
+            and sel.shared is not None and sel.layer is not None and sel.layer < m.n_layer - 1:
+        # what runs past the selection layer (the deeper layers keep their choice of it when the policy runs)
+        out["propagated_spans"] = runs(pol.propagated(pf.scores[: sel.layer + 1], sel.shared, m))
     if lbj is not None:
         out["layer_budgets"] = lbj
         for d, b in zip(out["layers"], lbj["budgets"]):
