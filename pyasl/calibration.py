@@ -42,14 +42,12 @@ class Calibration:
 
     def propagate_for(self, n_tokens: int):
         """The calibrated propagation for a prompt of `n_tokens`: the same share of the prompt."""
-        from .policies.propagation import parse_propagate
+        from .policies.propagation import format_propagate, parse_propagate
 
         n, keep = parse_propagate(self.propagate)
-        if n is None:
-            return None
-        if self.n_tokens:
+        if n is not None and self.n_tokens:
             n = max(1, int(round(n * n_tokens / self.n_tokens)))
-        return n if keep == "own" else f"{n}:{keep}"
+        return format_propagate(n, keep)
 
 
 def identity(model) -> dict:

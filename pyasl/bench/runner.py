@@ -20,7 +20,7 @@ from typing import Callable, Iterable, NamedTuple, Optional
 
 from ..calibration import DEFAULT_TAU
 from ..policies.fixed_layer import FIXED_LAYER_POLICIES
-from ..policies.propagation import parse_propagate, propagating_policies
+from ..policies.propagation import format_propagate, parse_propagate, propagating_policies
 from . import data as D
 
 DEFAULT_POLICIES = ("full", "snapkv", "fastkv", "gemfilter", "asl", "asl-2pass")
@@ -74,9 +74,9 @@ def row_propagate(r: dict):
     """What a layer-major row sent on past its selection layer when more than its budget
     (pyasl.policies.propagation: N, or "N:kept"), None for the default and for other policies."""
     n, keep = parse_propagate(r.get("propagate"))
-    if n is None or r["policy"] not in propagating_policies() or n == r.get("budget"):
+    if r["policy"] not in propagating_policies() or n == r.get("budget"):
         return None
-    return n if keep == "own" else f"{n}:{keep}"
+    return format_propagate(n, keep)
 
 
 def row_kv_type(r: dict) -> str:

@@ -276,6 +276,14 @@ def run_deeper_layers(ctx: Context, H: np.ndarray, positions, first_layer: int, 
     return logits
 
 
+def gather_layer(D: Context, src: Context, il: int, sets: np.ndarray, meta: np.ndarray) -> None:
+    """Layer il's rows of src's positions ``sets`` ((n_head_kv, k), sorted per KV head) into D's cells
+    0..k-1, and ``meta`` (the largest position each cell holds in any layer, for
+    D.set_cell_positions) raised to them."""
+    D.kv_gather_layer_from(src, il, sets)
+    np.maximum(meta, sets.max(axis=0), out=meta)
+
+
 def propagate_ranked(D: Context, meta: np.ndarray, H: np.ndarray, prop, stop: int, n: int, window: int,
                      layer_set: Callable[[np.ndarray], np.ndarray], **ctx_kw) -> np.ndarray:
     """Propagation wider than the budget (pyasl.policies.propagation): the `prop` positions (sorted,
@@ -289,9 +297,7 @@ def propagate_ranked(D: Context, meta: np.ndarray, H: np.ndarray, prop, stop: in
     try:
         logits = run_deeper_layers(P, H, prop, stop + 1, window=window)
         for l in range(stop + 1, D.model.n_layer):
-            sets = prop[layer_set(P.layer_scores(l, n)[:, prop])]
-            D.kv_gather_layer_from(P, l, sets)
-            np.maximum(meta, sets.max(axis=0), out=meta)
+            gather_layer(D, P, l, prop[layer_set(P.layer_scores(l, n)[:, prop])], meta)
     finally:
         P.close()
     return logits

@@ -26,8 +26,8 @@ from ..policies import Policy, Selection
 from ..policies.options import policy_from_options
 from .context import Context, _check_int, _int32_array, _pad, kv_type_name
 from .model import Model
-from .prefill import (LayerBudgets, apply_selection, kv_bytes, layer_major_pass, move_to_context, prefill,
-                      prefill_kept, propagate, propagate_ranked, propagation_work, run_deeper_layers,
+from .prefill import (LayerBudgets, apply_selection, gather_layer, kv_bytes, layer_major_pass, move_to_context,
+                      prefill, prefill_kept, propagate, propagate_ranked, propagation_work, run_deeper_layers,
                       shrink_context)
 
 Progress = Optional[Callable[[int, int], None]]
@@ -255,8 +255,7 @@ def _run_layer_major_streamed(model, tokens, policy: Policy, max_tokens, mask, n
         sets = policy.early_layer_set(scores[l], model)
         if sets.shape[1] != k:
             raise RuntimeError(f"layer {l} keeps {sets.shape[1]} tokens per head, not the budget {k}")
-        D.kv_gather_layer_from(A, l, sets)
-        np.maximum(meta, sets.max(axis=0), out=meta)
+        gather_layer(D, A, l, sets, meta)
 
     try:
         A, scores, Hs, stop, sel = _layer_major_first(model, tokens, policy, mask, progress, on_layer=prune_layer,
@@ -339,8 +338,7 @@ def _finish_wide(model, A: Context, H: np.ndarray, policy: Policy, sel: Selectio
     try:
         try:
             for l in range(stop + 1):
-                D.kv_gather_layer_from(A, l, early.per_head[l])
-                np.maximum(meta, early.per_head[l].max(axis=0), out=meta)
+                gather_layer(D, A, l, early.per_head[l], meta)
         finally:
             A.close()
         logits = propagate_ranked(D, meta, H, prop, stop, n, policy.window,

@@ -39,6 +39,16 @@ def parse_propagate(value) -> tuple[Optional[int], str]:
     return int(value), "own"
 
 
+def format_propagate(n: Optional[int], keep: str = "own"):
+    """The inverse of :func:`parse_propagate`: None, N, or "N:kept"."""
+    return None if n is None else n if keep == "own" else f"{n}:{keep}"
+
+
+def normalize_propagate(value):
+    """``propagate`` in one spelling (ValueError on bad input): "4096" -> 4096, "4096:kept" stays."""
+    return format_propagate(*parse_propagate(value))
+
+
 class Propagates:
     """Mixin for the layer-major policies (ASL, FastKV): the ``propagate`` option (None: the budget;
     N; "N:kept")."""
@@ -60,9 +70,7 @@ class Propagates:
         self.propagate = None if propagate == self.budget else int(propagate)
 
     def _propagate_params(self) -> dict:
-        if self.propagate is None:
-            return {}
-        return {"propagate": self.propagate if self.deep_keep == "own" else f"{self.propagate}:{self.deep_keep}"}
+        return {} if self.propagate is None else {"propagate": format_propagate(self.propagate, self.deep_keep)}
 
     def propagation_for(self, model, n_tokens: int) -> tuple[Optional[int], str]:
         """(tokens propagated or None for the budget, what the deeper layers keep) on `model` for a

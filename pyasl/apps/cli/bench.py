@@ -27,18 +27,14 @@ def bench() -> None:
 
 def _propagates(values):
     """--propagate's values: N, N:kept, or "budget" for the default (None)."""
-    from ...policies.propagation import parse_propagate
+    from ...policies.propagation import normalize_propagate
 
     if values is None:
         return None
-    out = []
-    for v in values:
-        try:
-            n, keep = (None, "own") if v.strip() == "budget" else parse_propagate(v.strip())
-        except ValueError as e:
-            _fail(f"--propagate: {e} (or 'budget')")
-        out.append(n if keep == "own" else f"{n}:{keep}")
-    return out
+    try:
+        return [None if v.strip() == "budget" else normalize_propagate(v.strip()) for v in values]
+    except ValueError as e:
+        _fail(f"--propagate: {e} (or 'budget')")
 
 
 @bench.command("run")

@@ -41,7 +41,8 @@ def calibrate(model, length, budget, samples, taus, tasks, tolerance, propagates
     click.echo("tau   propagate   accuracy  prefill work  selected  mean layer")
     for t in rec["taus"]:
         layer = "-" if t["mean_layer"] is None else f"{t['mean_layer']:.1f}"
-        click.echo(f"{t['tau']:<5g} {str(t.get('propagate', '-')):<10}  {t['accuracy']:8.1f}  {t['prefill_work']:12.2f}  "
+        prop = str(t.get("propagate", "-"))
+        click.echo(f"{t['tau']:<5g} {prop:<10}  {t['accuracy']:8.1f}  {t['prefill_work']:12.2f}  "
                    f"{t['selected']:8.0%}  {layer:>10}")
     how = "least prefill work within" if rec["within_tolerance"] else "no setting came within"
     prop = f", propagate {rec['propagate']}" if "propagate" in rec else ""

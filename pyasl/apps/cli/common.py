@@ -134,15 +134,12 @@ def _parse_span(ctx, param, value):
 
 def _parse_propagate(ctx, param, value):
     """--propagate as an int (N) or "N:kept"; None when not given."""
-    from ...policies.propagation import parse_propagate
+    from ...policies.propagation import normalize_propagate
 
-    if value is None:
-        return None
     try:
-        n, keep = parse_propagate(value)
+        return normalize_propagate(value)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
-    return n if keep == "own" else f"{n}:{keep}"
 
 
 class PolicyOptions:
