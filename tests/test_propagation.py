@@ -3,6 +3,7 @@ layer's top `propagate` tokens run through the deeper layers, each of which keep
 sets of `budget` cells from them."""
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -78,6 +79,32 @@ def test_wide_propagation_keeps_the_budget_and_streams_as_stored(tiny_dense, fa)
     finally:
         a.ctx.close()
         b.ctx.close()
+
+
+def test_wide_propagation_scratch_holds_one_layer(tiny_dense, monkeypatch):
+    """The propagated tokens go through the deeper layers layer by layer in a scratch storing one
+    layer of K/V, in the pass's ubatches: the wider set costs one layer of its K/V, not every layer's."""
+    pf = importlib.import_module("pyasl.engine.prefill")
+    scratches = []
+
+    class Seen(pf.Context):
+        def close(self):
+            if self._cap and not self.__dict__.get("_closed"):
+                scratches.append((self.kv_info(), self.n_batch))
+            super().close()
+
+    monkeypatch.setattr(pf, "Context", Seen)
+    monkeypatch.setattr(pf, "PASS_ATTN_BYTES", 1)  # the smallest ubatch the pass takes: 32 queries
+    m = tiny_dense
+    pr = strategies.run(m, toks(m, 300, seed=6), P.FastKV(layer=2, budget=64, window=16, propagate=160),
+                        max_tokens=8, n_batch=128)
+    try:
+        assert pr.extra["propagated"] >= 160
+        # the pass before the selection layer and the propagation: one layer each, 32-query ubatches
+        assert len(scratches) == 2 and [info.n_layer_base for info, _ in scratches] == [1, 1]
+        assert [nb for _, nb in scratches] == [32, 32]
+    finally:
+        pr.ctx.close()
 
 
 def test_propagating_every_token_is_snapkv(tiny_dense):

@@ -88,6 +88,34 @@ def pass_ubatch(model: Model, n: int, n_batch: int, window: int, flash_attn: boo
     return min(n_batch, max(32, window, u))
 
 
+def _pass_chunks(n: int, n_batch: int, window: int) -> list[tuple[int, int]]:
+    """The ubatches of a layer-major pass over n tokens: n_batch at a time, the last `window` alone
+    (their window scores are captured)."""
+    head = n - window
+    return [(i, min(i + n_batch, head)) for i in range(0, head, n_batch)] + [(head, n)]
+
+
+def _run_layer(ctx: Context, l: int, chunks: list[tuple[int, int]], window: int,
+               run: Callable[[int, int, bool], None], out: Optional[np.ndarray]) -> None:
+    """Layer l of ctx over every ubatch (``run(a, b, is_window)`` decodes tokens a..b-1), window scores
+    armed on the last one; ``out[a:b]`` gets each ubatch's output, the next layer's input (None: the
+    last layer, whose ubatches give logits)."""
+    ctx.set_layer_range(l, l + 1)
+    ctx.set_hidden_output(None if out is None else l + 1)
+    last_a = chunks[-1][0]
+    for a, b in chunks:
+        win = a == last_a
+        if win:
+            ctx.arm_scores(window)
+        try:
+            run(a, b, win)
+        finally:
+            if win:
+                ctx.disarm_scores()
+        if out is not None:
+            out[a:b] = ctx.hidden(b - a)
+
+
 def layer_major_pass(model: Model, tokens: list[int], window: int, decide,
                       progress: Optional[Callable[[int, int], None]] = None, keep_all_hidden: bool = False,
                       on_layer: Optional[Callable[[int, Context, np.ndarray], None]] = None, one_layer_kv: bool = False,
@@ -108,8 +136,7 @@ def layer_major_pass(model: Model, tokens: list[int], window: int, decide,
     N, n = model.n_layer, len(tokens)
     n_batch = pass_ubatch(model, n, ctx_kw.get("n_batch", 512), window, ctx_kw.get("flash_attn", False))
     A = Context(model, _pad(n + 1), capture=True, one_layer_kv=one_layer_kv, **{**ctx_kw, "n_batch": n_batch})
-    head = n - window
-    chunks = [(i, min(i + n_batch, head)) for i in range(0, head, n_batch)] + [(head, n)]
+    chunks = _pass_chunks(n, n_batch, window)
     scores = np.zeros((N, model.n_head, n), dtype=np.float32)
     Hs: list[np.ndarray] = []
     H = None
@@ -117,27 +144,19 @@ def layer_major_pass(model: Model, tokens: list[int], window: int, decide,
     try:
         for l in range(N):
             last = l == N - 1
-            A.set_layer_range(l, l + 1)
             A.set_reuse_cells(l > 0)
-            A.set_hidden_output(None if last else l + 1)
             # the next layer's input; each ubatch's output replaces its own input (already consumed)
             # unless every layer's hidden states are kept
             newH = None if last else H if H is not None and not keep_all_hidden else \
                 np.empty((n, model.n_embd), dtype=np.float32)
-            for a, b in chunks:
-                win = a == head
-                if win:
-                    A.arm_scores(window)
-                try:
-                    if l == 0:
-                        A.decode(tokens[a:b], pos0=a, logits_last=win)
-                    else:
-                        A.decode_hidden(H[a:b], list(range(a, b)), logits_last=win)
-                finally:
-                    if win:
-                        A.disarm_scores()
-                if newH is not None:
-                    newH[a:b] = A.hidden(b - a)
+
+            def run(a: int, b: int, win: bool, l: int = l, H: Optional[np.ndarray] = H) -> None:
+                if l == 0:
+                    A.decode(tokens[a:b], pos0=a, logits_last=win)
+                else:
+                    A.decode_hidden(H[a:b], list(range(a, b)), logits_last=win)
+
+            _run_layer(A, l, chunks, window, run, newH)
             scores[l] = A.layer_scores(l, n)
             H = newH
             if H is not None:
@@ -252,25 +271,15 @@ def move_to_context(ctx: Context, n_prompt: int, n_cells: int, **context_kwargs)
     return new
 
 
-def run_deeper_layers(ctx: Context, H: np.ndarray, positions, first_layer: int, window: int = 0) -> np.ndarray:
+def run_deeper_layers(ctx: Context, H: np.ndarray, positions, first_layer: int) -> np.ndarray:
     """Run the tokens at `positions` (their rows of H, the input of layer `first_layer`) through layers
     first_layer..N-1 of ctx, a ubatch at a time, into ctx's next cells; returns the last one's logits.
-    window > 0: the last `window` positions run as a ubatch of their own with window scores captured
-    (ctx made with capture=True). ctx runs every layer again afterwards."""
+    ctx runs every layer again afterwards."""
     N, nb, pos_all = ctx.model.n_layer, ctx.n_batch, [int(p) for p in positions]
-    head = len(pos_all) - window if window else len(pos_all)
-    chunks = [(i, min(i + nb, head)) for i in range(0, head, nb)] + ([(head, len(pos_all))] if window else [])
     ctx.set_layer_range(first_layer, N)
-    for a, b in chunks:
-        pos = pos_all[a:b]
-        armed = window and a == head
-        if armed:
-            ctx.arm_scores(window)
-        try:
-            ctx.decode_hidden(H[pos], pos, logits_last=b == len(pos_all))
-        finally:
-            if armed:
-                ctx.disarm_scores()
+    for a in range(0, len(pos_all), nb):
+        pos = pos_all[a: a + nb]
+        ctx.decode_hidden(H[pos], pos, logits_last=a + nb >= len(pos_all))
     logits = ctx.logits()
     ctx.set_layer_range(0, N)
     return logits
@@ -287,20 +296,32 @@ def gather_layer(D: Context, src: Context, il: int, sets: np.ndarray, meta: np.n
 def propagate_ranked(D: Context, meta: np.ndarray, H: np.ndarray, prop, stop: int, n: int, window: int,
                      layer_set: Callable[[np.ndarray], np.ndarray], **ctx_kw) -> np.ndarray:
     """Propagation wider than the budget (pyasl.policies.propagation): the `prop` positions (sorted,
-    the window last) run through layers stop+1..N-1 in a context of their own with window scores
-    captured; then each of those layers keeps ``prop[layer_set(its (n_head, len(prop)) scores)]``
-    ((n_head_kv, k) per KV head), gathered into D's cells 0..k-1. ``meta`` (the largest position each
-    cell holds in any layer, for D.set_cell_positions) is updated. Returns the last prompt token's
-    full-depth logits. ctx_kw: Context settings."""
+    the window last) run through layers stop+1..N-1, layer by layer, in a scratch context that stores
+    one layer of K/V (as the pass before the selection layer does) with window scores captured; after
+    each layer ran it keeps ``prop[layer_set(its (n_head, len(prop)) scores)]`` ((n_head_kv, k) per KV
+    head), gathered into D's cells 0..k-1 before the next layer overwrites the scratch. ``meta`` (the
+    largest position each cell holds in any layer, for D.set_cell_positions) is updated. The ubatch
+    is :func:`pass_ubatch`'s for len(prop) tokens. Returns the last prompt token's full-depth logits.
+    ctx_kw: Context settings."""
+    model, N = D.model, D.model.n_layer
     prop = np.asarray(prop, dtype=np.int64)
-    P = Context(D.model, _pad(len(prop) + 1), capture=True, allow_pos_gaps=True, **ctx_kw)
+    m, positions = len(prop), prop.tolist()
+    n_batch = pass_ubatch(model, m, ctx_kw.get("n_batch", 512), window, ctx_kw.get("flash_attn", False))
+    P = Context(model, _pad(m + 1), capture=True, allow_pos_gaps=True, one_layer_kv=True,
+                **{**ctx_kw, "n_batch": n_batch})
+    chunks = _pass_chunks(m, n_batch, window)
+    X = H[prop]  # the propagated tokens' input of the next layer, replaced by its output layer by layer
     try:
-        logits = run_deeper_layers(P, H, prop, stop + 1, window=window)
-        for l in range(stop + 1, D.model.n_layer):
+        for l in range(stop + 1, N):
+            last = l == N - 1
+            P.set_reuse_cells(l > stop + 1)
+            _run_layer(P, l, chunks, window,
+                       lambda a, b, win: P.decode_hidden(X[a:b], positions[a:b], logits_last=win),
+                       None if last else X)
             gather_layer(D, P, l, prop[layer_set(P.layer_scores(l, n)[:, prop])], meta)
+        return P.logits()
     finally:
         P.close()
-    return logits
 
 
 def propagation_work(stop: int, n: int, n_prop: int, n_layer: int) -> float:
