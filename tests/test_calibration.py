@@ -58,14 +58,14 @@ def home(tmp_path, monkeypatch):
 def test_asl_uses_the_model_calibration_and_says_so(home):
     m = pyasl.load_model(TINY)
     try:
-        assert C.lookup(m) is None and pyasl.ASL(budget=64).tau_for(m) == (0.3, None)
+        assert C.lookup(m) is None and pyasl.ASL(budget=64).settings_for(m) == (0.3, None, None)
         f = C.user_file(m)
         f.parent.mkdir(parents=True)
         f.write_text(json.dumps({"identity": C.identity(m), "tau": 0.8, "date": "2026-12-03", "samples": 16,
                                  "n_tokens": 4096}))
-        tau, source = pyasl.ASL(budget=64).tau_for(m)
+        tau, _, source = pyasl.ASL(budget=64).settings_for(m)
         assert tau == 0.8 and "pyasl calibrate calibration of 2026-12-03, 16 samples" in source
-        assert pyasl.ASL(budget=64, tau=0.3).tau_for(m) == (0.3, None)  # an explicit tau wins
+        assert pyasl.ASL(budget=64, tau=0.3).settings_for(m) == (0.3, None, None)  # an explicit tau wins
         assert pyasl.ASL(budget=64).params()["tau"] is None
         # the selection note names it; the rule runs with that tau
         scores = np.random.default_rng(0).random((m.n_layer, m.n_head, 300), dtype=np.float32)

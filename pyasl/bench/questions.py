@@ -134,7 +134,7 @@ def run(model_name: str, n_tokens: int, samples: int, policy, out, modes=MODES, 
                 base = {"model": name, "context": kind, "n_tokens": n_tokens, "index": index, "mode": mode, "policy": pol.name,
                         "budget": getattr(pol, "budget", None) if pol.prunes else None,
                         "span": str(ranked.span) if pol.prunes else None,
-                        "tau": pol.tau_for(model, n_tokens)[0] if hasattr(pol, "tau_for") else None}
+                        "tau": pol.settings_for(model, n_tokens).tau if hasattr(pol, "settings_for") else None}
                 if all(_key({**base, "question": q}) in done for q in range(len(asked))):
                     continue
                 rows = _ask_all(model, doc, asked, pol, mode, max_tokens, n_threads, Session, generate)

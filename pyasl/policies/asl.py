@@ -9,7 +9,7 @@
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from .. import arch
 from .asl_rule import asl_select
@@ -17,6 +17,15 @@ from .base import Policy, PrefillChoice, Selection, register_policy
 from .layer_budgets import DEFAULT_B_MIN_FRAC, DEFAULT_BETA, DEFAULT_THETA, EarlyLayerBudgets
 from .propagation import Propagates, parse_propagate
 from .scoring import _check_unit, default_layer_params
+
+
+class ASLSettings(NamedTuple):
+    """What ASL runs with on a model for a prompt length: its tau, the propagation chosen with it by
+    the model's calibration (None: the policy's own), and where they come from (None: not calibrated)."""
+
+    tau: float
+    propagate: Optional[str] = None
+    source: Optional[str] = None
 
 
 class _ASLRule(Policy):
@@ -36,33 +45,34 @@ class _ASLRule(Policy):
         if self.l_min is not None and not 0 <= self.l_min < model.n_layer:
             raise ValueError(f"l_min {self.l_min} is outside the model's layers 0..{model.n_layer - 1}")
 
-    def tau_for(self, model, n_tokens: Optional[int] = None) -> tuple[float, Optional[str]]:
-        """The tau used on `model` for a prompt of `n_tokens`: the policy's own; without one, the model's
-        calibration nearest that length (then also where it comes from, for the selection note), else
-        the paper's 0.3."""
+    def settings_for(self, model, n_tokens: Optional[int] = None) -> ASLSettings:
+        """The tau and propagation used on `model` for a prompt of `n_tokens` (one calibration lookup):
+        the policy's own tau; without one, the model's calibration nearest that length (then also where
+        it comes from, for the selection note), else the paper's 0.3."""
         if self.tau is not None:
-            return self.tau, None
+            return ASLSettings(self.tau)
         from ..calibration import DEFAULT_TAU, lookup
 
         cal = None if model is None or not hasattr(model, "path") else lookup(model, n_tokens)
-        return (DEFAULT_TAU, None) if cal is None else (cal.tau, cal.source)
+        if cal is None:
+            return ASLSettings(DEFAULT_TAU)
+        return ASLSettings(cal.tau, self._calibrated_propagation(cal, model, n_tokens), cal.source)
 
-    def calibrated_propagation(self, model, n_tokens: int):
-        """The calibrated propagation this policy uses (None: none; see ASL)."""
+    def _calibrated_propagation(self, cal, model, n_tokens: Optional[int]):
+        """The calibration's propagation this policy takes (None: none; see ASL)."""
         return None
 
     def _asl(self, scores, window, layer_mask, model, n_layer: Optional[int] = None):
         """asl_select with this policy's parameters; L_min and L_obs default from the model's depth
         (``n_layer``; the scores may cover only the layers that ran so far)."""
         d_min, d_obs = default_layer_params(n_layer or scores.shape[0])
-        tau, source = self.tau_for(model, scores.shape[-1])
+        tau, prop, source = self.settings_for(model, scores.shape[-1])
         sel = asl_select(scores, window=window, budget=self.budget, tau=tau,
                          l_min=d_min if self.l_min is None else self.l_min,
                          l_obs=d_obs if self.l_obs is None else self.l_obs,
                          kernel=self.kernel, layer_mask=layer_mask, span=self.span)
         if source:
-            spec = self.calibrated_propagation(model, scores.shape[-1])
-            with_prop = "" if spec is None else f", propagate {spec}"
+            with_prop = "" if prop is None else f", propagate {prop}"
             sel.note = f"{sel.note} (tau {tau:g}{with_prop}: the model's {source})"
         return sel
 
@@ -115,21 +125,18 @@ class ASL(PrefillChoice, EarlyLayerBudgets, Propagates, _ASLRule):
         self._check_propagate_model(model)
         super().check_model(model)
 
-    def calibrated_propagation(self, model, n_tokens: int):
-        """The propagation the model's calibration chose with its tau (N or "N:kept", scaled to the
-        prompt), when this policy takes the calibrated defaults: no tau, no propagate and no layer
-        budgets of its own, a layer-major prefill on a model without sliding windows; else None."""
-        if self.tau is not None or self.propagate is not None or self.layer_budgets or model is None \
-                or not hasattr(model, "path") or model.n_swa > 0 or self.strategy(model) != "layer-major":
+    def _calibrated_propagation(self, cal, model, n_tokens: Optional[int]):
+        """The propagation the calibration chose with its tau (N or "N:kept", scaled to the prompt),
+        when this policy takes the calibrated defaults: no propagate and no layer budgets of its own, a
+        layer-major prefill on a model without sliding windows; else None."""
+        if self.propagate is not None or self.layer_budgets or not n_tokens or model.n_swa > 0 \
+                or self.strategy(model) != "layer-major":
             return None
-        from ..calibration import lookup
-
-        cal = lookup(model, n_tokens)
-        spec = None if cal is None else cal.propagate_for(n_tokens)
+        spec = cal.propagate_for(n_tokens)
         return spec if spec is not None and parse_propagate(spec)[0] > self.budget else None
 
     def propagation_for(self, model, n_tokens: int):
-        spec = self.calibrated_propagation(model, n_tokens)
+        spec = self.settings_for(model, n_tokens).propagate
         return super().propagation_for(model, n_tokens) if spec is None else parse_propagate(spec)
 
     def select(self, scores, window, model, layer_mask=None) -> Selection:

@@ -47,7 +47,7 @@ def inspect(model, prompt, prompt_file, raw, system, threads, flash_attn, verbos
         budget = policy.budget if policy.budget is not None else min(512, n)
         pol = policy.build(budget=budget)
         # asl's tau on this model (its own, or the model's calibration); the paper's for the others' rankings
-        tau = pol.tau_for(m, n)[0] if hasattr(pol, "tau_for") else policy.kw["tau"] or DEFAULT_TAU
+        tau = pol.settings_for(m, n).tau if hasattr(pol, "settings_for") else policy.kw["tau"] or DEFAULT_TAU
         info = inspect_layers(pf.scores, window, l_min=policy.kw["l_min"], l_obs=policy.kw["l_obs"], budget=budget,
                               tau=tau, layer_mask=mask, span=pol.span)
         sel = kept = None  # what the policy keeps when it runs: its selection, the early layers' sets
