@@ -61,6 +61,47 @@ def test_per_question_selection_is_the_one_shot_selection(tiny, policy):
     assert s.stats()["questions_selected"] == 2 and s.stats()["mode"] == "per-question"
 
 
+@pytest.mark.parametrize("name", ["snapkv", "asl", "pyramid"])
+def test_copy_is_pruned_by_gathering_its_kept_cells(tiny, name, monkeypatch):
+    """FullCopy.pruned gathers the selection's cells out of the copy layer by layer (no duplicate of
+    the copy's K/V): the same decode context as pruning a duplicate, and the copy untouched;
+    per-layer budgets (pyramid) still prune a duplicate."""
+    from pyasl.engine import full_copy as fc_mod
+    from pyasl.engine.full_copy import FullCopy
+
+    policy = P.make_policy(name, budget=96, window=8)
+    fc = FullCopy(tiny, n_batch=128)
+    try:
+        toks = tiny.tokenize(DOC)
+        scores, _ = fc.prefill(toks, 8)
+        sel = fc.select(policy, scores, 8)
+        before = fc.ctx.logits().copy()
+        gathered = fc_mod.gather_selection(fc.ctx, sel, 8, n_batch=128)
+        assert (gathered is None) == (name == "pyramid")
+        if gathered is not None:
+            gathered.close()
+        runs = []
+        for gather in (True, False):
+            if not gather:
+                monkeypatch.setattr(fc_mod, "gather_selection", lambda *a, **k: None)
+            ctx, cells, lb = fc.pruned(sel, room=8)
+            try:
+                assert ctx.n_past == len(toks) and (cells == 96 or lb is not None)
+                out = []
+                for t in (5, 9, 11):
+                    ctx.decode([t])
+                    out.append(ctx.logits())
+                runs.append((ctx.kv_info().used_base, out))
+            finally:
+                ctx.close()
+        assert runs[0][0] == runs[1][0]
+        for x, y in zip(runs[0][1], runs[1][1]):
+            np.testing.assert_array_equal(x, y)
+        assert fc.n == len(toks) and np.array_equal(fc.ctx.logits(), before)
+    finally:
+        fc.close()
+
+
 def test_mode_is_validated_and_full_never_copies(tiny):
     with pytest.raises(ValueError, match="mode must be one of"):
         pyasl.Session(tiny, policy=pyasl.SnapKV(budget=64, window=8), n_ctx=160, mode="sometimes")

@@ -18,7 +18,7 @@ import numpy as np
 from ..policies import Policy, Selection
 from .context import Context, _pad
 from .model import Model
-from .prefill import prefill
+from .prefill import gather_selection, prefill
 from .strategies import PrunedPrefill, finish_ordinary, select
 
 GROW = 1024  # cells added when the copy must grow
@@ -95,7 +95,13 @@ class FullCopy:
 
     def pruned(self, sel: Optional[Selection], room: int):
         """A decode context holding `sel` of the copy (everything when None) and `room` free cells:
-        (context, prompt cells, LayerBudgets or None). The copy is untouched."""
+        (context, prompt cells, LayerBudgets or None). The copy is untouched: the kept cells are
+        gathered from it layer by layer, or (per-layer budgets, sliding windows, keep everything) a
+        duplicate of it is pruned."""
+        if sel is not None:
+            ctx = gather_selection(self.ctx, sel, room, **self.kw)
+            if ctx is not None:
+                return ctx, sel.n_kept, None
         tmp = Context(self.model, _pad(self.n + 1), **self.kw)
         try:
             tmp.state_set(self.ctx.state_get(), n_past=self.n)

@@ -293,6 +293,29 @@ def gather_layer(D: Context, src: Context, il: int, sets: np.ndarray, meta: np.n
     np.maximum(meta, sets.max(axis=0), out=meta)
 
 
+def gather_selection(src: Context, sel: Selection, room: int, **ctx_kw) -> Optional[Context]:
+    """A new context holding `sel`'s cells of src (one sequence, positions as the selection's indices)
+    gathered layer by layer, and `room` free cells; src untouched. No duplicate of src's K/V and no
+    state bytes (pruning a duplicate held the whole prompt's K/V three times: src, the duplicate and
+    its state). None where a gather does not apply: keep everything, per-layer budgets, or a
+    sliding-window cache. ctx_kw: Context settings."""
+    model = src.model
+    if model.n_swa > 0 or (sel.shared is None and sel.per_head is None):
+        return None
+    k = sel.n_kept
+    D = Context(model, _pad(k + room), allow_pos_gaps=True, **ctx_kw)
+    meta = np.full(k, -1, dtype=np.int64)
+    try:
+        shared = None if sel.shared is None else np.tile(np.asarray(sel.shared, dtype=np.int64), (model.n_head_kv, 1))
+        for l in range(model.n_layer):
+            gather_layer(D, src, l, shared if shared is not None else sel.per_head[l], meta)
+        D.set_cell_positions(meta)
+    except BaseException:
+        D.close()
+        raise
+    return D
+
+
 def propagate_ranked(D: Context, meta: np.ndarray, H: np.ndarray, prop, stop: int, n: int, window: int,
                      layer_set: Callable[[np.ndarray], np.ndarray], **ctx_kw) -> np.ndarray:
     """Propagation wider than the budget (pyasl.policies.propagation): the `prop` positions (sorted,
