@@ -112,11 +112,18 @@ def store(path: Path, rec: dict) -> None:
     path.write_text(json.dumps(keep + [rec], indent=1) + "\n", encoding="utf-8")
 
 
+MIN_ANSWERED = 8.0  # samples SnapKV must answer (summed scores) before a calibration may move tau
+
+
 def choose(rows: list[dict], tolerance: float = 2.0) -> dict:
     """The calibration from benchmark rows of snapkv and asl at several taus (and propagations; same
     samples, one budget): per setting the accuracy, the mean prefill work and the selection layers;
     the chosen one (least work within `tolerance` points of snapkv, ties to the smaller tau and the
-    narrower propagation)."""
+    narrower propagation).
+
+    "No accuracy lost" can only be seen on samples the model answers: when SnapKV answers fewer than
+    MIN_ANSWERED of them, the paper's tau is kept (``too_few_answered``). SmolLM2 at 4K answered 4
+    of 16; the tau the rule picked from those 4 lost the answer on a held-out prompt that 0.3 keeps."""
     from .bench.runner import row_propagate
     from .policies.propagation import parse_propagate
 
@@ -146,14 +153,18 @@ def choose(rows: list[dict], tolerance: float = 2.0) -> dict:
     def width(t):
         return parse_propagate(t.get("propagate"))[0] or 0
 
+    answered = float(sum(snap))
+    common = {"tolerance": tolerance, "snapkv_accuracy": ref, "snapkv_answered": answered, "samples": n,
+              "taus": table}
+    if answered < MIN_ANSWERED:
+        return {"tau": DEFAULT_TAU, "within_tolerance": False, "too_few_answered": True, **common}
     ok = [t for t in table if t["accuracy"] >= ref - tolerance]
     if ok:
         best = min(ok, key=lambda t: (round(t["prefill_work"], 6), t["tau"], width(t)))
     else:
         best = max(table, key=lambda t: (t["accuracy"], -t["prefill_work"], -t["tau"], -width(t)))
     return {"tau": best["tau"], **({"propagate": best["propagate"]} if "propagate" in best else {}),
-            "within_tolerance": bool(ok), "tolerance": tolerance, "snapkv_accuracy": ref, "samples": n,
-            "taus": table}
+            "within_tolerance": bool(ok), **common}
 
 
 def calibrate(model_name: str, n_tokens: int = 4096, budget: int = 1024, samples: int = 2,

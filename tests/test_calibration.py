@@ -17,13 +17,14 @@ from tinymodels import tiny_model_path
 TINY = tiny_model_path("llama", n_layer=4)
 
 
-def _rows(table: dict, snapkv: float, n: int = 4) -> list[dict]:
-    """Benchmark rows: snapkv scoring `snapkv` of n samples, asl at each tau: (hits of n, work, layer)."""
+def _rows(table: dict, snapkv: float, n: int = 4, copies: int = 2) -> list[dict]:
+    """Benchmark rows: snapkv scoring `snapkv` of n samples, asl at each tau: (hits of n, work, layer);
+    every sample `copies` times (SnapKV must answer C.MIN_ANSWERED samples before tau may move)."""
     rows = [{"policy": "snapkv", "score": float(i < snapkv * n)} for i in range(n)]
     for tau, (hits, work, layer) in table.items():
         rows += [{"policy": "asl", "tau": tau, "score": float(i < hits), "prefill_work": work, "selected_layer": layer}
                  for i in range(n)]
-    return rows
+    return rows * copies
 
 
 def test_choose_least_work_within_tolerance():
@@ -43,6 +44,17 @@ def test_choose_least_work_within_tolerance():
     assert C.choose(partial)["tau"] == 0.3
     with pytest.raises(ValueError, match="no snapkv rows"):
         C.choose([r for r in rows if r["policy"] != "snapkv"])
+
+
+def test_too_few_answered_samples_keep_the_papers_tau():
+    """Accuracy lost can only be seen where the model answers: with SnapKV answering fewer than
+    MIN_ANSWERED samples the paper's tau is kept, however little work another tau does."""
+    rows = _rows({0.3: (1, 1.0, None), 0.9: (1, 0.6, 10)}, snapkv=0.25, n=4, copies=4)  # 4 answered of 16
+    rec = C.choose(rows, tolerance=2.0)
+    assert rec["tau"] == C.DEFAULT_TAU and rec["too_few_answered"] and rec["snapkv_answered"] == 4.0
+    assert [t["tau"] for t in rec["taus"]] == [0.3, 0.9] and rec["samples"] == 16
+    rec = C.choose(_rows({0.3: (1, 1.0, None), 0.9: (1, 0.6, 10)}, snapkv=0.25, n=4, copies=8))  # 8 of 32
+    assert rec["tau"] == 0.9 and "too_few_answered" not in rec
 
 
 @pytest.fixture
@@ -96,8 +108,10 @@ def test_cli_calibrate_stores_a_tau_that_generate_and_inspect_use(home):
     try:
         [rec] = json.loads(C.user_file(m).read_text())  # one record per calibrated length
         assert rec["n_tokens"] == 600 and rec["identity"] == C.identity(m) and rec["samples"] == 2 and rec["budget"] == 128  # 2 tasks x 1
-        assert [t["tau"] for t in rec["taus"]] == [0.3, 0.9] and rec["tau"] in (0.3, 0.9)
-        assert f"tau {rec['tau']:g} (" in r.output and str(C.user_file(m)) in r.output
+        assert [t["tau"] for t in rec["taus"]] == [0.3, 0.9]
+        # 2 samples: too few answered to move tau, and the command says why
+        assert rec["tau"] == 0.3 and rec["too_few_answered"] and "too few to see accuracy lost" in r.output
+        assert str(C.user_file(m)) in r.output
         assert C.lookup(m).tau == rec["tau"]
     finally:
         m.close()

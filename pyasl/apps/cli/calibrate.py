@@ -27,7 +27,7 @@ def calibrate(model, length, budget, samples, taus, tasks, tolerance, propagates
     generate, chat, serve and the Python API whenever no --tau is given, from the calibrated length
     nearest the prompt's. With --propagate a (tau, propagation) pair is one setting, used together
     (the propagation as the same share of the prompt). Resumable."""
-    from ...calibration import calibrate as run
+    from ...calibration import MIN_ANSWERED, calibrate as run
 
     if not taus or any(not 0 < t <= 1 for t in taus):
         fail("--taus must be values in (0, 1]")
@@ -44,6 +44,11 @@ def calibrate(model, length, budget, samples, taus, tasks, tolerance, propagates
         prop = str(t.get("propagate", "-"))
         click.echo(f"{t['tau']:<5g} {prop:<10}  {t['accuracy']:8.1f}  {t['prefill_work']:12.2f}  "
                    f"{t['selected']:8.0%}  {layer:>10}")
-    how = "least prefill work within" if rec["within_tolerance"] else "no setting came within"
     prop = f", propagate {rec['propagate']}" if "propagate" in rec else ""
+    if rec.get("too_few_answered"):
+        click.echo(f"tau {rec['tau']:g}, the paper's: snapkv answers {rec['snapkv_answered']:g} of {rec['samples']} "
+                   f"samples, fewer than {MIN_ANSWERED:g}, too few to see accuracy lost (run more --samples) "
+                   f"-> {path}")
+        return
+    how = "least prefill work within" if rec["within_tolerance"] else "no setting came within"
     click.echo(f"tau {rec['tau']:g}{prop} ({how} {tolerance:g} points of snapkv) -> {path}")
