@@ -102,6 +102,31 @@ def test_copy_is_pruned_by_gathering_its_kept_cells(tiny, name, monkeypatch):
         fc.close()
 
 
+def test_a_long_copy_scores_a_window_longer_than_its_ubatch(tiny, monkeypatch):
+    """A long copy decodes in bounded ubatches (prefill.pass_ubatch); a window longer than one is
+    scored a ubatch at a time and summed: the scores and logits of one ubatch of the whole window."""
+    import importlib
+
+    from pyasl.engine.full_copy import FullCopy
+
+    pf = importlib.import_module("pyasl.engine.prefill")
+    doc, turn = tiny.tokenize(DOC)[:600], tiny.tokenize(" ".join(f"Courier {i}?" for i in range(20)))
+    assert len(turn) > 100
+    runs = []
+    for bound in (None, 1):  # 1: the smallest ubatch a bounded copy takes, 32
+        if bound is not None:
+            monkeypatch.setattr(pf, "PASS_ATTN_BYTES", bound)
+        fc = FullCopy(tiny, n_batch=128)
+        try:
+            runs.append((fc.prefill(doc, 8), fc.ask(turn, 100), fc.ctx.n_batch, fc.n, list(fc.tokens)))
+        finally:
+            fc.close()
+    (a0, a1, nb_a, n_a, t_a), (b0, b1, nb_b, n_b, t_b) = runs
+    assert (nb_a, nb_b) == (128, 32) and n_a == n_b == len(doc) + len(turn) and t_a == t_b
+    for x, y in zip(a0 + a1, b0 + b1):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
 def test_mode_is_validated_and_full_never_copies(tiny):
     with pytest.raises(ValueError, match="mode must be one of"):
         pyasl.Session(tiny, policy=pyasl.SnapKV(budget=64, window=8), n_ctx=160, mode="sometimes")

@@ -18,7 +18,7 @@ import numpy as np
 from ..policies import Policy, Selection
 from .context import Context, _pad
 from .model import Model
-from .prefill import gather_selection, prefill
+from .prefill import gather_selection, pass_ubatch
 from .strategies import PrunedPrefill, finish_ordinary, select
 
 GROW = 1024  # cells added when the copy must grow
@@ -48,8 +48,11 @@ class FullCopy:
             raise FullCopyFull(f"the conversation would pass the model's training context ({self.model.n_ctx_train})")
         if self.ctx is not None and need <= self.ctx.n_ctx:
             return
-        new = Context(self.model, max(_pad(need), min(_pad(need + GROW), self.model.n_ctx_train)), capture=True,
-                      **self.kw)
+        size = max(_pad(need), min(_pad(need + GROW), self.model.n_ctx_train))
+        # a long copy decodes in ubatches whose attention weights stay bounded (as a layer-major pass):
+        # 512 queries over 16K keys materialise 672 MiB with flash attention off
+        n_batch = pass_ubatch(self.model, size, self.kw["n_batch"], 1, self.kw["flash_attn"])
+        new = Context(self.model, size, capture=True, **{**self.kw, "n_batch": n_batch})
         if self.ctx is not None:
             try:
                 new.state_set(self.ctx.state_get(), n_past=self.n)
@@ -62,29 +65,47 @@ class FullCopy:
     def prefill(self, tokens: list[int], window: int, progress=None):
         """The documents, with the last `window` tokens' scores armed: (scores, logits)."""
         self._reserve(len(tokens) + 1)
-        pf = prefill(self.ctx, tokens, window=window, progress=progress)
-        self.n, self.tokens = len(tokens), list(tokens)
-        return pf.scores, pf.logits
+        self.n, self.tokens = 0, []
+        return self._decode_scored(list(tokens), window, progress)
 
     def ask(self, tokens: list[int], window: int):
         """Append the pending answer tokens and a new turn, the last `window` tokens scored:
         (scores over every position, the last token's logits)."""
         toks = self.pending + list(tokens)
         self._reserve(self.n + len(toks) + 1)
-        ctx, nb = self.ctx, self.kw["n_batch"]
-        window = self.window = min(window, len(toks))
-        head = toks[: len(toks) - window]
-        for i in range(0, len(head), nb):
-            ctx.decode(head[i: i + nb], pos0=self.n + i, logits_last=False)
-        ctx.arm_scores(window)
-        try:
-            ctx.decode(toks[len(head):], pos0=self.n + len(head), logits_last=True)
-        finally:
-            ctx.disarm_scores()
-        self.n += len(toks)
-        self.tokens += toks
+        self.window = min(window, len(toks))
         self.pending = []
-        return ctx.window_scores(self.n), ctx.logits()
+        return self._decode_scored(toks, self.window)
+
+    def _decode_scored(self, toks: list[int], window: int, progress=None):
+        """Decode `toks` after the copy's tokens, the last `window` scored: (window scores over every
+        position, the last token's logits). The copy's ubatch may be shorter than the window (a long
+        copy's is bounded): the window then goes in ubatches, each scoring its own queries, and their
+        scores are summed, which is what one ubatch of the whole window sums (each query's attention
+        row is the same either way)."""
+        ctx, nb, n0, n_all = self.ctx, self.ctx.n_batch, self.n, self.n + len(toks)
+        if not 1 <= window <= len(toks):
+            raise ValueError(f"internal: a scored window of {window} for {len(toks)} tokens")
+        head = len(toks) - window
+        for i in range(0, head, nb):
+            ctx.decode(toks[i: min(i + nb, head)], pos0=n0 + i, logits_last=False)
+            if progress:
+                progress(min(i + nb, head), len(toks))
+        total = np.zeros((self.model.n_layer, self.model.n_head, n_all), dtype=np.float32)
+        for i in range(head, len(toks), nb):
+            piece = toks[i: i + nb]
+            end = n0 + i + len(piece)
+            ctx.arm_scores(len(piece))
+            try:
+                ctx.decode(piece, pos0=n0 + i, logits_last=end == n_all)
+            finally:
+                ctx.disarm_scores()
+            total[:, :, :end] += ctx.window_scores(end)
+        if progress:
+            progress(len(toks), len(toks))
+        self.n = n_all
+        self.tokens += toks
+        return total, ctx.logits()
 
     def select(self, policy: Policy, scores, window: int) -> Optional[Selection]:
         """The policy's selection from the copy's tokens (the last `window` are the observation window,
