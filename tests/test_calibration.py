@@ -197,7 +197,9 @@ def test_a_propagation_is_calibrated_with_its_tau_and_used_by_default(home):
         assert pyasl.ASL(budget=64, window=8, propagate=100).propagation_for(m, 600) == (100, "own")
         assert pyasl.ASL(budget=64, window=8, prefill="ordinary").propagation_for(m, 600) == (None, "own")
         scores = np.random.default_rng(0).random((m.n_layer, m.n_head, 600), dtype=np.float32)
-        assert "(tau 0.97, propagate 300:kept: the model's pyasl calibrate calibration" in asl.select(scores, 8, m).note
+        assert "(tau 0.97, propagate 300:kept: the model's pyasl calibrate calibration" in asl.decide_last(scores, m).note
+        # a selection from every layer's scores (ordinary prefill, per-question selection) propagates nothing
+        assert "(tau 0.97: the model's pyasl calibrate calibration" in asl.select(scores, 8, m).note
         t = [int(x) for x in np.random.default_rng(1).integers(10, 380, 600)]
         pr = pyasl.engine.strategies.run(m, t, pyasl.ASL(budget=64, window=8), max_tokens=4, n_batch=128)
         try:

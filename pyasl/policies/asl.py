@@ -62,9 +62,11 @@ class _ASLRule(Policy):
         """The calibration's propagation this policy takes (None: none; see ASL)."""
         return None
 
-    def _asl(self, scores, window, layer_mask, model, n_layer: Optional[int] = None):
+    def _asl(self, scores, window, layer_mask, model, n_layer: Optional[int] = None, passing: bool = False):
         """asl_select with this policy's parameters; L_min and L_obs default from the model's depth
-        (``n_layer``; the scores may cover only the layers that ran so far)."""
+        (``n_layer``; the scores may cover only the layers that ran so far). ``passing``: called by a
+        layer-major pass (decide, decide_last), the only place a calibrated propagation applies, so the
+        only one whose note names it (a selection from every layer's scores propagates nothing)."""
         d_min, d_obs = default_layer_params(n_layer or scores.shape[0])
         tau, prop, source = self.settings_for(model, scores.shape[-1])
         sel = asl_select(scores, window=window, budget=self.budget, tau=tau,
@@ -72,7 +74,7 @@ class _ASLRule(Policy):
                          l_obs=d_obs if self.l_obs is None else self.l_obs,
                          kernel=self.kernel, layer_mask=layer_mask, span=self.span)
         if source:
-            with_prop = "" if prop is None else f", propagate {prop}"
+            with_prop = "" if prop is None or not passing else f", propagate {prop}"
             sel.note = f"{sel.note} (tau {tau:g}{with_prop}: the model's {source})"
         return sel
 
@@ -86,13 +88,13 @@ class _ASLRule(Policy):
         l_min = self.l_min if self.l_min is not None else default_layer_params(model.n_layer)[0]
         if layer > l_min and (layer_mask is None or layer_mask[layer]):
             s = self._asl(scores[: layer + 1], self.window, None if layer_mask is None else layer_mask[: layer + 1],
-                          model, n_layer=model.n_layer)
+                          model, n_layer=model.n_layer, passing=True)
             if s.selected_layer is not None:
                 return self._shared(s)
         return None
 
     def decide_last(self, scores, model, layer_mask=None) -> Selection:
-        return self._shared(self._asl(scores, self.window, layer_mask, model, n_layer=model.n_layer))
+        return self._shared(self._asl(scores, self.window, layer_mask, model, n_layer=model.n_layer, passing=True))
 
 
 @register_policy
