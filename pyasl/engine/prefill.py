@@ -297,10 +297,12 @@ def gather_selection(src: Context, sel: Selection, room: int, **ctx_kw) -> Optio
     """A new context holding `sel`'s cells of src (one sequence, positions as the selection's indices)
     gathered layer by layer, and `room` free cells; src untouched. No duplicate of src's K/V and no
     state bytes (pruning a duplicate held the whole prompt's K/V three times: src, the duplicate and
-    its state). None where a gather does not apply: keep everything, per-layer budgets, or a
-    sliding-window cache. ctx_kw: Context settings."""
+    its state). None where a gather does not apply: keep everything, per-layer budgets, a
+    sliding-window cache, or keys that depend on the cell (multi-axis RoPE, ALiBi: the gather moves
+    rows per KV head). ctx_kw: Context settings."""
     model = src.model
-    if model.n_swa > 0 or (sel.shared is None and sel.per_head is None):
+    if model.n_swa > 0 or (sel.shared is None and sel.per_head is None) \
+            or model.pruning_unsupported(per_head=True) is not None:
         return None
     k = sel.n_kept
     D = Context(model, _pad(k + room), allow_pos_gaps=True, **ctx_kw)
