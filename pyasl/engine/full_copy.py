@@ -18,7 +18,7 @@ import numpy as np
 from ..policies import Policy, Selection
 from .context import Context, _pad
 from .model import Model
-from .prefill import gather_selection, pass_ubatch
+from .prefill import gather_selection, pass_ubatch, prefill
 from .strategies import PrunedPrefill, finish_ordinary, select
 
 GROW = 1024  # cells added when the copy must grow
@@ -65,47 +65,24 @@ class FullCopy:
     def prefill(self, tokens: list[int], window: int, progress=None):
         """The documents, with the last `window` tokens' scores armed: (scores, logits)."""
         self._reserve(len(tokens) + 1)
-        self.n, self.tokens = 0, []
-        return self._decode_scored(list(tokens), window, progress)
+        pf = prefill(self.ctx, tokens, window=window, progress=progress)
+        self.n, self.tokens = len(tokens), list(tokens)
+        return pf.scores, pf.logits
 
     def ask(self, tokens: list[int], window: int):
         """Append the pending answer tokens and a new turn, the last `window` tokens scored:
-        (scores over every position, the last token's logits)."""
+        (scores over every position, the last token's logits). A long copy's ubatch is bounded, so the
+        window may take several (prefill sums their scores)."""
         toks = self.pending + list(tokens)
         self._reserve(self.n + len(toks) + 1)
         self.window = min(window, len(toks))
-        self.pending = []
-        return self._decode_scored(toks, self.window)
-
-    def _decode_scored(self, toks: list[int], window: int, progress=None):
-        """Decode `toks` after the copy's tokens, the last `window` scored: (window scores over every
-        position, the last token's logits). The copy's ubatch may be shorter than the window (a long
-        copy's is bounded): the window then goes in ubatches, each scoring its own queries, and their
-        scores are summed, which is what one ubatch of the whole window sums (each query's attention
-        row is the same either way)."""
-        ctx, nb, n0, n_all = self.ctx, self.ctx.n_batch, self.n, self.n + len(toks)
-        if not 1 <= window <= len(toks):
+        if self.window < 1:
             raise ValueError(f"internal: a scored window of {window} for {len(toks)} tokens")
-        head = len(toks) - window
-        for i in range(0, head, nb):
-            ctx.decode(toks[i: min(i + nb, head)], pos0=n0 + i, logits_last=False)
-            if progress:
-                progress(min(i + nb, head), len(toks))
-        total = np.zeros((self.model.n_layer, self.model.n_head, n_all), dtype=np.float32)
-        for i in range(head, len(toks), nb):
-            piece = toks[i: i + nb]
-            end = n0 + i + len(piece)
-            ctx.arm_scores(len(piece))
-            try:
-                ctx.decode(piece, pos0=n0 + i, logits_last=end == n_all)
-            finally:
-                ctx.disarm_scores()
-            total[:, :, :end] += ctx.window_scores(end)
-        if progress:
-            progress(len(toks), len(toks))
-        self.n = n_all
+        pf = prefill(self.ctx, toks, window=self.window)
+        self.n += len(toks)
         self.tokens += toks
-        return total, ctx.logits()
+        self.pending = []
+        return pf.scores, pf.logits
 
     def select(self, policy: Policy, scores, window: int) -> Optional[Selection]:
         """The policy's selection from the copy's tokens (the last `window` are the observation window,

@@ -36,38 +36,49 @@ class Prefill:
 def prefill(ctx: Context, tokens: list[int], window: int = 0,
             progress: Optional[Callable[[int, int], None]] = None, stop_layer: Optional[int] = None,
             score: str = "attention") -> Prefill:
-    """Ordinary prefill. With window > 0 the last `window` tokens go in one ubatch with scores armed
-    (`score`: context.SCORES).
+    """Ordinary prefill of `tokens` after what ctx holds (its next position). With window > 0 the
+    last `window` tokens go with scores armed (`score`: context.SCORES), in one ubatch when they fit
+    ctx's, else a ubatch at a time with each one's window scores summed (what one ubatch sums: each
+    query's attention row is the same); the scores cover every position ctx holds.
 
     stop_layer: compute only layers 0..stop_layer for every ubatch (first pass of a two-pass
     policy); the logits are then meaningless and scores cover stop_layer + 1 layers."""
+    n, n0, nb = len(tokens), ctx.n_past, ctx.n_batch
+    if not 0 <= window <= n:
+        raise ValueError(f"a scored window of {window} for {n} tokens")
     if stop_layer is not None:
         ctx.set_stop_layer(stop_layer)
-    n = len(tokens)
+    layers = None if stop_layer is None else stop_layer + 1
     t0 = time.perf_counter()
-    head = tokens[: n - window] if window else tokens
-    done = 0
-    for i in range(0, len(head), ctx.n_batch):
-        chunk = head[i: i + ctx.n_batch]
-        ctx.decode(chunk, logits_last=(not window and i + len(chunk) == n))
-        done += len(chunk)
+    head = n - window
+    for i in range(0, head, nb):
+        end = min(i + nb, head)
+        ctx.decode(tokens[i:end], logits_last=(not window and end == n))
         if progress:
-            progress(done, n)
-    scores = None
-    if window:
-        ctx.arm_scores(window, score)
+            progress(end, n)
+    earlier = None  # the summed scores of the window's ubatches before its last
+    for i in range(head, n, nb) if window else ():
+        end = min(i + nb, n)
+        ctx.arm_scores(end - i, score)
         try:
-            ctx.decode(tokens[n - window:], logits_last=True)
+            ctx.decode(tokens[i:end], logits_last=end == n)
         finally:
             ctx.disarm_scores()
-        if progress:
+        if end < n:  # read now: the next ubatch's capture replaces it
+            if earlier is None:
+                earlier = np.zeros((layers or ctx.model.n_layer, ctx.model.n_head, n0 + n), dtype=np.float32)
+            earlier[:, :, : n0 + end] += ctx.window_scores(n0 + end, layers)
+        elif progress:
             progress(n, n)
     logits = ctx.logits()
     secs = time.perf_counter() - t0
     if stop_layer is not None:
         ctx.set_stop_layer(None)
+    scores = None
     if window:
-        scores = ctx.window_scores(n, None if stop_layer is None else stop_layer + 1)
+        scores = ctx.window_scores(n0 + n, layers)
+        if earlier is not None:
+            scores += earlier
     return Prefill(logits=logits, scores=scores, seconds=secs)
 
 
@@ -95,18 +106,18 @@ def _pass_chunks(n: int, n_batch: int, window: int) -> list[tuple[int, int]]:
     return [(i, min(i + n_batch, head)) for i in range(0, head, n_batch)] + [(head, n)]
 
 
-def _run_layer(ctx: Context, l: int, chunks: list[tuple[int, int]], window: int,
+def _run_layer(ctx: Context, l: int, chunks: list[tuple[int, int]],
                run: Callable[[int, int, bool], None], out: Optional[np.ndarray]) -> None:
-    """Layer l of ctx over every ubatch (``run(a, b, is_window)`` decodes tokens a..b-1), window scores
-    armed on the last one; ``out[a:b]`` gets each ubatch's output, the next layer's input (None: the
-    last layer, whose ubatches give logits)."""
+    """Layer l of ctx over every ubatch of :func:`_pass_chunks` (``run(a, b, is_window)`` decodes tokens
+    a..b-1), window scores armed on the last one, the window; ``out[a:b]`` gets each ubatch's output,
+    the next layer's input (None: the last layer, whose ubatches give logits)."""
     ctx.set_layer_range(l, l + 1)
     ctx.set_hidden_output(None if out is None else l + 1)
     last_a = chunks[-1][0]
     for a, b in chunks:
         win = a == last_a
         if win:
-            ctx.arm_scores(window)
+            ctx.arm_scores(b - a)
         try:
             run(a, b, win)
         finally:
@@ -156,7 +167,7 @@ def layer_major_pass(model: Model, tokens: list[int], window: int, decide,
                 else:
                     A.decode_hidden(H[a:b], list(range(a, b)), logits_last=win)
 
-            _run_layer(A, l, chunks, window, run, newH)
+            _run_layer(A, l, chunks, run, newH)
             scores[l] = A.layer_scores(l, n)
             H = newH
             if H is not None:
@@ -340,8 +351,7 @@ def propagate_ranked(D: Context, meta: np.ndarray, H: np.ndarray, prop, stop: in
         for l in range(stop + 1, N):
             last = l == N - 1
             P.set_reuse_cells(l > stop + 1)
-            _run_layer(P, l, chunks, window,
-                       lambda a, b, win: P.decode_hidden(X[a:b], positions[a:b], logits_last=win),
+            _run_layer(P, l, chunks, lambda a, b, win: P.decode_hidden(X[a:b], positions[a:b], logits_last=win),
                        None if last else X)
             gather_layer(D, P, l, prop[layer_set(P.layer_scores(l, n)[:, prop])], meta)
         return P.logits()
