@@ -4,9 +4,11 @@ answer would not fit, the context is pruned again with the newest turn as the ob
 they pass the model's training context."""
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
-from ..engine.prefill import apply_selection
+from ..engine.prefill import apply_selection, prefill
 from .state import ContextFullError
 
 
@@ -35,23 +37,15 @@ class Repruning:
         older tokens keep the rest) and one ubatch."""
         return min(n, self.n_batch, max(self.policy.window, (3 * self.policy.budget) // 4), self.policy.budget - 1)
 
-    def _decode(self, toks: list[int], scored: int = 0) -> None:
-        """Decode toks at the next positions; the last `scored` tokens in one ubatch with scores armed."""
-        ctx = self._ctx
+    def _decode(self, toks: list[int], scored: int = 0) -> Optional[np.ndarray]:
+        """Decode toks at the next positions, the last `scored` with scores armed (engine.prefill);
+        returns their window scores (None when nothing is scored)."""
         self._remember(toks)
-        head = toks[: len(toks) - scored]
-        for i in range(0, len(head), self.n_batch):
-            chunk = head[i: i + self.n_batch]
-            ctx.decode(chunk, pos0=self._n_past, logits_last=True)
-            self._n_past += len(chunk)
-        if scored:
-            ctx.arm_scores(scored)
-            try:
-                ctx.decode(toks[len(head):], pos0=self._n_past, logits_last=True)
-            finally:
-                ctx.disarm_scores()
-            self._n_past += scored
-        self._logits = ctx.logits()
+        self._ctx.n_past = self._n_past
+        out = prefill(self._ctx, toks, window=scored)
+        self._n_past += len(toks)
+        self._logits = out.logits
+        return out.scores
 
     def _present_positions(self) -> np.ndarray:
         """Positions held by the cache's cells (sorted; per-head caches: the cells' metadata)."""
@@ -77,13 +71,12 @@ class Repruning:
         n_recent = min(self.keep_recent, n - n_sink, free - n_sink)
         return n_sink, max(0, n_recent)
 
-    def _reprune(self, window: int, n_new: int) -> None:
+    def _reprune(self, scores: np.ndarray, window: int, n_new: int) -> None:
         """Prune the cache to the policy's budget; the last `n_new` positions were just decoded, the
-        last `window` of them with scores armed (the observation window). The first `sink` cells and
+        last `window` of them with scores armed (the observation window: `scores`). The first `sink` cells and
         the `keep_recent` cells before the new ones (the latest exchange) are kept as they are; the
         policy ranks the others."""
         ctx = self._ctx
-        scores = ctx.window_scores(self._n_past)
         present, cells = self._present_cells()
         n = len(present)
         if n <= self.policy.budget:
@@ -130,8 +123,7 @@ class Repruning:
                 raise RuntimeError("internal: no room left to score the new turn")
             # the newest turn is the observation window, up to 3/4 of the budget (older tokens keep the rest)
             w = self._turn_window(len(piece))
-            self._decode(piece, scored=w)
-            self._reprune(w, len(piece))
+            self._reprune(self._decode(piece, scored=w), w, len(piece))
             i += len(piece)
             if i >= len(toks) and self.n_cells() + reserve <= self.n_ctx:
                 return
