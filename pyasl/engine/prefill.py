@@ -296,12 +296,31 @@ def run_deeper_layers(ctx: Context, H: np.ndarray, positions, first_layer: int) 
     return logits
 
 
-def gather_layer(D: Context, src: Context, il: int, sets: np.ndarray, meta: np.ndarray) -> None:
-    """Layer il's rows of src's positions ``sets`` ((n_head_kv, k), sorted per KV head) into D's cells
-    0..k-1, and ``meta`` (the largest position each cell holds in any layer, for
-    D.set_cell_positions) raised to them."""
-    D.kv_gather_layer_from(src, il, sets)
-    np.maximum(meta, sets.max(axis=0), out=meta)
+class Gathered:
+    """A decode context filled layer by layer from other contexts' rows: k prompt cells and `room`
+    free cells after them. Each :meth:`layer` gathers one layer's kept rows (per KV head) into cells
+    0..k-1; :meth:`done` gives every cell the largest position any layer keeps there (decoding goes
+    on after the last) and hands the context over. Closed when the block it is used in raises."""
+
+    def __init__(self, model: Model, k: int, room: int, **ctx_kw):
+        self.ctx = Context(model, _pad(k + room), allow_pos_gaps=True, **ctx_kw)
+        self._meta = np.full(k, -1, dtype=np.int64)  # per cell, the largest position any layer's head keeps there
+
+    def layer(self, src: Context, il: int, sets: np.ndarray) -> None:
+        """Layer il's rows of src's positions ``sets`` ((n_head_kv, k), sorted per KV head)."""
+        self.ctx.kv_gather_layer_from(src, il, sets)
+        np.maximum(self._meta, sets.max(axis=0), out=self._meta)
+
+    def done(self) -> Context:
+        self.ctx.set_cell_positions(self._meta)
+        return self.ctx
+
+    def __enter__(self) -> "Gathered":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is not None:
+            self.ctx.close()
 
 
 def gather_selection(src: Context, sel: Selection, room: int, **ctx_kw) -> Optional[Context]:
@@ -315,31 +334,24 @@ def gather_selection(src: Context, sel: Selection, room: int, **ctx_kw) -> Optio
     if model.n_swa > 0 or (sel.shared is None and sel.per_head is None) \
             or model.pruning_unsupported(per_head=True) is not None:
         return None
-    k = sel.n_kept
-    D = Context(model, _pad(k + room), allow_pos_gaps=True, **ctx_kw)
-    meta = np.full(k, -1, dtype=np.int64)
-    try:
+    with Gathered(model, sel.n_kept, room, **ctx_kw) as g:
         shared = None if sel.shared is None else np.tile(np.asarray(sel.shared, dtype=np.int64), (model.n_head_kv, 1))
         for l in range(model.n_layer):
-            gather_layer(D, src, l, shared if shared is not None else sel.per_head[l], meta)
-        D.set_cell_positions(meta)
-    except BaseException:
-        D.close()
-        raise
-    return D
+            g.layer(src, l, shared if shared is not None else sel.per_head[l])
+        return g.done()
 
 
-def propagate_ranked(D: Context, meta: np.ndarray, H: np.ndarray, prop, stop: int, n: int, window: int,
+def propagate_ranked(D: Gathered, H: np.ndarray, prop, stop: int, n: int, window: int,
                      layer_set: Callable[[np.ndarray], np.ndarray], **ctx_kw) -> np.ndarray:
     """Propagation wider than the budget (pyasl.policies.propagation): the `prop` positions (sorted,
     the window last) run through layers stop+1..N-1, layer by layer, in a scratch context that stores
     one layer of K/V (as the pass before the selection layer does) with window scores captured; after
     each layer ran it keeps ``prop[layer_set(its (n_head, len(prop)) scores)]`` ((n_head_kv, k) per KV
-    head), gathered into D's cells 0..k-1 before the next layer overwrites the scratch. ``meta`` (the
-    largest position each cell holds in any layer, for D.set_cell_positions) is updated. The ubatch
+    head), gathered into D before the next layer overwrites the scratch. The ubatch
     is :func:`pass_ubatch`'s for len(prop) tokens. Returns the last prompt token's full-depth logits.
     ctx_kw: Context settings."""
-    model, N = D.model, D.model.n_layer
+    model = D.ctx.model
+    N = model.n_layer
     prop = np.asarray(prop, dtype=np.int64)
     m, positions = len(prop), prop.tolist()
     n_batch = pass_ubatch(model, m, ctx_kw.get("n_batch", 512), window, ctx_kw.get("flash_attn", False))
@@ -353,7 +365,7 @@ def propagate_ranked(D: Context, meta: np.ndarray, H: np.ndarray, prop, stop: in
             P.set_reuse_cells(l > stop + 1)
             _run_layer(P, l, chunks, lambda a, b, win: P.decode_hidden(X[a:b], positions[a:b], logits_last=win),
                        None if last else X)
-            gather_layer(D, P, l, prop[layer_set(P.layer_scores(l, n)[:, prop])], meta)
+            D.layer(P, l, prop[layer_set(P.layer_scores(l, n)[:, prop])])
         return P.logits()
     finally:
         P.close()

@@ -26,7 +26,7 @@ from ..policies import Policy, Selection
 from ..policies.options import policy_from_options
 from .context import Context, _check_int, _int32_array, _pad, kv_type_name
 from .model import Model
-from .prefill import (LayerBudgets, apply_selection, gather_layer, kv_bytes, layer_major_pass, move_to_context,
+from .prefill import (LayerBudgets, Gathered, apply_selection, kv_bytes, layer_major_pass, move_to_context,
                       prefill, prefill_kept, propagate, propagate_ranked, propagation_work, run_deeper_layers,
                       shrink_context)
 
@@ -248,16 +248,15 @@ def _run_layer_major_streamed(model, tokens, policy: Policy, max_tokens, mask, n
     t0 = time.perf_counter()
     n, N = len(tokens), model.n_layer
     k = policy.budget
-    D = Context(model, _pad(k + max_tokens), allow_pos_gaps=True, **kw)
-    meta = np.full(k, -1, dtype=np.int64)  # per cell, the largest position any layer's head keeps there
+    g = Gathered(model, k, max_tokens, **kw)
 
     def prune_layer(l: int, A: Context, scores: np.ndarray) -> None:
         sets = policy.early_layer_set(scores[l], model)
         if sets.shape[1] != k:
             raise RuntimeError(f"layer {l} keeps {sets.shape[1]} tokens per head, not the budget {k}")
-        gather_layer(D, A, l, sets, meta)
+        g.layer(A, l, sets)
 
-    try:
+    with g:
         A, scores, Hs, stop, sel = _layer_major_first(model, tokens, policy, mask, progress, on_layer=prune_layer,
                                                         one_layer_kv=True, **kw)
         try:
@@ -272,16 +271,14 @@ def _run_layer_major_streamed(model, tokens, policy: Policy, max_tokens, mask, n
             prop = policy.propagated(scores[: stop + 1], kept, model)
             n_prop = len(prop)
             if n_prop > k:  # wider: each deeper layer keeps its own sets of the propagated tokens
-                logits = propagate_ranked(D, meta, Hs[-1], prop, stop, n, policy.window,
+                logits = propagate_ranked(g, Hs[-1], prop, stop, n, policy.window,
                                           _deep_sets(policy, prop, kept, model, n), **kw)
-                D.set_cell_positions(meta)
-            else:
-                logits = run_deeper_layers(D, Hs[-1], kept, stop + 1)
+                g.done()
+            else:  # the deeper layers' decode gives cells 0..k-1 the kept positions
+                logits = run_deeper_layers(g.ctx, Hs[-1], kept, stop + 1)
         else:  # every layer ran over the whole prompt: the cells get the positions kv_keep_per_head gives
-            D.set_cell_positions(meta)
-    except BaseException:
-        D.close()
-        raise
+            g.done()
+    D = g.ctx
     work = propagation_work(stop, n, n_prop, N)
     info = D.kv_info()
     return Pruned(ctx=D, logits=logits, n_kept=k, kv_bytes_full=kv_bytes(info, n, 0), prefill_s=time.perf_counter() - t0,
@@ -333,20 +330,15 @@ def _finish_wide(model, A: Context, H: np.ndarray, policy: Policy, sel: Selectio
     """finish_layer_major with more tokens propagated than kept (pyasl.policies.propagation): layers
     0..stop keep `early`'s sets of A's full KV, the deeper ones their choice of `prop`. Closes A."""
     k = policy.budget
-    D = Context(model, _pad(k + max_tokens), allow_pos_gaps=True, **kw)
-    meta = np.full(k, -1, dtype=np.int64)
-    try:
+    with Gathered(model, k, max_tokens, **kw) as g:
         try:
             for l in range(stop + 1):
-                gather_layer(D, A, l, early.per_head[l], meta)
+                g.layer(A, l, early.per_head[l])
         finally:
             A.close()
-        logits = propagate_ranked(D, meta, H, prop, stop, n, policy.window,
+        logits = propagate_ranked(g, H, prop, stop, n, policy.window,
                                   _deep_sets(policy, prop, sel.shared, model, n), **kw)
-        D.set_cell_positions(meta)
-    except BaseException:
-        D.close()
-        raise
+        D = g.done()
     return Pruned(ctx=D, logits=logits, n_kept=k, kv_bytes_full=0, prefill_s=0.0,
                   prefill_work=propagation_work(stop, n, len(prop), model.n_layer), selection=sel, stop_layer=stop,
                   kept=np.asarray(sel.shared), scores=scores[: stop + 1], strategy="layer-major",
