@@ -504,7 +504,10 @@ def test_cli_serve_refusals_and_note(cli):
     for args, msg in ((["--budget", "16", "--window", "32"], "larger than the window"),
                       (["--policy", "snapkv", "--layer", "3"], "does not take --layer"),
                       (["--policy", "fastkv", "--layer", "9", "--budget", "64"], "outside the model's layers"),
-                      (["--tau", "0"], "0<x<=1"), (["--ctx", "8"], "x>=16"), (["--port", "70000"], "0<=x<=65535")):
+                      (["--tau", "0"], "0<x<=1"), (["--ctx", "8"], "x>=16"), (["--port", "70000"], "0<=x<=65535"),
+                      (["--parked-copies", "-1"], "x>=0"),
+                      (["--parked-copies", "2", "--kv-mode", "once"], "needs a pruning kv_policy and kv_mode"),
+                      (["--parked-copies", "2", "--policy", "full"], "needs a pruning kv_policy")):
         r = cli("serve", TINY, *args)
         assert r.exit_code != 0 and msg in r.output, (args, r.output)
     r = cli("serve", tiny_model_path("gemma3", n_layer=4), "--ctx", "256", "--budget", "64")

@@ -150,3 +150,50 @@ def test_prompts_longer_than_the_decode_context(path, mode):
         assert r3["usage"]["completion_tokens"] < 400 - 200
     finally:
         lm.close()
+
+
+def _other_doc() -> str:
+    lines = [f"On day {i}, the ship named Vessel {i} left port number {i % 5} carrying {10 * i} crates of tea."
+             for i in range(22)]
+    lines.insert(9, "The harbour master's code word is AMBER-FALCON-17.")
+    return "\n".join(lines)
+
+
+@pytest.mark.real
+def test_parked_copies_bring_a_document_back_without_prefilling_it(path):
+    """Questions about two documents in turn: with parked_copies the first document's full KV is
+    parked on disk while the second is asked about, and loaded back (not prefilled again) for the
+    next question about it; the answer is a fresh Llama's."""
+    kw = dict(n_ctx=256, kv_policy=pyasl.ASL(budget=BUDGET, window=16), verbose=False)
+    lm = pyasl.Llama(path, parked_copies=1, **kw)
+    try:
+        lm.create_completion(PROMPT, max_tokens=4, temperature=0)
+        other = _other_doc() + "\n\nQuestion: What is the harbour master's code word?\nAnswer:"
+        lm.create_completion(other, max_tokens=4, temperature=0)
+        assert lm.last_prune["reused_tokens"] < 10 and lm.last_prune["parked_copies"] == 1
+        again = _doc() + "\n\nQuestion: Where did traveller number 5 go?\nAnswer:"
+        r = lm.create_completion(again, max_tokens=8, temperature=0)
+        assert lm.last_prune["reused_tokens"] > 500 and lm._shelf.loads == 1
+        assert lm.last_prune["parked_copies"] == 1  # the second document parked in its turn
+        directory = lm._shelf.directory
+        assert len(list(directory.iterdir())) == 1
+        fresh = pyasl.Llama(path, **kw)
+        try:
+            assert _text(fresh.create_completion(again, max_tokens=8, temperature=0)) == _text(r)
+        finally:
+            fresh.close()
+    finally:
+        lm.close()
+    assert not directory.exists()
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(parked_copies=-1), "parked_copies must be an integer >= 0"),
+    (dict(parked_copies=1.5), "parked_copies must be an integer >= 0"),
+    (dict(parked_copies=2, kv_mode="once"), "needs a pruning kv_policy and kv_mode='per-question'"),
+    (dict(parked_copies=2, kv_policy=None), "needs a pruning kv_policy"),
+])
+def test_parked_copies_bad_settings_are_refused_before_loading(bad, match, tmp_path):
+    kw = {"kv_policy": pyasl.ASL(budget=BUDGET), **bad}
+    with pytest.raises(ValueError, match=match):
+        pyasl.Llama(str(tmp_path / "never-read.gguf"), **kw)

@@ -22,6 +22,10 @@ prompt sharing a prefix with it (one document, many questions) decodes only what
 prompt is scored with its own last tokens and selected again; this selection runs on the ordinary
 strategy whatever the policy. ``kv_mode="once"`` keeps nothing beyond the decode context and prunes
 every long prompt from scratch with the policy's own strategy (layer-major asl and fastkv).
+``parked_copies=N`` (per-question) also keeps the full KV of up to N earlier long prompts, parked
+as files in a temporary directory (:class:`pyasl.engine.copy_shelf.CopyShelf`): a server answering
+questions about several documents in turn loads a document's KV back (a fraction of a second)
+instead of prefilling it again.
 
 A pruned cache is never reused as if it held the whole prompt: the next call after a pruned one
 starts from an empty decode cache (llama-cpp-python's longest-prefix reuse is skipped once), and
@@ -40,6 +44,7 @@ from typing import Optional, Union
 import numpy as np
 
 from .. import _native
+from ..engine.copy_shelf import CopyShelf
 from ..engine.full_copy import FullCopy
 from ..engine.model import Model, ModelLoadError, _check_gguf
 from ..engine.strategies import prefill_state
@@ -81,13 +86,23 @@ class Llama(llama_cpp.Llama):
 
     ``max_prompt_tokens``: the longest prompt accepted with a pruning policy (default: the model's
     training context; ``n_ctx`` is then only the decode context). ``kv_mode``: ``per-question``
-    (default) or ``once``, see the module doc. Every other argument is llama-cpp-python's.
+    (default) or ``once``, and ``parked_copies`` (per-question: earlier long prompts' full KV kept on
+    disk), see the module doc. Every other argument is llama-cpp-python's.
     ``last_prune`` (a dict or None) and ``n_prunes`` report what was pruned."""
 
     def __init__(self, *args, kv_policy: Union[Policy, str, None] = None, max_prompt_tokens: Optional[int] = None,
-                 kv_mode: str = "per-question", **kwargs):
+                 kv_mode: str = "per-question", parked_copies: int = 0, **kwargs):
         if kv_mode not in KV_MODES:
             raise ValueError(f"kv_mode must be one of {', '.join(KV_MODES)}, not {kv_mode!r}")
+        if isinstance(kv_policy, str):
+            kv_policy = make_policy(kv_policy)
+        if kv_policy is not None and not isinstance(kv_policy, Policy):
+            raise ValueError(f"kv_policy must be a pyasl Policy, a policy name or None, got {kv_policy!r}")
+        if isinstance(parked_copies, bool) or not isinstance(parked_copies, int) or parked_copies < 0:
+            raise ValueError(f"parked_copies must be an integer >= 0, not {parked_copies!r}")
+        if parked_copies and (kv_mode != "per-question" or kv_policy is None or not kv_policy.prunes):
+            raise ValueError("parked_copies keeps earlier prompts' full KV: it needs a pruning kv_policy and "
+                             "kv_mode='per-question'")
         path = kwargs.get("model_path", args[0] if args else None)
         if path is not None:  # the GGUF pre-check first: llama.cpp aborts the process on some corrupt files
             try:
@@ -95,10 +110,6 @@ class Llama(llama_cpp.Llama):
             except ModelLoadError as e:
                 raise LlamaModelError(str(e)) from None
         super().__init__(*args, **kwargs)
-        if isinstance(kv_policy, str):
-            kv_policy = make_policy(kv_policy)
-        if kv_policy is not None and not isinstance(kv_policy, Policy):
-            raise ValueError(f"kv_policy must be a pyasl Policy, a policy name or None, got {kv_policy!r}")
         self._pyasl_model = _borrow_model(self)
         if kv_policy is not None:
             kv_policy.check_model(self._pyasl_model)
@@ -111,6 +122,8 @@ class Llama(llama_cpp.Llama):
         self.on_prune = None  # optional callable(last_prune), e.g. a server's request log
         self.kv_mode = kv_mode
         self._full_copy: Optional[FullCopy] = None
+        self._shelf: Optional[CopyShelf] = None
+        self.parked_copies = parked_copies
         self._n_cells = self.n_ctx()  # the decode context's cells
         prunes = kv_policy is not None and kv_policy.prunes
         if max_prompt_tokens is not None and not prunes:
@@ -135,6 +148,9 @@ class Llama(llama_cpp.Llama):
         if getattr(self, "_full_copy", None) is not None:  # a context on the weights: freed before them
             self._full_copy.close()
             self._full_copy = None
+        if getattr(self, "_shelf", None) is not None:
+            self._shelf.close()
+            self._shelf = None
         if "_stack" in self.__dict__:  # a Llama refused before llama-cpp-python's __init__ ran holds nothing
             super().close()
 
@@ -175,6 +191,10 @@ class Llama(llama_cpp.Llama):
             if self._full_copy is None:
                 self._full_copy = FullCopy(self._pyasl_model, n_batch=self.n_batch, n_threads=cp.n_threads_batch,
                                            flash_attn=not info.v_trans, type_k=cp.type_k, type_v=cp.type_v)
+            if self.parked_copies:
+                if self._shelf is None:
+                    self._shelf = CopyShelf(self.parked_copies, min_tokens=max(pol.budget, self.n_batch))
+                self._shelf.prepare(self._full_copy, head)
             pp, reused = self._full_copy.select_state(head, pol)
         else:
             pp = prefill_state(self._pyasl_model, head, pol, n_threads=cp.n_threads_batch,
@@ -196,7 +216,8 @@ class Llama(llama_cpp.Llama):
         self.last_prune = {"policy": self.kv_policy.to_dict(), "n_prompt": len(tokens), "n_kept": pp.n_kept + 1,
                            "selected_layer": pp.selected_layer, "prefill_s": pp.seconds, "note": pp.note,
                            "mode": self.kv_mode, "reused_tokens": reused, "n_ctx": self._n_cells,
-                           "full_copy_mib": (self._full_copy.kv_bytes() / 2**20 if self._full_copy else None)}
+                           "full_copy_mib": (self._full_copy.kv_bytes() / 2**20 if self._full_copy else None),
+                           "parked_copies": len(self._shelf) if self._shelf else 0}
         if self.on_prune is not None:
             self.on_prune(self.last_prune)
         if self.verbose:

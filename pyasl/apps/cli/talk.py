@@ -90,6 +90,9 @@ def chat(model, docs, policy, system, max_tokens, n_ctx, temperature, top_p, see
 @click.option("--kv-mode", type=click.Choice(["per-question", "once"]), default="per-question", show_default=True,
               help="per-question: keep the latest long prompt's full KV so that a prompt sharing its prefix decodes only "
                    "the rest and selects again; once: prune every long prompt from scratch, keep nothing else")
+@click.option("--parked-copies", default=0, show_default=True, type=click.IntRange(min=0),
+              help="per-question: also keep the full KV of up to N earlier long prompts, parked on disk (a temporary "
+                   "directory), so questions about several documents in turn do not prefill a document again")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(min=0, max=65535))
 @click.option("--alias", help="model name in the API (default: the file name)")
@@ -97,8 +100,8 @@ def chat(model, docs, policy, system, max_tokens, n_ctx, temperature, top_p, see
 @click.option("--flash-attn/--no-flash-attn", default=False, show_default=True)
 @cache_type_options
 @click.option("--verbose", is_flag=True, help="show llama.cpp's log")
-def serve(model, policy, n_ctx, max_prompt_tokens, kv_mode, host, port, alias, threads, flash_attn, type_k, type_v,
-          verbose):
+def serve(model, policy, n_ctx, max_prompt_tokens, kv_mode, parked_copies, host, port, alias, threads, flash_attn,
+          type_k, type_v, verbose):
     """An OpenAI-compatible HTTP server (llama-cpp-python's) whose requests are pruned by POLICY.
 
     /v1/completions, /v1/chat/completions (stream or not), /v1/models. Needs pip install 'pyasl[server]'.
@@ -117,6 +120,6 @@ def serve(model, policy, n_ctx, max_prompt_tokens, kv_mode, host, port, alias, t
             raise ValueError("--max-prompt-tokens needs a pruning policy (with full KV every prompt must fit --ctx)")
         run_server(str(path), pol, host=host, port=port, n_ctx=n_ctx, alias=alias, n_threads=threads,
                    flash_attn=flash_attn, verbose=verbose, max_prompt_tokens=max_prompt_tokens, kv_mode=kv_mode,
-                   type_k=type_k, type_v=type_v)
+                   type_k=type_k, type_v=type_v, parked_copies=parked_copies)
     except user_errors() as e:
         fail(str(e))
