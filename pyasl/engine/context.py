@@ -492,6 +492,26 @@ class Context(_Native):
         # one copy; buf[:got] would build a list of `got` Python ints (seconds, and 8 bytes per KV byte)
         return ctypes.string_at(buf, got)
 
+    def state_save_file(self, path, tokens) -> None:
+        """The sequence's state and its `tokens` written to `path` by llama.cpp, a tensor at a time (no
+        copy of the whole state in memory, as state_get makes)."""
+        llama_cpp, _, _ = _ll()
+        t = (llama_cpp.llama_token * len(tokens))(*tokens)
+        if llama_cpp.llama_state_seq_save_file(self._ctx, str(path).encode(), SEQ, t, len(tokens)) == 0:
+            raise RuntimeError(f"could not save the sequence state to {path}")
+
+    def state_load_file(self, path, n_tokens: int) -> list[int]:
+        """Load a file of :meth:`state_save_file` holding `n_tokens` tokens into the (cleared) sequence;
+        returns the tokens. Decoding continues after them."""
+        llama_cpp, _, _ = _ll()
+        t = (llama_cpp.llama_token * max(1, n_tokens))()
+        got = ctypes.c_size_t(0)
+        if llama_cpp.llama_state_seq_load_file(self._ctx, str(path).encode(), SEQ, t, max(1, n_tokens),
+                                               ctypes.byref(got)) == 0 or got.value != n_tokens:
+            raise RuntimeError(f"could not load the sequence state from {path} (a file of another context or model?)")
+        self.n_past = n_tokens
+        return list(t[:n_tokens])
+
     def take_state(self) -> bytes:
         """The sequence's state bytes, then close the context (what a pruned prefill hands over)."""
         try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import shutil
 import tempfile
+import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,6 @@ def _shared(a, b) -> int:
 @dataclass
 class _Parked:
     tokens: list[int]
-    pending: list[int]
     path: Path
 
 
@@ -72,8 +72,9 @@ class CopyShelf:
             self._park(live)
         if best is not None:
             try:
-                live.truncate(0)
-                live.load(best.path.read_bytes(), best.tokens, best.pending)
+                live.load_file(best.path, len(best.tokens))
+                if live.tokens != best.tokens:
+                    raise RuntimeError(f"internal: the parked copy {best.path} holds other tokens than parked")
             finally:
                 best.path.unlink(missing_ok=True)
             self.loads += 1
@@ -87,8 +88,14 @@ class CopyShelf:
         while len(self._parked) >= self.capacity:
             self._drop(self._parked[0])
         path = self.directory / f"copy-{next(self._names)}.state"
-        path.write_bytes(live.state())
-        self._parked.append(_Parked(toks, list(live.pending), path))
+        try:
+            live.save_file(path)
+        except (OSError, RuntimeError) as e:  # a full or unwritable disk costs a later prefill, not this answer
+            path.unlink(missing_ok=True)
+            warnings.warn(f"pyasl: could not park the full copy in {self.directory} ({e}); it will be prefilled again "
+                          "if asked about", stacklevel=3)
+            return
+        self._parked.append(_Parked(toks, path))
 
     def _drop(self, p: _Parked) -> None:
         self._parked.remove(p)

@@ -189,6 +189,24 @@ class FullCopy:
             self.ctx.state_set(state, n_past=n)
         self.n, self.tokens, self.pending = n, [int(t) for t in tokens], [int(t) for t in pending]
 
+    def save_file(self, path) -> None:
+        """The copy (its tokens and KV) written to `path`, a tensor at a time; nothing may be pending."""
+        if self.pending:
+            raise RuntimeError("internal: saving a full copy with answer tokens pending")
+        self.ctx.state_save_file(path, self.tokens)
+
+    def load_file(self, path, n_tokens: int) -> None:
+        """The copy saved by :meth:`save_file` (of `n_tokens` tokens) in place of this one."""
+        self.truncate(0)
+        self._reserve(n_tokens + 1)
+        try:
+            self.tokens = self.ctx.state_load_file(path, n_tokens)
+        except BaseException:
+            self.ctx.seq_rm(0, -1)  # nothing half-loaded stays
+            self.ctx.n_past = 0
+            raise
+        self.n = n_tokens
+
     def close(self) -> None:
         if self.ctx is not None:
             self.ctx.close()

@@ -1,0 +1,63 @@
+"""Questions about two documents in turn through pyasl.Llama (per-question, asl): each request's
+time with parked_copies=0 (a returning document is prefilled again) and parked_copies=1 (its full
+KV is loaded back from disk), in one process, the two settings in turn. One JSON line per request.
+
+    python scripts/bench_parked.py --model qwen2.5-0.5b --length 4096 --rounds 2 --out docs/bench/parked.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import pyasl
+from pyasl.bench.questions import build_context
+from pyasl.models import fetch_model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen2.5-0.5b")
+    ap.add_argument("--length", type=int, default=4096, help="document tokens")
+    ap.add_argument("--budget", type=int, default=1024)
+    ap.add_argument("--rounds", type=int, default=2, help="times each setting runs its four requests")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    path = str(fetch_model(a.model))
+    m = pyasl.load_model(a.model)
+    docs = [build_context(m, a.length, index=i, questions=2, kind="needles") for i in (0, 1)]
+    m.close()
+    # A, B, A, B: the second question about each document comes after a question about the other
+    turns = [(0, 0), (1, 0), (0, 1), (1, 1)]
+    with open(a.out, "a") as out:
+        for rnd in range(a.rounds):
+            for parked in (0, 1):
+                llm = pyasl.Llama(path, n_ctx=a.budget + 128, kv_policy=pyasl.ASL(budget=a.budget), parked_copies=parked,
+                                  n_threads=a.threads, n_threads_batch=a.threads, verbose=False)
+                try:
+                    for step, (d, q) in enumerate(turns):
+                        doc, asked = docs[d]
+                        question, value, _ = asked[q]
+                        t = time.perf_counter()
+                        r = llm.create_chat_completion(
+                            messages=[{"role": "user", "content": doc + "\n\n" + question}],
+                            max_tokens=32, temperature=0)
+                        row = {"model": a.model, "length": a.length, "round": rnd, "parked_copies": parked, "step": step,
+                               "document": d, "question": q, "seconds": time.perf_counter() - t,
+                               "prompt_tokens": r["usage"]["prompt_tokens"],
+                               "reused_tokens": llm.last_prune["reused_tokens"],
+                               "parked": llm.last_prune["parked_copies"],
+                               "loads": llm._shelf.loads if llm._shelf else 0,
+                               "answered": value in r["choices"][0]["message"]["content"],
+                               "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+                        out.write(json.dumps(row) + "\n")
+                        out.flush()
+                        print(json.dumps(row), flush=True)
+                finally:
+                    llm.close()
+
+
+if __name__ == "__main__":
+    main()

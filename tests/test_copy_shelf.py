@@ -1,0 +1,96 @@
+"""Full copies parked on disk (engine/copy_shelf.py): a parked copy comes back with the same tokens and
+KV (the same scores and logits for the next question as if it had never left), the shelf keeps at
+most its capacity (least recently used dropped, a copy of the same document with another question
+superseded), and a disk that cannot take a copy costs a later prefill, not the answer."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import pyasl
+from pyasl.engine.copy_shelf import CopyShelf
+from pyasl.engine.full_copy import FullCopy
+from tinymodels import tiny_model_path
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return pyasl.Model(tiny_model_path("llama", n_layer=4))
+
+
+def _doc(tiny, seed: int, n: int = 300) -> list[int]:
+    rng = np.random.default_rng(seed)
+    return [int(t) for t in rng.integers(10, tiny.n_vocab - 10, size=n)]
+
+
+def _ask(fc: FullCopy, shelf: CopyShelf, tokens):
+    shelf.prepare(fc, tokens)
+    reused = min(fc.common_prefix(tokens), len(tokens) - 4)
+    fc.truncate(reused)
+    scores, logits = fc.ask(tokens[reused:], 4)
+    return reused, scores, logits
+
+
+def test_a_parked_copy_comes_back_as_it_left(tiny, tmp_path):
+    a, b = _doc(tiny, 1), _doc(tiny, 2)
+    qa, qb = [5, 6, 7, 8, 9], [9, 8, 7, 6, 5]
+    fc, ref = FullCopy(tiny, n_batch=128), FullCopy(tiny, n_batch=128)
+    shelf = CopyShelf(2, directory=tmp_path, min_tokens=64)
+    try:
+        assert _ask(fc, shelf, a + qa)[0] == 0
+        assert _ask(fc, shelf, b + qb)[0] == 0 and len(shelf) == 1  # a parked
+        reused, scores, logits = _ask(fc, shelf, a + qb)
+        assert reused == len(a) and shelf.loads == 1 and len(shelf) == 1  # a back, b parked
+        # the same question on a copy that never left
+        ref.prefill(a, 4)
+        s2, l2 = ref.ask(qb, 4)
+        np.testing.assert_array_equal(scores, s2)
+        np.testing.assert_array_equal(logits, l2)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["copy-1.state"]
+    finally:
+        fc.close()
+        ref.close()
+        shelf.close()
+    assert not list(tmp_path.iterdir())  # a directory the caller gave is emptied, not removed
+    assert tmp_path.exists()
+
+
+def test_capacity_and_superseded_copies(tiny):
+    docs = [_doc(tiny, s) for s in range(4)]
+    fc = FullCopy(tiny, n_batch=128)
+    shelf = CopyShelf(2, min_tokens=64)
+    try:
+        for d in docs[:3]:
+            _ask(fc, shelf, d + [5, 6, 7, 8, 9])
+        assert [p.tokens[:300] for p in shelf._parked] == docs[:2]
+        _ask(fc, shelf, docs[3] + [1, 2, 3, 4, 5])
+        assert [p.tokens[:300] for p in shelf._parked] == docs[1:3]  # the oldest dropped
+        _ask(fc, shelf, docs[1] + [1, 2, 3, 4, 5])  # docs[1] back from the shelf
+        _ask(fc, shelf, docs[1] + [9] * 80)  # the same document, another question: short tail, not parked
+        assert [p.tokens[:300] for p in shelf._parked] == [docs[2], docs[3]] and shelf.loads == 1
+        d = shelf.directory
+    finally:
+        fc.close()
+        shelf.close()
+    assert not d.exists()  # its own temporary directory is removed
+
+
+def test_a_disk_that_refuses_the_copy_costs_a_prefill_not_the_answer(tiny, tmp_path):
+    fc = FullCopy(tiny, n_batch=128)
+    shelf = CopyShelf(1, directory=tmp_path / "gone", min_tokens=64)
+    (tmp_path / "gone").rmdir()
+    try:
+        _ask(fc, shelf, _doc(tiny, 1) + [5, 6, 7, 8])
+        with pytest.warns(UserWarning, match="could not park the full copy"):
+            reused, scores, _ = _ask(fc, shelf, _doc(tiny, 2) + [5, 6, 7, 8])
+        assert len(shelf) == 0 and scores.shape[-1] == 304
+    finally:
+        fc.close()
+        shelf.close()
+
+
+def test_bad_shelves_are_refused():
+    with pytest.raises(ValueError, match="capacity of at least 1"):
+        CopyShelf(0)
+    with pytest.raises(ValueError, match="min_tokens must be >= 1"):
+        CopyShelf(1, min_tokens=0)
