@@ -94,3 +94,20 @@ def test_bad_shelves_are_refused():
         CopyShelf(0)
     with pytest.raises(ValueError, match="min_tokens must be >= 1"):
         CopyShelf(1, min_tokens=0)
+
+
+def test_an_on_disk_copy_that_cannot_be_written_stays_in_memory(tiny):
+    import shutil
+
+    fc = FullCopy(tiny, n_batch=128, on_disk=True)
+    try:
+        fc.prefill(_doc(tiny, 1), 4)
+        assert fc.park() and fc._ctx is None and fc.kv_bytes() > 0
+        scores, _ = fc.ask([5, 6, 7, 8], 4)  # loaded back
+        assert fc._ctx is not None and scores.shape[-1] == 304
+        shutil.rmtree(fc._dir)
+        with pytest.warns(UserWarning, match="could not write the full copy"):
+            assert not fc.park()
+        assert fc._ctx is not None and fc.n == 304
+    finally:
+        fc.close()

@@ -437,7 +437,9 @@ def test_cli_chat_refusals(cli, tmp_path):
             (["--policy", "full", "--ctx", "128", "--max-tokens", "8", "--doc", doc], "must fit into the context"),
             (["--load", damaged], "damaged pyasl session file"),
             (["--load", TINY], "not a pyasl session file"),
-            (["--load", damaged, "--doc", doc], "cannot take --doc")):
+            (["--load", damaged, "--doc", doc], "cannot take --doc"),
+            (["--mode", "once", "--full-copy", "disk"], "mode once keeps none"),
+            (["--full-copy", "cloud"], "'cloud' is not one of")):
         r = cli("chat", TINY, *args)
         assert r.exit_code != 0 and msg in r.output, (args, r.output)
     r = cli("chat", gem)
@@ -466,15 +468,22 @@ def test_cli_chat_turns_with_bad_input_keep_the_session(cli):
         assert msg in r.output, (msg, r.output)
 
 
-def test_cli_chat_mode_reconstruct_says_what_it_holds(cli, tmp_path):
+RANKED = "(ranked by a request to repeat them, the kept tokens prefilled again)"
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--mode", "reconstruct"], [f"kept 64 cells with asl {RANKED}", f"mode reconstruct: the documents were pruned once {RANKED}"]),
+    (["--full-copy", "disk"], ["kept whole on disk between questions",
+                               "is kept on disk between questions, every question selects again"]),
+])
+def test_cli_chat_says_what_it_holds(cli, tmp_path, args, said):
     doc = tmp_path / "doc.txt"
     doc.write_text(" ".join(f"Record {i}: courier {i} carried parcel {1000 + 7 * i}." for i in range(60)))
     r = cli("chat", TINY, "--doc", str(doc), "--budget", "64", "--window", "8", "--ctx", "256", "--max-tokens", "4",
-            "--mode", "reconstruct", input="which parcel?\n/stats\n/quit\n")
+            *args, input="which parcel?\n/stats\n/quit\n")
     assert r.exit_code == 0, r.output
-    ranked = "(ranked by a request to repeat them, the kept tokens prefilled again)"
-    assert f"kept 64 cells with asl {ranked}" in r.output, r.output
-    assert f"mode reconstruct: the documents were pruned once {ranked}" in r.output
+    for phrase in said:
+        assert phrase in r.output, (phrase, r.output)
 
 
 def test_cli_chat_line_not_utf8(cli):

@@ -156,6 +156,42 @@ def test_save_load_in_every_mode(tiny, mode, tmp_path):
     assert t.ask("which parcel").strip() is not None
 
 
+def test_full_copy_on_disk_answers_as_in_memory(tiny, tmp_path):
+    """full_copy="disk": between questions the documents' full KV is a file and its context freed;
+    every question loads it back, so the answers are those of the copy kept in memory, through a
+    save and load too."""
+    kw = dict(policy=pyasl.SnapKV(budget=64, window=8), n_ctx=160, max_tokens=8)
+    mem, disk = pyasl.Session(tiny, **kw), pyasl.Session(tiny, full_copy="disk", **kw)
+    try:
+        for s in (mem, disk):
+            s.prefill(documents=[DOC])
+        for q in ["which parcel", "where to", "who carried 1007"]:
+            assert disk.ask(q) == mem.ask(q)
+            assert disk._full.parked and disk._full._ctx is None and disk.stats()["full_copy_on_disk"]
+            assert disk.stats()["full_copy_mib"] == mem.stats()["full_copy_mib"] > 0
+        directory = disk._full._dir
+        assert [p.name for p in directory.iterdir()] == ["copy.state"]
+        disk.save(tmp_path / "d.pyasl")
+        assert disk._full.parked
+        t = pyasl.Session.load(tiny, tmp_path / "d.pyasl")
+        try:
+            assert t.full_copy == "disk" and t._full.parked
+            assert t.ask("and then?") == mem.ask("and then?")
+        finally:
+            t.close()
+    finally:
+        mem.close()
+        disk.close()
+    assert not directory.exists()
+
+
+def test_full_copy_place_is_validated(tiny):
+    with pytest.raises(ValueError, match="full_copy must be one of memory, disk"):
+        pyasl.Session(tiny, policy=pyasl.SnapKV(budget=64, window=8), n_ctx=160, full_copy="cloud")
+    with pytest.raises(ValueError, match="mode once keeps none"):
+        pyasl.Session(tiny, policy=pyasl.SnapKV(budget=64, window=8), n_ctx=160, mode="once", full_copy="disk")
+
+
 def test_reconstruction_scores_are_the_max_over_repeated_chunks(tiny):
     """FullCopy.reconstruction_scores: chunk by chunk, the document's scores from a prefill of the
     document, the repeat request and the chunk (the chunk as the window), max over chunks; the copy

@@ -48,11 +48,16 @@ def format_stats(st: dict) -> str:
         f"decode {rate(st['last_decode_tok_s'])} (last answer), {rate(st['decode_tok_s'])} (all)",
         f"turns {st['turns']}; prunings {st['prunings']} ({st['reprunes']} when the context was full, "
         f"{st['questions_selected']} for a question)",
-        f"mode {st['mode']}" + (f": the full KV ({st['full_copy_mib']:.1f} MiB) stays beside the decode context, every "
+        f"mode {st['mode']}" + (f": the full KV ({st['full_copy_mib']:.1f} MiB) is kept {_where_copy(st)}, every "
                                 "question selects again" if st["mode"] == "per-question" else
                                 ": the documents were pruned once" + _how_ranked(st)
                                 + ", the context re-prunes when full"),
     ] + [f"note: {n}" for n in st["notes"]])
+
+
+def _where_copy(st: dict) -> str:
+    """Where per-question mode keeps the documents' full KV (Session's full_copy)."""
+    return "on disk between questions" if st.get("full_copy_on_disk") else "beside the decode context"
 
 
 def _how_ranked(st: dict) -> str:
@@ -230,7 +235,7 @@ def _talk(session, documents, progress, temperature, top_p, seed, repeat_penalty
         lay = st["selected_layers"][0] if st["selected_layers"] else None
         speed = f", prefill {st['prefill_tok_s']:.0f} tok/s" if st["prefill_tok_s"] else ""
         if st["mode"] == "per-question":
-            chat.say(f"[documents: {st['document_tokens']} tokens, kept whole beside the decode context "
+            chat.say(f"[documents: {st['document_tokens']} tokens, kept whole {_where_copy(st)} "
                      f"({st['full_copy_mib']:.1f} MiB); every question selects {session.policy.budget} cells with "
                      f"{session.policy.name}{speed}]")
         else:

@@ -10,7 +10,12 @@ question.
 """
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
+import warnings
+import weakref
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -30,17 +35,71 @@ class FullCopyFull(RuntimeError):
 
 class FullCopy:
     """A live context holding every token of the session so far (positions 0..n-1), plus the answer
-    tokens not decoded into it yet (``pending``)."""
+    tokens not decoded into it yet (``pending``).
+
+    on_disk: :meth:`park` writes the copy to a file in a temporary directory of its own and frees its
+    context (a long document's KV is not held between questions); the next use of :attr:`ctx` loads
+    it back."""
 
     def __init__(self, model: Model, n_batch: int = 512, n_threads: Optional[int] = None, flash_attn: bool = False,
-                 type_k="f16", type_v="f16"):
+                 type_k="f16", type_v="f16", on_disk: bool = False):
         self.model = model
         self.kw = dict(n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn, type_k=type_k, type_v=type_v)
-        self.ctx: Optional[Context] = None
+        self._ctx: Optional[Context] = None
+        self.on_disk = bool(on_disk)
+        self._parked: Optional[Path] = None  # the file holding the copy while its context is freed
+        self._parked_cell_bytes = 0
+        self._dir: Optional[Path] = None
+        self._cleanup = None  # removes _dir
         self.n = 0
         self.tokens: list[int] = []  # the n tokens in the copy
         self.pending: list[int] = []
         self.window = 0  # the window of the latest question
+
+    @property
+    def ctx(self) -> Optional[Context]:
+        """The copy's context (loaded back from its file first when parked)."""
+        if self._parked is not None:
+            self._unpark()
+        return self._ctx
+
+    @ctx.setter
+    def ctx(self, ctx: Optional[Context]) -> None:
+        self._ctx = ctx
+
+    @property
+    def parked(self) -> bool:
+        return self._parked is not None
+
+    def park(self) -> bool:
+        """on_disk copies: write the copy to its file and free its context (the pending answer tokens
+        stay here); False when not parked (nothing to park, or the disk refused it: a warning)."""
+        if not self.on_disk or self._ctx is None or self.n == 0:
+            return False
+        if self._dir is None:
+            self._dir = Path(tempfile.mkdtemp(prefix="pyasl-copy-"))
+            self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, True)
+        path = self._dir / "copy.state"
+        try:
+            self._ctx.state_save_file(path, self.tokens)
+        except (OSError, RuntimeError) as e:
+            path.unlink(missing_ok=True)
+            warnings.warn(f"pyasl: could not write the full copy to {path} ({e}); it stays in memory", stacklevel=2)
+            return False
+        self._parked_cell_bytes = self._ctx.kv_info().cell_bytes_base
+        self._ctx.close()
+        self._ctx, self._parked = None, path
+        return True
+
+    def _unpark(self) -> None:
+        path, self._parked = self._parked, None
+        try:
+            self._reserve(self.n + len(self.pending) + 1)
+            tokens = self._ctx.state_load_file(path, self.n)
+            if tokens != self.tokens:
+                raise RuntimeError(f"internal: the full copy's file {path} holds other tokens than written")
+        finally:
+            path.unlink(missing_ok=True)
 
     def _reserve(self, need: int) -> None:
         """Make room for `need` cells in all (moving the copy into a larger context if needed)."""
@@ -174,10 +233,14 @@ class FullCopy:
         self.n, self.tokens, self.pending = n, self.tokens[:n], []
 
     def kv_bytes(self) -> int:
-        if self.ctx is None:
+        """Bytes of the copy's KV (in its file while parked)."""
+        if self._parked is not None:
+            cell = self._parked_cell_bytes
+        elif self._ctx is not None:
+            cell = self._ctx.kv_info().cell_bytes_base
+        else:
             return 0
-        info = self.ctx.kv_info()
-        return int((self.n + len(self.pending)) * info.cell_bytes_base)
+        return int((self.n + len(self.pending)) * cell)
 
     def state(self) -> bytes:
         return b"" if self.ctx is None or self.n == 0 else self.ctx.state_get()
@@ -208,7 +271,11 @@ class FullCopy:
         self.n = n_tokens
 
     def close(self) -> None:
-        if self.ctx is not None:
-            self.ctx.close()
-            self.ctx = None
+        if self._ctx is not None:
+            self._ctx.close()
+            self._ctx = None
+        self._parked = None
+        if self._cleanup is not None:  # the directory and any file in it
+            self._cleanup()
+            self._cleanup, self._dir = None, None
 

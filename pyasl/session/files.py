@@ -29,6 +29,8 @@ def save(s, path: Union[str, os.PathLike]) -> None:
     state = s._ctx.state_get()
     base = s._base_state
     full = None if s._full is None else s._full.state()
+    if full is not None:
+        s._full.park()  # full_copy="disk": back to its file
     head = {
         "version": _FILE_VERSION, "model": _identity(s.model), "policy": s.policy.to_dict(),
         "n_ctx": s.n_ctx, "max_tokens": s.max_tokens, "system": s.system, "raw": s._fmt.raw,
@@ -40,7 +42,7 @@ def save(s, path: Union[str, os.PathLike]) -> None:
         "base": None if base is None else {"n_past": base.n_past, "text": base.text, "struct": base.struct,
                                             "size": len(base.state), "layer_cells": base.layer_cells,
                                             "pos_shift": base.pos_shift},
-        "mode": s.mode,
+        "mode": s.mode, "full_copy": s.full_copy,
         "full": None if full is None else {"tokens": s._full.tokens, "pending": s._full.pending, "size": len(full),
                                            "n_docs": s._n_docs},
     }
@@ -111,7 +113,8 @@ def load(cls, model: Model, path: Union[str, os.PathLike], n_threads: Optional[i
                 max_tokens=head["max_tokens"], raw=head["raw"], n_threads=n_threads,
                 flash_attn=head["flash_attn"], n_batch=head["n_batch"], type_k=head.get("type_k", "f16"),
                 type_v=head.get("type_v", "f16"), sink=head.get("sink", 4),
-                keep_recent=head.get("keep_recent", 0), mode=head.get("mode", "once"))
+                keep_recent=head.get("keep_recent", 0), mode=head.get("mode", "once"),
+                full_copy=head.get("full_copy", "memory"))
         n_past = head["n_past"]
         if isinstance(n_past, bool) or not isinstance(n_past, int) or n_past < 0:
             raise ValueError(f"n_past {n_past!r}")
@@ -134,6 +137,7 @@ def load(cls, model: Model, path: Union[str, os.PathLike], n_threads: Optional[i
         if full:
             s._full = s._new_full_copy()
             s._full.load(full_state, full["tokens"], full["pending"])
+            s._full.park()
             s._n_docs = int(full["n_docs"])
         elif s.mode == "per-question":
             s.mode = "once"  # saved without its full copy

@@ -36,6 +36,7 @@ class PerQuestion:
         if self._ctx is not None:
             self._ctx.close()
         self._ctx, self._n_past, self._logits = ctx, self._full.n, logits
+        self._full.park()  # full_copy="disk": written out until the next question
         self.last_selection = sel
         if sel is not None:
             self.stats_.selected_layers.append(sel.layer)

@@ -66,6 +66,7 @@ from .state import _RECENT_MAX, _SLACK, ContextFullError, SessionFileError, _Bas
 __all__ = ["MODES", "ContextFullError", "Session", "SessionFileError"]
 
 MODES = ("per-question", "once", "reconstruct")
+FULL_COPY_PLACES = ("memory", "disk")
 
 Progress = Optional[Callable[[int, int], None]]
 
@@ -121,6 +122,9 @@ class Session(Repruning, PerQuestion, Reconstruct):
         mode: ``per-question`` (default for a pruning policy: every question selects from the full
             KV, kept beside the decode context), ``once`` (prune the documents once) or
             ``reconstruct`` (prune them once, ranked by a request to repeat them); see the module doc.
+        full_copy: mode ``per-question``: where the full copy waits between questions: ``memory``
+            (default) or ``disk`` (a file in a temporary directory, its context freed: the document's KV
+            is not held while the user reads and types; each question writes and reads it once).
         reprefill: mode ``reconstruct``: prefill the kept tokens again as a prompt of their own
             (positions 0..k-1), so their KV is computed among themselves (default; measured in
             docs/BENCHMARKS.md); False keeps the cells as the whole document computed them.
@@ -131,7 +135,7 @@ class Session(Repruning, PerQuestion, Reconstruct):
                  system: Optional[str] = None, max_tokens: int = 256, raw: bool = False,
                  n_threads: Optional[int] = None, flash_attn: bool = False, n_batch: int = 512,
                  sink: int = 4, keep_recent: int = 0, mode: Optional[str] = None, type_k="f16", type_v="f16",
-                 reprefill: bool = True):
+                 reprefill: bool = True, full_copy: str = "memory"):
         if policy is None:
             policy = ASL(budget=512)
         elif isinstance(policy, str):
@@ -154,6 +158,11 @@ class Session(Repruning, PerQuestion, Reconstruct):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         self.mode = mode
+        if full_copy not in FULL_COPY_PLACES:
+            raise ValueError(f"full_copy must be one of {', '.join(FULL_COPY_PLACES)}, not {full_copy!r}")
+        if full_copy == "disk" and mode != "per-question":
+            raise ValueError(f"full_copy='disk' keeps the full copy of mode per-question on disk; mode {mode} keeps none")
+        self.full_copy = full_copy
         if not isinstance(reprefill, bool):
             raise ValueError(f"reprefill must be True or False, got {reprefill!r}")
         self.reprefill = reprefill
@@ -206,7 +215,7 @@ class Session(Repruning, PerQuestion, Reconstruct):
 
     def _new_full_copy(self) -> FullCopy:
         """An empty full copy with the session's context settings (modes per-question, reconstruct)."""
-        return FullCopy(self.model, **self._ctx_kw())
+        return FullCopy(self.model, on_disk=self.full_copy == "disk", **self._ctx_kw())
 
     def _ctx_kw(self) -> dict:
         """The llama.cpp context settings every context of the session is made with."""
@@ -491,7 +500,8 @@ class Session(Repruning, PerQuestion, Reconstruct):
                                   if st.last_decode_s > 0 and st.last_decode_tokens else None),
             "mode": self.mode, "reprefill": self.mode == "reconstruct" and self.reprefill,
             "questions_selected": st.questions_selected,
-            "full_copy_mib": None if self._full is None else self._full.kv_bytes() / mib, "notes": list(st.notes),
+            "full_copy_mib": None if self._full is None else self._full.kv_bytes() / mib,
+            "full_copy_on_disk": self._full is not None and self._full.parked, "notes": list(st.notes),
         }
 
     # -- files ----------------------------------------------------------------------------------

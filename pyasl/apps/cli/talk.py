@@ -39,6 +39,9 @@ def _read_doc(path: str) -> tuple:
                    "ranked by a request to repeat them, and prefill the kept tokens again (question-agnostic, "
                    "holds only the decode context; a default span keeps around:8+32; about 4x the documents' "
                    "prefill time)")
+@click.option("--full-copy", type=click.Choice(["memory", "disk"]), default="memory", show_default=True,
+              help="per-question: where the documents' full KV waits between questions (disk: a temporary file, "
+                   "written and read once per question)")
 @click.option("--load", "load_path", type=click.Path(dir_okay=False), help="open a session saved with /save")
 @click.option("--raw", is_flag=True, help="do not apply the chat template")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: all cores)")
@@ -46,8 +49,8 @@ def _read_doc(path: str) -> tuple:
 @cache_type_options
 @click.option("--verbose", is_flag=True, help="show llama.cpp's log")
 @click.option("--progress/--no-progress", default=None, help="prefill progress bar (default: when stderr is a tty)")
-def chat(model, docs, policy, system, max_tokens, n_ctx, temperature, top_p, seed, repeat_penalty, mode, load_path,
-         raw, threads, flash_attn, type_k, type_v, verbose, progress):
+def chat(model, docs, policy, system, max_tokens, n_ctx, temperature, top_p, seed, repeat_penalty, mode, full_copy,
+         load_path, raw, threads, flash_attn, type_k, type_v, verbose, progress):
     """Talk with MODEL about long documents over a pruned KV cache.
 
     The documents are prefilled and pruned by POLICY; each turn is appended; when the context
@@ -69,7 +72,8 @@ def chat(model, docs, policy, system, max_tokens, n_ctx, temperature, top_p, see
             sess = Session.load(m, load_path, n_threads=threads)
         else:
             sess = Session(m, policy=pol, n_ctx=n_ctx, system=system, max_tokens=max_tokens, raw=raw,
-                           n_threads=threads, flash_attn=flash_attn, mode=mode, type_k=type_k, type_v=type_v)
+                           n_threads=threads, flash_attn=flash_attn, mode=mode, type_k=type_k, type_v=type_v,
+                           full_copy=full_copy)
         rc = C.run(sess, documents, Progress(progress), temperature=temperature, top_p=top_p, seed=seed,
                    repeat_penalty=repeat_penalty)
     except KeyboardInterrupt:
