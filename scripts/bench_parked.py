@@ -1,8 +1,14 @@
-"""Questions about two documents in turn through pyasl.Llama (per-question, asl): each request's
-time with parked_copies=0 (a returning document is prefilled again) and parked_copies=1 (its full
-KV is loaded back from disk), in one process, the two settings in turn. One JSON line per request.
+"""Full copies kept on disk (issue 21), one JSON line per request.
 
-    python scripts/bench_parked.py --model qwen2.5-0.5b --length 4096 --rounds 2 --out docs/bench/parked.jsonl
+``--what llama``: questions about two documents in turn through pyasl.Llama (per-question, asl),
+each request's time with parked_copies=0 (a returning document is prefilled again) and
+parked_copies=1 (its full KV loaded back from disk), in one process, the two settings in turn.
+``--what session``: one document and three questions through a Session with full_copy memory and
+disk in turn: each step's time and the process's resident memory after it (VmRSS: what is held
+while the user reads the answer, not the peak).
+
+    python scripts/bench_parked.py --what llama --model qwen2.5-0.5b --length 4096 --out docs/bench/parked.jsonl
+    python scripts/bench_parked.py --what session --model qwen2.5-0.5b --length 8192 --out docs/bench/parked.jsonl
 """
 from __future__ import annotations
 
@@ -16,8 +22,45 @@ from pyasl.bench.questions import build_context
 from pyasl.models import fetch_model
 
 
+def _rss_mib() -> float:
+    """The process's resident memory now (VmRSS), MiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def session_rows(a, docs, out) -> None:
+    m = pyasl.load_model(a.model)
+    doc, asked = docs[0]
+    try:
+        for rnd in range(a.rounds):
+            for place in ("memory", "disk"):
+                s = pyasl.Session(m, policy=pyasl.ASL(budget=a.budget), n_ctx=a.budget + 256, max_tokens=32,
+                                  n_threads=a.threads, full_copy=place)
+                try:
+                    t = time.perf_counter()
+                    s.prefill(documents=[doc])
+                    rows = [{"step": "documents", "seconds": time.perf_counter() - t, "rss_mib": _rss_mib()}]
+                    for q, (question, value, _) in enumerate(asked):
+                        t = time.perf_counter()
+                        answer = s.ask(question)
+                        rows.append({"step": f"question {q}", "seconds": time.perf_counter() - t,
+                                     "answered": value in answer, "rss_mib": _rss_mib()})
+                    for r in rows:
+                        r.update(what="session", model=a.model, length=a.length, round=rnd, full_copy=place,
+                                 full_copy_mib=s.stats()["full_copy_mib"])
+                    for r in rows:
+                        out.write(json.dumps(r) + "\n")
+                        print(json.dumps(r), flush=True)
+                    out.flush()
+                finally:
+                    s.close()
+    finally:
+        m.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--what", choices=["llama", "session"], default="llama")
     ap.add_argument("--model", default="qwen2.5-0.5b")
     ap.add_argument("--length", type=int, default=4096, help="document tokens")
     ap.add_argument("--budget", type=int, default=1024)
@@ -27,8 +70,13 @@ def main() -> None:
     a = ap.parse_args()
     path = str(fetch_model(a.model))
     m = pyasl.load_model(a.model)
-    docs = [build_context(m, a.length, index=i, questions=2, kind="needles") for i in (0, 1)]
+    docs = [build_context(m, a.length, index=i, questions=2 if a.what == "llama" else 3, kind="needles")
+            for i in (0, 1)]
     m.close()
+    if a.what == "session":
+        with open(a.out, "a") as out:
+            session_rows(a, docs, out)
+        return
     # A, B, A, B: the second question about each document comes after a question about the other
     turns = [(0, 0), (1, 0), (0, 1), (1, 1)]
     with open(a.out, "a") as out:
@@ -44,7 +92,7 @@ def main() -> None:
                         r = llm.create_chat_completion(
                             messages=[{"role": "user", "content": doc + "\n\n" + question}],
                             max_tokens=32, temperature=0)
-                        row = {"model": a.model, "length": a.length, "round": rnd, "parked_copies": parked, "step": step,
+                        row = {"what": "llama", "model": a.model, "length": a.length, "round": rnd, "parked_copies": parked, "step": step,
                                "document": d, "question": q, "seconds": time.perf_counter() - t,
                                "prompt_tokens": r["usage"]["prompt_tokens"],
                                "reused_tokens": llm.last_prune["reused_tokens"],
