@@ -111,3 +111,19 @@ def test_an_on_disk_copy_that_cannot_be_written_stays_in_memory(tiny):
         assert fc._ctx is not None and fc.n == 304
     finally:
         fc.close()
+
+
+def test_a_parked_copy_that_cannot_be_read_is_prefilled_again(tiny, tmp_path):
+    a, b = _doc(tiny, 1), _doc(tiny, 2)
+    fc = FullCopy(tiny, n_batch=128)
+    shelf = CopyShelf(1, directory=tmp_path, min_tokens=64)
+    try:
+        _ask(fc, shelf, a + [5, 6, 7, 8])
+        _ask(fc, shelf, b + [5, 6, 7, 8])
+        (tmp_path / "copy-0.state").write_bytes(b"not a state file")
+        with pytest.warns(UserWarning, match="could not load a parked full copy"):
+            reused, scores, _ = _ask(fc, shelf, a + [9, 9, 9, 9])
+        assert reused == 0 and fc.tokens == a + [9, 9, 9, 9] and scores.shape[-1] == 304
+    finally:
+        fc.close()
+        shelf.close()

@@ -74,10 +74,14 @@ class CopyShelf:
             try:
                 live.load_file(best.path, len(best.tokens))
                 if live.tokens != best.tokens:
-                    raise RuntimeError(f"internal: the parked copy {best.path} holds other tokens than parked")
+                    raise RuntimeError(f"the file holds other tokens than parked ({best.path})")
+                self.loads += 1
+            except (OSError, RuntimeError) as e:  # the copy is left empty: the prompt is prefilled whole
+                live.truncate(0)
+                warnings.warn(f"pyasl: could not load a parked full copy ({e}); prefilling the prompt again",
+                              stacklevel=3)
             finally:
                 best.path.unlink(missing_ok=True)
-            self.loads += 1
 
     def _park(self, live: FullCopy) -> None:
         toks = list(live.tokens)
