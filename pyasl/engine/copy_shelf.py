@@ -19,16 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-
-from .full_copy import FullCopy
-
-
-def _shared(a, b) -> int:
-    """How many leading tokens two token lists share."""
-    n = min(len(a), len(b))
-    diff = np.flatnonzero(np.asarray(a[:n], dtype=np.int64) != np.asarray(b[:n], dtype=np.int64))
-    return int(diff[0]) if len(diff) else n
+from .full_copy import FullCopy, shared_prefix
 
 
 @dataclass
@@ -63,8 +54,8 @@ class CopyShelf:
         """Before `live` takes `tokens`: park it if they would discard at least min_tokens of it, and load
         the parked copy sharing the most of them when it shares more than `live` does."""
         keep = live.common_prefix(tokens) if live.n else 0
-        best = max(self._parked, key=lambda p: _shared(p.tokens, tokens), default=None)
-        if best is not None and _shared(best.tokens, tokens) > keep:
+        best = max(self._parked, key=lambda p: shared_prefix(p.tokens, tokens), default=None)
+        if best is not None and shared_prefix(best.tokens, tokens) > keep:
             self._parked.remove(best)  # off the shelf before `live` takes its place
         else:
             best = None
@@ -87,7 +78,7 @@ class CopyShelf:
         toks = list(live.tokens)
         # a parked copy that differs from this one only in a short tail (the same document, another
         # question) is superseded by it
-        for p in [p for p in self._parked if _shared(p.tokens, toks) >= min(len(p.tokens), len(toks)) - self.min_tokens]:
+        for p in [p for p in self._parked if shared_prefix(p.tokens, toks) >= min(len(p.tokens), len(toks)) - self.min_tokens]:
             self._drop(p)
         while len(self._parked) >= self.capacity:
             self._drop(self._parked[0])

@@ -29,6 +29,13 @@ from .strategies import PrunedPrefill, finish_ordinary, select
 GROW = 1024  # cells added when the copy must grow
 
 
+def shared_prefix(a, b) -> int:
+    """How many leading tokens two token lists share."""
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(np.asarray(a[:n], dtype=np.int64) != np.asarray(b[:n], dtype=np.int64))
+    return int(diff[0]) if len(diff) else n
+
+
 class FullCopyFull(RuntimeError):
     """The conversation would pass the model's training context."""
 
@@ -169,9 +176,7 @@ class FullCopy:
 
     def common_prefix(self, tokens) -> int:
         """How many tokens at the start of `tokens` the copy already holds."""
-        n = min(self.n, len(tokens))
-        diff = np.flatnonzero(np.asarray(self.tokens[:n]) != np.asarray(tokens[:n], dtype=np.int64))
-        return int(diff[0]) if len(diff) else n
+        return shared_prefix(self.tokens, tokens)
 
     def select_state(self, tokens: list[int], policy: Policy) -> tuple[PrunedPrefill, int]:
         """Make the copy hold exactly `tokens` (the prefix it shares with them reused, the rest decoded,
