@@ -127,3 +127,17 @@ def test_a_parked_copy_that_cannot_be_read_is_prefilled_again(tiny, tmp_path):
     finally:
         fc.close()
         shelf.close()
+
+
+def test_an_on_disk_copy_that_cannot_be_read_back_says_so_every_time(tiny):
+    fc = FullCopy(tiny, n_batch=128, on_disk=True)
+    try:
+        fc.prefill(_doc(tiny, 1), 4)
+        assert fc.park()
+        fc._parked.write_bytes(b"damaged")
+        for _ in range(2):
+            with pytest.raises(RuntimeError, match="could not be read back from disk"):
+                fc.ask([5, 6, 7, 8], 4)
+            assert fc.parked and fc._ctx is None and fc.n == 300
+    finally:
+        fc.close()

@@ -99,14 +99,22 @@ class FullCopy:
         return True
 
     def _unpark(self) -> None:
+        """Load the parked copy back. A file that cannot be read leaves the copy parked and raises, at
+        this use and every later one (never a copy silently without its documents)."""
         path, self._parked = self._parked, None
         try:
             self._reserve(self.n + len(self.pending) + 1)
             tokens = self._ctx.state_load_file(path, self.n)
             if tokens != self.tokens:
-                raise RuntimeError(f"internal: the full copy's file {path} holds other tokens than written")
-        finally:
-            path.unlink(missing_ok=True)
+                raise RuntimeError(f"the file holds other tokens than written ({path})")
+        except (OSError, RuntimeError) as e:
+            if self._ctx is not None:
+                self._ctx.close()
+                self._ctx = None
+            self._parked = path
+            raise RuntimeError(f"the full copy of the documents could not be read back from disk ({e}); "
+                               "reset the session or load a saved one") from None
+        path.unlink(missing_ok=True)
 
     def _reserve(self, need: int) -> None:
         """Make room for `need` cells in all (moving the copy into a larger context if needed)."""
