@@ -500,17 +500,19 @@ class Context(_Native):
         if llama_cpp.llama_state_seq_save_file(self._ctx, str(path).encode(), SEQ, t, len(tokens)) == 0:
             raise RuntimeError(f"could not save the sequence state to {path}")
 
-    def state_load_file(self, path, n_tokens: int) -> list[int]:
-        """Load a file of :meth:`state_save_file` holding `n_tokens` tokens into the (cleared) sequence;
-        returns the tokens. Decoding continues after them."""
+    def state_load_file(self, path, tokens) -> None:
+        """Load a file of :meth:`state_save_file` into the (cleared) sequence; it must hold `tokens`
+        (RuntimeError otherwise). Decoding continues after them."""
         llama_cpp, _, _ = _ll()
-        t = (llama_cpp.llama_token * max(1, n_tokens))()
+        n = len(tokens)
+        t = (llama_cpp.llama_token * max(1, n))()
         got = ctypes.c_size_t(0)
-        if llama_cpp.llama_state_seq_load_file(self._ctx, str(path).encode(), SEQ, t, max(1, n_tokens),
-                                               ctypes.byref(got)) == 0 or got.value != n_tokens:
+        if llama_cpp.llama_state_seq_load_file(self._ctx, str(path).encode(), SEQ, t, max(1, n),
+                                               ctypes.byref(got)) == 0 or got.value != n:
             raise RuntimeError(f"could not load the sequence state from {path} (a file of another context or model?)")
-        self.n_past = n_tokens
-        return list(t[:n_tokens])
+        if list(t[:n]) != list(tokens):
+            raise RuntimeError(f"the file {path} holds other tokens than expected")
+        self.n_past = n
 
     def take_state(self) -> bytes:
         """The sequence's state bytes, then close the context (what a pruned prefill hands over)."""

@@ -53,22 +53,18 @@ class CopyShelf:
     def prepare(self, live: FullCopy, tokens) -> None:
         """Before `live` takes `tokens`: park it if they would discard at least min_tokens of it, and load
         the parked copy sharing the most of them when it shares more than `live` does."""
-        keep = live.common_prefix(tokens) if live.n else 0
-        best = max(self._parked, key=lambda p: shared_prefix(p.tokens, tokens), default=None)
-        if best is not None and shared_prefix(best.tokens, tokens) > keep:
-            self._parked.remove(best)  # off the shelf before `live` takes its place
-        else:
-            best = None
+        keep = live.common_prefix(tokens)
+        shares = [shared_prefix(p.tokens, tokens) for p in self._parked]
+        best = None
+        if shares and max(shares) > keep:
+            best = self._parked.pop(shares.index(max(shares)))  # off the shelf before `live` takes its place
         if live.n - keep >= self.min_tokens and not live.pending:
             self._park(live)
         if best is not None:
             try:
-                live.load_file(best.path, len(best.tokens))
-                if live.tokens != best.tokens:
-                    raise RuntimeError(f"the file holds other tokens than parked ({best.path})")
+                live.load_file(best.path, best.tokens)
                 self.loads += 1
             except (OSError, RuntimeError) as e:  # the copy is left empty: the prompt is prefilled whole
-                live.truncate(0)
                 warnings.warn(f"pyasl: could not load a parked full copy ({e}); prefilling the prompt again",
                               stacklevel=3)
             finally:
