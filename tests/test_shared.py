@@ -122,3 +122,34 @@ def test_shared_on_tiny_model_keep_all_is_full(tiny):
         d = sp.derive(policy, budget=300, layer=layer, max_tokens=4)
         assert d.n_kept == 300, policy
         assert _toks(d, tiny, 4) == want, policy
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3() -> Model:
+    return Model(tinymodels.tiny_model_path("gemma3", n_layer=6))
+
+
+def test_shared_on_a_sliding_window_model_equals_each_policy_path(tiny_gemma3):
+    """Gemma 3 style (sliding-window layers beside global ones, a prompt longer than the window and than
+    an ordinary context's sliding-window cache): each derived context decodes as the policy's own path
+    and holds the KV bytes it reports."""
+    m = tiny_gemma3
+    assert m.n_swa == 64
+    rng = np.random.default_rng(0)
+    t = [int(x) for x in rng.integers(10, m.n_vocab - 1, 400)]
+    sp = SharedPrefill(m, t, window=16, n_batch=128)
+    for policy, opts in (("asl", {"tau": 0.9}), ("fastkv", {"layer": 2}), ("asl-2pass", {"tau": 0.9})):
+        lm = layer_major_prefill(m, t, policy, budget=96, window=16, max_tokens=8, n_batch=128, **opts)
+        d = sp.derive(policy, budget=96, max_tokens=8, **opts)
+        assert d.n_kept == lm.n_kept and abs(d.prefill_work - lm.prefill_work) < 1e-12, policy
+        np.testing.assert_allclose(d.logits, lm.logits, rtol=0, atol=2e-3)
+        try:
+            want = greedy_decode(m, lm.ctx, lm.logits, 6, ignore_eos=True).tokens
+        finally:
+            lm.ctx.close()
+        assert _toks(d, m) == want, policy
+    for policy, opts in (("full", {}), ("snapkv", {}), ("gemfilter", {"layer": 2})):
+        g = generate(m, t, policy=policy, budget=96, window=16, max_tokens=6, n_batch=128, ignore_eos=True, **opts)
+        d = sp.derive(policy, budget=96, max_tokens=6, **opts)
+        assert (d.n_kept, d.selected_layer, d.kv_bytes) == (g.n_kept, g.selected_layer, g.kv_bytes), policy
+        assert _toks(d, m) == g.tokens, policy

@@ -61,8 +61,6 @@ class SharedPrefill:
         why = layer_major_supported(model)
         if why:
             raise ValueError(why)
-        if model.n_swa > 0:
-            raise ValueError("the shared prefill does not handle sliding-window models yet")
         n = len(tokens)
         if not 1 <= window < n:
             raise ValueError(f"window {window} must be in 1..{n - 1} (prompt of {n} tokens)")
@@ -133,7 +131,9 @@ class SharedPrefill:
                 work = pr.prefill_work
             ctx, logits, k = pr.ctx, pr.logits, pr.n_kept
         info = ctx.kv_info()
-        held = kv_bytes(info, k, info.used_swa)
+        # sliding-window models: the saved state holds the last n_swa positions of the window layers;
+        # an ordinary prefill (what `full` is) leaves its whole sliding-window cache in use
+        held = kv_bytes(info, k, min(n, info.size_swa) if strategy == "full" else info.used_swa)
         if lb is not None:
             held = lb.kv_bytes(ctx)
             k = int(round(float(np.mean(lb.counts))))
