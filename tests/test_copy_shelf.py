@@ -113,6 +113,26 @@ def test_an_on_disk_copy_that_cannot_be_written_stays_in_memory(tiny):
         fc.close()
 
 
+def test_a_parked_copys_state_is_read_from_its_file_without_loading_it(tiny):
+    """What a session file stores of an on-disk copy: the same state bytes as the live copy's, read from
+    the parked file (its context stays freed), and a file of other tokens is refused."""
+    from pyasl.engine.context import read_state_file
+
+    fc = FullCopy(tiny, n_batch=128, on_disk=True)
+    try:
+        fc.prefill(_doc(tiny, 1), 4)
+        live = fc.state()
+        assert fc.park()
+        assert fc.state() == live and fc.parked and fc._ctx is None
+        with pytest.raises(RuntimeError, match="not a state file of these tokens"):
+            read_state_file(fc._parked, fc.tokens[:-1])
+        fc.pending = [5, 6]
+        scores, _ = fc.ask([7, 8], 4)  # loaded back, the pending tokens kept
+        assert fc.tokens[-4:] == [5, 6, 7, 8] and scores.shape[-1] == fc.n == 304
+    finally:
+        fc.close()
+
+
 def test_a_parked_copy_that_cannot_be_read_is_prefilled_again(tiny, tmp_path):
     a, b = _doc(tiny, 1), _doc(tiny, 2)
     fc = FullCopy(tiny, n_batch=128)

@@ -171,8 +171,8 @@ def test_full_copy_on_disk_answers_as_in_memory(tiny, tmp_path):
             assert disk.stats()["full_copy_mib"] == mem.stats()["full_copy_mib"] > 0
         directory = disk._full._dir
         assert [p.name for p in directory.iterdir()] == ["copy.state"]
-        disk.save(tmp_path / "d.pyasl")
-        assert disk._full.parked
+        disk.save(tmp_path / "d.pyasl")  # the copy read from its file, not loaded back
+        assert disk._full.parked and disk._full._ctx is None
         t = pyasl.Session.load(tiny, tmp_path / "d.pyasl")
         try:
             assert t.full_copy == "disk" and t._full.parked

@@ -528,3 +528,26 @@ class Context(_Native):
         if got == 0:
             raise RuntimeError("could not load the sequence state into the decode context (too small?)")
         self.n_past = n_past
+
+
+# llama.cpp's sequence state file (llama_state_seq_save_file): magic, version, token count (u32 each), the
+# tokens (i32), then the sequence's data. llama_state_seq_get_data (Context.state_get) gives the same data
+# after its own head: io_magic (u32, static in llama-context.cpp) and the sequence id (i32).
+_GET_DATA_HEAD = np.array([0xAF143CD8, SEQ], dtype="<u4").tobytes()
+
+
+def _state_file_head(tokens) -> bytes:
+    llama_cpp, _, _ = _ll()
+    head = np.array([llama_cpp.LLAMA_STATE_SEQ_MAGIC, llama_cpp.LLAMA_STATE_SEQ_VERSION, len(tokens)], dtype="<u4")
+    return head.tobytes() + np.asarray(tokens, dtype="<i4").tobytes()
+
+
+def read_state_file(path, tokens) -> bytes:
+    """The state bytes (as :meth:`Context.state_get` gives them) of a file of :meth:`Context.state_save_file`
+    that holds `tokens`, read without a context (RuntimeError when it holds anything else)."""
+    head = _state_file_head(tokens)
+    with open(path, "rb") as f:
+        if f.read(len(head)) != head:
+            raise RuntimeError(f"the file {path} is not a state file of these tokens")
+        return _GET_DATA_HEAD + f.read()
+

@@ -21,7 +21,7 @@ from typing import Optional
 import numpy as np
 
 from ..policies import Policy, Selection
-from .context import Context, _pad
+from .context import Context, _pad, read_state_file
 from .model import Model
 from .prefill import gather_selection, pass_ubatch, prefill
 from .strategies import PrunedPrefill, finish_ordinary, select
@@ -88,7 +88,7 @@ class FullCopy:
             self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, True)
         path = self._dir / "copy.state"
         try:
-            self._ctx.state_save_file(path, self.tokens)
+            self.save_file(path)
         except (OSError, RuntimeError) as e:
             path.unlink(missing_ok=True)
             warnings.warn(f"pyasl: could not write the full copy to {path} ({e}); it stays in memory", stacklevel=2)
@@ -101,15 +101,16 @@ class FullCopy:
     def _unpark(self) -> None:
         """Load the parked copy back. A file that cannot be read leaves the copy parked and raises, at
         this use and every later one (never a copy silently without its documents)."""
-        path, self._parked = self._parked, None
+        path, tokens, pending = self._parked, self.tokens, self.pending
+        self._parked = None
         try:
-            self._reserve(self.n + len(self.pending) + 1)
-            self._ctx.state_load_file(path, self.tokens)
+            self.load_file(path, tokens, pending)
         except (OSError, RuntimeError) as e:
             if self._ctx is not None:
                 self._ctx.close()
                 self._ctx = None
             self._parked = path
+            self.n, self.tokens, self.pending = len(tokens), tokens, pending
             raise RuntimeError(f"the full copy of the documents could not be read back from disk ({e}); "
                                "reset the session or load a saved one") from None
         path.unlink(missing_ok=True)
@@ -254,7 +255,10 @@ class FullCopy:
         return int((self.n + len(self.pending)) * cell)
 
     def state(self) -> bytes:
-        return b"" if self.ctx is None or self.n == 0 else self.ctx.state_get()
+        """The copy's KV as state bytes; a parked copy's are read from its file (not loaded back)."""
+        if self._parked is not None:
+            return read_state_file(self._parked, self.tokens)
+        return b"" if self._ctx is None or self.n == 0 else self._ctx.state_get()
 
     def load(self, state: bytes, tokens, pending) -> None:
         n = len(tokens)
@@ -264,23 +268,27 @@ class FullCopy:
         self.n, self.tokens, self.pending = n, [int(t) for t in tokens], [int(t) for t in pending]
 
     def save_file(self, path) -> None:
-        """The copy (its tokens and KV) written to `path`, a tensor at a time; nothing may be pending."""
-        if self.pending:
-            raise RuntimeError("internal: saving a full copy with answer tokens pending")
+        """The copy's tokens and KV written to `path` by llama.cpp, a tensor at a time (the pending answer
+        tokens are not in it)."""
         self.ctx.state_save_file(path, self.tokens)
 
-    def load_file(self, path, tokens) -> None:
-        """The copy of `tokens` saved by :meth:`save_file` in place of this one (RuntimeError, and the
-        copy left empty, when the file holds anything else)."""
-        self.truncate(0)
-        self._reserve(len(tokens) + 1)
+    def load_file(self, path, tokens, pending=()) -> None:
+        """The copy of `tokens` saved by :meth:`save_file` in place of this one, with `pending` answer
+        tokens (RuntimeError, and the copy left empty, when the file holds anything else)."""
+        if self._parked is not None:  # the parked copy is replaced, not loaded first
+            self._parked.unlink(missing_ok=True)
+            self._parked = None
+        if self._ctx is not None:
+            self.truncate(0)
+        self.n, self.tokens, self.pending = 0, [], []
+        self._reserve(len(tokens) + len(pending) + 1)
         try:
-            self.ctx.state_load_file(path, tokens)
+            self._ctx.state_load_file(path, tokens)
         except BaseException:
-            self.ctx.seq_rm(0, -1)  # nothing half-loaded stays
-            self.ctx.n_past = 0
+            self._ctx.seq_rm(0, -1)  # nothing half-loaded stays
+            self._ctx.n_past = 0
             raise
-        self.n, self.tokens = len(tokens), list(tokens)
+        self.n, self.tokens, self.pending = len(tokens), list(tokens), list(pending)
 
     def close(self) -> None:
         if self._ctx is not None:

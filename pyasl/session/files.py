@@ -28,9 +28,7 @@ def save(s, path: Union[str, os.PathLike]) -> None:
         raise RuntimeError("nothing to save: the session has not been prefilled")
     state = s._ctx.state_get()
     base = s._base_state
-    full = None if s._full is None else s._full.state()
-    if full is not None:
-        s._full.park()  # full_copy="disk": back to its file
+    full = None if s._full is None else s._full.state()  # read from its file when on disk
     head = {
         "version": _FILE_VERSION, "model": _identity(s.model), "policy": s.policy.to_dict(),
         "n_ctx": s.n_ctx, "max_tokens": s.max_tokens, "system": s.system, "raw": s._fmt.raw,
