@@ -152,12 +152,14 @@ def test_row_keys_resume():
     fast = dict(r, policy="fastkv", budget=128, layer=4)
     assert BR.row_key(fast) != BR.row_key(dict(fast, layer=2))
     assert BR.row_key(old) == BR.row_key(dict(old, layer=3))
-    # the label names a layer only where it is not the default fraction of the depth
-    assert BR.row_label(dict(fast, n_layer=12, layer=4)) == "fastkv@128"
+    # the label names a layer only where it is not the library's own (fastkv: 15 of 32, so 6 of 12), what
+    # `pyasl generate --policy fastkv` runs; the benchmark's default fraction of the depth is named
+    assert BR.row_label(dict(fast, n_layer=12, layer=6)) == "fastkv@128"
+    assert BR.row_label(dict(fast, n_layer=12, layer=4)) == "fastkv[layer=4]@128"
     assert BR.row_label(dict(fast, n_layer=12, layer=2)) == "fastkv[layer=2]@128"
     # a propagation wider than the budget is a row of its own; propagate == budget (or none) is the default
     assert BR.row_key(dict(fast, propagate=512)) != BR.row_key(fast) == BR.row_key(dict(fast, propagate=128))
-    assert BR.row_label(dict(fast, n_layer=12, propagate=512)) == "fastkv[prop=512]@128"
+    assert BR.row_label(dict(fast, n_layer=12, layer=6, propagate=512)) == "fastkv[prop=512]@128"
     assert BR.row_key(dict(old, propagate=512)) == BR.row_key(old)  # snapkv has no propagation
 
 
@@ -185,7 +187,7 @@ def test_run_appends_and_resumes(tmp_path):
     # sample 0 lacks only fastkv; sample 1 lacks everything
     assert BR.run(*args, ["full", "snapkv", "asl", "fastkv"], 2, out, log=logs.append) == 1 + 4
     assert logs[0] == f"samples to run: 2 (3 results already in {out})"
-    assert "fastkv+forward:32@128=" in logs[1] and "full=" not in logs[1]  # the default span, named
+    assert "fastkv[layer=12]+forward:32@128=" in logs[1] and "full=" not in logs[1]  # the default span, named
     rows = BR.load_rows(out)
     assert len(rows) == 8 and len({BR.row_key(r) for r in rows}) == 8
 
@@ -224,9 +226,9 @@ def test_run_appends_and_resumes(tmp_path):
     logs.clear()
     # wider propagation: fastkv (layer 12 of 30) sends 300 tokens on, a row of its own beside the default
     assert BR.run(*args, ["fastkv"], 1, out, log=logs.append, propagates=[None, 300]) == 1
-    assert "fastkv[prop=300]+forward:32@128=" in logs[1]
+    assert "fastkv[layer=12][prop=300]+forward:32@128=" in logs[1]
     rows = {BR.row_label(r): r for r in BR.load_rows(out) if r["index"] == 0}
-    wide, kept = rows["fastkv[prop=300]+forward:32@128"], rows["fastkv+forward:32@128"]
+    wide, kept = rows["fastkv[layer=12][prop=300]+forward:32@128"], rows["fastkv[layer=12]+forward:32@128"]
     assert wide["propagated"] >= 300 and wide["n_kept"] == 128 and wide["prefill_work"] > kept["prefill_work"]
     assert BR.run(*args, ["fastkv"], 1, out, log=lambda s: None, propagates=[300]) == 0
     with pytest.raises(ValueError, match="smaller than the budget"):

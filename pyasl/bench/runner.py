@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterable, NamedTuple, Optional
 
 from ..calibration import DEFAULT_TAU
-from ..policies.fixed_layer import FIXED_LAYER_POLICIES
+from ..policies.fixed_layer import FIXED_LAYER_POLICIES, library_layer
 from ..policies.propagation import format_propagate, parse_propagate, propagating_policies
 from . import data as D
 
@@ -48,7 +48,7 @@ def _label(policy: str, budget, span: Optional[str] = None, tau: Optional[float]
            layer: Optional[int] = None, kv_type: str = "f16", propagate=None) -> str:
     """policy[tau|layer][prop][+span]@budget[/kv]: snapkv@512 (token-level), snapkv+forward:16@512,
     asl[tau=0.6]@512, fastkv[layer=6]@512, asl[prop=2048]@512, asl@512/q8_0, full, full/q4_0 (tau shown when
-    it is not the paper's 0.3, layer when it is not the default fraction of the depth, prop when more tokens
+    it is not the paper's 0.3, layer when it is not the policy's own default, prop when more tokens
     than the budget go on past the selection layer, the KV type when it is not f16)."""
     name = policy if tau is None or tau == DEFAULT_TAU else f"{policy}[tau={tau:g}]"
     name = name if layer is None else f"{name}[layer={layer}]"
@@ -60,7 +60,9 @@ def _label(policy: str, budget, span: Optional[str] = None, tau: Optional[float]
 
 def row_label(r: dict) -> str:
     layer = row_layer(r)
-    if layer is not None and r.get("n_layer") and layer == fixed_layer(int(r["n_layer"]), DEFAULT_FIXED_FRAC):
+    # the layer is named unless it is the one the library picks (pyasl generate --policy fastkv): the
+    # benchmark's default fraction of the depth may be another (Qwen2.5: 9 against fastkv's 11)
+    if layer is not None and r.get("n_layer") and layer == library_layer(r["policy"], int(r["n_layer"])):
         layer = None
     return _label(r["policy"], r.get("budget"), row_span(r), row_tau(r), layer, row_kv_type(r), row_propagate(r))
 

@@ -150,3 +150,10 @@ class GemFilterPublished(GemFilter):
 
 
 FIXED_LAYER_POLICIES = (FastKV.name, GemFilter.name, GemFilterPublished.name)  # the policies that take a layer
+
+
+def library_layer(policy: str, n_layer: int) -> int:
+    """The layer policy `policy` (one of FIXED_LAYER_POLICIES) selects at on an `n_layer` model when no
+    layer is given."""
+    cls = {c.name: c for c in (FastKV, GemFilter, GemFilterPublished)}[policy]
+    return default_layer(n_layer, cls.reference_layer)
