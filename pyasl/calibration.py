@@ -123,7 +123,10 @@ def choose(rows: list[dict], tolerance: float = 2.0) -> dict:
 
     "No accuracy lost" can only be seen on samples the model answers: when SnapKV answers fewer than
     MIN_ANSWERED of them, the paper's tau is kept (``too_few_answered``). SmolLM2 at 4K answered 4
-    of 16; the tau the rule picked from those 4 lost the answer on a held-out prompt that 0.3 keeps."""
+    of 16; the tau the rule picked from those 4 lost the answer on a held-out prompt that 0.3 keeps.
+    When no setting selects a layer on any sample there is no trade to choose (``never_selects``):
+    Gemma 3, whose only layer ASL may select at 4K is its last (sliding-window models rank with their
+    global layers, and the first one after the reference is the last)."""
     from .bench.runner import row_propagate
     from .policies.propagation import parse_propagate
 
@@ -156,6 +159,8 @@ def choose(rows: list[dict], tolerance: float = 2.0) -> dict:
     answered = float(sum(snap))
     common = {"tolerance": tolerance, "snapkv_accuracy": ref, "snapkv_answered": answered, "samples": n,
               "taus": table}
+    if not any(t["selected"] for t in table):  # every setting ran every layer: work 1.0 whatever tau
+        return {"tau": DEFAULT_TAU, "within_tolerance": False, "never_selects": True, **common}
     if answered < MIN_ANSWERED:
         return {"tau": DEFAULT_TAU, "within_tolerance": False, "too_few_answered": True, **common}
     ok = [t for t in table if t["accuracy"] >= ref - tolerance]

@@ -57,6 +57,15 @@ def test_too_few_answered_samples_keep_the_papers_tau():
     assert rec["tau"] == 0.9 and "too_few_answered" not in rec
 
 
+def test_no_tau_that_selects_keeps_the_papers_and_says_why():
+    """Gemma 3 at 4K: ASL may only select at its last layer, so no tau selects: no trade to choose,
+    however many samples (the paper's tau, and the record says why)."""
+    rows = _rows({0.3: (4, 1.0, None), 0.9: (4, 1.0, None)}, snapkv=1.0, copies=4)
+    rec = C.choose(rows, tolerance=2.0)
+    assert rec["tau"] == C.DEFAULT_TAU and rec["never_selects"] and not rec["within_tolerance"]
+    assert "too_few_answered" not in rec
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch):
     """A model cache of its own for the calibrations (the library stays the one built)."""
@@ -109,8 +118,8 @@ def test_cli_calibrate_stores_a_tau_that_generate_and_inspect_use(home):
         [rec] = json.loads(C.user_file(m).read_text())  # one record per calibrated length
         assert rec["n_tokens"] == 600 and rec["identity"] == C.identity(m) and rec["samples"] == 2 and rec["budget"] == 128  # 2 tasks x 1
         assert [t["tau"] for t in rec["taus"]] == [0.3, 0.9]
-        # 2 samples: too few answered to move tau, and the command says why
-        assert rec["tau"] == 0.3 and rec["too_few_answered"] and "too few to see accuracy lost" in r.output
+        # the tiny model's ratio never falls to 0.9 (no tau selects): the paper's tau, and the command says why
+        assert rec["tau"] == 0.3 and rec["never_selects"] and "no tau selected a layer" in r.output
         assert str(C.user_file(m)) in r.output
         assert C.lookup(m).tau == rec["tau"]
     finally:

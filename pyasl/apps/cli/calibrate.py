@@ -45,6 +45,11 @@ def calibrate(model, length, budget, samples, taus, tasks, tolerance, propagates
         click.echo(f"{t['tau']:<5g} {prop:<10}  {t['accuracy']:8.1f}  {t['prefill_work']:12.2f}  "
                    f"{t['selected']:8.0%}  {layer:>10}")
     prop = f", propagate {rec['propagate']}" if "propagate" in rec else ""
+    if rec.get("never_selects"):
+        click.echo(f"tau {rec['tau']:g}, the paper's: no tau selected a layer before the last on any sample, so ASL "
+                   f"saves no prefill on this model at {length} tokens whatever tau (a fixed layer, --policy fastkv, "
+                   f"does) -> {path}")
+        return
     if rec.get("too_few_answered"):
         click.echo(f"tau {rec['tau']:g}, the paper's: snapkv answers {rec['snapkv_answered']:g} of {rec['samples']} "
                    f"samples, fewer than {MIN_ANSWERED:g}, too few to see accuracy lost (run more --samples) "
