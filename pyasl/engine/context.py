@@ -550,4 +550,3 @@ def read_state_file(path, tokens) -> bytes:
         if f.read(len(head)) != head:
             raise RuntimeError(f"the file {path} is not a state file of these tokens")
         return _GET_DATA_HEAD + f.read()
-
