@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Callable, Iterable, NamedTuple, Optional
 
 from ..calibration import DEFAULT_TAU
-from ..policies.fixed_layer import FIXED_LAYER_POLICIES, library_layer
+from ..policies import make_policy
+from ..policies.fixed_layer import FIXED_LAYER_POLICIES
 from ..policies.propagation import format_propagate, parse_propagate, propagating_policies
 from . import data as D
 
@@ -62,7 +63,7 @@ def row_label(r: dict) -> str:
     layer = row_layer(r)
     # the layer is named unless it is the one the library picks (pyasl generate --policy fastkv): the
     # benchmark's default fraction of the depth may be another (Qwen2.5: 9 against fastkv's 11)
-    if layer is not None and r.get("n_layer") and layer == library_layer(r["policy"], int(r["n_layer"])):
+    if layer is not None and r.get("n_layer") and layer == make_policy(r["policy"]).library_layer(int(r["n_layer"])):
         layer = None
     return _label(r["policy"], r.get("budget"), row_span(r), row_tau(r), layer, row_kv_type(r), row_propagate(r))
 

@@ -39,9 +39,14 @@ class _FixedLayer(Policy):
     def params(self) -> dict:
         return {"layer": self.layer, **super().params()}
 
+    @classmethod
+    def library_layer(cls, n_layer: int) -> int:
+        """The selection layer on an `n_layer` model when no ``layer`` is given."""
+        return default_layer(n_layer, cls.reference_layer)
+
     def layer_for(self, model) -> int:
         """The selection layer on `model` (``layer``, or the depth-scaled reference layer)."""
-        return default_layer(model.n_layer, self.reference_layer) if self.layer is None else self.layer
+        return self.library_layer(model.n_layer) if self.layer is None else self.layer
 
     def check_model(self, model) -> None:
         if self.layer is not None and self.layer >= model.n_layer:
@@ -150,10 +155,3 @@ class GemFilterPublished(GemFilter):
 
 
 FIXED_LAYER_POLICIES = (FastKV.name, GemFilter.name, GemFilterPublished.name)  # the policies that take a layer
-
-
-def library_layer(policy: str, n_layer: int) -> int:
-    """The layer policy `policy` (one of FIXED_LAYER_POLICIES) selects at on an `n_layer` model when no
-    layer is given."""
-    cls = {c.name: c for c in (FastKV, GemFilter, GemFilterPublished)}[policy]
-    return default_layer(n_layer, cls.reference_layer)
