@@ -32,7 +32,7 @@ def save(s, path: Union[str, os.PathLike]) -> None:
     head = {
         "version": _FILE_VERSION, "model": _identity(s.model), "policy": s.policy.to_dict(),
         "n_ctx": s.n_ctx, "max_tokens": s.max_tokens, "system": s.system, "raw": s._fmt.raw,
-        "flash_attn": s.flash_attn, "n_batch": s.n_batch, "type_k": s.type_k, "type_v": s.type_v, "n_past": s._n_past,
+        "flash_attn": s.flash_attn, "n_batch": s.n_batch, "type_k": s.type_k, "type_v": s.type_v, "n_past": s.n_past,
         "sink": s.sink, "keep_recent": s.keep_recent, "pos_shift": s._pos_shift,
         "documents": [[n, t] for n, t in s.documents], "messages": s.messages, "struct": s._struct,
         "cached_text": s._cached_text, "stats": s.stats_.__dict__,
@@ -124,7 +124,6 @@ def load(cls, model: Model, path: Union[str, os.PathLike], n_threads: Optional[i
         if n_past != (int(pos[-1]) + 1 if len(pos) else 0):  # the next position follows the last cached one
             raise ValueError(f"n_past {n_past} does not follow the cached positions (last "
                              f"{int(pos[-1]) if len(pos) else None})")
-        s._n_past = n_past
         s._pos_shift = int(head.get("pos_shift", 0))
         s.documents = [(n, t) for n, t in head["documents"]]
         s.messages = list(head["messages"])

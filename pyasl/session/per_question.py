@@ -35,7 +35,7 @@ class PerQuestion:
         ctx, _, _ = self._full.pruned(sel, room)
         if self._ctx is not None:
             self._ctx.close()
-        self._ctx, self._n_past, self._logits = ctx, self._full.n, logits
+        self._ctx, self._logits = ctx, logits  # ctx continues at the copy's next position
         self._full.park()  # full_copy="disk": written out until the next question
         self.last_selection = sel
         if sel is not None:

@@ -19,16 +19,15 @@ class Repruning:
         """Keep positions inside the model's training context: when the cells that may still be
         appended before the next pruning could pass it, the kept cells are renumbered 0..k-1 (as in
         llama.cpp's context shift: distances between kept tokens shrink, their order stays)."""
-        if not self.policy.prunes or self._n_past + self.n_ctx <= self.model.n_ctx_train:
+        if not self.policy.prunes or self.n_past + self.n_ctx <= self.model.n_ctx_train:
             return
         if self._layer_cells() is not None:
             raise ContextFullError(
                 f"the conversation reached the model's training context ({self.model.n_ctx_train} positions) and "
                 "a cache with per-layer budgets cannot renumber its positions: reset the session, or use a "
                 "policy without per-layer budgets (snapkv, asl)")
-        old = self._n_past
-        self._n_past = self._ctx.renumber_positions()
-        self._pos_shift += old - self._n_past
+        old = self.n_past
+        self._pos_shift += old - self._ctx.renumber_positions()
         self.stats_.renumbers += 1
 
 
@@ -41,9 +40,7 @@ class Repruning:
         """Decode toks at the next positions, the last `scored` with scores armed (engine.prefill);
         returns their window scores (None when nothing is scored)."""
         self._remember(toks)
-        self._ctx.n_past = self._n_past
         out = prefill(self._ctx, toks, window=scored)
-        self._n_past += len(toks)
         self._logits = out.logits
         return out.scores
 

@@ -193,8 +193,7 @@ class Session(Repruning, PerQuestion, Reconstruct):
         self._struct: list[dict] = []           # messages as rendered (answers as placeholders)
         self._cached_text = ""                  # rendering of what the cache holds
         self._started = False
-        self._n_past = 0                        # the next position
-        self._pos_shift = 0                     # positions given back by renumbering (tokens seen - _n_past)
+        self._pos_shift = 0                     # positions given back by renumbering (tokens seen - n_past)
         self._logits: Optional[np.ndarray] = None
         self._recent: list[int] = []            # the newest tokens (repetition penalty)
         self._base_state: Optional[_Base] = None
@@ -224,13 +223,14 @@ class Session(Repruning, PerQuestion, Reconstruct):
 
     @property
     def n_past(self) -> int:
-        """The next position (tokens seen so far, less what renumbering gave back)."""
-        return self._n_past
+        """The next position (tokens seen so far, less what renumbering gave back): the decode
+        context's own, the one place it is kept."""
+        return 0 if self._ctx is None else self._ctx.n_past
 
     @property
     def n_seen(self) -> int:
         """Tokens seen by the session so far."""
-        return self._n_past + self._pos_shift
+        return self.n_past + self._pos_shift
 
     def n_cells(self) -> int:
         """KV cells in use (the kept tokens)."""
@@ -265,7 +265,7 @@ class Session(Repruning, PerQuestion, Reconstruct):
             self._full, self._n_docs = full, n_docs
         if base is not None:
             self._load_state(base.state, base.n_past, base.layer_cells)
-            self._n_past, self._cached_text, self._struct = base.n_past, base.text, list(base.struct)
+            self._cached_text, self._struct = base.text, list(base.struct)
             self._pos_shift = base.pos_shift
             self._started = True
             self._base_state = base
@@ -320,7 +320,6 @@ class Session(Repruning, PerQuestion, Reconstruct):
             else:
                 pp = prefill_state(self.model, toks, self.policy, progress=progress, **self._ctx_kw())
             self._load_state(pp.state, pp.n_tokens, pp.layer_cells)
-            self._n_past = pp.n_tokens
             self._pos_shift = n - pp.n_tokens  # a second prefill gave the kept tokens positions 0..k-1
             self._remember(toks[-_RECENT_MAX:])
             self._bound_positions()
@@ -337,7 +336,7 @@ class Session(Repruning, PerQuestion, Reconstruct):
             self._ctx = self._new_ctx()
             if self.mode == "per-question" and self.policy.prunes:  # the conversation alone goes into the copy
                 self._full = self._new_full_copy()
-        self._base_state = _Base(self._ctx.state_get(), self._n_past, text, list(pre), self._layer_cells(),
+        self._base_state = _Base(self._ctx.state_get(), self.n_past, text, list(pre), self._layer_cells(),
                                  self._pos_shift) if n else None
         return self.stats()
 
@@ -405,7 +404,7 @@ class Session(Repruning, PerQuestion, Reconstruct):
         if not new_text.startswith(self._cached_text):
             raise RuntimeError("the chat template does not render the conversation incrementally")
         delta = new_text[len(self._cached_text):]
-        toks = self._fmt.tokens(delta, first=self._n_past == 0)
+        toks = self._fmt.tokens(delta, first=self.n_past == 0)
         if self._full is not None:
             self._ask_full(toks, reserve=mt + _SLACK)
         else:
@@ -437,11 +436,10 @@ class Session(Repruning, PerQuestion, Reconstruct):
                     break
                 if self.n_cells() + 1 > self.n_ctx:  # cannot happen: the answer's cells were reserved
                     break
-                self._ctx.decode([tok], pos0=self._n_past)
+                self._ctx.decode([tok])
                 if self._full is not None:
                     self._full.pending.append(tok)
                 self._remember([tok])
-                self._n_past += 1
                 n_tok += 1
                 logits = self._ctx.logits()
                 text += dec.decode(self.model.token_bytes(tok))
@@ -489,7 +487,7 @@ class Session(Repruning, PerQuestion, Reconstruct):
         mib = 1024 * 1024
         return {
             "policy": self.policy.to_dict(), "n_ctx": self.n_ctx, "kept_tokens": kept, "total_tokens": self.n_seen,
-            "kv_mib": kept * cell / mib, "kv_mib_unpruned": self.n_seen * cell / mib, "next_position": self._n_past,
+            "kv_mib": kept * cell / mib, "kv_mib_unpruned": self.n_seen * cell / mib, "next_position": self.n_past,
             "renumbers": st.renumbers,
             "selected_layers": list(st.selected_layers), "prunings": len(st.selected_layers), "reprunes": st.reprunes,
             "turns": st.turns, "document_tokens": st.prefill_tokens, "document_kept": st.prefill_kept,
