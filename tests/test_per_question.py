@@ -13,6 +13,7 @@ import pyasl
 from pyasl import policies as P
 from pyasl.engine import Context
 from pyasl.engine.context import _pad
+from pyasl.engine.full_copy import FullCopy
 from pyasl.engine.prefill import prefill, prefill_kept
 from pyasl.engine.strategies import select
 from tinymodels import tiny_model_path
@@ -156,7 +157,7 @@ def test_save_load_in_every_mode(tiny, mode, tmp_path):
     assert t.ask("which parcel").strip() is not None
 
 
-def test_full_copy_on_disk_answers_as_in_memory(tiny, tmp_path):
+def test_full_copy_on_disk_answers_as_in_memory(tiny, tmp_path, monkeypatch):
     """full_copy="disk": between questions the documents' full KV is a file and its context freed;
     every question loads it back, so the answers are those of the copy kept in memory, through a
     save and load too."""
@@ -173,9 +174,14 @@ def test_full_copy_on_disk_answers_as_in_memory(tiny, tmp_path):
         assert [p.name for p in directory.iterdir()] == ["copy.state"]
         disk.save(tmp_path / "d.pyasl")  # the copy read from its file, not loaded back
         assert disk._full.parked and disk._full._ctx is None
-        t = pyasl.Session.load(tiny, tmp_path / "d.pyasl")
+        parked = (directory / "copy.state").read_bytes()
+        with monkeypatch.context() as m:  # loading goes straight to the copy's file: no context of the copy
+            m.setattr(FullCopy, "_reserve", lambda *a: pytest.fail("the on-disk copy was loaded into a context"))
+            t = pyasl.Session.load(tiny, tmp_path / "d.pyasl")
         try:
-            assert t.full_copy == "disk" and t._full.parked
+            assert t.full_copy == "disk" and t._full.parked and t._full._ctx is None
+            assert (t._full._dir / "copy.state").read_bytes() == parked  # what llama.cpp itself wrote
+            assert t.stats()["full_copy_mib"] == disk.stats()["full_copy_mib"]
             assert t.ask("and then?") == mem.ask("and then?")
         finally:
             t.close()
@@ -183,6 +189,24 @@ def test_full_copy_on_disk_answers_as_in_memory(tiny, tmp_path):
         mem.close()
         disk.close()
     assert not directory.exists()
+
+
+def test_a_damaged_full_copy_in_a_session_file_is_refused(tiny, tmp_path):
+    """The full copy's state is the file's last part: a wrong head there is a clear SessionFileError in
+    both places the copy can go (never a session without its documents)."""
+    for place in ("memory", "disk"):
+        s = pyasl.Session(tiny, policy=pyasl.SnapKV(budget=64, window=8), n_ctx=160, max_tokens=8, full_copy=place)
+        try:
+            s.prefill(documents=[DOC])
+            s.save(tmp_path / "s.pyasl")
+            size = s._full.state_size()
+        finally:
+            s.close()
+        raw = bytearray((tmp_path / "s.pyasl").read_bytes())
+        raw[len(raw) - size: len(raw) - size + 8] = b"\0" * 8
+        (tmp_path / "s.pyasl").write_bytes(bytes(raw))
+        with pytest.raises(pyasl.SessionFileError, match="the saved full copy does not load"):
+            pyasl.Session.load(tiny, tmp_path / "s.pyasl")
 
 
 def test_full_copy_place_is_validated(tiny):

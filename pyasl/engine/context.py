@@ -4,7 +4,9 @@ copy, renumber, state)."""
 from __future__ import annotations
 
 import ctypes
+import io
 import os
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -482,9 +484,14 @@ class Context(_Native):
         self.n_past = int(k)
         return int(k)
 
+    def state_size(self) -> int:
+        """Length of the sequence's state bytes (:meth:`state_get`), counted without copying them."""
+        llama_cpp, _, _ = _ll()
+        return int(llama_cpp.llama_state_seq_get_size(self._ctx, SEQ))
+
     def state_get(self) -> bytes:
         llama_cpp, _, _ = _ll()
-        n = llama_cpp.llama_state_seq_get_size(self._ctx, SEQ)
+        n = self.state_size()
         buf = (ctypes.c_uint8 * n)()
         got = llama_cpp.llama_state_seq_get_data(self._ctx, buf, n, SEQ)
         if got == 0:
@@ -542,11 +549,51 @@ def _state_file_head(tokens) -> bytes:
     return head.tobytes() + np.asarray(tokens, dtype="<i4").tobytes()
 
 
-def read_state_file(path, tokens) -> bytes:
-    """The state bytes (as :meth:`Context.state_get` gives them) of a file of :meth:`Context.state_save_file`
-    that holds `tokens`, read without a context (RuntimeError when it holds anything else)."""
+_COPY_CHUNK = 8 << 20  # bytes moved at a time between state files (never a whole state in memory)
+
+
+def _copy(src, dst, n: int) -> None:
+    while n > 0:
+        b = src.read(min(n, _COPY_CHUNK))
+        if not b:
+            raise RuntimeError("the state ends early")
+        dst.write(b)
+        n -= len(b)
+
+
+def state_file_size(path, tokens) -> int:
+    """The length of the state bytes (as :meth:`Context.state_get` gives them) that a file of
+    :meth:`Context.state_save_file` holding `tokens` stores."""
+    return Path(path).stat().st_size - len(_state_file_head(tokens)) + len(_GET_DATA_HEAD)
+
+
+def copy_state_from_file(path, tokens, out) -> int:
+    """Write to the binary stream `out` the state bytes of a file of :meth:`Context.state_save_file` that
+    holds `tokens`, a chunk at a time and without a context (RuntimeError when it holds anything
+    else). Returns the bytes written."""
     head = _state_file_head(tokens)
     with open(path, "rb") as f:
         if f.read(len(head)) != head:
             raise RuntimeError(f"the file {path} is not a state file of these tokens")
-        return _GET_DATA_HEAD + f.read()
+        n = state_file_size(path, tokens)
+        out.write(_GET_DATA_HEAD)
+        _copy(f, out, n - len(_GET_DATA_HEAD))
+    return n
+
+
+def read_state_file(path, tokens) -> bytes:
+    """The state bytes of a file of :meth:`Context.state_save_file` holding `tokens`, read without a context."""
+    buf = io.BytesIO()
+    copy_state_from_file(path, tokens, buf)
+    return buf.getvalue()
+
+
+def write_state_file(path, tokens, src, size: int) -> None:
+    """Write the `size` state bytes (as :meth:`Context.state_get` gives them) read from the binary stream
+    `src` as a file of :meth:`Context.state_save_file` holding `tokens`, without a context (what loading
+    it into a context and saving it would write). RuntimeError when they are not a sequence state."""
+    if src.read(len(_GET_DATA_HEAD)) != _GET_DATA_HEAD or size < len(_GET_DATA_HEAD):
+        raise RuntimeError("not a llama.cpp sequence state")
+    with open(path, "wb") as f:
+        f.write(_state_file_head(tokens))
+        _copy(src, f, size - len(_GET_DATA_HEAD))

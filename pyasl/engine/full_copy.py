@@ -10,6 +10,7 @@ question.
 """
 from __future__ import annotations
 
+import io
 import shutil
 import tempfile
 import time
@@ -21,7 +22,7 @@ from typing import Optional
 import numpy as np
 
 from ..policies import Policy, Selection
-from .context import Context, _pad, read_state_file
+from .context import Context, _pad, copy_state_from_file, state_file_size, write_state_file
 from .model import Model
 from .prefill import gather_selection, pass_ubatch, prefill
 from .strategies import PrunedPrefill, finish_ordinary, select
@@ -83,10 +84,7 @@ class FullCopy:
         stay here); False when not parked (nothing to park, or the disk refused it: a warning)."""
         if not self.on_disk or self._ctx is None or self.n == 0:
             return False
-        if self._dir is None:
-            self._dir = Path(tempfile.mkdtemp(prefix="pyasl-copy-"))
-            self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, True)
-        path = self._dir / "copy.state"
+        path = self._park_path()
         try:
             self.save_file(path)
         except (OSError, RuntimeError) as e:
@@ -97,6 +95,22 @@ class FullCopy:
         self._ctx.close()
         self._ctx, self._parked = None, path
         return True
+
+    def _park_path(self) -> Path:
+        """The file a parked copy lives in (its directory made on first use, removed with the copy)."""
+        if self._dir is None:
+            self._dir = Path(tempfile.mkdtemp(prefix="pyasl-copy-"))
+            self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, True)
+        return self._dir / "copy.state"
+
+    def _cell_bytes(self) -> int:
+        """Bytes of one cell of the copy's KV, from a small context with the copy's settings (for a copy
+        parked without ever being loaded)."""
+        probe = Context(self.model, 256, **{**self.kw, "n_batch": 32})
+        try:
+            return int(probe.kv_info().cell_bytes_base)
+        finally:
+            probe.close()
 
     def _unpark(self) -> None:
         """Load the parked copy back. A file that cannot be read leaves the copy parked and raises, at
@@ -254,18 +268,46 @@ class FullCopy:
             return 0
         return int((self.n + len(self.pending)) * cell)
 
-    def state(self) -> bytes:
-        """The copy's KV as state bytes; a parked copy's are read from its file (not loaded back)."""
+    def state_size(self) -> int:
+        """Length of the copy's KV as state bytes (what :meth:`write_state` writes)."""
         if self._parked is not None:
-            return read_state_file(self._parked, self.tokens)
-        return b"" if self._ctx is None or self.n == 0 else self._ctx.state_get()
+            return state_file_size(self._parked, self.tokens)
+        return 0 if self._ctx is None or self.n == 0 else self._ctx.state_size()
 
-    def load(self, state: bytes, tokens, pending) -> None:
-        n = len(tokens)
-        if n:
-            self._reserve(n + len(pending) + 1)
-            self.ctx.state_set(state, n_past=n)
-        self.n, self.tokens, self.pending = n, [int(t) for t in tokens], [int(t) for t in pending]
+    def write_state(self, out) -> int:
+        """The copy's KV as state bytes written to the binary stream `out`; a parked copy's are copied
+        from its file a chunk at a time (not loaded back, never whole in memory). Returns the bytes."""
+        if self._parked is not None:
+            return copy_state_from_file(self._parked, self.tokens, out)
+        data = b"" if self._ctx is None or self.n == 0 else self._ctx.state_get()
+        out.write(data)
+        return len(data)
+
+    def state(self) -> bytes:
+        """The copy's KV as state bytes (:meth:`write_state` into memory)."""
+        buf = io.BytesIO()
+        self.write_state(buf)
+        return buf.getvalue()
+
+    def load(self, src, size: int, tokens, pending) -> None:
+        """A copy of `tokens` (and `pending` answer tokens) from `size` state bytes read from the binary
+        stream `src`, in place of this one. An on-disk copy goes straight to its file, parked (no
+        context, the state never whole in memory: a long document's session loads in bounded memory;
+        a damaged state is found when the copy is first used); otherwise it is loaded into a context."""
+        self.close()
+        tokens, pending = [int(t) for t in tokens], [int(t) for t in pending]
+        if tokens and self.on_disk:
+            path = self._park_path()
+            try:
+                write_state_file(path, tokens, src, size)
+            except BaseException:
+                path.unlink(missing_ok=True)
+                raise
+            self._parked, self._parked_cell_bytes = path, self._cell_bytes()
+        elif tokens:
+            self._reserve(len(tokens) + len(pending) + 1)
+            self.ctx.state_set(src.read(size), n_past=len(tokens))
+        self.n, self.tokens, self.pending = len(tokens), tokens, pending
 
     def save_file(self, path) -> None:
         """The copy's tokens and KV written to `path` by llama.cpp, a tensor at a time (the pending answer

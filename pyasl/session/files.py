@@ -28,7 +28,8 @@ def save(s, path: Union[str, os.PathLike]) -> None:
         raise RuntimeError("nothing to save: the session has not been prefilled")
     state = s._ctx.state_get()
     base = s._base_state
-    full = None if s._full is None else s._full.state()  # read from its file when on disk
+    full = s._full
+    full_size = None if full is None else full.state_size()  # an on-disk copy is copied from its file
     head = {
         "version": _FILE_VERSION, "model": _identity(s.model), "policy": s.policy.to_dict(),
         "n_ctx": s.n_ctx, "max_tokens": s.max_tokens, "system": s.system, "raw": s._fmt.raw,
@@ -41,7 +42,7 @@ def save(s, path: Union[str, os.PathLike]) -> None:
                                             "size": len(base.state), "layer_cells": base.layer_cells,
                                             "pos_shift": base.pos_shift},
         "mode": s.mode, "full_copy": s.full_copy,
-        "full": None if full is None else {"tokens": s._full.tokens, "pending": s._full.pending, "size": len(full),
+        "full": None if full is None else {"tokens": full.tokens, "pending": full.pending, "size": full_size,
                                            "n_docs": s._n_docs},
     }
     hj = json.dumps(head).encode("utf-8")
@@ -52,8 +53,8 @@ def save(s, path: Union[str, os.PathLike]) -> None:
         f.write(state)
         if base is not None:
             f.write(base.state)
-        if full is not None:
-            f.write(full)
+        if full is not None and full.write_state(f) != full_size:
+            raise RuntimeError("internal: the full copy's state changed size while it was saved")
     os.replace(tmp, path)
 
 
@@ -84,14 +85,14 @@ def load(cls, model: Model, path: Union[str, os.PathLike], n_threads: Optional[i
             full = head.get("full")
             if full and int(full["size"]) < 0:
                 raise ValueError(f"full copy size {full['size']}")
-            if full and int(full["size"]) > size:
+            full_at = f.tell()  # the full copy's state is streamed from here when the session is made
+            if full and full_at + int(full["size"]) > size:
                 raise SessionFileError(f"{p} is truncated (its full copy counts {full['size']} bytes)")
-            full_state = f.read(int(full["size"])) if full else None
         except (struct.error, ValueError, KeyError, TypeError) as e:
             if isinstance(e, SessionFileError):
                 raise
             raise SessionFileError(f"{p} is a damaged pyasl session file ({e})") from None
-    if len(state) != ns or (base and len(base_state) != base["size"]) or (full and len(full_state) != full["size"]):
+    if len(state) != ns or (base and len(base_state) != base["size"]):
         raise SessionFileError(f"{p} is truncated")
     if head.get("version") != _FILE_VERSION:
         raise SessionFileError(f"{p} has session format {head.get('version')}, this pyasl reads {_FILE_VERSION}")
@@ -133,8 +134,12 @@ def load(cls, model: Model, path: Union[str, os.PathLike], n_threads: Optional[i
         s.stats_ = _Stats(**head["stats"])
         if full:
             s._full = s._new_full_copy()
-            s._full.load(full_state, full["tokens"], full["pending"])
-            s._full.park()
+            with open(p, "rb") as f:
+                f.seek(full_at)
+                try:  # full_copy="disk": straight into its file, never loaded
+                    s._full.load(f, int(full["size"]), full["tokens"], full["pending"])
+                except RuntimeError as e:
+                    raise SessionFileError(f"{p}: the saved full copy does not load ({e})") from None
             s._n_docs = int(full["n_docs"])
         elif s.mode == "per-question":
             s.mode = "once"  # saved without its full copy
