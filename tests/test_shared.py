@@ -153,3 +153,4 @@ def test_shared_on_a_sliding_window_model_equals_each_policy_path(tiny_gemma3):
         d = sp.derive(policy, budget=96, max_tokens=6, **opts)
         assert (d.n_kept, d.selected_layer, d.kv_bytes) == (g.n_kept, g.selected_layer, g.kv_bytes), policy
         assert _toks(d, m) == g.tokens, policy
+        assert sp.kv_bytes_full == g.kv_bytes_full, policy  # the whole prompt's KV, sliding-window cells too

@@ -76,7 +76,8 @@ class SharedPrefill:
             assert stop is None
             self.logits = A.logits()
             self.state = A.state_get()
-            self.kv_bytes_full = kv_bytes(A.kv_info(), n, 0)
+            info = A.kv_info()  # the pass fills the cells an ordinary prefill fills (sliding-window ones too)
+            self.kv_bytes_full = kv_bytes(info, n, info.used_swa)
         finally:
             A.close()
         self.scores = scores          # (n_layer, n_head, n)
