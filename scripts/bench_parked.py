@@ -95,9 +95,13 @@ def load_rows(a, docs, out) -> None:
     doc, asked = docs[0]
     files = {}
     with tempfile.TemporaryDirectory(prefix="pyasl-bench-load-") as tmp:
+        tmp = a.keep or tmp
         m = pyasl.load_model(a.model)
         try:
             for place in ("memory", "disk"):
+                if (Path(tmp) / f"{place}.pyasl").exists():  # --keep: saved by an earlier run
+                    files[place] = Path(tmp) / f"{place}.pyasl"
+                    continue
                 with pyasl.Session(m, policy=pyasl.ASL(budget=a.budget), n_ctx=a.budget + 256, max_tokens=32,
                                    n_threads=a.threads, full_copy=place) as s:
                     s.prefill(documents=[doc])
@@ -128,6 +132,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="times each setting runs its four requests")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--keep", help="--what load: keep the saved sessions in this directory and reuse them")
     ap.add_argument("--load-file", help=argparse.SUPPRESS)  # --what load's child process
     ap.add_argument("--question", help=argparse.SUPPRESS)
     ap.add_argument("--value", help=argparse.SUPPRESS)

@@ -489,15 +489,19 @@ class Context(_Native):
         llama_cpp, _, _ = _ll()
         return int(llama_cpp.llama_state_seq_get_size(self._ctx, SEQ))
 
-    def state_get(self) -> bytes:
+    def state_get(self) -> bytearray:
+        """The sequence's state, written by llama.cpp straight into the returned buffer (no second copy:
+        a long document's state is hundreds of MiB)."""
         llama_cpp, _, _ = _ll()
         n = self.state_size()
-        buf = (ctypes.c_uint8 * n)()
+        out = bytearray(n)
+        buf = (ctypes.c_uint8 * n).from_buffer(out)
         got = llama_cpp.llama_state_seq_get_data(self._ctx, buf, n, SEQ)
+        del buf  # releases the export, so `out` may be trimmed
         if got == 0:
             raise RuntimeError("could not save the sequence state")
-        # one copy; buf[:got] would build a list of `got` Python ints (seconds, and 8 bytes per KV byte)
-        return ctypes.string_at(buf, got)
+        del out[got:]
+        return out
 
     def state_save_file(self, path, tokens) -> None:
         """The sequence's state and its `tokens` written to `path` by llama.cpp, a tensor at a time (no
@@ -521,17 +525,22 @@ class Context(_Native):
             raise RuntimeError(f"the file {path} holds other tokens than expected")
         self.n_past = n
 
-    def take_state(self) -> bytes:
+    def take_state(self) -> bytearray:
         """The sequence's state bytes, then close the context (what a pruned prefill hands over)."""
         try:
             return self.state_get()
         finally:
             self.close()
 
-    def state_set(self, data: bytes, n_past: int) -> None:
+    def state_set(self, data, n_past: int) -> None:
+        """Load state bytes (bytes or bytearray, read in place: llama.cpp only reads them)."""
         llama_cpp, _, _ = _ll()
-        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if isinstance(data, bytes):
+            buf = ctypes.cast(ctypes.c_char_p(data), ctypes.POINTER(ctypes.c_uint8))
+        else:
+            buf = (ctypes.c_uint8 * len(data)).from_buffer(data)
         got = llama_cpp.llama_state_seq_set_data(self._ctx, buf, len(data), SEQ)
+        del buf
         if got == 0:
             raise RuntimeError("could not load the sequence state into the decode context (too small?)")
         self.n_past = n_past
