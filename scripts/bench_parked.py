@@ -41,6 +41,10 @@ def _rss_mib() -> float:
     return _status_mib("VmRSS")
 
 
+def _peak_mib() -> float:
+    return _status_mib("VmHWM")
+
+
 def session_rows(a, docs, out) -> None:
     m = pyasl.load_model(a.model)
     doc, asked = docs[0]
@@ -69,10 +73,6 @@ def session_rows(a, docs, out) -> None:
                     s.close()
     finally:
         m.close()
-
-
-def _peak_mib() -> float:
-    return _status_mib("VmHWM")
 
 
 def load_one(a) -> None:

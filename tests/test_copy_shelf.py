@@ -4,6 +4,7 @@ most its capacity (least recently used dropped, a copy of the same document with
 superseded), and a disk that cannot take a copy costs a later prefill, not the answer."""
 from __future__ import annotations
 
+import io
 import numpy as np
 import pytest
 
@@ -116,7 +117,7 @@ def test_an_on_disk_copy_that_cannot_be_written_stays_in_memory(tiny):
 def test_a_parked_copys_state_is_read_from_its_file_without_loading_it(tiny):
     """What a session file stores of an on-disk copy: the same state bytes as the live copy's, read from
     the parked file (its context stays freed), and a file of other tokens is refused."""
-    from pyasl.engine.context import read_state_file
+    from pyasl.engine.context import copy_state_from_file
 
     fc = FullCopy(tiny, n_batch=128, on_disk=True)
     try:
@@ -125,7 +126,7 @@ def test_a_parked_copys_state_is_read_from_its_file_without_loading_it(tiny):
         assert fc.park()
         assert fc.state() == live and fc.parked and fc._ctx is None
         with pytest.raises(RuntimeError, match="not a state file of these tokens"):
-            read_state_file(fc._parked, fc.tokens[:-1])
+            copy_state_from_file(fc._parked, fc.tokens[:-1], io.BytesIO())
         fc.pending = [5, 6]
         scores, _ = fc.ask([7, 8], 4)  # loaded back, the pending tokens kept
         assert fc.tokens[-4:] == [5, 6, 7, 8] and scores.shape[-1] == fc.n == 304

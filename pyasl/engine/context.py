@@ -4,7 +4,6 @@ copy, renumber, state)."""
 from __future__ import annotations
 
 import ctypes
-import io
 import os
 from pathlib import Path
 from typing import Optional
@@ -588,13 +587,6 @@ def copy_state_from_file(path, tokens, out) -> int:
         out.write(_GET_DATA_HEAD)
         _copy(f, out, n - len(_GET_DATA_HEAD))
     return n
-
-
-def read_state_file(path, tokens) -> bytes:
-    """The state bytes of a file of :meth:`Context.state_save_file` holding `tokens`, read without a context."""
-    buf = io.BytesIO()
-    copy_state_from_file(path, tokens, buf)
-    return buf.getvalue()
 
 
 def write_state_file(path, tokens, src, size: int) -> None:
