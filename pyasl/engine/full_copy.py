@@ -10,7 +10,6 @@ question.
 """
 from __future__ import annotations
 
-import io
 import shutil
 import tempfile
 import time
@@ -282,12 +281,6 @@ class FullCopy:
         data = b"" if self._ctx is None or self.n == 0 else self._ctx.state_get()
         out.write(data)
         return len(data)
-
-    def state(self) -> bytes:
-        """The copy's KV as state bytes (:meth:`write_state` into memory)."""
-        buf = io.BytesIO()
-        self.write_state(buf)
-        return buf.getvalue()
 
     def load(self, src, size: int, tokens, pending) -> None:
         """A copy of `tokens` (and `pending` answer tokens) from `size` state bytes read from the binary

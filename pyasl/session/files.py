@@ -64,38 +64,49 @@ def load(cls, model: Model, path: Union[str, os.PathLike], n_threads: Optional[i
     p = Path(path)
     if not p.is_file():
         raise SessionFileError(f"session file not found: {p}")
-    with open(p, "rb") as f:
-        magic = f.read(len(_MAGIC))
-        if magic != _MAGIC:
-            raise SessionFileError(f"{p} is not a pyasl session file")
-        size = p.stat().st_size
-        try:
-            nh, ns = struct.unpack("<QQ", f.read(16))
-            if 24 + nh + ns > size:  # before reading: a damaged count must not allocate exabytes
-                raise SessionFileError(f"{p} is truncated (its header counts {24 + nh + ns} bytes, the file "
-                                       f"has {size})")
-            head = json.loads(f.read(nh).decode("utf-8"))
-            if not isinstance(head, dict):
-                raise ValueError("the header is not a JSON object")
-            state = f.read(ns)
-            base = head.get("base")
-            if base and not 0 <= int(base["size"]) <= size:
-                raise ValueError(f"base size {base['size']}")
-            base_state = f.read(int(base["size"])) if base else None
-            full = head.get("full")
-            if full and int(full["size"]) < 0:
-                raise ValueError(f"full copy size {full['size']}")
-            full_at = f.tell()  # the full copy's state is streamed from here when the session is made
-            if full and full_at + int(full["size"]) > size:
-                raise SessionFileError(f"{p} is truncated (its full copy counts {full['size']} bytes)")
-        except (struct.error, ValueError, KeyError, TypeError) as e:
-            if isinstance(e, SessionFileError):
-                raise
-            raise SessionFileError(f"{p} is a damaged pyasl session file ({e})") from None
+    with open(p, "rb") as f:  # left open: the full copy's state is streamed from it last
+        head, state, base_state, full_at = _read(p, f)
+        _check_model(p, head, model)
+        return _session(cls, model, p, f, head, state, base_state, full_at, n_threads)
+
+
+def _read(p: Path, f) -> tuple:
+    """The header, the cache's state and the base state of the session file `f`, and where its full
+    copy's state starts (checked against the file's length before anything is allocated)."""
+    if f.read(len(_MAGIC)) != _MAGIC:
+        raise SessionFileError(f"{p} is not a pyasl session file")
+    size = p.stat().st_size
+    try:
+        nh, ns = struct.unpack("<QQ", f.read(16))
+        if 24 + nh + ns > size:  # before reading: a damaged count must not allocate exabytes
+            raise SessionFileError(f"{p} is truncated (its header counts {24 + nh + ns} bytes, the file "
+                                   f"has {size})")
+        head = json.loads(f.read(nh).decode("utf-8"))
+        if not isinstance(head, dict):
+            raise ValueError("the header is not a JSON object")
+        state = f.read(ns)
+        base = head.get("base")
+        if base and not 0 <= int(base["size"]) <= size:
+            raise ValueError(f"base size {base['size']}")
+        base_state = f.read(int(base["size"])) if base else None
+        full = head.get("full")
+        if full and int(full["size"]) < 0:
+            raise ValueError(f"full copy size {full['size']}")
+        full_at = f.tell()
+        if full and full_at + int(full["size"]) > size:
+            raise SessionFileError(f"{p} is truncated (its full copy counts {full['size']} bytes)")
+    except (struct.error, ValueError, KeyError, TypeError) as e:
+        if isinstance(e, SessionFileError):
+            raise
+        raise SessionFileError(f"{p} is a damaged pyasl session file ({e})") from None
     if len(state) != ns or (base and len(base_state) != base["size"]):
         raise SessionFileError(f"{p} is truncated")
     if head.get("version") != _FILE_VERSION:
         raise SessionFileError(f"{p} has session format {head.get('version')}, this pyasl reads {_FILE_VERSION}")
+    return head, state, base_state, full_at
+
+
+def _check_model(p: Path, head: dict, model: Model) -> None:
     try:
         want, have = head["model"], _identity(model)
         diff = [k for k in want if want[k] != have.get(k)]
@@ -106,6 +117,12 @@ def load(cls, model: Model, path: Union[str, os.PathLike], n_threads: Optional[i
             f"{p} was saved with another model: {want.get('name') or want.get('arch')} "
             f"({', '.join(f'{k} {want[k]!r}' for k in diff)}), not {model.path.name} "
             f"({', '.join(f'{k} {have.get(k)!r}' for k in diff)}); load it with the model it was saved with")
+
+
+def _session(cls, model: Model, p: Path, f, head: dict, state: bytes, base_state, full_at: int,
+             n_threads: Optional[int]):
+    """The session the checked header describes, its full copy streamed from `f` at `full_at`."""
+    base, full = head.get("base"), head.get("full")
     s = None
     try:  # every field a damaged (or hand-edited) header may lack or hold with the wrong type
         s = cls(model, policy=Policy.from_dict(head["policy"]), n_ctx=head["n_ctx"], system=head["system"],
@@ -134,12 +151,11 @@ def load(cls, model: Model, path: Union[str, os.PathLike], n_threads: Optional[i
         s.stats_ = _Stats(**head["stats"])
         if full:
             s._full = s._new_full_copy()
-            with open(p, "rb") as f:
-                f.seek(full_at)
-                try:  # full_copy="disk": straight into its file, never loaded
-                    s._full.load(f, int(full["size"]), full["tokens"], full["pending"])
-                except RuntimeError as e:
-                    raise SessionFileError(f"{p}: the saved full copy does not load ({e})") from None
+            f.seek(full_at)
+            try:  # full_copy="disk": straight into its file, never loaded
+                s._full.load(f, int(full["size"]), full["tokens"], full["pending"])
+            except RuntimeError as e:
+                raise SessionFileError(f"{p}: the saved full copy does not load ({e})") from None
             s._n_docs = int(full["n_docs"])
         elif s.mode == "per-question":
             s.mode = "once"  # saved without its full copy
