@@ -95,18 +95,18 @@ def load_rows(a, docs, out) -> None:
     doc, asked = docs[0]
     files = {}
     with tempfile.TemporaryDirectory(prefix="pyasl-bench-load-") as tmp:
-        tmp = a.keep or tmp
+        root = Path(a.keep or tmp)
+        root.mkdir(parents=True, exist_ok=True)
         m = pyasl.load_model(a.model)
         try:
             for place in ("memory", "disk"):
-                if (Path(tmp) / f"{place}.pyasl").exists():  # --keep: saved by an earlier run
-                    files[place] = Path(tmp) / f"{place}.pyasl"
+                files[place] = root / f"{place}.pyasl"
+                if files[place].exists():  # --keep: saved by an earlier run
                     continue
                 with pyasl.Session(m, policy=pyasl.ASL(budget=a.budget), n_ctx=a.budget + 256, max_tokens=32,
                                    n_threads=a.threads, full_copy=place) as s:
                     s.prefill(documents=[doc])
                     s.ask(asked[0][0])
-                    files[place] = Path(tmp) / f"{place}.pyasl"
                     s.save(files[place])
         finally:
             m.close()
