@@ -103,7 +103,12 @@ def pyasl_config(config: str) -> tuple[str, dict]:
 
 
 def child_pyasl(a) -> dict:
+    import importlib
+
     import pyasl
+
+    if a.pass_fa_ubatch:  # the layer-major pass's ubatch with flash attention (prefill.PASS_FA_UBATCH)
+        importlib.import_module("pyasl.engine.prefill").PASS_FA_UBATCH = a.pass_fa_ubatch
 
     tokens = json.loads(Path(a.tokens).read_text())
     m = pyasl.Model(a.model_path)
@@ -126,6 +131,8 @@ def run_child(config: str, model_path: str, tokens_file: str, a) -> dict:
     cmd = [sys.executable, __file__, "--child", config, "--model-path", model_path, "--tokens", tokens_file,
            "--budget", str(a.budget), "--max-tokens", str(a.max_tokens), "--threads", str(a.threads),
            "--kv-type", a.kv_type]
+    if a.pass_fa_ubatch:
+        cmd += ["--pass-fa-ubatch", str(a.pass_fa_ubatch)]
     if a.flash_attn:
         cmd.append("--flash-attn")
     if stock_ubatch(config) is not None:
@@ -166,6 +173,8 @@ def main() -> None:
     ap.add_argument("--kv-type", default="f16", choices=KV_TYPES,
                     help="K and V cache type of every config (a quantized type needs --flash-attn)")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each config, in turn")
+    ap.add_argument("--pass-fa-ubatch", type=int, default=0,
+                    help="pyasl configs: the layer-major pass's ubatch with flash attention (default: the library's)")
     ap.add_argument("--out", default="docs/bench/memory.jsonl")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--model-path", help=argparse.SUPPRESS)

@@ -83,19 +83,23 @@ def prefill(ctx: Context, tokens: list[int], window: int = 0,
 
 
 PASS_ATTN_BYTES = 128 << 20  # a layer-major pass's attention weights per ubatch, flash attention off
+PASS_FA_UBATCH = 256  # a layer-major pass's queries per ubatch, flash attention on
 
 
 def pass_ubatch(model: Model, n: int, n_batch: int, window: int, flash_attn: bool) -> int:
-    """The ubatch of a layer-major pass over n tokens. With flash attention off a ubatch of u queries
-    materialises u x n x n_head attention weights (F32, and an F16 copy for KQ.V): 672 MiB for 512
-    queries at 16K tokens on Qwen2.5-0.5B, 3.5 times its whole-prompt K/V. A pass holds one layer's
-    K/V, so those weights are its peak: it takes as many queries per ubatch as fit in
-    PASS_ATTN_BYTES (a multiple of 32, at least 32 and the window, at most n_batch). Flash attention
-    never materialises them: n_batch."""
+    """The ubatch of a layer-major pass over n tokens. A pass holds one layer's K/V, so what one
+    ubatch's graph touches is its peak. With flash attention off a ubatch of u queries materialises
+    u x n x n_head attention weights (F32, and an F16 copy for KQ.V): 672 MiB for 512 queries at 16K
+    tokens on Qwen2.5-0.5B, 3.5 times its whole-prompt K/V; the pass takes as many queries per ubatch
+    as fit in PASS_ATTN_BYTES. Flash attention never materialises them, but a ubatch's activations
+    (feed-forward, mask) still are the pass's largest buffer: PASS_FA_UBATCH queries (Qwen2.5 at 4K,
+    q8_0 K/V: asl peaked at 675 MiB with 512, 651 with 256, stock at 670; docs/BENCHMARKS.md). Either way
+    a multiple of 32, at least 32 and the window, at most n_batch."""
     if flash_attn:
-        return n_batch
-    per_query = max(1, n * model.n_head * 6)
-    u = PASS_ATTN_BYTES // per_query // 32 * 32
+        u = PASS_FA_UBATCH
+    else:
+        per_query = max(1, n * model.n_head * 6)
+        u = PASS_ATTN_BYTES // per_query // 32 * 32
     return min(n_batch, max(32, window, u))
 
 
@@ -285,8 +289,11 @@ def move_to_context(ctx: Context, n_prompt: int, n_cells: int, **context_kwargs)
 def run_deeper_layers(ctx: Context, H: np.ndarray, positions, first_layer: int) -> np.ndarray:
     """Run the tokens at `positions` (their rows of H, the input of layer `first_layer`) through layers
     first_layer..N-1 of ctx, a ubatch at a time, into ctx's next cells; returns the last one's logits.
-    ctx runs every layer again afterwards."""
-    N, nb, pos_all = ctx.model.n_layer, ctx.n_batch, [int(p) for p in positions]
+    ctx runs every layer again afterwards. The ubatch is :func:`pass_ubatch`'s: ctx is the decode
+    context, whose ubatch of n_batch would touch a larger compute buffer than the pass before it."""
+    pos_all = [int(p) for p in positions]
+    N = ctx.model.n_layer
+    nb = pass_ubatch(ctx.model, ctx.n_ctx, ctx.n_batch, 1, ctx.flash_attn)
     ctx.set_layer_range(first_layer, N)
     for a in range(0, len(pos_all), nb):
         pos = pos_all[a: a + nb]
