@@ -267,7 +267,7 @@ def test_reconstruct_mode_prunes_once_by_reconstruction_scores(tiny, policy):
     # the same selection, computed by hand from the same tokens
     text = s._fmt.render(s._struct, False)
     toks = s._fmt.tokens(text, first=True)
-    prompt = s._fmt.tokens(s._fmt.render(s._struct + [{"role": "user", "content": R.REPEAT_REQUEST}], True)[len(text):],
+    prompt = s._fmt.tokens(s._fmt.render(s._fmt.turn(s._struct, R.REPEAT_REQUEST), True)[len(text):],
                            first=False)
     ranking = R.ranking_policy(policy)  # the default span widened: the words before a kept token come too
     assert str(ranking.span) == R.RANKING_SPAN and str(policy.span) == "forward:32"
@@ -416,3 +416,37 @@ def test_questions_benchmark_rows_and_resume(tiny, tmp_path):
     lines = {ln.split()[3]: ln for ln in r.output.splitlines()[1:]}
     assert set(lines) == set(Q.MODES) and "prefill s" in r.output.splitlines()[0]
     assert f"{kv_groups['once']['prefill_s']:.1f}" in lines["once"].split()
+
+
+@pytest.mark.parametrize("system", [None, "Answer in one short sentence."])
+def test_first_question_is_asked_in_the_tokens_of_one_prompt(smollm2, system, tmp_path):
+    """The documents' user message stays open until the first question, which completes it: the
+    session's tokens are then exactly those of one prompt holding document and question (what
+    generate and the accuracy suite prune), on a real chat template, also after a save and load
+    and after a reset; later questions are turns of their own."""
+    s = pyasl.Session(smollm2, policy=P.make_policy("snapkv", budget=96), n_ctx=512, max_tokens=4, system=system)
+    s.prefill(documents=[DOC])
+    s.save(tmp_path / "s.pyasl")
+    q = "Which parcel did courier 17 carry?"
+    one_prompt = smollm2.prompt_tokens(DOC + "\n\n" + q, system=system)
+    s.ask(q)
+    assert s._full.tokens == one_prompt
+    s.ask("And courier 3?")
+    assert s.messages[0] == {"role": "user", "content": q} and len(s.messages) == 4
+    s.reset()
+    s.ask(q)
+    assert s._full.tokens == one_prompt
+    s.close()
+    t = pyasl.Session.load(smollm2, tmp_path / "s.pyasl")
+    t.ask(q)
+    assert t._full.tokens == one_prompt
+    t.close()
+
+
+def test_named_or_several_documents_are_headed(smollm2):
+    s = pyasl.Session(smollm2, policy="full", n_ctx=2048, max_tokens=4)
+    s.prefill(documents=[("a.txt", "Alpha text."), "Beta text."])
+    assert "Document 1 (a.txt):\nAlpha text.\n\nDocument 2:\nBeta text." in s._cached_text
+    s.ask("Which documents are there?")
+    assert s._cached_text.count("Beta text.") == 1
+    s.close()

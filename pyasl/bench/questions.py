@@ -18,6 +18,11 @@ keys in turn, at depths spread over the document, in these modes:
 * ``one-shot``: each question inside the prompt, pruned by the same policy (``generate``): what
   the accuracy suite measures, the target of ``per-question``.
 
+Session modes ask in the session's layout (``layout``): since 2026-12-06 ``open``, the document in a
+user message the first question completes (so the first question's tokens are one-shot's); rows
+before it have no layout field and read as ``system``, the document in a system message and each
+question a later user turn. One-shot rows read as ``prompt``.
+
 One row per (context, mode, question): the answer, its score (the value is a substring of it),
 seconds for the question (prefill excluded; in ``one-shot``: the whole prompt), seconds for the
 document's prefill (``prefill_s``, the same on every row of a context and mode; in ``one-shot``:
@@ -37,6 +42,7 @@ from .runner import row_tau
 
 MODES = ("full", "once", "reconstruct", "reconstruct-in-place", "per-question", "one-shot")
 CONTEXTS = ("kv", "needles")
+SESSION_LAYOUT = "open"  # how a Session lays out document and questions now (see the module doc)
 INTRO = "Extract the value corresponding to the specified key in the JSON object below.\n\nJSON data:\n{"
 
 
@@ -96,9 +102,14 @@ def question_text(key: str) -> str:
     return f'Key: "{key}"\nThe value associated with the specified key is:'
 
 
+def row_layout(r: dict) -> str:
+    """The prompt layout a row was asked in (rows before the field: a Session's old ``system``)."""
+    return r.get("layout") or ("prompt" if r["mode"] == "one-shot" else "system")
+
+
 def _key(r: dict) -> tuple:
     return (r["model"], r.get("context", "kv"), r["n_tokens"], r["index"], r["mode"], r["policy"], r["budget"],
-            r["span"], row_tau(r), r["question"])
+            r["span"], row_tau(r), row_layout(r), r["question"])
 
 
 def run(model_name: str, n_tokens: int, samples: int, policy, out, modes=MODES, questions: int = 4,
@@ -134,7 +145,8 @@ def run(model_name: str, n_tokens: int, samples: int, policy, out, modes=MODES, 
                 base = {"model": name, "context": kind, "n_tokens": n_tokens, "index": index, "mode": mode, "policy": pol.name,
                         "budget": getattr(pol, "budget", None) if pol.prunes else None,
                         "span": str(ranked.span) if pol.prunes else None,
-                        "tau": pol.settings_for(model, n_tokens).tau if hasattr(pol, "settings_for") else None}
+                        "tau": pol.settings_for(model, n_tokens).tau if hasattr(pol, "settings_for") else None,
+                        "layout": "prompt" if mode == "one-shot" else SESSION_LAYOUT}
                 if all(_key({**base, "question": q}) in done for q in range(len(asked))):
                     continue
                 rows = _ask_all(model, doc, asked, pol, mode, max_tokens, n_threads, Session, generate)
@@ -190,7 +202,7 @@ def summary(rows: list[dict]) -> list[dict]:
     groups: dict = {}
     for r in rows:
         k = (r["model"], r.get("context", "kv"), r["n_tokens"], r["mode"], r["policy"], r["budget"], r["span"],
-             row_tau(r))
+             row_tau(r), row_layout(r))
         groups.setdefault(k, []).append(r)
     out = []
     for k, rs in sorted(groups.items(), key=lambda kv: (kv[0][:3], MODES.index(kv[0][3]))):
@@ -198,7 +210,7 @@ def summary(rows: list[dict]) -> list[dict]:
         prefills = sorted({(r["index"], r["prefill_s"]) for r in rs if r.get("prefill_s") is not None},
                           key=lambda ip: ip[1])
         out.append({"model": k[0], "context": k[1], "n_tokens": k[2], "mode": k[3], "policy": k[4], "budget": k[5],
-                    "span": k[6], "tau": k[7], "questions": n, "contexts": len({r["index"] for r in rs}),
+                    "span": k[6], "tau": k[7], "layout": k[8], "questions": n, "contexts": len({r["index"] for r in rs}),
                     "accuracy": sum(r["score"] for r in rs) / n,
                     "seconds_per_question": sorted(r["seconds"] for r in rs)[n // 2],
                     "prefill_s": prefills[len(prefills) // 2][1] if prefills else None,

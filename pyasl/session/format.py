@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 ANSWER = "\u2063pyasl-answer\u2063"  # stands for an answer's text while rendering the template
-_ACK = "I have read the documents. What would you like to know?"
+OPEN = "open"  # a user message the next turn completes (the documents): its value goes before the turn's text
+_QUESTION = "\u2063pyasl-question\u2063"  # where the next turn's text goes in an open message
 
 
 class ChatFormat:
@@ -29,6 +30,14 @@ class ChatFormat:
                                                 add_generation_prompt=g) for g in (False, True)}
 
     def render(self, msgs: list[dict], gen: bool) -> str:
+        """The template's text for `msgs`; an open last message renders up to where its question goes."""
+        if msgs and OPEN in msgs[-1]:
+            last = {"role": "user", "content": msgs[-1]["content"] + _QUESTION}
+            text = self._render(msgs[:-1] + [last], True)
+            return text[:text.index(_QUESTION)]
+        return self._render(msgs, gen)
+
+    def _render(self, msgs: list[dict], gen: bool) -> str:
         if self.raw:
             parts = []
             for m in msgs:
@@ -44,20 +53,41 @@ class ChatFormat:
         return self.model.tokenize(text, add_special=False, parse_special=True)
 
     def preamble(self, system: Optional[str], documents: Sequence[tuple[str, str]]) -> list[dict]:
-        """The messages that hold the system text and the documents, prefilled before any turn."""
+        """The messages prefilled before any turn: the system text, then the documents in a user message
+        left open (:data:`OPEN`), so the first question completes it. The first question is then asked
+        exactly as in one prompt (documents and question in one user message, the layout of
+        ``pyasl generate`` and of the accuracy suite); with the documents in a system message and the
+        question in a later turn, a 0.5B model answered fewer questions at 8K with nothing pruned
+        (docs/BENCHMARKS.md, "Questions at 8K"). One unnamed document goes in as it is; several, or
+        named ones, under "Document i (name):" headers."""
+        msgs = [{"role": "system", "content": system}] if system else []
         if not documents:
-            return [{"role": "system", "content": system}] if system else []
-        block = "\n\n".join(f"Document {i + 1}" + (f" ({name})" if name else "") + f":\n{text}"
-                            for i, (name, text) in enumerate(documents))
-        intro = "Answer questions about the following documents.\n\n"
-        sys_msg = {"role": "system", "content": (system + "\n\n" if system else "") + intro + block}
-        try:
-            if block in self.render([sys_msg], False):
-                return [sys_msg]
-        except Exception:  # a template that refuses a lone system message
-            pass
-        msgs = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": intro + block}, {"role": "assistant", "content": _ACK}]
-        if block not in self.render(msgs, False):
+            return msgs
+        if len(documents) == 1 and not documents[0][0]:
+            block = documents[0][1]
+        else:
+            block = "\n\n".join(f"Document {i + 1}" + (f" ({name})" if name else "") + f":\n{text}"
+                                for i, (name, text) in enumerate(documents))
+        # the blank line between documents and question goes on the side where tokenizing the two apart
+        # gives the tokens of the two together (Qwen2.5 merges ".\n\n", SmolLM2 splits "\n" + "\nWhat")
+        for content, sep in ((block + "\n\n", ""), (block, "\n\n")):
+            opened = msgs + [{"role": "user", "content": content, OPEN: sep}]
+            if self._splits_cleanly(msgs + [{"role": "user", "content": content[-256:], OPEN: sep}]):
+                break
+        if block not in self.render(opened, False):
             raise ValueError("this model's chat template does not render the documents; use raw mode")
-        return msgs
+        return opened
+
+    def _splits_cleanly(self, msgs: list[dict]) -> bool:
+        """Whether the tokens of an open message and of a question after it, tokenized apart (as a
+        session does), are those of the two tokenized together (as one prompt is)."""
+        head = self.render(msgs, False)
+        whole = self.render(self.turn(msgs, "What is the answer?"), True)
+        return self.tokens(head, True) + self.tokens(whole[len(head):], False) == self.tokens(whole, True)
+
+    @staticmethod
+    def turn(msgs: list[dict], prompt: str) -> list[dict]:
+        """`msgs` with a user turn `prompt`: it completes an open documents message, or follows."""
+        if msgs and OPEN in msgs[-1]:
+            return msgs[:-1] + [{"role": "user", "content": msgs[-1]["content"] + msgs[-1][OPEN] + prompt}]
+        return msgs + [{"role": "user", "content": prompt}]

@@ -52,7 +52,7 @@ class Reconstruct:
         """The documents `toks` (the rendering `text` of messages `pre`) pruned by the policy from
         reconstruction scores; the result as state bytes, like the strategies' prefill."""
         t0 = time.perf_counter()
-        prompt_text = self._fmt.render(pre + [{"role": "user", "content": REPEAT_REQUEST}], True)
+        prompt_text = self._fmt.render(self._fmt.turn(pre, REPEAT_REQUEST), True)
         if not prompt_text.startswith(text):
             raise RuntimeError("the chat template does not render the conversation incrementally")
         prompt = self._fmt.tokens(prompt_text[len(text):], first=False)

@@ -14,6 +14,8 @@
 How a session works
 -------------------
 One llama.cpp context of ``n_ctx`` cells holds one sequence. Documents (and the system message)
+go into a user message left open for the first question, which completes it: the first question is
+asked in exactly the tokens of one prompt holding document and question (:mod:`.format`). They
 are prefilled once with the session's policy -- the same strategy and selection as
 ``pyasl generate`` (pyasl.engine.strategies) -- and the pruned cache is moved into that context at
 the tokens' original positions. Every turn is appended after it (positions only ever increase)
@@ -399,7 +401,7 @@ class Session(Repruning, PerQuestion, Reconstruct):
             self.prefill()
         self._stop.clear()
         user = {"role": "user", "content": prompt}
-        new_struct = self._struct + [user]
+        new_struct = self._fmt.turn(self._struct, prompt)
         new_text = self._fmt.render(new_struct, True)
         if not new_text.startswith(self._cached_text):
             raise RuntimeError("the chat template does not render the conversation incrementally")

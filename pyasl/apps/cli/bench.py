@@ -203,11 +203,11 @@ def bench_questions_summary(results):
     from ...bench.questions import summary
 
     rows = [json.loads(line) for line in Path(results).read_text(encoding="utf-8").splitlines() if line.strip()]
-    click.echo("model          context tokens  mode                 policy  tau   budget span         n  accuracy  "
+    click.echo("model          context tokens  mode                 layout  policy  tau   budget span         n  accuracy  "
                "s/question  prefill s  KV MiB  full copy MiB")
     for g in summary(rows):
         prefill = "-" if g["prefill_s"] is None else f"{g['prefill_s']:.1f}"
-        click.echo(f"{g['model']:<14} {g['context']:<7} {g['n_tokens']:>6}  {g['mode']:<20} {g['policy']:<7} "
+        click.echo(f"{g['model']:<14} {g['context']:<7} {g['n_tokens']:>6}  {g['mode']:<20} {g['layout']:<7} {g['policy']:<7} "
                    f"{g['tau'] or '-':<5} {g['budget'] or '-':>6} {g['span'] or '-':<12} {g['questions']:>2}  "
                    f"{g['accuracy']:8.1f}  {g['seconds_per_question']:10.2f}  {prefill:>9}  {g['kv_mib']:6.1f}  "
                    f"{g['full_copy_mib'] or 0:13.1f}")
