@@ -450,3 +450,38 @@ def test_named_or_several_documents_are_headed(smollm2):
     s.ask("Which documents are there?")
     assert s._cached_text.count("Beta text.") == 1
     s.close()
+
+
+def test_per_question_prefills_the_kept_tokens_again(tiny):
+    """A question's kept tokens (one set: asl) are prefilled again as a prompt of their own, positions
+    0..k-1, the answer decoded over exactly that prefill; the session still counts every token seen.
+    reprefill=False gathers the same selection's cells at their positions; a selection per KV head
+    (snapkv) is gathered, and the session says so once."""
+    pol = P.make_policy("asl", budget=96, window=8)
+    s = pyasl.Session(tiny, policy=pol, n_ctx=256, max_tokens=8, raw=True)
+    s.prefill(documents=[DOC])
+    assert s.stats()["reprefill"] and s.n_past == s._full.n  # the documents' own selection waits, gathered
+    for q in ["Which parcel did courier 17 carry?", "And courier 3?"]:
+        s.ask(q, max_tokens=1)
+        sel, toks = s.last_selection, s._full.tokens
+        k = len(sel.shared)
+        assert s.n_past == k + 1 and s.n_seen == len(toks) + 1 == s._full.n + len(s._full.pending)
+        np.testing.assert_array_equal(np.sort(s._ctx.cell_positions(0, k)), np.arange(k))
+        ctx = prefill_kept(tiny, toks, sel.shared, 1, renumber=True, n_batch=s.n_batch)
+        try:
+            np.testing.assert_array_equal(ctx.logits(), s._logits)  # the answer's first token came from it
+        finally:
+            ctx.close()
+    s.close()
+    t = pyasl.Session(tiny, policy=pol, n_ctx=256, max_tokens=8, raw=True, reprefill=False)
+    t.prefill(documents=[DOC])
+    t.ask("Which parcel did courier 17 carry?", max_tokens=1)
+    assert not t.stats()["reprefill"] and t.n_seen == t.n_past == t._full.n + 1
+    assert set(t._present_positions()[:-1].tolist()) == set(np.asarray(t.last_selection.shared).tolist())
+    t.close()
+    u = pyasl.Session(tiny, policy=P.make_policy("snapkv", budget=96, window=8), n_ctx=256, max_tokens=8, raw=True)
+    u.prefill(documents=[DOC])
+    for q in ["Which parcel?", "And then?"]:
+        u.ask(q, max_tokens=2)
+    assert [n for n in u.stats()["notes"] if "keeps a set per KV head" in n] and len(u.stats()["notes"]) == 1
+    u.close()

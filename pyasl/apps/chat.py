@@ -49,7 +49,8 @@ def format_stats(st: dict) -> str:
         f"turns {st['turns']}; prunings {st['prunings']} ({st['reprunes']} when the context was full, "
         f"{st['questions_selected']} for a question)",
         f"mode {st['mode']}" + (f": the full KV ({st['full_copy_mib']:.1f} MiB) is kept {_where_copy(st)}, every "
-                                "question selects again" if st["mode"] == "per-question" else
+                                "question selects again" + (" and prefills the kept tokens again" if st["reprefill"]
+                                                            else "") if st["mode"] == "per-question" else
                                 ": the documents were pruned once" + _how_ranked(st)
                                 + ", the context re-prunes when full"),
     ] + [f"note: {n}" for n in st["notes"]])

@@ -14,7 +14,10 @@ keys in turn, at depths spread over the document, in these modes:
 * ``reconstruct-in-place``: the same selection, its cells kept as the whole document computed them
   (``reprefill=False``; the rows of mode ``reconstruct`` before 2026-12-04);
 * ``per-question``: a Session that keeps the full KV beside the decode context and selects again
-  for every question (the default);
+  for every question, the kept tokens prefilled again on their own (the default);
+* ``per-question-in-place``: the same selection, its cells gathered as the whole conversation
+  computed them (``reprefill=False``; the rows of mode ``per-question`` before 2026-12-06, read as
+  this mode: they have no ``reprefill`` field);
 * ``one-shot``: each question inside the prompt, pruned by the same policy (``generate``): what
   the accuracy suite measures, the target of ``per-question``.
 
@@ -40,7 +43,7 @@ from typing import Callable, Optional
 from .data import _CITIES, WORDS, _number, _prose, _uuid
 from .runner import row_tau
 
-MODES = ("full", "once", "reconstruct", "reconstruct-in-place", "per-question", "one-shot")
+MODES = ("full", "once", "reconstruct", "reconstruct-in-place", "per-question", "per-question-in-place", "one-shot")
 CONTEXTS = ("kv", "needles")
 SESSION_LAYOUT = "open"  # how a Session lays out document and questions now (see the module doc)
 INTRO = "Extract the value corresponding to the specified key in the JSON object below.\n\nJSON data:\n{"
@@ -107,8 +110,13 @@ def row_layout(r: dict) -> str:
     return r.get("layout") or ("prompt" if r["mode"] == "one-shot" else "system")
 
 
+def row_mode(r: dict) -> str:
+    """The mode a row was asked in (per-question rows before the ``reprefill`` field: in place)."""
+    return "per-question-in-place" if r["mode"] == "per-question" and "reprefill" not in r else r["mode"]
+
+
 def _key(r: dict) -> tuple:
-    return (r["model"], r.get("context", "kv"), r["n_tokens"], r["index"], r["mode"], r["policy"], r["budget"],
+    return (r["model"], r.get("context", "kv"), r["n_tokens"], r["index"], row_mode(r), r["policy"], r["budget"],
             r["span"], row_tau(r), row_layout(r), r["question"])
 
 
@@ -146,7 +154,8 @@ def run(model_name: str, n_tokens: int, samples: int, policy, out, modes=MODES, 
                         "budget": getattr(pol, "budget", None) if pol.prunes else None,
                         "span": str(ranked.span) if pol.prunes else None,
                         "tau": pol.settings_for(model, n_tokens).tau if hasattr(pol, "settings_for") else None,
-                        "layout": "prompt" if mode == "one-shot" else SESSION_LAYOUT}
+                        "layout": "prompt" if mode == "one-shot" else SESSION_LAYOUT,
+                        "reprefill": mode in ("per-question", "reconstruct")}
                 if all(_key({**base, "question": q}) in done for q in range(len(asked))):
                     continue
                 rows = _ask_all(model, doc, asked, pol, mode, max_tokens, n_threads, Session, generate)
@@ -174,8 +183,9 @@ def _ask_all(model, doc, asked, policy, mode, max_tokens, n_threads, Session, ge
     room = len(asked) * (max_tokens + 48) + 64
     n_ctx = n_doc + room + 256 if mode == "full" else policy.budget + max_tokens + 128
     s = Session(model, policy=policy, n_ctx=n_ctx, max_tokens=max_tokens, n_threads=n_threads,
-                mode={"full": "once", "reconstruct-in-place": "reconstruct"}.get(mode, mode),
-                reprefill=mode != "reconstruct-in-place")
+                mode={"full": "once", "reconstruct-in-place": "reconstruct",
+                      "per-question-in-place": "per-question"}.get(mode, mode),
+                reprefill=not mode.endswith("-in-place"))
     try:
         t0 = time.perf_counter()
         s.prefill(documents=[doc])
@@ -201,7 +211,7 @@ def summary(rows: list[dict]) -> list[dict]:
     contexts that recorded it) and KV held, per (model, context, n_tokens, mode, policy, budget, span)."""
     groups: dict = {}
     for r in rows:
-        k = (r["model"], r.get("context", "kv"), r["n_tokens"], r["mode"], r["policy"], r["budget"], r["span"],
+        k = (r["model"], r.get("context", "kv"), r["n_tokens"], row_mode(r), r["policy"], r["budget"], r["span"],
              row_tau(r), row_layout(r))
         groups.setdefault(k, []).append(r)
     out = []

@@ -1,12 +1,21 @@
 """Mode ``per-question`` of a Session: the documents and every turn stay unpruned in a
 :class:`~pyasl.engine.full_copy.FullCopy`; each question is decoded there as the observation window
-and the policy selects the decode context again from everything."""
+and the policy selects the decode context again from everything.
+
+The kept tokens are then prefilled again as a prompt of their own (positions 0..k-1, as mode
+``reconstruct`` does; ``reprefill=False``: the cells are gathered as the whole conversation computed
+them). Cells cut out of a whole document's KV bind a question to a neighbouring fact: on needles at
+8K (Qwen2.5, asl, 1,024 cells) gathered cells named the next note's code where the same tokens
+prefilled among themselves answered (docs/BENCHMARKS.md, "Questions at 8K"). A selection per KV
+head has no one set of tokens to prefill: its cells are gathered. The second prefill costs a
+prefill of ``budget`` tokens per question."""
 from __future__ import annotations
 
 import time
 from typing import Callable, Optional
 
 from ..engine.full_copy import FullCopyFull
+from ..engine.prefill import prefill_kept
 from .state import _RECENT_MAX, _SLACK
 
 Progress = Optional[Callable[[int, int], None]]
@@ -23,19 +32,30 @@ class PerQuestion:
         window = min(self.policy.window, len(toks) - 1)
         scores, logits = self._full.prefill(toks, max(1, window), progress=progress)
         self._n_docs = len(toks)
-        self._select_from_full(scores, window, logits, room=self.max_tokens + _SLACK)
+        self._select_from_full(scores, window, logits, room=self.max_tokens + _SLACK, again=False)
         self._remember(toks[-_RECENT_MAX:])
         st = self.stats_
         st.prefill_tokens, st.prefill_s, st.prefill_kept = len(toks), time.perf_counter() - t0, self.n_cells()
 
-    def _select_from_full(self, scores, window: int, logits, room: int) -> None:
+    def _select_from_full(self, scores, window: int, logits, room: int, again: bool = True) -> None:
         """The decode context: the policy's selection from everything in the full copy (window: the
-        newest tokens, always kept), with `room` free cells."""
+        newest tokens, always kept), with `room` free cells; `again`: the kept tokens prefilled again
+        where the session says so (a question; not the documents' own selection, which only waits
+        for the first question)."""
         sel = self._full.select(self.policy, scores, window)
-        ctx, _, _ = self._full.pruned(sel, room)
+        if again and self.reprefill and sel is not None and sel.shared is not None:
+            ctx = prefill_kept(self.model, self._full.tokens, sel.shared, room, renumber=True, **self._ctx_kw())
+            logits = ctx.logits()
+        else:
+            note = (f"{self.policy.name} keeps a set per KV head or layer: its cells are kept as the whole "
+                    "conversation computed them (a second prefill needs one set of tokens)")
+            if again and self.reprefill and sel is not None and note not in self.stats_.notes:
+                self.stats_.notes.append(note)
+            ctx, _, _ = self._full.pruned(sel, room)
         if self._ctx is not None:
             self._ctx.close()
-        self._ctx, self._logits = ctx, logits  # ctx continues at the copy's next position
+        self._ctx, self._logits = ctx, logits
+        self._pos_shift = self._full.n - ctx.n_past  # the copy's next position: the tokens seen
         self._full.park()  # full_copy="disk": written out until the next question
         self.last_selection = sel
         if sel is not None:

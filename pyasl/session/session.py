@@ -31,7 +31,8 @@ Modes (``mode=``):
 
 * ``per-question`` (the default for a pruning policy): the documents and every turn also stay
   unpruned in a context of their own (:mod:`.full_copy`); each question is decoded there as the
-  observation window, the policy selects ``budget`` cells from everything, and the answer is
+  observation window, the policy selects ``budget`` tokens from everything, the kept tokens are
+  prefilled again as a prompt of their own (``reprefill``; :mod:`.per_question`), and the answer is
   decoded over them. Later questions select again. Costs the full KV in memory, saves decode time.
 * ``once``: the documents are pruned once, before any question is known (the strategy of
   ``pyasl generate``: layer-major for asl and fastkv); later turns re-prune only when the context is
@@ -127,9 +128,10 @@ class Session(Repruning, PerQuestion, Reconstruct):
         full_copy: mode ``per-question``: where the full copy waits between questions: ``memory``
             (default) or ``disk`` (a file in a temporary directory, its context freed: the document's KV
             is not held while the user reads and types; each question writes and reads it once).
-        reprefill: mode ``reconstruct``: prefill the kept tokens again as a prompt of their own
-            (positions 0..k-1), so their KV is computed among themselves (default; measured in
-            docs/BENCHMARKS.md); False keeps the cells as the whole document computed them.
+        reprefill: modes ``per-question`` and ``reconstruct``: prefill the kept tokens again as a prompt
+            of their own (positions 0..k-1), so their KV is computed among themselves (default; measured
+            in docs/BENCHMARKS.md; a selection per KV head is kept as computed); False keeps the cells as
+            the whole document computed them.
 
     Raises ValueError when ``n_ctx`` cannot hold ``budget`` cells plus an answer."""
 
@@ -498,7 +500,7 @@ class Session(Repruning, PerQuestion, Reconstruct):
             "decode_tok_s": st.decode_tokens / st.decode_s if st.decode_s > 0 and st.decode_tokens else None,
             "last_decode_tok_s": (st.last_decode_tokens / st.last_decode_s
                                   if st.last_decode_s > 0 and st.last_decode_tokens else None),
-            "mode": self.mode, "reprefill": self.mode == "reconstruct" and self.reprefill,
+            "mode": self.mode, "reprefill": self.mode in ("reconstruct", "per-question") and self.reprefill,
             "questions_selected": st.questions_selected,
             "full_copy_mib": None if self._full is None else self._full.kv_bytes() / mib,
             "full_copy_on_disk": self._full is not None and self._full.parked, "notes": list(st.notes),
