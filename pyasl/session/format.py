@@ -58,8 +58,9 @@ class ChatFormat:
         exactly as in one prompt (documents and question in one user message, the layout of
         ``pyasl generate`` and of the accuracy suite); with the documents in a system message and the
         question in a later turn, a 0.5B model answered fewer questions at 8K with nothing pruned
-        (docs/BENCHMARKS.md, "Questions at 8K"). One unnamed document goes in as it is; several, or
-        named ones, under "Document i (name):" headers."""
+        (docs/BENCHMARKS.md, "At 8K: per-question selection answers what a full-KV session
+        answers"). One unnamed document goes in as it is; several, or named ones, under
+        "Document i (name):" headers."""
         msgs = [{"role": "system", "content": system}] if system else []
         if not documents:
             return msgs
