@@ -46,6 +46,10 @@ from .runner import row_tau
 MODES = ("full", "once", "reconstruct", "reconstruct-in-place", "per-question", "per-question-in-place", "one-shot")
 CONTEXTS = ("kv", "needles")
 SESSION_LAYOUT = "open"  # how a Session lays out document and questions now (see the module doc)
+# the Session each mode but one-shot runs: (Session mode, reprefill)
+_SESSIONS = {"full": ("once", False), "once": ("once", False), "reconstruct": ("reconstruct", True),
+             "reconstruct-in-place": ("reconstruct", False), "per-question": ("per-question", True),
+             "per-question-in-place": ("per-question", False)}
 INTRO = "Extract the value corresponding to the specified key in the JSON object below.\n\nJSON data:\n{"
 
 
@@ -155,7 +159,7 @@ def run(model_name: str, n_tokens: int, samples: int, policy, out, modes=MODES, 
                         "span": str(ranked.span) if pol.prunes else None,
                         "tau": pol.settings_for(model, n_tokens).tau if hasattr(pol, "settings_for") else None,
                         "layout": "prompt" if mode == "one-shot" else SESSION_LAYOUT,
-                        "reprefill": mode in ("per-question", "reconstruct")}
+                        "reprefill": _SESSIONS.get(mode, (None, False))[1]}
                 if all(_key({**base, "question": q}) in done for q in range(len(asked))):
                     continue
                 rows = _ask_all(model, doc, asked, pol, mode, max_tokens, n_threads, Session, generate)
@@ -183,9 +187,7 @@ def _ask_all(model, doc, asked, policy, mode, max_tokens, n_threads, Session, ge
     room = len(asked) * (max_tokens + 48) + 64
     n_ctx = n_doc + room + 256 if mode == "full" else policy.budget + max_tokens + 128
     s = Session(model, policy=policy, n_ctx=n_ctx, max_tokens=max_tokens, n_threads=n_threads,
-                mode={"full": "once", "reconstruct-in-place": "reconstruct",
-                      "per-question-in-place": "per-question"}.get(mode, mode),
-                reprefill=not mode.endswith("-in-place"))
+                mode=_SESSIONS[mode][0], reprefill=_SESSIONS[mode][1])
     try:
         t0 = time.perf_counter()
         s.prefill(documents=[doc])

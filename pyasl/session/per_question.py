@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 from ..engine.full_copy import FullCopyFull
 from ..engine.prefill import prefill_kept
-from .state import _RECENT_MAX, _SLACK
+from .state import _RECENT_MAX, _SLACK, KEPT_AS_COMPUTED
 
 Progress = Optional[Callable[[int, int], None]]
 
@@ -48,10 +48,8 @@ class PerQuestion:
             ctx = prefill_kept(self.model, self._full.tokens, sel.shared, room, renumber=True, **self._ctx_kw())
             logits = ctx.logits()
         else:
-            note = (f"{self.policy.name} keeps a set per KV head or layer: its cells are kept as the whole "
-                    "conversation computed them (a second prefill needs one set of tokens)")
-            if again and self.reprefill and sel is not None and note not in self.stats_.notes:
-                self.stats_.notes.append(note)
+            if again and self.reprefill and sel is not None:
+                self.stats_.note(KEPT_AS_COMPUTED.format(self.policy.name))
             ctx, _, _ = self._full.pruned(sel, room)
         if self._ctx is not None:
             self._ctx.close()

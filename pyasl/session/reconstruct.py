@@ -29,6 +29,7 @@ from typing import Callable, Optional
 
 from ..engine.prefill import prefill_kept
 from ..engine.strategies import PrunedPrefill
+from .state import KEPT_AS_COMPUTED
 
 Progress = Optional[Callable[[int, int], None]]
 
@@ -78,9 +79,7 @@ class Reconstruct:
             if not self.reprefill or sel is None:
                 return full.pruned_state(sel, t0)
             if sel.shared is None:
-                self.stats_.notes.append(
-                    f"{self.policy.name} keeps a set per KV head or layer: its cells are kept as the whole document "
-                    "computed them (a second prefill needs one set of tokens)")
+                self.stats_.note(KEPT_AS_COMPUTED.format(self.policy.name))
                 return full.pruned_state(sel, t0)
         finally:
             full.close()
