@@ -6,10 +6,15 @@ longest-prefix reuse (a later call sharing a prefix gives what a fresh Llama giv
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 import pyasl
+from pyasl._native import load as _load_native
+from pyasl.engine.prefill import prefill_kept
 from pyasl.models import fetch_model
+
+llama_cpp = _load_native()[0]
 
 BUDGET = 96
 
@@ -197,3 +202,51 @@ def test_parked_copies_bad_settings_are_refused_before_loading(bad, match, tmp_p
     kw = {"kv_policy": pyasl.ASL(budget=BUDGET), **bad}
     with pytest.raises(ValueError, match=match):
         pyasl.Llama(str(tmp_path / "never-read.gguf"), **kw)
+
+
+def _last_logits(lm) -> np.ndarray:
+    ptr = llama_cpp.llama_get_logits_ith(lm._ctx.ctx, -1)
+    return np.ctypeslib.as_array(ptr, shape=(lm._n_vocab,)).copy()
+
+
+@pytest.mark.real
+def test_per_question_prefills_the_kept_tokens_again(path):
+    """kv_mode per-question: the kept tokens (asl: one set) are prefilled again as a prompt of their
+    own, at positions ending where the prompt's end, and the prompt's last token is decoded over
+    exactly that prefill. reprefill=False gathers the same selection's cells at their positions; a
+    selection per KV head (snapkv) is gathered, with a note."""
+    kw = dict(n_ctx=256, verbose=False)
+    lm = pyasl.Llama(path, kv_policy=pyasl.ASL(budget=BUDGET, window=16), **kw)
+    try:
+        toks = lm.tokenize(PROMPT.encode())
+        lm.eval(toks)
+        head, n = toks[:-1], len(toks) - 1
+        sel = lm._full_copy.last_selection
+        k = len(sel.shared)
+        assert lm.last_prune["reprefilled"] and lm.last_prune["n_kept"] == k + 1 == BUDGET
+        assert lm.kv_cells() == k + 1
+        ctx = prefill_kept(lm._pyasl_model, head, sel.shared, 1, renumber=True, first=n - k, n_batch=lm.n_batch)
+        try:
+            ctx.decode([toks[-1]], positions=[n])
+            again = _last_logits(lm)
+            np.testing.assert_array_equal(ctx.logits(), again)
+        finally:
+            ctx.close()
+    finally:
+        lm.close()
+    gathered = pyasl.Llama(path, kv_policy=pyasl.ASL(budget=BUDGET, window=16), reprefill=False, **kw)
+    try:
+        gathered.eval(toks)
+        assert not gathered.last_prune["reprefilled"] and gathered.kv_cells() == k + 1
+        np.testing.assert_array_equal(gathered._full_copy.last_selection.shared, sel.shared)
+        assert not np.array_equal(_last_logits(gathered), again)  # the cells as the whole prompt computed them
+    finally:
+        gathered.close()
+    snap = pyasl.Llama(path, kv_policy=pyasl.SnapKV(budget=BUDGET, window=16), **kw)
+    try:
+        snap.eval(toks)
+        assert not snap.last_prune["reprefilled"] and "keeps a set per KV head" in snap.last_prune["note"]
+    finally:
+        snap.close()
+    with pytest.raises(ValueError, match="reprefill must be True or False"):
+        pyasl.Llama(path, kv_policy="asl", reprefill="yes", **kw)

@@ -48,12 +48,17 @@ def format_stats(st: dict) -> str:
         f"decode {rate(st['last_decode_tok_s'])} (last answer), {rate(st['decode_tok_s'])} (all)",
         f"turns {st['turns']}; prunings {st['prunings']} ({st['reprunes']} when the context was full, "
         f"{st['questions_selected']} for a question)",
-        f"mode {st['mode']}" + (f": the full KV ({st['full_copy_mib']:.1f} MiB) is kept {_where_copy(st)}, every "
-                                "question selects again" + (" and prefills the kept tokens again" if st["reprefill"]
-                                                            else "") if st["mode"] == "per-question" else
-                                ": the documents were pruned once" + _how_ranked(st)
-                                + ", the context re-prunes when full"),
+        _mode_line(st),
     ] + [f"note: {n}" for n in st["notes"]])
+
+
+def _mode_line(st: dict) -> str:
+    """What the session's mode holds and does per question (/stats)."""
+    if st["mode"] == "per-question":
+        again = " and prefills the kept tokens again" if st["reprefill"] else ""
+        return (f"mode per-question: the full KV ({st['full_copy_mib']:.1f} MiB) is kept {_where_copy(st)}, "
+                f"every question selects again{again}")
+    return f"mode {st['mode']}: the documents were pruned once{_how_ranked(st)}, the context re-prunes when full"
 
 
 def _where_copy(st: dict) -> str:

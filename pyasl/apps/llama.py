@@ -20,7 +20,10 @@ from a context of budget + max_tokens cells, and that is all the KV the Llama ke
 context (:class:`pyasl.engine.full_copy.FullCopy`, as llama-cpp-python keeps its last prompt): a
 prompt sharing a prefix with it (one document, many questions) decodes only what differs, and every
 prompt is scored with its own last tokens and selected again; this selection runs on the ordinary
-strategy whatever the policy. ``kv_mode="once"`` keeps nothing beyond the decode context and prunes
+strategy whatever the policy. The kept tokens are then prefilled again as a prompt of their own (one
+prefill of ``budget`` tokens per request; a selection per KV head, snapkv's, is gathered as the
+whole prompt computed it), as a Session's questions are; ``reprefill=False`` gathers the kept cells
+instead. ``kv_mode="once"`` keeps nothing beyond the decode context and prunes
 every long prompt from scratch with the policy's own strategy (layer-major asl and fastkv).
 ``parked_copies=N`` (per-question) also keeps the full KV of up to N earlier long prompts, parked
 as files in a temporary directory (:class:`pyasl.engine.copy_shelf.CopyShelf`): a server answering
@@ -87,13 +90,16 @@ class Llama(llama_cpp.Llama):
     ``max_prompt_tokens``: the longest prompt accepted with a pruning policy (default: the model's
     training context; ``n_ctx`` is then only the decode context). ``kv_mode``: ``per-question``
     (default) or ``once``, and ``parked_copies`` (per-question: earlier long prompts' full KV kept on
-    disk), see the module doc. Every other argument is llama-cpp-python's.
+    disk), and ``reprefill`` (per-question: prefill the kept tokens again), see the module doc. Every
+    other argument is llama-cpp-python's.
     ``last_prune`` (a dict or None) and ``n_prunes`` report what was pruned."""
 
     def __init__(self, *args, kv_policy: Union[Policy, str, None] = None, max_prompt_tokens: Optional[int] = None,
-                 kv_mode: str = "per-question", parked_copies: int = 0, **kwargs):
+                 kv_mode: str = "per-question", parked_copies: int = 0, reprefill: bool = True, **kwargs):
         if kv_mode not in KV_MODES:
             raise ValueError(f"kv_mode must be one of {', '.join(KV_MODES)}, not {kv_mode!r}")
+        if not isinstance(reprefill, bool):
+            raise ValueError(f"reprefill must be True or False, got {reprefill!r}")
         if isinstance(kv_policy, str):
             kv_policy = make_policy(kv_policy)
         if kv_policy is not None and not isinstance(kv_policy, Policy):
@@ -124,6 +130,7 @@ class Llama(llama_cpp.Llama):
         self._full_copy: Optional[FullCopy] = None
         self._shelf: Optional[CopyShelf] = None
         self.parked_copies = parked_copies
+        self.reprefill = reprefill
         self._n_cells = self.n_ctx()  # the decode context's cells
         prunes = kv_policy is not None and kv_policy.prunes
         if max_prompt_tokens is not None and not prunes:
@@ -195,7 +202,7 @@ class Llama(llama_cpp.Llama):
                 if self._shelf is None:
                     self._shelf = CopyShelf(self.parked_copies, min_tokens=max(pol.budget, self.n_batch))
                 self._shelf.prepare(self._full_copy, head)
-            pp, reused = self._full_copy.select_state(head, pol)
+            pp, reused = self._full_copy.select_state(head, pol, again=self.reprefill)
         else:
             pp = prefill_state(self._pyasl_model, head, pol, n_threads=cp.n_threads_batch,
                                flash_attn=not info.v_trans, n_batch=self.n_batch, type_k=cp.type_k, type_v=cp.type_v)
@@ -215,7 +222,8 @@ class Llama(llama_cpp.Llama):
         self.n_prunes += 1
         self.last_prune = {"policy": self.kv_policy.to_dict(), "n_prompt": len(tokens), "n_kept": pp.n_kept + 1,
                            "selected_layer": pp.selected_layer, "prefill_s": pp.seconds, "note": pp.note,
-                           "mode": self.kv_mode, "reused_tokens": reused, "n_ctx": self._n_cells,
+                           "mode": self.kv_mode, "reprefilled": pp.reprefilled, "reused_tokens": reused,
+                           "n_ctx": self._n_cells,
                            "full_copy_mib": (self._full_copy.kv_bytes() / 2**20 if self._full_copy else None),
                            "parked_copies": len(self._shelf) if self._shelf else 0}
         if self.on_prune is not None:

@@ -144,9 +144,10 @@ def create_app(model_path: str, policy: Optional[Policy], n_ctx: int = 4096, ali
                n_threads: Optional[int] = None, flash_attn: bool = False, verbose: bool = False,
                host: str = "127.0.0.1", port: int = 8000,
                on_prune: Optional[Callable[[dict], None]] = None, max_prompt_tokens: Optional[int] = None,
-               kv_mode: str = "per-question", type_k="f16", type_v="f16", parked_copies: int = 0):
+               kv_mode: str = "per-question", type_k="f16", type_v="f16", parked_copies: int = 0,
+               reprefill: bool = True):
     """The FastAPI app of llama-cpp-python's server, serving one pyasl.Llama with `policy`
-    (type_k, type_v: KV cache types, as llama.cpp's -ctk / -ctv; parked_copies: pyasl.Llama's)."""
+    (type_k, type_v: KV cache types, as llama.cpp's -ctk / -ctv; parked_copies, reprefill: pyasl.Llama's)."""
     Llama, A, LlamaProxy, ModelSettings, ServerSettings = _imports()
     from fastapi import FastAPI
     from fastapi.middleware import Middleware
@@ -165,7 +166,7 @@ def create_app(model_path: str, policy: Optional[Policy], n_ctx: int = 4096, ali
     ss = ServerSettings(host=host, port=port)
     llm = Llama(model_path=str(model_path), n_ctx=n_ctx, flash_attn=flash_attn, verbose=verbose,
                 kv_policy=policy, max_prompt_tokens=max_prompt_tokens, kv_mode=kv_mode, parked_copies=parked_copies,
-                n_threads=ms.n_threads,
+                reprefill=reprefill, n_threads=ms.n_threads,
                 n_threads_batch=ms.n_threads_batch, n_batch=ms.n_batch, n_ubatch=ms.n_ubatch, seed=ms.seed,
                 type_k=ms.type_k, type_v=ms.type_v)
     llm.on_prune = on_prune
@@ -203,6 +204,7 @@ def serve(model_path: str, policy: Optional[Policy], host: str = "127.0.0.1", po
               f"({info['policy']['name']}" + (f", selection layer {info['selected_layer']}"
                                               if info['selected_layer'] is not None else "")
               + (f", {info['reused_tokens']} tokens of an earlier prompt reused" if info.get("reused_tokens") else "")
+              + (", the kept tokens prefilled again" if info.get("reprefilled") else "")
               + ")", file=sys.stderr, flush=True)
 
     with warnings.catch_warnings(record=True) as notes:  # pyasl.Llama's notes (a budget no prompt can exceed)

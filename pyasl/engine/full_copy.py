@@ -23,10 +23,13 @@ import numpy as np
 from ..policies import Policy, Selection
 from .context import Context, _pad, copy_state_from_file, state_file_size, write_state_file
 from .model import Model
-from .prefill import gather_selection, pass_ubatch, prefill
+from .prefill import gather_selection, pass_ubatch, prefill, prefill_kept
 from .strategies import PrunedPrefill, finish_ordinary, select
 
 GROW = 1024  # cells added when the copy must grow
+# the note of a second prefill that a selection per KV head or per layer cannot have
+KEPT_AS_COMPUTED = ("{} keeps a set per KV head or layer: its cells are kept as the whole document computed them "
+                    "(a second prefill needs one set of tokens)")
 
 
 def shared_prefix(a, b) -> int:
@@ -62,6 +65,7 @@ class FullCopy:
         self.tokens: list[int] = []  # the n tokens in the copy
         self.pending: list[int] = []
         self.window = 0  # the window of the latest question
+        self.last_selection: Optional[Selection] = None  # select_state's latest
 
     @property
     def ctx(self) -> Optional[Context]:
@@ -198,18 +202,35 @@ class FullCopy:
         """How many tokens at the start of `tokens` the copy already holds."""
         return shared_prefix(self.tokens, tokens)
 
-    def select_state(self, tokens: list[int], policy: Policy) -> tuple[PrunedPrefill, int]:
+    def select_state(self, tokens: list[int], policy: Policy, again: bool = False) -> tuple[PrunedPrefill, int]:
         """Make the copy hold exactly `tokens` (the prefix it shares with them reused, the rest decoded,
         the last window scored) and return the policy's selection from it as state bytes, with room for
         one more token, and the number of tokens reused. What one prompt shares with the previous one
         (a document asked several questions) is never prefilled again, and each prompt still selects
-        with its own window."""
+        with its own window. again: the kept tokens are prefilled again (:meth:`prefilled_again`)."""
         t0 = time.perf_counter()
         w = max(1, min(policy.window, len(tokens) - 1, self.kw["n_batch"]))
         reused = min(self.common_prefix(tokens), len(tokens) - w)
         self.truncate(reused)
         scores, _ = self.ask(tokens[reused:], w)
-        return self.pruned_state(self.select(policy, scores, w), t0), reused
+        self.last_selection = sel = self.select(policy, scores, w)
+        if again and sel is not None and sel.shared is not None:
+            return self.prefilled_again(sel, t0), reused
+        pp = self.pruned_state(sel, t0)
+        if again and sel is not None:
+            pp.note = "; ".join(x for x in (pp.note, KEPT_AS_COMPUTED.format(policy.name)) if x)
+        return pp, reused
+
+    def prefilled_again(self, sel: Selection, t0: float) -> PrunedPrefill:
+        """`sel`'s kept tokens prefilled again as a prompt of their own, with room for one more token:
+        cells cut out of a whole document's KV bind a question to a neighbouring fact, the same tokens
+        computed among themselves answer it (docs/BENCHMARKS.md, "the kept tokens are prefilled
+        again"). Their positions end where the copy ends (n-k..n-1), so the next token follows at n
+        as after gathered cells; RoPE sees only distances, as from 0..k-1."""
+        k = len(sel.shared)
+        ctx = prefill_kept(self.model, self.tokens, sel.shared, 1, renumber=True, first=self.n - k, **self.kw)
+        return PrunedPrefill(state=ctx.take_state(), n_tokens=self.n, n_kept=k, selected_layer=sel.layer,
+                             seconds=time.perf_counter() - t0, note=sel.note, reprefilled=True)
 
     def pruned_state(self, sel: Optional[Selection], t0: float) -> PrunedPrefill:
         """`sel` of the copy as state bytes with room for one more token (seconds counted from t0)."""

@@ -196,18 +196,18 @@ def layer_major_pass(model: Model, tokens: list[int], window: int, decide,
     return A, scores, Hs, stop, sel
 
 
-def prefill_kept(model: Model, tokens: list[int], kept, max_tokens: int, renumber: bool = False,
+def prefill_kept(model: Model, tokens: list[int], kept, max_tokens: int, renumber: bool = False, first: int = 0,
                  **ctx_kw) -> Context:
     """Second pass of asl-2pass / gemfilter: a context of len(kept) + max_tokens cells holding only the
     kept tokens, prefilled through every layer at their original positions (renumber: as a new prompt,
-    positions 0..k-1; decoding then continues at k) (logits: the last one).
+    positions first..first+k-1; decoding then continues at first+k) (logits: the last one).
     ctx_kw: Context settings (n_batch, n_threads, flash_attn, type_k, type_v)."""
     kept_l = [int(x) for x in kept]
     n_batch = ctx_kw.setdefault("n_batch", 512)
     ctx = Context(model, _pad(len(kept_l) + max_tokens), allow_pos_gaps=True, **ctx_kw)
     for i in range(0, len(kept_l), n_batch):
         pos = kept_l[i: i + n_batch]
-        ctx.decode([tokens[p] for p in pos], positions=list(range(i, i + len(pos))) if renumber else pos,
+        ctx.decode([tokens[p] for p in pos], positions=list(range(first + i, first + i + len(pos))) if renumber else pos,
                    logits_last=i + n_batch >= len(kept_l))
     return ctx
 

@@ -399,6 +399,7 @@ class PrunedPrefill:
     seconds: float
     note: str = ""
     layer_cells: Optional[np.ndarray] = None  # per-layer budgets: set them after loading the state
+    reprefilled: bool = False  # the kept tokens were prefilled again as a prompt of their own
 
 
 def check_continuable(policy: Policy) -> None:

@@ -15,9 +15,9 @@ from __future__ import annotations
 import time
 from typing import Callable, Optional
 
-from ..engine.full_copy import FullCopyFull
+from ..engine.full_copy import KEPT_AS_COMPUTED, FullCopyFull
 from ..engine.prefill import prefill_kept
-from .state import _RECENT_MAX, _SLACK, KEPT_AS_COMPUTED
+from .state import _RECENT_MAX, _SLACK
 
 Progress = Optional[Callable[[int, int], None]]
 

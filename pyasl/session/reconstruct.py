@@ -27,9 +27,9 @@ from __future__ import annotations
 import time
 from typing import Callable, Optional
 
+from ..engine.full_copy import KEPT_AS_COMPUTED
 from ..engine.prefill import prefill_kept
 from ..engine.strategies import PrunedPrefill
-from .state import KEPT_AS_COMPUTED
 
 Progress = Optional[Callable[[int, int], None]]
 

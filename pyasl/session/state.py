@@ -8,9 +8,6 @@ from typing import Optional
 
 _RECENT_MAX = 4096  # tokens remembered for the repetition penalty
 _SLACK = 8  # cells kept free after an answer, so the next turn always has room to be scored
-# the note of a second prefill (modes per-question, reconstruct) that a selection per KV head cannot have
-KEPT_AS_COMPUTED = ("{} keeps a set per KV head or layer: its cells are kept as the whole document computed them "
-                    "(a second prefill needs one set of tokens)")
 
 
 class ContextFullError(RuntimeError):

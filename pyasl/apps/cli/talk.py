@@ -10,6 +10,10 @@ from ...session.session import MODES
 from .common import Progress, cache_type_options, check_text, fail, policy_options, read_utf8, user_errors
 
 _session_policy = policy_options(asl_layers=True, prefill=True, layer_budgets=True, layer_only_fixed=True)
+_reprefill = click.option(
+    "--reprefill/--no-reprefill", default=True, show_default=True,
+    help="per-question (and reconstruct): prefill the kept tokens again as a prompt of their own, a prefill of "
+         "the budget per question (--no-reprefill: keep the kept cells as the whole document computed them)")
 
 
 def _read_doc(path: str) -> tuple:
@@ -42,6 +46,7 @@ def _read_doc(path: str) -> tuple:
 @click.option("--full-copy", type=click.Choice(["memory", "disk"]), default="memory", show_default=True,
               help="per-question: where the documents' full KV waits between questions (disk: a temporary file, "
                    "written and read once per question)")
+@_reprefill
 @click.option("--load", "load_path", type=click.Path(dir_okay=False), help="open a session saved with /save")
 @click.option("--raw", is_flag=True, help="do not apply the chat template")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: all cores)")
@@ -50,7 +55,7 @@ def _read_doc(path: str) -> tuple:
 @click.option("--verbose", is_flag=True, help="show llama.cpp's log")
 @click.option("--progress/--no-progress", default=None, help="prefill progress bar (default: when stderr is a tty)")
 def chat(model, docs, policy, system, max_tokens, n_ctx, temperature, top_p, seed, repeat_penalty, mode, full_copy,
-         load_path, raw, threads, flash_attn, type_k, type_v, verbose, progress):
+         reprefill, load_path, raw, threads, flash_attn, type_k, type_v, verbose, progress):
     """Talk with MODEL about long documents over a pruned KV cache.
 
     The documents are prefilled and pruned by POLICY; each turn is appended; when the context
@@ -73,7 +78,7 @@ def chat(model, docs, policy, system, max_tokens, n_ctx, temperature, top_p, see
         else:
             sess = Session(m, policy=pol, n_ctx=n_ctx, system=system, max_tokens=max_tokens, raw=raw,
                            n_threads=threads, flash_attn=flash_attn, mode=mode, type_k=type_k, type_v=type_v,
-                           full_copy=full_copy)
+                           full_copy=full_copy, reprefill=reprefill)
         rc = C.run(sess, documents, Progress(progress), temperature=temperature, top_p=top_p, seed=seed,
                    repeat_penalty=repeat_penalty)
     except KeyboardInterrupt:
@@ -97,6 +102,7 @@ def chat(model, docs, policy, system, max_tokens, n_ctx, temperature, top_p, see
 @click.option("--parked-copies", default=0, show_default=True, type=click.IntRange(min=0),
               help="per-question: also keep the full KV of up to N earlier long prompts, parked on disk (a temporary "
                    "directory), so questions about several documents in turn do not prefill a document again")
+@_reprefill
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(min=0, max=65535))
 @click.option("--alias", help="model name in the API (default: the file name)")
@@ -104,7 +110,7 @@ def chat(model, docs, policy, system, max_tokens, n_ctx, temperature, top_p, see
 @click.option("--flash-attn/--no-flash-attn", default=False, show_default=True)
 @cache_type_options
 @click.option("--verbose", is_flag=True, help="show llama.cpp's log")
-def serve(model, policy, n_ctx, max_prompt_tokens, kv_mode, parked_copies, host, port, alias, threads, flash_attn,
+def serve(model, policy, n_ctx, max_prompt_tokens, kv_mode, parked_copies, reprefill, host, port, alias, threads, flash_attn,
           type_k, type_v, verbose):
     """An OpenAI-compatible HTTP server (llama-cpp-python's) whose requests are pruned by POLICY.
 
@@ -124,6 +130,6 @@ def serve(model, policy, n_ctx, max_prompt_tokens, kv_mode, parked_copies, host,
             raise ValueError("--max-prompt-tokens needs a pruning policy (with full KV every prompt must fit --ctx)")
         run_server(str(path), pol, host=host, port=port, n_ctx=n_ctx, alias=alias, n_threads=threads,
                    flash_attn=flash_attn, verbose=verbose, max_prompt_tokens=max_prompt_tokens, kv_mode=kv_mode,
-                   type_k=type_k, type_v=type_v, parked_copies=parked_copies)
+                   type_k=type_k, type_v=type_v, parked_copies=parked_copies, reprefill=reprefill)
     except user_errors() as e:
         fail(str(e))
