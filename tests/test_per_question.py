@@ -342,9 +342,9 @@ def test_reconstruct_mode_save_load_keeps_the_second_prefill(tiny, tmp_path):
     assert (t.n_past, t.n_seen) == (k, n_doc)
 
 
-def test_reconstruct_mode_in_place_keeps_the_documents_cells(tiny):
+def test_reconstruct_mode_in_place_keeps_the_documents_cells(tiny, tmp_path):
     """reprefill=False: the selected cells stay as the whole document computed them, at their
-    original positions."""
+    original positions; a saved session keeps the setting."""
     pol = P.make_policy("asl", budget=96, window=8)
     s = pyasl.Session(tiny, policy=pol, n_ctx=256, max_tokens=8, raw=True, mode="reconstruct", reprefill=False)
     s.prefill(documents=[DOC[:len(DOC) // 2]])  # positions far from n_ctx_train: never renumbered
@@ -352,6 +352,8 @@ def test_reconstruct_mode_in_place_keeps_the_documents_cells(tiny):
     assert not st["reprefill"] and s.n_past == st["document_tokens"] and s._pos_shift == 0
     kept = s.last_selection.shared
     np.testing.assert_array_equal(np.sort(s._ctx.cell_positions(0, len(kept))), kept)
+    s.save(tmp_path / "r.pyasl")
+    assert not pyasl.Session.load(tiny, tmp_path / "r.pyasl").reprefill
     with pytest.raises(ValueError, match="reprefill must be True or False"):
         pyasl.Session(tiny, policy=pol, n_ctx=256, max_tokens=8, mode="reconstruct", reprefill="no")
 

@@ -41,7 +41,7 @@ def save(s, path: Union[str, os.PathLike]) -> None:
         "base": None if base is None else {"n_past": base.n_past, "text": base.text, "struct": base.struct,
                                             "size": len(base.state), "layer_cells": base.layer_cells,
                                             "pos_shift": base.pos_shift},
-        "mode": s.mode, "full_copy": s.full_copy,
+        "mode": s.mode, "full_copy": s.full_copy, "reprefill": s.reprefill,
         "full": None if full is None else {"tokens": full.tokens, "pending": full.pending, "size": full_size,
                                            "n_docs": s._n_docs},
     }
@@ -130,7 +130,7 @@ def _session(cls, model: Model, p: Path, f, head: dict, state: bytes, base_state
                 flash_attn=head["flash_attn"], n_batch=head["n_batch"], type_k=head.get("type_k", "f16"),
                 type_v=head.get("type_v", "f16"), sink=head.get("sink", 4),
                 keep_recent=head.get("keep_recent", 0), mode=head.get("mode", "once"),
-                full_copy=head.get("full_copy", "memory"))
+                full_copy=head.get("full_copy", "memory"), reprefill=head.get("reprefill", True))
         n_past = head["n_past"]
         if isinstance(n_past, bool) or not isinstance(n_past, int) or n_past < 0:
             raise ValueError(f"n_past {n_past!r}")
