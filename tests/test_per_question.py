@@ -398,8 +398,9 @@ def test_questions_benchmark_rows_and_resume(tiny, tmp_path):
     assert groups["once"]["full_copy_mib"] is None and groups["full"]["policy"] == "full"
     assert groups["reconstruct"]["full_copy_mib"] is None
     assert groups["one-shot"]["prefill_s"] is None  # each question prefills its whole prompt
+    assert {r["layout"] for r in rows if r["mode"].startswith("one-shot")} == {"prompt"}
     kv_groups = {g["mode"]: g for g in Q.summary(rows[:n_rows])}
-    for mode in set(Q.MODES) - {"one-shot"}:
+    for mode in {m for m in Q.MODES if not m.startswith("one-shot")}:
         prefills = {r["prefill_s"] for r in rows[:n_rows] if r["mode"] == mode}
         assert len(prefills) == 1 and kv_groups[mode]["prefill_s"] == prefills.pop() > 0, mode
     old_rows = [{k: v for k, v in r.items() if k != "prefill_s"} for r in rows]  # rows before prefill_s
@@ -408,6 +409,9 @@ def test_questions_benchmark_rows_and_resume(tiny, tmp_path):
             out.read_text().splitlines()[n_rows:]])} >= {("kv", "once"), ("needles", "reconstruct")}
     with pytest.raises(ValueError, match="unknown mode"):
         Q.run(tiny, 600, 1, pol, out, modes=["sometimes"])
+    with pytest.raises(ValueError, match="one-shot-ordinary needs a policy with a layer-major prefill"):
+        Q.run(tiny, 600, 1, P.make_policy("gemfilter", budget=128, window=8), tmp_path / "g.jsonl",
+              modes=["one-shot-ordinary"])
     old = tmp_path / "old.jsonl"
     old.write_text("".join(json.dumps(r) + "\n" for r in old_rows + rows))
     from click.testing import CliRunner

@@ -19,7 +19,10 @@ keys in turn, at depths spread over the document, in these modes:
   computed them (``reprefill=False``; the rows of mode ``per-question`` before 2026-12-06, read as
   this mode: they have no ``reprefill`` field);
 * ``one-shot``: each question inside the prompt, pruned by the same policy (``generate``): what
-  the accuracy suite measures, the target of ``per-question``.
+  the accuracy suite measures, the target of ``per-question``;
+* ``one-shot-ordinary``: the same with the ordinary prefill strategy, the one a per-question
+  selection runs (every layer computed over the whole prompt, the kept cells cut out of it; a
+  layer-major asl computes the layers after its selection layer over the kept tokens only).
 
 Session modes ask in the session's layout (``layout``): since 2026-12-06 ``open``, the document in a
 user message the first question completes (so the first question's tokens are one-shot's); rows
@@ -43,7 +46,8 @@ from typing import Callable, Optional
 from .data import _CITIES, WORDS, _number, _prose, _uuid
 from .runner import row_tau
 
-MODES = ("full", "once", "reconstruct", "reconstruct-in-place", "per-question", "per-question-in-place", "one-shot")
+MODES = ("full", "once", "reconstruct", "reconstruct-in-place", "per-question", "per-question-in-place", "one-shot",
+         "one-shot-ordinary")
 CONTEXTS = ("kv", "needles")
 SESSION_LAYOUT = "open"  # how a Session lays out document and questions now (see the module doc)
 # the Session each mode but one-shot runs: (Session mode, reprefill)
@@ -111,7 +115,7 @@ def question_text(key: str) -> str:
 
 def row_layout(r: dict) -> str:
     """The prompt layout a row was asked in (rows before the field: a Session's old ``system``)."""
-    return r.get("layout") or ("prompt" if r["mode"] == "one-shot" else "system")
+    return r.get("layout") or ("prompt" if r["mode"].startswith("one-shot") else "system")
 
 
 def row_mode(r: dict) -> str:
@@ -158,7 +162,7 @@ def run(model_name: str, n_tokens: int, samples: int, policy, out, modes=MODES, 
                         "budget": getattr(pol, "budget", None) if pol.prunes else None,
                         "span": str(ranked.span) if pol.prunes else None,
                         "tau": pol.settings_for(model, n_tokens).tau if hasattr(pol, "settings_for") else None,
-                        "layout": "prompt" if mode == "one-shot" else SESSION_LAYOUT,
+                        "layout": "prompt" if mode.startswith("one-shot") else SESSION_LAYOUT,
                         "reprefill": _SESSIONS.get(mode, (None, False))[1]}
                 if all(_key({**base, "question": q}) in done for q in range(len(asked))):
                     continue
@@ -176,7 +180,11 @@ def run(model_name: str, n_tokens: int, samples: int, policy, out, modes=MODES, 
 
 def _ask_all(model, doc, asked, policy, mode, max_tokens, n_threads, Session, generate) -> list[dict]:
     rows = []
-    if mode == "one-shot":
+    if mode.startswith("one-shot"):
+        if mode == "one-shot-ordinary":
+            if getattr(policy, "prefill_mode", None) is None:
+                raise ValueError(f"mode one-shot-ordinary needs a policy with a layer-major prefill, not {policy.name}")
+            policy = policy.replace(prefill="ordinary")
         for question, value, depth in asked:
             toks = model.prompt_tokens(doc + "\n\n" + question)
             t0 = time.perf_counter()
