@@ -110,8 +110,8 @@ def chat(model, docs, policy, system, max_tokens, n_ctx, temperature, top_p, see
 @click.option("--flash-attn/--no-flash-attn", default=False, show_default=True)
 @cache_type_options
 @click.option("--verbose", is_flag=True, help="show llama.cpp's log")
-def serve(model, policy, n_ctx, max_prompt_tokens, kv_mode, parked_copies, reprefill, host, port, alias, threads, flash_attn,
-          type_k, type_v, verbose):
+def serve(model, policy, n_ctx, max_prompt_tokens, kv_mode, parked_copies, reprefill, host, port, alias, threads,
+          flash_attn, type_k, type_v, verbose):
     """An OpenAI-compatible HTTP server (llama-cpp-python's) whose requests are pruned by POLICY.
 
     /v1/completions, /v1/chat/completions (stream or not), /v1/models. Needs pip install 'pyasl[server]'.
