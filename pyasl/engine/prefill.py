@@ -207,8 +207,8 @@ def prefill_kept(model: Model, tokens: list[int], kept, max_tokens: int, renumbe
     ctx = Context(model, _pad(len(kept_l) + max_tokens), allow_pos_gaps=True, **ctx_kw)
     for i in range(0, len(kept_l), n_batch):
         pos = kept_l[i: i + n_batch]
-        ctx.decode([tokens[p] for p in pos], positions=list(range(first + i, first + i + len(pos))) if renumber else pos,
-                   logits_last=i + n_batch >= len(kept_l))
+        at = list(range(first + i, first + i + len(pos))) if renumber else pos
+        ctx.decode([tokens[p] for p in pos], positions=at, logits_last=i + n_batch >= len(kept_l))
     return ctx
 
 
