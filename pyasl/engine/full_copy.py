@@ -207,37 +207,45 @@ class FullCopy:
         the last window scored) and return the policy's selection from it as state bytes, with room for
         one more token, and the number of tokens reused. What one prompt shares with the previous one
         (a document asked several questions) is never prefilled again, and each prompt still selects
-        with its own window. again: the kept tokens are prefilled again (:meth:`prefilled_again`)."""
+        with its own window. again: the kept tokens are prefilled again (:meth:`kept_context`)."""
         t0 = time.perf_counter()
         w = max(1, min(policy.window, len(tokens) - 1, self.kw["n_batch"]))
         reused = min(self.common_prefix(tokens), len(tokens) - w)
         self.truncate(reused)
         scores, _ = self.ask(tokens[reused:], w)
         self.last_selection = sel = self.select(policy, scores, w)
-        if again and sel is not None and sel.shared is not None:
-            return self.prefilled_again(sel, t0), reused
-        pp = self.pruned_state(sel, t0)
-        if again and sel is not None:
-            pp.note = "; ".join(x for x in (pp.note, KEPT_AS_COMPUTED.format(policy.name)) if x)
-        return pp, reused
+        return self.pruned_state(sel, t0, again, policy.name), reused
 
-    def prefilled_again(self, sel: Selection, t0: float) -> PrunedPrefill:
-        """`sel`'s kept tokens prefilled again as a prompt of their own, with room for one more token:
-        cells cut out of a whole document's KV bind a question to a neighbouring fact, the same tokens
-        computed among themselves answer it (docs/BENCHMARKS.md, "the kept tokens are prefilled
-        again"). Their positions end where the copy ends (n-k..n-1), so the next token follows at n
-        as after gathered cells; RoPE sees only distances, as from 0..k-1."""
+    def kept_context(self, sel: Optional[Selection], room: int, again: bool = False, end: Optional[int] = None):
+        """A decode context holding `sel` of the copy (everything when None) with `room` free cells:
+        (context, prompt cells, LayerBudgets or None, prefilled again: True, False, or None where
+        `again` was asked of a selection per KV head or layer, which is gathered: say KEPT_AS_COMPUTED).
+
+        again: one set of kept tokens is prefilled again as a prompt of their own, at positions
+        0..k-1 (end: end-k..end-1, so the next token follows at end); otherwise the kept cells are
+        gathered as the whole copy computed them. Cells cut out of a whole document's KV bind a
+        question to a neighbouring fact, the same tokens computed among themselves answer it
+        (docs/BENCHMARKS.md, "the kept tokens are prefilled again"); RoPE sees only distances."""
+        if not again or sel is None:
+            return (*self.pruned(sel, room), False)
+        if sel.shared is None:
+            return (*self.pruned(sel, room), None)
         k = len(sel.shared)
-        ctx = prefill_kept(self.model, self.tokens, sel.shared, 1, renumber=True, first=self.n - k, **self.kw)
-        return PrunedPrefill(state=ctx.take_state(), n_tokens=self.n, n_kept=k, selected_layer=sel.layer,
-                             seconds=time.perf_counter() - t0, note=sel.note, reprefilled=True)
+        ctx = prefill_kept(self.model, self.tokens, sel.shared, room, renumber=True,
+                           first=0 if end is None else end - k, **self.kw)
+        return ctx, k, None, True
 
-    def pruned_state(self, sel: Optional[Selection], t0: float) -> PrunedPrefill:
-        """`sel` of the copy as state bytes with room for one more token (seconds counted from t0)."""
-        ctx, n_kept, lb = self.pruned(sel, room=1)
+    def pruned_state(self, sel: Optional[Selection], t0: float, again: bool = False, name: str = "") -> PrunedPrefill:
+        """`sel` of the copy as state bytes with room for one more token (seconds counted from t0);
+        again: :meth:`kept_context`'s, positions ending where the copy ends (`name`: the policy's, for
+        the note when a selection per KV head is gathered instead)."""
+        ctx, n_kept, lb, reprefilled = self.kept_context(sel, 1, again, end=self.n)
+        note = "" if sel is None else sel.note
+        if reprefilled is None:
+            note = "; ".join(x for x in (note, KEPT_AS_COMPUTED.format(name)) if x)
         return PrunedPrefill(state=ctx.take_state(), n_tokens=self.n, n_kept=n_kept,
                              selected_layer=None if sel is None else sel.layer, seconds=time.perf_counter() - t0,
-                             note="" if sel is None else sel.note, layer_cells=None if lb is None else lb.counts)
+                             note=note, layer_cells=None if lb is None else lb.counts, reprefilled=bool(reprefilled))
 
     def repeat_room(self, n_prompt: int) -> int:
         """The longest chunk reconstruction_scores can repeat after a prompt of `n_prompt` tokens: prompt

@@ -16,7 +16,6 @@ import time
 from typing import Callable, Optional
 
 from ..engine.full_copy import KEPT_AS_COMPUTED, FullCopyFull
-from ..engine.prefill import prefill_kept
 from .state import _RECENT_MAX, _SLACK
 
 Progress = Optional[Callable[[int, int], None]]
@@ -44,13 +43,11 @@ class PerQuestion:
         where the session says so (a question; not the documents' own selection, which only waits
         for the first question)."""
         sel = self._full.select(self.policy, scores, window)
-        if again and self.reprefill and sel is not None and sel.shared is not None:
-            ctx = prefill_kept(self.model, self._full.tokens, sel.shared, room, renumber=True, **self._ctx_kw())
+        ctx, _, _, reprefilled = self._full.kept_context(sel, room, again and self.reprefill)
+        if reprefilled:
             logits = ctx.logits()
-        else:
-            if again and self.reprefill and sel is not None:
-                self.stats_.note(KEPT_AS_COMPUTED.format(self.policy.name))
-            ctx, _, _ = self._full.pruned(sel, room)
+        elif reprefilled is None:
+            self.stats_.note(KEPT_AS_COMPUTED.format(self.policy.name))
         if self._ctx is not None:
             self._ctx.close()
         self._ctx, self._logits = ctx, logits
