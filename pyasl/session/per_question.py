@@ -7,7 +7,9 @@ The kept tokens are then prefilled again as a prompt of their own (positions 0..
 them). Cells cut out of a whole document's KV bind a question to a neighbouring fact: on needles at
 8K (Qwen2.5, asl, 1,024 cells) gathered cells named the next note's code where the same tokens
 prefilled among themselves answered (docs/BENCHMARKS.md, "The question completes the document's
-message, and the kept tokens are prefilled again"). A selection per KV
+message, and the kept tokens are prefilled again"). Dense records go the other way: spans cut out of
+a JSON object of UUID pairs read, among themselves, as other pairs (4K, 20 documents: 47.5 prefilled
+again, 58.8 gathered; "The key-value context on 20 documents"). A selection per KV
 head has no one set of tokens to prefill: its cells are gathered. The second prefill costs a
 prefill of ``budget`` tokens per question."""
 from __future__ import annotations

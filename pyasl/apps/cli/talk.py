@@ -13,7 +13,8 @@ _session_policy = policy_options(asl_layers=True, prefill=True, layer_budgets=Tr
 _reprefill = click.option(
     "--reprefill/--no-reprefill", default=True, show_default=True,
     help="per-question (and reconstruct): prefill the kept tokens again as a prompt of their own, a prefill of "
-         "the budget per question (--no-reprefill: keep the kept cells as the whole document computed them)")
+         "the budget per question (--no-reprefill: keep the kept cells as the whole document computed them; "
+         "better on dense records such as JSON, tables and identifiers)")
 
 
 def _read_doc(path: str) -> tuple:
