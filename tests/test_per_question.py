@@ -103,6 +103,29 @@ def test_copy_is_pruned_by_gathering_its_kept_cells(tiny, name, monkeypatch):
         fc.close()
 
 
+def test_second_prefill_can_free_the_copy_first(tiny):
+    """pruned_state(free_copy=True) closes the copy before the kept tokens are prefilled again (mode
+    reconstruct: the whole document's K/V and the kept tokens' are never held together) and hands over
+    the same state; from_zero: positions 0..k-1 and n_tokens k."""
+    from pyasl.engine.full_copy import FullCopy
+
+    policy = P.make_policy("asl", budget=96, window=8)
+    toks = tiny.tokenize(DOC)
+    states = []
+    for free in (False, True):
+        fc = FullCopy(tiny, n_batch=128)
+        try:
+            scores, _ = fc.prefill(toks, 8)
+            sel = fc.select(policy, scores, 8)
+            pp = fc.pruned_state(sel, 0.0, again=True, name="asl", from_zero=True, free_copy=free)
+            assert pp.reprefilled and pp.n_tokens == pp.n_kept == len(sel.shared) < len(toks)
+            assert (fc._ctx is None) == free
+            states.append(bytes(pp.state))
+        finally:
+            fc.close()
+    assert states[0] == states[1]
+
+
 def test_a_long_copy_scores_a_window_longer_than_its_ubatch(tiny, monkeypatch):
     """A long copy decodes in bounded ubatches (prefill.pass_ubatch); a window longer than one is
     scored a ubatch at a time and summed: the scores and logits of one ubatch of the whole window."""

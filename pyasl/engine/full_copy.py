@@ -216,7 +216,8 @@ class FullCopy:
         self.last_selection = sel = self.select(policy, scores, w)
         return self.pruned_state(sel, t0, again, policy.name), reused
 
-    def kept_context(self, sel: Optional[Selection], room: int, again: bool = False, end: Optional[int] = None):
+    def kept_context(self, sel: Optional[Selection], room: int, again: bool = False, end: Optional[int] = None,
+                     free_copy: bool = False):
         """A decode context holding `sel` of the copy (everything when None) with `room` free cells:
         (context, prompt cells, LayerBudgets or None, prefilled again: True, False, or None where
         `again` was asked of a selection per KV head or layer, which is gathered: say KEPT_AS_COMPUTED).
@@ -225,27 +226,35 @@ class FullCopy:
         0..k-1 (end: end-k..end-1, so the next token follows at end); otherwise the kept cells are
         gathered as the whole copy computed them. Cells cut out of a whole document's KV bind a
         question to a neighbouring fact, the same tokens computed among themselves answer it
-        (docs/BENCHMARKS.md, "the kept tokens are prefilled again"); RoPE sees only distances."""
+        (docs/BENCHMARKS.md, "the kept tokens are prefilled again"); RoPE sees only distances.
+        free_copy: the copy is closed before the second prefill, which needs only its tokens, so the
+        whole document's K/V and the kept tokens' are never held together (a copy used once)."""
         if not again or sel is None:
             return (*self.pruned(sel, room), False)
         if sel.shared is None:
             return (*self.pruned(sel, room), None)
         k = len(sel.shared)
+        if free_copy:
+            self.close()
         ctx = prefill_kept(self.model, self.tokens, sel.shared, room, renumber=True,
                            first=0 if end is None else end - k, **self.kw)
         return ctx, k, None, True
 
-    def pruned_state(self, sel: Optional[Selection], t0: float, again: bool = False, name: str = "") -> PrunedPrefill:
+    def pruned_state(self, sel: Optional[Selection], t0: float, again: bool = False, name: str = "",
+                     from_zero: bool = False, free_copy: bool = False) -> PrunedPrefill:
         """`sel` of the copy as state bytes with room for one more token (seconds counted from t0);
-        again: :meth:`kept_context`'s, positions ending where the copy ends (`name`: the policy's, for
-        the note when a selection per KV head is gathered instead)."""
-        ctx, n_kept, lb, reprefilled = self.kept_context(sel, 1, again, end=self.n)
+        again, free_copy: :meth:`kept_context`'s, the positions ending where the copy ends (from_zero:
+        starting at 0, and n_tokens is then the kept count: the positions a bounded session is given
+        back); `name`: the policy's, for the note when a selection per KV head is gathered instead."""
+        ctx, n_kept, lb, reprefilled = self.kept_context(sel, 1, again, end=None if from_zero else self.n,
+                                                         free_copy=free_copy)
         note = "" if sel is None else sel.note
         if reprefilled is None:
             note = "; ".join(x for x in (note, KEPT_AS_COMPUTED.format(name)) if x)
-        return PrunedPrefill(state=ctx.take_state(), n_tokens=self.n, n_kept=n_kept,
-                             selected_layer=None if sel is None else sel.layer, seconds=time.perf_counter() - t0,
-                             note=note, layer_cells=None if lb is None else lb.counts, reprefilled=bool(reprefilled))
+        return PrunedPrefill(state=ctx.take_state(), n_tokens=n_kept if reprefilled and from_zero else self.n,
+                             n_kept=n_kept, selected_layer=None if sel is None else sel.layer,
+                             seconds=time.perf_counter() - t0, note=note, layer_cells=None if lb is None else lb.counts,
+                             reprefilled=bool(reprefilled))
 
     def repeat_room(self, n_prompt: int) -> int:
         """The longest chunk reconstruction_scores can repeat after a prompt of `n_prompt` tokens: prompt

@@ -28,7 +28,6 @@ import time
 from typing import Callable, Optional
 
 from ..engine.full_copy import KEPT_AS_COMPUTED
-from ..engine.prefill import prefill_kept
 from ..engine.strategies import PrunedPrefill
 
 Progress = Optional[Callable[[int, int], None]]
@@ -76,19 +75,11 @@ class Reconstruct:
                     f"the documents ({len(toks)} tokens) leave no room to repeat them inside the model's training "
                     f"context ({self.model.n_ctx_train}): ranked by their own last tokens, as in mode once")
             self.last_selection = sel = full.select(policy, scores, window)
-            if not self.reprefill or sel is None:
-                return full.pruned_state(sel, t0)
-            if sel.shared is None:
+            # the kept tokens prefilled again at 0..k-1 (the positions given back to a bounded session),
+            # the copy freed first: it is not needed after the selection
+            pp = full.pruned_state(sel, t0, self.reprefill, self.policy.name, from_zero=True, free_copy=True)
+            if self.reprefill and sel is not None and not pp.reprefilled:
                 self.stats_.note(KEPT_AS_COMPUTED.format(self.policy.name))
-                return full.pruned_state(sel, t0)
+            return pp
         finally:
             full.close()
-        return self._reprefill(toks, sel, t0)
-
-    def _reprefill(self, toks: list[int], sel, t0: float) -> PrunedPrefill:
-        """The kept tokens of `toks` prefilled again as a prompt of their own, positions 0..k-1 (the
-        next position is k: the session's positions given back are len(toks) - k)."""
-        k = len(sel.shared)
-        ctx = prefill_kept(self.model, toks, sel.shared, 1, renumber=True, **self._ctx_kw())
-        return PrunedPrefill(state=ctx.take_state(), n_tokens=k, n_kept=k, selected_layer=sel.layer,
-                             seconds=time.perf_counter() - t0, note=sel.note)
