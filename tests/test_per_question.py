@@ -106,7 +106,7 @@ def test_copy_is_pruned_by_gathering_its_kept_cells(tiny, name, monkeypatch):
 def test_second_prefill_can_free_the_copy_first(tiny):
     """pruned_state(free_copy=True) closes the copy before the kept tokens are prefilled again (mode
     reconstruct: the whole document's K/V and the kept tokens' are never held together) and hands over
-    the same state; from_zero: positions 0..k-1 and n_tokens k."""
+    the same state; from_zero: n_tokens is the kept count k (the session's next position)."""
     from pyasl.engine.full_copy import FullCopy
 
     policy = P.make_policy("asl", budget=96, window=8)
