@@ -75,8 +75,8 @@ class Reconstruct:
                     f"the documents ({len(toks)} tokens) leave no room to repeat them inside the model's training "
                     f"context ({self.model.n_ctx_train}): ranked by their own last tokens, as in mode once")
             self.last_selection = sel = full.select(policy, scores, window)
-            # the kept tokens prefilled again at 0..k-1 (the positions given back to a bounded session),
-            # the copy freed first: it is not needed after the selection
+            # reprefill: the kept tokens prefilled again at 0..k-1 (the positions given back to a bounded
+            # session), the copy freed first (only its tokens are needed then); otherwise gathered from it
             pp = full.pruned_state(sel, t0, self.reprefill, self.policy.name, from_zero=True, free_copy=True)
             if self.reprefill and sel is not None and not pp.reprefilled:
                 self.stats_.note(KEPT_AS_COMPUTED.format(self.policy.name))
