@@ -377,7 +377,7 @@ def test_reconstruct_mode_in_place_keeps_the_documents_cells(tiny, tmp_path):
     np.testing.assert_array_equal(np.sort(s._ctx.cell_positions(0, len(kept))), kept)
     s.save(tmp_path / "r.pyasl")
     assert not pyasl.Session.load(tiny, tmp_path / "r.pyasl").reprefill
-    with pytest.raises(ValueError, match="reprefill must be True or False"):
+    with pytest.raises(ValueError, match="reprefill must be True, False or"):
         pyasl.Session(tiny, policy=pol, n_ctx=256, max_tokens=8, mode="reconstruct", reprefill="no")
 
 
@@ -445,6 +445,12 @@ def test_questions_benchmark_rows_and_resume(tiny, tmp_path):
     lines = {ln.split()[3]: ln for ln in r.output.splitlines()[1:]}
     assert set(lines) == set(Q.MODES) and "prefill s" in r.output.splitlines()[0]
     assert f"{kv_groups['once']['prefill_s']:.1f}" in lines["once"].split()
+    chose = tmp_path / "c.jsonl"  # one set of kept tokens (asl): both answers, and which one was kept
+    assert Q.run(tiny, 600, 1, P.make_policy("asl", budget=128, window=8), chose, questions=2, max_tokens=4,
+                 log=lambda s: None, modes=["per-question-choose"]) == 2
+    rows = [json.loads(x) for x in chose.read_text().splitlines()]
+    assert all(r["reprefill"] == "choose" and r["answer_from"] in ("prefilled", "gathered") for r in rows)
+    assert all([c["how"] for c in r["candidates"]] == ["prefilled", "gathered"] for r in rows)
 
 
 @pytest.mark.parametrize("system", [None, "Answer in one short sentence."])
@@ -496,9 +502,12 @@ def test_per_question_prefills_the_kept_tokens_again(tiny):
         k = len(sel.shared)
         assert s.n_past == k + 1 and s.n_seen == len(toks) + 1 == s._full.n + len(s._full.pending)
         np.testing.assert_array_equal(np.sort(s._ctx.cell_positions(0, k)), np.arange(k))
-        ctx = prefill_kept(tiny, toks, sel.shared, 1, renumber=True, n_batch=s.n_batch)
+        ctx = prefill_kept(tiny, toks, sel.shared, 2, renumber=True, n_batch=s.n_batch)
         try:
-            np.testing.assert_array_equal(ctx.logits(), s._logits)  # the answer's first token came from it
+            if s._full.pending:  # the answer's token was decoded over exactly that prefill
+                assert s._full.pending == [int(np.argmax(ctx.logits()))]
+                ctx.decode(s._full.pending)
+            np.testing.assert_array_equal(ctx.logits(), s._logits)
         finally:
             ctx.close()
     s.close()
@@ -514,3 +523,93 @@ def test_per_question_prefills_the_kept_tokens_again(tiny):
         u.ask(q, max_tokens=2)
     assert [n for n in u.stats()["notes"] if "keeps a set per KV head" in n] and len(u.stats()["notes"]) == 1
     u.close()
+
+
+def test_full_copy_scores_a_continuation_as_decoding_it_would(tiny):
+    """log_likelihood: one batched pass gives each token the log-probability that decoding the tokens
+    one by one gives it, and leaves the copy as it was (its next logits unchanged)."""
+    toks = tiny.tokenize(DOC, add_special=False)
+    answer = tiny.tokenize(" the courier number 17 carried parcel 1119", add_special=False)
+    full = FullCopy(tiny, n_batch=4)  # a continuation longer than one batch
+    try:
+        _, logits = full.prefill(toks, 8)
+        lp = full.log_likelihood(answer, logits)
+        assert full.n == len(toks) and full.ctx.n_past == len(toks) and not full.pending
+        ref = Context(tiny, _pad(len(toks) + len(answer) + 1))
+        try:
+            prefill(ref, toks)
+            want = []
+            for t in answer:
+                z = ref.logits().astype(np.float64)
+                want.append(z[t] - z.max() - np.log(np.exp(z - z.max()).sum()))
+                ref.decode([t])
+        finally:
+            ref.close()
+        np.testing.assert_allclose(lp, want, atol=2e-3)
+        _, again = full.ask(answer[:1], 1)  # the copy goes on from the documents, not from the scored tokens
+        full.truncate(len(toks))
+        assert full.n == len(toks)
+    finally:
+        full.close()
+
+
+def test_agreed_text_is_what_every_draft_will_keep():
+    from pyasl.session.answer import Draft, agreed
+    a, b = Draft(None, None, text="The code is 12"), Draft(None, None, text="The code is 19")
+    assert agreed([a, b], hold=0) == len("The code is 1")
+    assert agreed([a, b], hold=4) == len("The code is 12") - 4  # a stop string may still start
+    a.done = b.done = True
+    assert agreed([a, b], hold=4) == len("The code is 1")
+    assert agreed([Draft(None, None, text="ab")], hold=5) == 0
+
+
+def test_likelier_keeps_the_answer_with_the_higher_mean_log_probability():
+    from pyasl.session.answer import Draft, likelier
+
+    class Judge:
+        def __init__(self):
+            self.calls = 0
+
+        def log_likelihood(self, tokens, logits):
+            self.calls += 1
+            return np.array([-1.0 if t == 7 else -3.0 for t in tokens])
+
+    a, b = Draft(None, None, "prefilled", tokens=[5, 5, 5]), Draft(None, None, "gathered", tokens=[7, 7, 5], end=2)
+    judge = Judge()
+    assert likelier([a, b], judge, None) is b and judge.calls == 2  # -2.0 (with its end token) against -3.0
+    same = Draft(None, None, "gathered", tokens=[5, 5, 5])
+    assert likelier([a, same], judge, None) is a and judge.calls == 2  # the same answer: no judging
+
+
+def test_choose_answers_in_both_contexts_and_keeps_one(tiny, tmp_path):
+    """reprefill="choose": the answer is the one the kept tokens prefilled again give or the one the
+    gathered cells give (the session says which), the other context is closed, and the session goes
+    on from the chosen one: the tokens seen and the full copy agree, a copy on disk is parked again."""
+    pol = P.make_policy("asl", budget=96, window=8)
+    q = "Which parcel did courier 17 carry?"
+    answers = {}
+    for rp in (True, False):
+        with pyasl.Session(tiny, policy=pol, n_ctx=256, max_tokens=8, raw=True, reprefill=rp) as s:
+            s.prefill(documents=[DOC])
+            answers["prefilled" if rp else "gathered"] = s.ask(q)
+    s = pyasl.Session(tiny, policy=pol, n_ctx=256, max_tokens=8, raw=True, reprefill="choose", full_copy="disk")
+    s.prefill(documents=[DOC])
+    pieces = list(s.stream(q))
+    (how, n), = s.stats()["answers_from"].items()
+    assert n == 1 and "".join(pieces) == answers[how] == s.messages[-1]["content"]
+    cands = s.stats()["last_candidates"]  # both answers, judged where they differ
+    assert [c["how"] for c in cands] == ["prefilled", "gathered"] and [c["text"] for c in cands] == list(answers.values())
+    assert all(c["own"] <= 0 for c in cands) and (answers["prefilled"] == answers["gathered"]) == (cands[0]["judged"] is None)
+    assert s._alt is None and s.stats()["full_copy_on_disk"] and s.stats()["reprefill"] == "choose"
+    assert s.n_seen == s._full.n + len(s._full.pending)
+    gen = s.stream("And courier 3?")
+    s.interrupt()  # before the first token: the prefilled context is kept, nothing judged
+    assert "".join(gen) == "" and s.messages[-1].get("interrupted")
+    assert s._alt is None and s.n_seen == s._full.n + len(s._full.pending) and s.n_past == len(s.last_selection.shared)
+    s.ask("And courier 5?")
+    assert sum(s.stats()["answers_from"].values()) == 3  # the interrupted answer kept the prefilled context
+    s.save(tmp_path / "c.pyasl")
+    assert pyasl.Session.load(tiny, tmp_path / "c.pyasl").reprefill == "choose"
+    s.close()
+    with pytest.raises(ValueError, match="keeps none"):
+        pyasl.Session(tiny, policy=pol, n_ctx=256, max_tokens=8, mode="reconstruct", reprefill="choose")

@@ -55,10 +55,18 @@ def format_stats(st: dict) -> str:
 def _mode_line(st: dict) -> str:
     """What the session's mode holds and does per question (/stats)."""
     if st["mode"] == "per-question":
-        again = " and prefills the kept tokens again" if st["reprefill"] else ""
+        again = (" and answers both over the kept tokens prefilled again and over their cells as computed, keeping "
+                 f"the answer the full KV finds likelier ({_answers_from(st)})" if st["reprefill"] == "choose" else
+                 " and prefills the kept tokens again" if st["reprefill"] else "")
         return (f"mode per-question: the full KV ({st['full_copy_mib']:.1f} MiB) is kept {_where_copy(st)}, "
                 f"every question selects again{again}")
     return f"mode {st['mode']}: the documents were pruned once{_how_ranked(st)}, the context re-prunes when full"
+
+
+def _answers_from(st: dict) -> str:
+    """How many answers a choosing session kept from each decode context."""
+    got = st.get("answers_from") or {}
+    return f"so far {got.get('prefilled', 0)} prefilled, {got.get('gathered', 0)} as computed"
 
 
 def _where_copy(st: dict) -> str:

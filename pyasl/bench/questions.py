@@ -18,6 +18,10 @@ keys in turn, at depths spread over the document, in these modes:
 * ``per-question-in-place``: the same selection, its cells gathered as the whole conversation
   computed them (``reprefill=False``; the rows of mode ``per-question`` before 2026-12-06, read as
   this mode: they have no ``reprefill`` field);
+* ``per-question-choose``: the answer decoded both ways, the kept tokens prefilled again and the
+  cells gathered, and the one the full copy finds likelier kept (``reprefill="choose"``; the row's
+  ``answer_from`` says which, ``candidates`` holds both answers with the full copy's and their own
+  mean log-probabilities; the kv and 8K needles rows of 2026-12-07, run before it, have none);
 * ``one-shot``: each question inside the prompt, pruned by the same policy (``generate``): what
   the accuracy suite measures, the target of ``per-question``;
 * ``one-shot-ordinary``: the same with the ordinary prefill strategy, the one a per-question
@@ -46,14 +50,14 @@ from typing import Callable, Optional
 from .data import _CITIES, WORDS, _number, _prose, _uuid
 from .runner import row_tau
 
-MODES = ("full", "once", "reconstruct", "reconstruct-in-place", "per-question", "per-question-in-place", "one-shot",
-         "one-shot-ordinary")
+MODES = ("full", "once", "reconstruct", "reconstruct-in-place", "per-question", "per-question-in-place",
+         "per-question-choose", "one-shot", "one-shot-ordinary")
 CONTEXTS = ("kv", "needles")
 SESSION_LAYOUT = "open"  # how a Session lays out document and questions now (see the module doc)
 # the Session each mode but one-shot runs: (Session mode, reprefill)
 _SESSIONS = {"full": ("once", False), "once": ("once", False), "reconstruct": ("reconstruct", True),
              "reconstruct-in-place": ("reconstruct", False), "per-question": ("per-question", True),
-             "per-question-in-place": ("per-question", False)}
+             "per-question-in-place": ("per-question", False), "per-question-choose": ("per-question", "choose")}
 INTRO = "Extract the value corresponding to the specified key in the JSON object below.\n\nJSON data:\n{"
 
 
@@ -202,10 +206,14 @@ def _ask_all(model, doc, asked, policy, mode, max_tokens, n_threads, Session, ge
         prefill_s = time.perf_counter() - t0
         for question, value, depth in asked:
             t0 = time.perf_counter()
+            before = s.stats()["answers_from"]
             text = s.ask(question)
             st = s.stats()
             rows.append(_row(text, value, depth, time.perf_counter() - t0, st["kv_mib"], st["full_copy_mib"],
                              prefill_s))
+            if st["answers_from"] != before:  # reprefill="choose": the decode context the answer was kept from
+                rows[-1]["answer_from"] = next(k for k, v in st["answers_from"].items() if v != before.get(k, 0))
+                rows[-1]["candidates"] = st["last_candidates"]
     finally:
         s.close()
     return rows

@@ -178,9 +178,10 @@ class Context(_Native):
 
     # ---- decoding ---------------------------------------------------------------------
     def decode(self, tokens: list[int], pos0: Optional[int] = None, logits_last: bool = True,
-               positions: Optional[list[int]] = None) -> None:
+               positions: Optional[list[int]] = None, logits_all: bool = False) -> None:
         """Decode tokens at consecutive positions from pos0 (default: after the last one), or at
-        explicit increasing `positions` (gaps need a context made with allow_pos_gaps)."""
+        explicit increasing `positions` (gaps need a context made with allow_pos_gaps). logits_all:
+        every token's logits are kept (:meth:`logits` with its index in the batch)."""
         llama_cpp, _, _ = _ll()
         self._ctx  # ClosedError before the (freed) batch is touched
         if not len(tokens):
@@ -200,7 +201,7 @@ class Context(_Native):
         n = len(tokens)
         for i, t in enumerate(tokens):
             b.token[i] = t
-        rc = self._submit(b, range(pos0, pos0 + n) if positions is None else positions, logits_last)
+        rc = self._submit(b, range(pos0, pos0 + n) if positions is None else positions, logits_last, logits_all)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed ({rc}): " +
                                ("no free KV cells (context full)" if rc == 1 else
@@ -208,7 +209,7 @@ class Context(_Native):
                                 "position); run with --verbose for llama.cpp's log"))
         self.n_past = (pos0 + n) if positions is None else int(positions[-1]) + 1
 
-    def _submit(self, b, positions, logits_last: bool) -> int:
+    def _submit(self, b, positions, logits_last: bool, logits_all: bool = False) -> int:
         """Fill positions, sequence and output flags of batch b (tokens or embd already set); decode."""
         llama_cpp, _, _ = _ll()
         n = len(positions)
@@ -216,7 +217,7 @@ class Context(_Native):
             b.pos[i] = int(p)
             b.n_seq_id[i] = 1
             b.seq_id[i][0] = SEQ
-            b.logits[i] = 1 if (logits_last and i == n - 1) else 0
+            b.logits[i] = 1 if logits_all or (logits_last and i == n - 1) else 0
         b.n_tokens = n
         rc = llama_cpp.llama_decode(self._ctx, b)
         self._last_batch = n if rc == 0 else 0
@@ -284,9 +285,12 @@ class Context(_Native):
         info = self.kv_info()
         return info.used_base + n <= info.size_base
 
-    def logits(self) -> np.ndarray:
+    def logits(self, i: int = -1) -> np.ndarray:
+        """The logits of the last decoded batch's token `i` (default the last; others need logits_all)."""
         llama_cpp, _, _ = _ll()
-        ptr = llama_cpp.llama_get_logits_ith(self._ctx, -1)
+        ptr = llama_cpp.llama_get_logits_ith(self._ctx, int(i))
+        if not ptr:
+            raise ValueError(f"no logits for token {i} of the last batch (decode with logits_all for every token)")
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
 
     # ---- scores -----------------------------------------------------------------------

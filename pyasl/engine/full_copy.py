@@ -32,6 +32,13 @@ KEPT_AS_COMPUTED = ("{} keeps a set per KV head or layer: its cells are kept as 
                     "(a second prefill needs one set of tokens)")
 
 
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Log-probabilities from logits (float64)."""
+    z = logits.astype(np.float64)
+    z -= z.max()
+    return z - np.log(np.exp(z).sum())
+
+
 def shared_prefix(a, b) -> int:
     """How many leading tokens two token lists share."""
     n = min(len(a), len(b))
@@ -287,6 +294,32 @@ class FullCopy:
         finally:
             self.truncate(n)
         return best
+
+    def log_likelihood(self, tokens: list[int], logits: np.ndarray) -> np.ndarray:
+        """The log-probability of each of `tokens` as the continuation of what the copy holds (`logits`:
+        its last token's, as :meth:`ask` returned them): one batched pass over the whole copy, which
+        is then as it was. How the unpruned conversation judges an answer decoded from a pruned one."""
+        if self.pending:
+            raise RuntimeError("internal: an answer scored with answer tokens pending")
+        tokens = [int(t) for t in tokens]
+        out = np.empty(len(tokens))
+        if not tokens:
+            return out
+        out[0] = log_softmax(logits)[tokens[0]]
+        n = self.n
+        self._reserve(n + len(tokens))
+        ctx = self.ctx
+        step = ctx.n_batch
+        try:
+            for i in range(0, len(tokens) - 1, step):
+                piece = tokens[i: min(i + step, len(tokens) - 1)]
+                ctx.decode(piece, logits_all=True)
+                for j in range(len(piece)):
+                    out[i + j + 1] = log_softmax(ctx.logits(j))[tokens[i + j + 1]]
+        finally:
+            ctx.seq_rm(n, -1)
+            ctx.n_past = n
+        return out
 
     def truncate(self, n: int) -> None:
         """Forget everything after the first `n` tokens (the documents)."""

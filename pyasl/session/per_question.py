@@ -11,13 +11,15 @@ message, and the kept tokens are prefilled again"). Dense records go the other w
 a JSON object of UUID pairs read, among themselves, as other pairs (4K, 20 documents: 47.5 prefilled
 again, 58.8 gathered; "The key-value context on 20 documents"). A selection per KV
 head has no one set of tokens to prefill: its cells are gathered. The second prefill costs a
-prefill of ``budget`` tokens per question."""
+prefill of ``budget`` tokens per question. ``reprefill="choose"`` builds both decode contexts, and
+the full copy keeps the answer it finds likelier (:mod:`.answer`; kv 60.0, above one-shot's 56.2)."""
 from __future__ import annotations
 
 import time
 from typing import Callable, Optional
 
 from ..engine.full_copy import KEPT_AS_COMPUTED, FullCopyFull
+from .answer import CHOOSE
 from .state import _RECENT_MAX, _SLACK
 
 Progress = Optional[Callable[[int, int], None]]
@@ -45,7 +47,8 @@ class PerQuestion:
         where the session says so (a question; not the documents' own selection, which only waits
         for the first question)."""
         sel = self._full.select(self.policy, scores, window)
-        ctx, _, _, reprefilled = self._full.kept_context(sel, room, again and self.reprefill)
+        full_logits = logits
+        ctx, _, _, reprefilled = self._full.kept_context(sel, room, again and bool(self.reprefill))
         if reprefilled:
             logits = ctx.logits()
         elif reprefilled is None:
@@ -54,7 +57,10 @@ class PerQuestion:
             self._ctx.close()
         self._ctx, self._logits = ctx, logits
         self._pos_shift = self._full.n - ctx.n_past  # the copy's next position: the tokens seen
-        self._full.park()  # full_copy="disk": written out until the next question
+        if reprefilled and self.reprefill == CHOOSE:  # the gathered cells answer too; the copy judges (.answer)
+            self._alt, self._full_logits = (self._full.pruned(sel, room)[0], full_logits), full_logits
+        else:
+            self._full.park()  # full_copy="disk": written out until the next question
         self.last_selection = sel
         if sel is not None:
             self.stats_.selected_layers.append(sel.layer)

@@ -45,7 +45,6 @@ Modes (``mode=``):
 """
 from __future__ import annotations
 
-import codecs
 import os
 import threading
 import time
@@ -63,7 +62,7 @@ from .format import ANSWER, ChatFormat
 from .per_question import PerQuestion
 from .reconstruct import Reconstruct
 from .reprune import Repruning
-from .sampling import penalize, sample
+from .answer import CHOOSE, Draft, agreed, likelier, report
 from .state import _RECENT_MAX, _SLACK, ContextFullError, SessionFileError, _Base, _Stats
 
 __all__ = ["MODES", "ContextFullError", "Session", "SessionFileError"]
@@ -131,7 +130,8 @@ class Session(Repruning, PerQuestion, Reconstruct):
         reprefill: modes ``per-question`` and ``reconstruct``: prefill the kept tokens again as a prompt
             of their own (positions 0..k-1), so their KV is computed among themselves (default; measured
             in docs/BENCHMARKS.md; a selection per KV head is kept as computed); False keeps the cells as
-            the whole document computed them.
+            the whole document computed them; ``"choose"`` (mode ``per-question``): both, the answer
+            decoded in each and the one the full copy finds likelier kept (:mod:`.answer`).
 
     Raises ValueError when ``n_ctx`` cannot hold ``budget`` cells plus an answer."""
 
@@ -167,8 +167,11 @@ class Session(Repruning, PerQuestion, Reconstruct):
         if full_copy == "disk" and mode != "per-question":
             raise ValueError(f"full_copy='disk' keeps the full copy of mode per-question on disk; mode {mode} keeps none")
         self.full_copy = full_copy
-        if not isinstance(reprefill, bool):
-            raise ValueError(f"reprefill must be True or False, got {reprefill!r}")
+        if not isinstance(reprefill, bool) and reprefill != CHOOSE:
+            raise ValueError(f"reprefill must be True, False or {CHOOSE!r}, got {reprefill!r}")
+        if reprefill == CHOOSE and mode != "per-question":
+            raise ValueError(f"reprefill={CHOOSE!r} judges two answers with the full copy of mode per-question; "
+                             f"mode {mode} keeps none")
         self.reprefill = reprefill
         self.sink = int(sink)
         self.keep_recent = int(keep_recent)
@@ -185,6 +188,7 @@ class Session(Repruning, PerQuestion, Reconstruct):
         self._stop = threading.Event()
         self._ctx: Optional[Context] = None
         self._full: Optional[FullCopy] = None
+        self._alt: Optional[tuple] = None
         self._reset_state()
 
     # -- bookkeeping -------------------------------------------------------------------------
@@ -199,6 +203,8 @@ class Session(Repruning, PerQuestion, Reconstruct):
         self._started = False
         self._pos_shift = 0                     # positions given back by renumbering (tokens seen - n_past)
         self._logits: Optional[np.ndarray] = None
+        self._alt = None                        # reprefill="choose": (gathered context, its logits) for the answer
+        self._full_logits: Optional[np.ndarray] = None  # the full copy's logits after the question (the judge's)
         self._recent: list[int] = []            # the newest tokens (repetition penalty)
         self._base_state: Optional[_Base] = None
         self.stats_ = _Stats()
@@ -277,6 +283,9 @@ class Session(Repruning, PerQuestion, Reconstruct):
                                  prefill_kept=stats.prefill_kept, selected_layers=stats.selected_layers[:1])
 
     def close(self) -> None:
+        if self._alt is not None:
+            self._alt[0].close()
+            self._alt = None
         if self._ctx is not None:
             self._ctx.close()
             self._ctx = None
@@ -422,58 +431,64 @@ class Session(Repruning, PerQuestion, Reconstruct):
 
     def _answer(self, max_tokens, temperature, top_p, seed, stop, penalty=1.0, last_n=64) -> Iterator[str]:
         rng = np.random.default_rng(seed)
-        dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        text = ""
+        drafts = [Draft(self._ctx, self._logits, "prefilled" if self._alt is not None else "")]
+        if self._alt is not None:  # reprefill="choose": the gathered cells answer too (.answer)
+            drafts.append(Draft(*self._alt, how="gathered"))
+            self._alt = None
+        hold = max((len(s) - 1 for s in stop), default=0)
         emitted = 0
-        n_tok = 0
         finished = False
+        chosen: Optional[Draft] = None
         t0 = time.perf_counter()
         try:
-            logits = self._logits
-            while n_tok < max_tokens:
+            for _ in range(max_tokens):
                 if self._stop.is_set():
                     break
-                if penalty != 1.0 and last_n:
-                    logits = penalize(logits, self._recent[-last_n:], penalty)
-                tok = sample(logits, temperature, top_p, rng)
-                if self.model.is_eog(tok):
+                live = [d for d in drafts if not d.done]
+                if not live:
                     break
-                if self.n_cells() + 1 > self.n_ctx:  # cannot happen: the answer's cells were reserved
-                    break
-                self._ctx.decode([tok])
-                if self._full is not None:
-                    self._full.pending.append(tok)
-                self._remember([tok])
-                n_tok += 1
-                logits = self._ctx.logits()
-                text += dec.decode(self.model.token_bytes(tok))
-                hit = next((s for s in stop if s in text), None)
-                if hit:
-                    text = text[: text.index(hit)]
-                    break
-                # hold back a tail that could be the start of a stop string
-                safe = len(text) - max((len(s) - 1 for s in stop), default=0)
+                for d in live:
+                    d.step(self.model, self._recent, rng, temperature, top_p, penalty, last_n, stop, self.n_ctx)
+                safe = agreed(drafts, hold)
                 if safe > emitted:
-                    yield text[emitted:safe]
+                    yield drafts[0].text[emitted:safe]
                     emitted = safe
-            else:
-                finished = True
-            finished = finished or not self._stop.is_set()
-            text += dec.decode(b"", final=True)
-            if len(text) > emitted:
-                yield text[emitted:]
-                emitted = len(text)
+            finished = not self._stop.is_set()
+            for d in drafts:
+                d.finish()
+            chosen = drafts[0] if not finished or len(drafts) == 1 else likelier(drafts, self._full, self._full_logits)
+            self.stats_.last_candidates = report(drafts) if len(drafts) > 1 else []
+            if len(chosen.text) > emitted:
+                yield chosen.text[emitted:]
+                emitted = len(chosen.text)
         finally:
+            chosen = chosen or drafts[0]
+            self._keep_answer(chosen, drafts)
             dt = time.perf_counter() - t0
-            msg = {"role": "assistant", "content": text}
+            msg = {"role": "assistant", "content": chosen.text}
             if not finished:
                 msg["interrupted"] = True
             self.messages.append(msg)
             self._stop.clear()
             st = self.stats_
-            st.decode_tokens += n_tok
+            st.decode_tokens += len(chosen.tokens)
             st.decode_s += dt
-            st.last_decode_tokens, st.last_decode_s = n_tok, dt
+            st.last_decode_tokens, st.last_decode_s = len(chosen.tokens), dt
+
+    def _keep_answer(self, chosen: Draft, drafts: list[Draft]) -> None:
+        """The chosen answer's context becomes the session's (the other one is closed); its tokens go
+        into the repetition history and, per question, into the full copy before the next turn."""
+        for d in drafts:
+            if d is not chosen:
+                d.ctx.close()
+        self._ctx, self._logits = chosen.ctx, chosen.logits
+        self._remember(chosen.tokens)
+        if self._full is not None:
+            self._full.pending.extend(chosen.tokens)
+            self._pos_shift = self._full.n + len(self._full.pending) - self._ctx.n_past  # the tokens seen
+            if chosen.how:
+                self.stats_.answers_from[chosen.how] = self.stats_.answers_from.get(chosen.how, 0) + 1
+                self._full.park()  # full_copy="disk": kept loaded while it judged the answers
 
     def ask(self, prompt: str, **kw) -> str:
         """Append a user turn and return the whole answer (see :meth:`stream` for the options)."""
@@ -501,7 +516,8 @@ class Session(Repruning, PerQuestion, Reconstruct):
             "last_decode_tok_s": (st.last_decode_tokens / st.last_decode_s
                                   if st.last_decode_s > 0 and st.last_decode_tokens else None),
             "mode": self.mode, "reprefill": self.mode in ("reconstruct", "per-question") and self.reprefill,
-            "questions_selected": st.questions_selected,
+            "questions_selected": st.questions_selected, "answers_from": dict(st.answers_from),
+            "last_candidates": list(st.last_candidates),
             "full_copy_mib": None if self._full is None else self._full.kv_bytes() / mib,
             "full_copy_on_disk": self._full is not None and self._full.parked, "notes": list(st.notes),
         }

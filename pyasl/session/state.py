@@ -37,6 +37,8 @@ class _Stats:
     selected_layers: list = field(default_factory=list)  # one entry per pruning (prefill, then re-prunes)
     reprunes: int = 0
     questions_selected: int = 0  # per-question mode: selections made for a question
+    answers_from: dict = field(default_factory=dict)  # reprefill="choose": answers kept from each decode context
+    last_candidates: list = field(default_factory=list)  # reprefill="choose": the latest answer's candidates
     notes: list = field(default_factory=list)
     renumbers: int = 0       # times the positions were renumbered (see Session._bound_positions)
     turns: int = 0

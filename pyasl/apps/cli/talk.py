@@ -48,6 +48,10 @@ def _read_doc(path: str) -> tuple:
               help="per-question: where the documents' full KV waits between questions (disk: a temporary file, "
                    "written and read once per question)")
 @_reprefill
+@click.option("--choose-answer", is_flag=True,
+              help="per-question: answer both ways (the kept tokens prefilled again, and their cells as the whole "
+                   "document computed them) and keep the answer the full KV finds likelier; streams only what both "
+                   "answers share, costs a second answer per question")
 @click.option("--load", "load_path", type=click.Path(dir_okay=False), help="open a session saved with /save")
 @click.option("--raw", is_flag=True, help="do not apply the chat template")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: all cores)")
@@ -56,7 +60,7 @@ def _read_doc(path: str) -> tuple:
 @click.option("--verbose", is_flag=True, help="show llama.cpp's log")
 @click.option("--progress/--no-progress", default=None, help="prefill progress bar (default: when stderr is a tty)")
 def chat(model, docs, policy, system, max_tokens, n_ctx, temperature, top_p, seed, repeat_penalty, mode, full_copy,
-         reprefill, load_path, raw, threads, flash_attn, type_k, type_v, verbose, progress):
+         reprefill, choose_answer, load_path, raw, threads, flash_attn, type_k, type_v, verbose, progress):
     """Talk with MODEL about long documents over a pruned KV cache.
 
     The documents are prefilled and pruned by POLICY; each turn is appended; when the context
@@ -71,6 +75,10 @@ def chat(model, docs, policy, system, max_tokens, n_ctx, temperature, top_p, see
     check_text(system, "--system")
     if load_path and documents:
         fail("--load opens a saved session; it cannot take --doc as well")
+    if choose_answer:
+        if not reprefill:
+            fail("--choose-answer answers both with and without the second prefill; it cannot take --no-reprefill")
+        reprefill = "choose"
     try:
         pol = policy.build()
         m = load_model(model, verbose)

@@ -1,0 +1,108 @@
+"""An answer decoded in one decode context, or in two side by side and judged by the full copy.
+
+Per-question selection builds the decode context one of two ways: the kept tokens prefilled again
+among themselves, or their cells gathered as the whole document computed them. Neither wins on every
+document (docs/BENCHMARKS.md, "The key-value context on 20 documents": prose needles at 8K lose a
+quarter of their answers gathered, a JSON object of UUID pairs loses 11 points prefilled again), and
+which one answered right is not known until an answer exists. With ``reprefill="choose"`` a Session
+decodes the answer in both, streams what they agree on, and keeps the answer the unpruned
+conversation (the full copy) finds likelier: the mean log-probability of its tokens, one batched pass
+over the copy per answer that differs. The judge is the unpruned model, so where it confuses
+neighbouring facts itself (needles at 8K) it prefers the wrong answer too ("Both answers, and the
+full copy chooses": kv 60.0 against 47.5 and 58.8 for either way alone; needles at 8K 87.5 against
+100 prefilled again)."""
+from __future__ import annotations
+
+import codecs
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..engine.full_copy import log_softmax
+from .sampling import penalize, sample
+
+CHOOSE = "choose"  # Session(reprefill=CHOOSE): answer in both decode contexts, keep the likelier answer
+
+
+@dataclass
+class Draft:
+    """One answer being decoded greedily or sampled in `ctx` (its logits for the next token: `logits`)."""
+    ctx: object
+    logits: np.ndarray
+    how: str = ""                      # which decode context: "prefilled" or "gathered"
+    tokens: list = field(default_factory=list)
+    text: str = ""
+    end: Optional[int] = None          # the end-of-generation token that ended it
+    done: bool = False
+    own: list = field(default_factory=list)  # each judged token's log-probability in its own context
+    judged: Optional[float] = None     # the full copy's mean log-probability of it (where judged)
+
+    def __post_init__(self):
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def step(self, model, recent: Sequence[int], rng, temperature: float, top_p: float, penalty: float,
+             last_n: int, stop: Sequence[str], n_ctx: int) -> None:
+        """Decode one more token (or end: the model's end of turn, a full context, a stop string)."""
+        logits = self.logits
+        if penalty != 1.0 and last_n:
+            logits = penalize(logits, (list(recent) + self.tokens)[-last_n:], penalty)
+        tok = sample(logits, temperature, top_p, rng)
+        if self.how:  # a draft that may be judged: how sure its own context was (reported beside the judge's)
+            self.own.append(float(log_softmax(self.logits)[tok]))
+        if model.is_eog(tok):
+            self.end, self.done = tok, True
+            return
+        if int(self.ctx.kv_info().used_base) + 1 > n_ctx:  # cannot happen: the answer's cells were reserved
+            self.done = True
+            return
+        self.ctx.decode([tok])
+        self.tokens.append(tok)
+        self.logits = self.ctx.logits()
+        self.text += self._utf8.decode(model.token_bytes(tok))
+        hit = next((s for s in stop if s in self.text), None)
+        if hit:
+            self.text, self.done = self.text[: self.text.index(hit)], True
+
+    def finish(self) -> None:
+        """Flush the UTF-8 decoder (the answer's last, possibly incomplete, character)."""
+        self.text += self._utf8.decode(b"", final=True)
+
+    def judged_tokens(self) -> list[int]:
+        """The tokens the full copy judges: the answer and the end-of-turn token that ended it."""
+        return self.tokens + ([] if self.end is None else [self.end])
+
+
+def agreed(drafts: Sequence[Draft], hold: int) -> int:
+    """How much text every draft has in common and will not take back: a draft still decoding
+    keeps its last `hold` characters back (the start of a stop string)."""
+    common = len(drafts[0].text) if len(drafts) == 1 else len(_common_prefix([d.text for d in drafts]))
+    for d in drafts:
+        if not d.done:
+            common = min(common, len(d.text) - hold)
+    return max(0, common)
+
+
+def _common_prefix(texts: Sequence[str]) -> str:
+    lo, hi = min(texts), max(texts)
+    i = 0
+    while i < len(lo) and lo[i] == hi[i]:
+        i += 1
+    return lo[:i]
+
+
+def likelier(drafts: Sequence[Draft], full_copy, logits: np.ndarray) -> Draft:
+    """The draft whose answer the full copy (`logits`: its last token's) gives the highest mean
+    log-probability; the first one where the answers are the same tokens."""
+    if len({tuple(d.judged_tokens()) for d in drafts}) == 1:
+        return drafts[0]
+    for d in drafts:
+        d.judged = float(np.mean(full_copy.log_likelihood(d.judged_tokens(), logits))) if d.judged_tokens() else -np.inf
+    return drafts[int(np.argmax([d.judged for d in drafts]))]
+
+
+def report(drafts: Sequence[Draft]) -> list[dict]:
+    """The candidates of a judged answer: which context, the text, the full copy's mean log-probability
+    and the drafts' own (for measuring other ways of choosing)."""
+    return [{"how": d.how, "text": d.text, "judged": d.judged if d.judged is not None and np.isfinite(d.judged) else None,
+             "own": float(np.mean(d.own)) if d.own else None} for d in drafts]
