@@ -547,6 +547,8 @@ def test_full_copy_scores_a_continuation_as_decoding_it_would(tiny):
             ref.close()
         np.testing.assert_allclose(lp, want, atol=2e-3)
         _, again = full.ask(answer[:1], 1)  # the copy goes on from the documents, not from the scored tokens
+        z = again.astype(np.float64)
+        assert abs(z[answer[1]] - z.max() - np.log(np.exp(z - z.max()).sum()) - want[1]) < 2e-3
         full.truncate(len(toks))
         assert full.n == len(toks)
     finally:
@@ -605,6 +607,8 @@ def test_choose_answers_in_both_contexts_and_keeps_one(tiny, tmp_path):
     gen = s.stream("And courier 3?")
     s.interrupt()  # before the first token: the prefilled context is kept, nothing judged
     assert "".join(gen) == "" and s.messages[-1].get("interrupted")
+    assert [(c["how"], c["text"], c["judged"]) for c in s.stats()["last_candidates"]] == [
+        ("prefilled", "", None), ("gathered", "", None)]  # this answer's candidates, not the last question's
     assert s._alt is None and s.n_seen == s._full.n + len(s._full.pending) and s.n_past == len(s.last_selection.shared)
     s.ask("And courier 5?")
     assert sum(s.stats()["answers_from"].values()) == 3  # the interrupted answer kept the prefilled context

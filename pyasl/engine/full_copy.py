@@ -317,16 +317,19 @@ class FullCopy:
                 for j in range(len(piece)):
                     out[i + j + 1] = log_softmax(ctx.logits(j))[tokens[i + j + 1]]
         finally:
-            ctx.seq_rm(n, -1)
-            ctx.n_past = n
+            self._rewind(n)
         return out
 
     def truncate(self, n: int) -> None:
         """Forget everything after the first `n` tokens (the documents)."""
         if self.n > n:
-            self.ctx.seq_rm(n, -1)
-            self.ctx.n_past = n
+            self._rewind(n)
         self.n, self.tokens, self.pending = n, self.tokens[:n], []
+
+    def _rewind(self, n: int) -> None:
+        """Drop the context's cells from position `n` on (the copy's own count is the caller's)."""
+        self.ctx.seq_rm(n, -1)
+        self.ctx.n_past = n
 
     def kv_bytes(self) -> int:
         """Bytes of the copy's KV (in its file while parked)."""

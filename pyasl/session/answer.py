@@ -14,6 +14,7 @@ full copy chooses": kv 60.0 against 47.5 and 58.8 for either way alone; needles 
 from __future__ import annotations
 
 import codecs
+import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -76,19 +77,11 @@ class Draft:
 def agreed(drafts: Sequence[Draft], hold: int) -> int:
     """How much text every draft has in common and will not take back: a draft still decoding
     keeps its last `hold` characters back (the start of a stop string)."""
-    common = len(drafts[0].text) if len(drafts) == 1 else len(_common_prefix([d.text for d in drafts]))
+    common = len(os.path.commonprefix([d.text for d in drafts]))
     for d in drafts:
         if not d.done:
             common = min(common, len(d.text) - hold)
     return max(0, common)
-
-
-def _common_prefix(texts: Sequence[str]) -> str:
-    lo, hi = min(texts), max(texts)
-    i = 0
-    while i < len(lo) and lo[i] == hi[i]:
-        i += 1
-    return lo[:i]
 
 
 def likelier(drafts: Sequence[Draft], full_copy, logits: np.ndarray) -> Draft:

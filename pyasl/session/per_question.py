@@ -58,7 +58,7 @@ class PerQuestion:
         self._ctx, self._logits = ctx, logits
         self._pos_shift = self._full.n - ctx.n_past  # the copy's next position: the tokens seen
         if reprefilled and self.reprefill == CHOOSE:  # the gathered cells answer too; the copy judges (.answer)
-            self._alt, self._full_logits = (self._full.pruned(sel, room)[0], full_logits), full_logits
+            self._alt, self._full_logits = self._full.pruned(sel, room)[0], full_logits
         else:
             self._full.park()  # full_copy="disk": written out until the next question
         self.last_selection = sel

@@ -188,7 +188,7 @@ class Session(Repruning, PerQuestion, Reconstruct):
         self._stop = threading.Event()
         self._ctx: Optional[Context] = None
         self._full: Optional[FullCopy] = None
-        self._alt: Optional[tuple] = None
+        self._alt: Optional[Context] = None
         self._reset_state()
 
     # -- bookkeeping -------------------------------------------------------------------------
@@ -203,7 +203,7 @@ class Session(Repruning, PerQuestion, Reconstruct):
         self._started = False
         self._pos_shift = 0                     # positions given back by renumbering (tokens seen - n_past)
         self._logits: Optional[np.ndarray] = None
-        self._alt = None                        # reprefill="choose": (gathered context, its logits) for the answer
+        self._alt = None                        # reprefill="choose": the gathered decode context for the answer
         self._full_logits: Optional[np.ndarray] = None  # the full copy's logits after the question (the judge's)
         self._recent: list[int] = []            # the newest tokens (repetition penalty)
         self._base_state: Optional[_Base] = None
@@ -284,7 +284,7 @@ class Session(Repruning, PerQuestion, Reconstruct):
 
     def close(self) -> None:
         if self._alt is not None:
-            self._alt[0].close()
+            self._alt.close()
             self._alt = None
         if self._ctx is not None:
             self._ctx.close()
@@ -432,8 +432,8 @@ class Session(Repruning, PerQuestion, Reconstruct):
     def _answer(self, max_tokens, temperature, top_p, seed, stop, penalty=1.0, last_n=64) -> Iterator[str]:
         rng = np.random.default_rng(seed)
         drafts = [Draft(self._ctx, self._logits, "prefilled" if self._alt is not None else "")]
-        if self._alt is not None:  # reprefill="choose": the gathered cells answer too (.answer)
-            drafts.append(Draft(*self._alt, how="gathered"))
+        if self._alt is not None:  # reprefill="choose": the gathered cells answer too, from the copy's logits
+            drafts.append(Draft(self._alt, self._full_logits, "gathered"))
             self._alt = None
         hold = max((len(s) - 1 for s in stop), default=0)
         emitted = 0
@@ -457,7 +457,6 @@ class Session(Repruning, PerQuestion, Reconstruct):
             for d in drafts:
                 d.finish()
             chosen = drafts[0] if not finished or len(drafts) == 1 else likelier(drafts, self._full, self._full_logits)
-            self.stats_.last_candidates = report(drafts) if len(drafts) > 1 else []
             if len(chosen.text) > emitted:
                 yield chosen.text[emitted:]
                 emitted = len(chosen.text)
@@ -483,6 +482,7 @@ class Session(Repruning, PerQuestion, Reconstruct):
                 d.ctx.close()
         self._ctx, self._logits = chosen.ctx, chosen.logits
         self._remember(chosen.tokens)
+        self.stats_.last_candidates = report(drafts) if len(drafts) > 1 else []
         if self._full is not None:
             self._full.pending.extend(chosen.tokens)
             self._pos_shift = self._full.n + len(self._full.pending) - self._ctx.n_past  # the tokens seen
