@@ -451,6 +451,7 @@ def test_questions_benchmark_rows_and_resume(tiny, tmp_path):
     rows = [json.loads(x) for x in chose.read_text().splitlines()]
     assert all(r["reprefill"] == "choose" and r["answer_from"] in ("prefilled", "gathered") for r in rows)
     assert all([c["how"] for c in r["candidates"]] == ["prefilled", "gathered"] for r in rows)
+    assert all([c["how"] for c in r["candidates"] if c["kept"]] == [r["answer_from"]] for r in rows)
 
 
 @pytest.mark.parametrize("system", [None, "Answer in one short sentence."])
@@ -601,6 +602,7 @@ def test_choose_answers_in_both_contexts_and_keeps_one(tiny, tmp_path):
     assert n == 1 and "".join(pieces) == answers[how] == s.messages[-1]["content"]
     cands = s.stats()["last_candidates"]  # both answers, judged where they differ
     assert [c["how"] for c in cands] == ["prefilled", "gathered"] and [c["text"] for c in cands] == list(answers.values())
+    assert [c["how"] for c in cands if c["kept"]] == [how]
     assert all(c["own"] <= 0 for c in cands) and (answers["prefilled"] == answers["gathered"]) == (cands[0]["judged"] is None)
     assert s._alt is None and s.stats()["full_copy_on_disk"] and s.stats()["reprefill"] == "choose"
     assert s.n_seen == s._full.n + len(s._full.pending)
@@ -609,6 +611,7 @@ def test_choose_answers_in_both_contexts_and_keeps_one(tiny, tmp_path):
     assert "".join(gen) == "" and s.messages[-1].get("interrupted")
     assert [(c["how"], c["text"], c["judged"]) for c in s.stats()["last_candidates"]] == [
         ("prefilled", "", None), ("gathered", "", None)]  # this answer's candidates, not the last question's
+    assert [c["kept"] for c in s.stats()["last_candidates"]] == [True, False]
     assert s._alt is None and s.n_seen == s._full.n + len(s._full.pending) and s.n_past == len(s.last_selection.shared)
     s.ask("And courier 5?")
     assert sum(s.stats()["answers_from"].values()) == 3  # the interrupted answer kept the prefilled context

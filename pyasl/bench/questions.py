@@ -21,7 +21,8 @@ keys in turn, at depths spread over the document, in these modes:
 * ``per-question-choose``: the answer decoded both ways, the kept tokens prefilled again and the
   cells gathered, and the one the full copy finds likelier kept (``reprefill="choose"``; the row's
   ``answer_from`` says which, ``candidates`` holds both answers with the full copy's and their own
-  mean log-probabilities; the kv and 8K needles rows of 2026-12-07, run before it, have none);
+  mean log-probabilities, and ``kept`` from 2026-12-07 04:00; the kv and 8K needles rows of
+  2026-12-07 run before 02:00 have no candidates);
 * ``one-shot``: each question inside the prompt, pruned by the same policy (``generate``): what
   the accuracy suite measures, the target of ``per-question``;
 * ``one-shot-ordinary``: the same with the ordinary prefill strategy, the one a per-question
@@ -206,13 +207,12 @@ def _ask_all(model, doc, asked, policy, mode, max_tokens, n_threads, Session, ge
         prefill_s = time.perf_counter() - t0
         for question, value, depth in asked:
             t0 = time.perf_counter()
-            before = s.stats()["answers_from"]
             text = s.ask(question)
             st = s.stats()
             rows.append(_row(text, value, depth, time.perf_counter() - t0, st["kv_mib"], st["full_copy_mib"],
                              prefill_s))
-            if st["answers_from"] != before:  # reprefill="choose": the decode context the answer was kept from
-                rows[-1]["answer_from"] = next(k for k, v in st["answers_from"].items() if v != before.get(k, 0))
+            if st["last_candidates"]:  # reprefill="choose": both answers, and the decode context kept
+                rows[-1]["answer_from"] = next(c["how"] for c in st["last_candidates"] if c["kept"])
                 rows[-1]["candidates"] = st["last_candidates"]
     finally:
         s.close()

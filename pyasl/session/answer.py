@@ -94,8 +94,8 @@ def likelier(drafts: Sequence[Draft], full_copy, logits: np.ndarray) -> Draft:
     return drafts[int(np.argmax([d.judged for d in drafts]))]
 
 
-def report(drafts: Sequence[Draft]) -> list[dict]:
-    """The candidates of a judged answer: which context, the text, the full copy's mean log-probability
-    and the drafts' own (for measuring other ways of choosing)."""
+def report(drafts: Sequence[Draft], chosen: Draft) -> list[dict]:
+    """The candidates of a judged answer: which context, the text, the full copy's mean log-probability,
+    the drafts' own (for measuring other ways of choosing) and which one was kept."""
     return [{"how": d.how, "text": d.text, "judged": d.judged if d.judged is not None and np.isfinite(d.judged) else None,
-             "own": float(np.mean(d.own)) if d.own else None} for d in drafts]
+             "own": float(np.mean(d.own)) if d.own else None, "kept": d is chosen} for d in drafts]

@@ -482,7 +482,7 @@ class Session(Repruning, PerQuestion, Reconstruct):
                 d.ctx.close()
         self._ctx, self._logits = chosen.ctx, chosen.logits
         self._remember(chosen.tokens)
-        self.stats_.last_candidates = report(drafts) if len(drafts) > 1 else []
+        self.stats_.last_candidates = report(drafts, chosen) if len(drafts) > 1 else []
         if self._full is not None:
             self._full.pending.extend(chosen.tokens)
             self._pos_shift = self._full.n + len(self._full.pending) - self._ctx.n_past  # the tokens seen
