@@ -477,7 +477,7 @@ RANKED = "(ranked by a request to repeat them, the kept tokens prefilled again)"
                                "is kept on disk between questions, every question selects again"]),
     ([], ["every question selects again and prefills the kept tokens again"]),
     (["--no-reprefill"], ["every question selects again\n"]),
-    (["--choose-answer"], ["keeping the answer the full KV finds likelier (so far "]),
+    (["--choose-answer"], ["keeping the gathered answer where the full KV and its own context find it likelier (so far "]),
     (["--choose-answer", "--no-reprefill"], ["Error: --choose-answer answers both with and without"]),
 ])
 def test_cli_chat_says_what_it_holds(cli, tmp_path, args, said):

@@ -450,6 +450,8 @@ def test_questions_benchmark_rows_and_resume(tiny, tmp_path):
                  log=lambda s: None, modes=["per-question-choose"]) == 2
     rows = [json.loads(x) for x in chose.read_text().splitlines()]
     assert all(r["reprefill"] == "choose" and r["answer_from"] in ("prefilled", "gathered") for r in rows)
+    assert all(r["choose_rule"] == "both" and Q.row_mode(r) == "per-question-choose" for r in rows)
+    assert Q.row_mode({k: v for k, v in rows[0].items() if k != "choose_rule"}) == "per-question-judge"
     assert all([c["how"] for c in r["candidates"]] == ["prefilled", "gathered"] for r in rows)
     assert all([c["how"] for c in r["candidates"] if c["kept"]] == [r["answer_from"]] for r in rows)
 
@@ -566,8 +568,8 @@ def test_agreed_text_is_what_every_draft_will_keep():
     assert agreed([Draft(None, None, text="ab")], hold=5) == 0
 
 
-def test_likelier_keeps_the_answer_with_the_higher_mean_log_probability():
-    from pyasl.session.answer import Draft, likelier
+def test_keep_takes_the_gathered_answer_only_where_the_full_copy_and_its_own_context_prefer_it():
+    from pyasl.session.answer import Draft, keep
 
     class Judge:
         def __init__(self):
@@ -577,11 +579,23 @@ def test_likelier_keeps_the_answer_with_the_higher_mean_log_probability():
             self.calls += 1
             return np.array([-1.0 if t == 7 else -3.0 for t in tokens])
 
-    a, b = Draft(None, None, "prefilled", tokens=[5, 5, 5]), Draft(None, None, "gathered", tokens=[7, 7, 5], end=2)
+    def drafts(own_prefilled, own_gathered):
+        return (Draft(None, None, "prefilled", tokens=[5, 5, 5], own=own_prefilled),
+                Draft(None, None, "gathered", tokens=[7, 7, 5], end=2, own=own_gathered))
+
     judge = Judge()
-    assert likelier([a, b], judge, None) is b and judge.calls == 2  # -2.0 (with its end token) against -3.0
-    same = Draft(None, None, "gathered", tokens=[5, 5, 5])
-    assert likelier([a, same], judge, None) is a and judge.calls == 2  # the same answer: no judging
+    a, b = drafts([-0.5] * 3, [-0.1] * 4)
+    assert keep([a, b], judge, None) is b and judge.calls == 2  # the copy: -2.0 (with its end token) against -3.0
+    assert (a.judged, b.judged) == (-3.0, -2.0)
+    a, b = drafts([-0.01] * 3, [-0.1] * 4)  # the copy prefers the gathered answer, its own context does not
+    assert keep([a, b], judge, None) is a
+    a, b = drafts([-0.5] * 3, [-0.1] * 4)
+    a.tokens, b.tokens = [7, 7, 7], [5, 5, 5]  # its own context prefers the gathered answer, the copy does not
+    assert keep([a, b], judge, None) is a
+    a, _ = drafts([-0.5] * 3, [])
+    same = Draft(None, None, "gathered", tokens=[5, 5, 5], own=[-0.1] * 3)
+    calls = judge.calls
+    assert keep([a, same], judge, None) is a and judge.calls == calls  # the same answer: no judging
 
 
 def test_choose_answers_in_both_contexts_and_keeps_one(tiny, tmp_path):

@@ -56,7 +56,8 @@ def _mode_line(st: dict) -> str:
     """What the session's mode holds and does per question (/stats)."""
     if st["mode"] == "per-question":
         again = (" and answers both over the kept tokens prefilled again and over their cells as computed, keeping "
-                 f"the answer the full KV finds likelier ({_answers_from(st)})" if st["reprefill"] == "choose" else
+                 "the gathered answer where the full KV and its own context find it likelier "
+                 f"({_answers_from(st)})" if st["reprefill"] == "choose" else
                  " and prefills the kept tokens again" if st["reprefill"] else "")
         return (f"mode per-question: the full KV ({st['full_copy_mib']:.1f} MiB) is kept {_where_copy(st)}, "
                 f"every question selects again{again}")

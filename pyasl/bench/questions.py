@@ -19,10 +19,13 @@ keys in turn, at depths spread over the document, in these modes:
   computed them (``reprefill=False``; the rows of mode ``per-question`` before 2026-12-06, read as
   this mode: they have no ``reprefill`` field);
 * ``per-question-choose``: the answer decoded both ways, the kept tokens prefilled again and the
-  cells gathered, and the one the full copy finds likelier kept (``reprefill="choose"``; the row's
+  cells gathered, and the prefilled one kept unless the full copy and the gathered context's own
+  confidence both prefer the gathered one (``reprefill="choose"``; the row's
   ``answer_from`` says which, ``candidates`` holds both answers with the full copy's and their own
   mean log-probabilities, and ``kept`` from 2026-12-07 04:00; the kv and 8K needles rows of
-  2026-12-07 run before 02:00 have no candidates);
+  2026-12-07 run before 02:00 have no candidates; ``choose_rule``: how the answer was kept, rows
+  without it kept the answer the full copy alone found likelier and read as mode
+  ``per-question-judge``);
 * ``one-shot``: each question inside the prompt, pruned by the same policy (``generate``): what
   the accuracy suite measures, the target of ``per-question``;
 * ``one-shot-ordinary``: the same with the ordinary prefill strategy, the one a per-question
@@ -48,11 +51,13 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from ..session.answer import RULE as CHOOSE_RULE
 from .data import _CITIES, WORDS, _number, _prose, _uuid
 from .runner import row_tau
 
 MODES = ("full", "once", "reconstruct", "reconstruct-in-place", "per-question", "per-question-in-place",
          "per-question-choose", "one-shot", "one-shot-ordinary")
+READ_MODES = MODES + ("per-question-judge",)  # modes of rows no longer run (see row_mode)
 CONTEXTS = ("kv", "needles")
 SESSION_LAYOUT = "open"  # how a Session lays out document and questions now (see the module doc)
 # the Session each mode but one-shot runs: (Session mode, reprefill)
@@ -124,8 +129,13 @@ def row_layout(r: dict) -> str:
 
 
 def row_mode(r: dict) -> str:
-    """The mode a row was asked in (per-question rows before the ``reprefill`` field: in place)."""
-    return "per-question-in-place" if r["mode"] == "per-question" and "reprefill" not in r else r["mode"]
+    """The mode a row was asked in (per-question rows before the ``reprefill`` field: in place;
+    choosing rows before the ``choose_rule`` field: the full copy alone chose)."""
+    if r["mode"] == "per-question" and "reprefill" not in r:
+        return "per-question-in-place"
+    if r["mode"] == "per-question-choose" and "choose_rule" not in r:
+        return "per-question-judge"
+    return r["mode"]
 
 
 def _key(r: dict) -> tuple:
@@ -168,7 +178,8 @@ def run(model_name: str, n_tokens: int, samples: int, policy, out, modes=MODES, 
                         "span": str(ranked.span) if pol.prunes else None,
                         "tau": pol.settings_for(model, n_tokens).tau if hasattr(pol, "settings_for") else None,
                         "layout": "prompt" if mode.startswith("one-shot") else SESSION_LAYOUT,
-                        "reprefill": _SESSIONS.get(mode, (None, False))[1]}
+                        "reprefill": _SESSIONS.get(mode, (None, False))[1],
+                        **({"choose_rule": CHOOSE_RULE} if mode == "per-question-choose" else {})}
                 if all(_key({**base, "question": q}) in done for q in range(len(asked))):
                     continue
                 rows = _ask_all(model, doc, asked, pol, mode, max_tokens, n_threads, Session, generate)
@@ -233,7 +244,7 @@ def summary(rows: list[dict]) -> list[dict]:
              row_tau(r), row_layout(r))
         groups.setdefault(k, []).append(r)
     out = []
-    for k, rs in sorted(groups.items(), key=lambda kv: (kv[0][:3], MODES.index(kv[0][3]))):
+    for k, rs in sorted(groups.items(), key=lambda kv: (kv[0][:3], READ_MODES.index(kv[0][3]))):
         n = len(rs)
         prefills = sorted({(r["index"], r["prefill_s"]) for r in rs if r.get("prefill_s") is not None},
                           key=lambda ip: ip[1])

@@ -1,16 +1,17 @@
-"""An answer decoded in one decode context, or in two side by side and judged by the full copy.
+"""An answer decoded in one decode context, or in two side by side, one of them kept.
 
 Per-question selection builds the decode context one of two ways: the kept tokens prefilled again
 among themselves, or their cells gathered as the whole document computed them. Neither wins on every
 document (docs/BENCHMARKS.md, "The key-value context on 20 documents": prose needles at 8K lose a
 quarter of their answers gathered, a JSON object of UUID pairs loses 11 points prefilled again), and
 which one answered right is not known until an answer exists. With ``reprefill="choose"`` a Session
-decodes the answer in both, streams what they agree on, and keeps the answer the unpruned
-conversation (the full copy) finds likelier: the mean log-probability of its tokens, one batched pass
-over the copy per answer that differs. The judge is the unpruned model, so where it confuses
-neighbouring facts itself (needles at 8K) it prefers the wrong answer too ("Both answers, and the
-full copy chooses": kv 60.0 against 47.5 and 58.8 for either way alone; needles at 8K 84.4 against
-100 prefilled again)."""
+decodes the answer in both, streams what they agree on, and keeps the prefilled answer unless two
+judges both prefer the gathered one: the unpruned conversation (the full copy: the mean
+log-probability of the answer's tokens, one batched pass over the copy per answer that differs) and
+the drafts' own contexts (the mean log-probability each gave its own tokens). The full copy alone
+is the unpruned model, and where it confuses neighbouring facts itself (needles at 8K) it prefers
+the wrong gathered answer, of which the gathered context is then less sure than the prefilled one
+of its own ("Both answers, and the full copy chooses")."""
 from __future__ import annotations
 
 import codecs
@@ -23,7 +24,8 @@ import numpy as np
 from ..engine.full_copy import log_softmax
 from .sampling import penalize, sample
 
-CHOOSE = "choose"  # Session(reprefill=CHOOSE): answer in both decode contexts, keep the likelier answer
+CHOOSE = "choose"  # Session(reprefill=CHOOSE): answer in both decode contexts, keep one (`keep`)
+RULE = "both"  # how `keep` chooses; "judge" (rows before 2026-12-07 05:00): the full copy alone
 
 
 @dataclass
@@ -84,14 +86,17 @@ def agreed(drafts: Sequence[Draft], hold: int) -> int:
     return max(0, common)
 
 
-def likelier(drafts: Sequence[Draft], full_copy, logits: np.ndarray) -> Draft:
-    """The draft whose answer the full copy (`logits`: its last token's) gives the highest mean
-    log-probability; the first one where the answers are the same tokens."""
+def keep(drafts: Sequence[Draft], full_copy, logits: np.ndarray) -> Draft:
+    """The first draft (the kept tokens prefilled again), unless another one is likelier both to the
+    full copy (`logits`: its last token's) and in its own context than every other draft: the mean
+    log-probability of its tokens with the end-of-turn token that ended it. The same tokens: no judging."""
     if len({tuple(d.judged_tokens()) for d in drafts}) == 1:
         return drafts[0]
     for d in drafts:
         d.judged = float(np.mean(full_copy.log_likelihood(d.judged_tokens(), logits))) if d.judged_tokens() else -np.inf
-    return drafts[int(np.argmax([d.judged for d in drafts]))]
+    by_copy = int(np.argmax([d.judged for d in drafts]))
+    by_own = int(np.argmax([np.mean(d.own) if d.own else -np.inf for d in drafts]))
+    return drafts[by_copy] if by_copy == by_own else drafts[0]
 
 
 def report(drafts: Sequence[Draft], chosen: Draft) -> list[dict]:

@@ -12,7 +12,8 @@ a JSON object of UUID pairs read, among themselves, as other pairs (4K, 20 docum
 again, 58.8 gathered; "The key-value context on 20 documents"). A selection per KV
 head has no one set of tokens to prefill: its cells are gathered. The second prefill costs a
 prefill of ``budget`` tokens per question. ``reprefill="choose"`` builds both decode contexts, and
-the full copy keeps the answer it finds likelier (:mod:`.answer`; kv 60.0, above one-shot's 56.2)."""
+keeps the prefilled answer unless the full copy and the drafts' own confidence both prefer the
+gathered one (:mod:`.answer`)."""
 from __future__ import annotations
 
 import time

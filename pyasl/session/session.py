@@ -62,7 +62,7 @@ from .format import ANSWER, ChatFormat
 from .per_question import PerQuestion
 from .reconstruct import Reconstruct
 from .reprune import Repruning
-from .answer import CHOOSE, Draft, agreed, likelier, report
+from .answer import CHOOSE, Draft, agreed, keep, report
 from .state import _RECENT_MAX, _SLACK, ContextFullError, SessionFileError, _Base, _Stats
 
 __all__ = ["MODES", "ContextFullError", "Session", "SessionFileError"]
@@ -131,7 +131,8 @@ class Session(Repruning, PerQuestion, Reconstruct):
             of their own (positions 0..k-1), so their KV is computed among themselves (default; measured
             in docs/BENCHMARKS.md; a selection per KV head is kept as computed); False keeps the cells as
             the whole document computed them; ``"choose"`` (mode ``per-question``): both, the answer
-            decoded in each and the one the full copy finds likelier kept (:mod:`.answer`).
+            decoded in each, the prefilled one kept unless the full copy and the gathered context's own
+            confidence both prefer the gathered one (:mod:`.answer`).
 
     Raises ValueError when ``n_ctx`` cannot hold ``budget`` cells plus an answer."""
 
@@ -456,7 +457,7 @@ class Session(Repruning, PerQuestion, Reconstruct):
             finished = not self._stop.is_set()
             for d in drafts:
                 d.finish()
-            chosen = drafts[0] if not finished or len(drafts) == 1 else likelier(drafts, self._full, self._full_logits)
+            chosen = drafts[0] if not finished or len(drafts) == 1 else keep(drafts, self._full, self._full_logits)
             if len(chosen.text) > emitted:
                 yield chosen.text[emitted:]
                 emitted = len(chosen.text)

@@ -50,7 +50,8 @@ def _read_doc(path: str) -> tuple:
 @_reprefill
 @click.option("--choose-answer", is_flag=True,
               help="per-question: answer both ways (the kept tokens prefilled again, and their cells as the whole "
-                   "document computed them) and keep the answer the full KV finds likelier; streams only what both "
+                   "document computed them) and keep the gathered answer only where the full KV and its own context both "
+                   "find it likelier; streams only what both "
                    "answers share, costs a second answer per question")
 @click.option("--load", "load_path", type=click.Path(dir_okay=False), help="open a session saved with /save")
 @click.option("--raw", is_flag=True, help="do not apply the chat template")
