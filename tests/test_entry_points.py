@@ -475,10 +475,13 @@ RANKED = "(ranked by a request to repeat them, the kept tokens prefilled again)"
     (["--mode", "reconstruct"], [f"kept 64 cells with asl {RANKED}", f"mode reconstruct: the documents were pruned once {RANKED}"]),
     (["--full-copy", "disk"], ["kept whole on disk between questions",
                                "is kept on disk between questions, every question selects again"]),
-    ([], ["every question selects again and prefills the kept tokens again"]),
+    (["--reprefill"], ["every question selects again and prefills the kept tokens again"]),
     (["--no-reprefill"], ["every question selects again\n"]),
+    ([], ["keeping the gathered answer where the full KV and its own context find it likelier (so far "]),
     (["--choose-answer"], ["keeping the gathered answer where the full KV and its own context find it likelier (so far "]),
     (["--choose-answer", "--no-reprefill"], ["Error: --choose-answer answers both with and without"]),
+    (["--choose-answer", "--reprefill"], ["Error: --choose-answer answers both with and without the second prefill; "
+                                          "it cannot take --reprefill"]),
 ])
 def test_cli_chat_says_what_it_holds(cli, tmp_path, args, said):
     doc = tmp_path / "doc.txt"

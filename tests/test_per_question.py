@@ -377,7 +377,7 @@ def test_reconstruct_mode_in_place_keeps_the_documents_cells(tiny, tmp_path):
     np.testing.assert_array_equal(np.sort(s._ctx.cell_positions(0, len(kept))), kept)
     s.save(tmp_path / "r.pyasl")
     assert not pyasl.Session.load(tiny, tmp_path / "r.pyasl").reprefill
-    with pytest.raises(ValueError, match="reprefill must be True, False or"):
+    with pytest.raises(ValueError, match="reprefill must be True, False, 'choose' or None"):
         pyasl.Session(tiny, policy=pol, n_ctx=256, max_tokens=8, mode="reconstruct", reprefill="no")
 
 
@@ -496,9 +496,9 @@ def test_per_question_prefills_the_kept_tokens_again(tiny):
     reprefill=False gathers the same selection's cells at their positions; a selection per KV head
     (snapkv) is gathered, and the session says so once."""
     pol = P.make_policy("asl", budget=96, window=8)
-    s = pyasl.Session(tiny, policy=pol, n_ctx=256, max_tokens=8, raw=True)
+    s = pyasl.Session(tiny, policy=pol, n_ctx=256, max_tokens=8, raw=True, reprefill=True)
     s.prefill(documents=[DOC])
-    assert s.stats()["reprefill"] and s.n_past == s._full.n  # the documents' own selection waits, gathered
+    assert s.stats()["reprefill"] is True and s.n_past == s._full.n  # the documents' own selection waits, gathered
     for q in ["Which parcel did courier 17 carry?", "And courier 3?"]:
         s.ask(q, max_tokens=1)
         sel, toks = s.last_selection, s._full.tokens
@@ -634,3 +634,21 @@ def test_choose_answers_in_both_contexts_and_keeps_one(tiny, tmp_path):
     s.close()
     with pytest.raises(ValueError, match="keeps none"):
         pyasl.Session(tiny, policy=pol, n_ctx=256, max_tokens=8, mode="reconstruct", reprefill="choose")
+
+
+def test_a_session_chooses_by_default_in_per_question_mode(tiny):
+    """The default reprefill is the mode's: both answers in per-question mode, the second prefill in
+    reconstruct; a policy that keeps a set per KV head (snapkv) answers once, gathered."""
+    pol = P.make_policy("asl", budget=96, window=8)
+    with pyasl.Session(tiny, policy=pol, n_ctx=256, max_tokens=8, raw=True) as s:
+        assert s.reprefill == "choose" and s.stats()["reprefill"] == "choose"
+        s.prefill(documents=[DOC])
+        s.ask("Which parcel did courier 17 carry?")
+        assert sum(s.stats()["answers_from"].values()) == 1 and len(s.stats()["last_candidates"]) == 2
+    with pyasl.Session(tiny, policy=pol, n_ctx=256, max_tokens=8, raw=True, mode="reconstruct") as s:
+        assert s.reprefill is True
+    with pyasl.Session(tiny, policy=P.make_policy("snapkv", budget=96, window=8), n_ctx=256, max_tokens=8,
+                       raw=True) as s:
+        s.prefill(documents=[DOC])
+        s.ask("Which parcel?", max_tokens=2)
+        assert s.stats()["answers_from"] == {} and s.stats()["last_candidates"] == []

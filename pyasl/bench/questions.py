@@ -14,7 +14,8 @@ keys in turn, at depths spread over the document, in these modes:
 * ``reconstruct-in-place``: the same selection, its cells kept as the whole document computed them
   (``reprefill=False``; the rows of mode ``reconstruct`` before 2026-12-04);
 * ``per-question``: a Session that keeps the full KV beside the decode context and selects again
-  for every question, the kept tokens prefilled again on their own (the default);
+  for every question, the kept tokens prefilled again on their own (``reprefill=True``; the
+  default until 2026-12-07);
 * ``per-question-in-place``: the same selection, its cells gathered as the whole conversation
   computed them (``reprefill=False``; the rows of mode ``per-question`` before 2026-12-06, read as
   this mode: they have no ``reprefill`` field);
@@ -25,7 +26,7 @@ keys in turn, at depths spread over the document, in these modes:
   mean log-probabilities, and ``kept`` from 2026-12-07 04:00; the kv and 8K needles rows of
   2026-12-07 run before 02:00 have no candidates; ``choose_rule``: how the answer was kept, rows
   without it kept the answer the full copy alone found likelier and read as mode
-  ``per-question-judge``);
+  ``per-question-judge``; the Session's default since 2026-12-07);
 * ``one-shot``: each question inside the prompt, pruned by the same policy (``generate``): what
   the accuracy suite measures, the target of ``per-question``;
 * ``one-shot-ordinary``: the same with the ordinary prefill strategy, the one a per-question

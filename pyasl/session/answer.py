@@ -11,7 +11,8 @@ log-probability of the answer's tokens, one batched pass over the copy per answe
 the drafts' own contexts (the mean log-probability each gave its own tokens). The full copy alone
 is the unpruned model, and where it confuses neighbouring facts itself (needles at 8K) it prefers
 the wrong gathered answer, of which the gathered context is then less sure than the prefilled one
-of its own ("Both answers, and the full copy chooses")."""
+of its own (docs/BENCHMARKS.md, "Both answers, one kept by two judges": kv 58.8, needles at 8K 100,
+one-shot 56.2 and 81.2)."""
 from __future__ import annotations
 
 import codecs

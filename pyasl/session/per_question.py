@@ -3,9 +3,10 @@
 and the policy selects the decode context again from everything.
 
 The kept tokens are then prefilled again as a prompt of their own (positions 0..k-1, as mode
-``reconstruct`` does; ``reprefill=False``: the cells are gathered as the whole conversation computed
-them). Cells cut out of a whole document's KV bind a question to a neighbouring fact: on needles at
-8K (Qwen2.5, asl, 1,024 cells) gathered cells named the next note's code where the same tokens
+``reconstruct`` does; ``reprefill=True``), or their cells are gathered as the whole conversation
+computed them (``reprefill=False``), or both (``reprefill="choose"``, the default). Cells cut out
+of a whole document's KV bind a question to a neighbouring fact: on needles at 8K (Qwen2.5, asl,
+1,024 cells) gathered cells named the next note's code where the same tokens
 prefilled among themselves answered (docs/BENCHMARKS.md, "The question completes the document's
 message, and the kept tokens are prefilled again"). Dense records go the other way: spans cut out of
 a JSON object of UUID pairs read, among themselves, as other pairs (4K, 20 documents: 47.5 prefilled
@@ -13,7 +14,7 @@ again, 58.8 gathered; "The key-value context on 20 documents"). A selection per 
 head has no one set of tokens to prefill: its cells are gathered. The second prefill costs a
 prefill of ``budget`` tokens per question. ``reprefill="choose"`` builds both decode contexts, and
 keeps the prefilled answer unless the full copy and the drafts' own confidence both prefer the
-gathered one (:mod:`.answer`)."""
+gathered one (:mod:`.answer`; "Both answers, one kept" in docs/BENCHMARKS.md)."""
 from __future__ import annotations
 
 import time

@@ -31,9 +31,11 @@ Modes (``mode=``):
 
 * ``per-question`` (the default for a pruning policy): the documents and every turn also stay
   unpruned in a context of their own (:mod:`.full_copy`); each question is decoded there as the
-  observation window, the policy selects ``budget`` tokens from everything, the kept tokens are
-  prefilled again as a prompt of their own (``reprefill``; :mod:`.per_question`), and the answer is
-  decoded over them. Later questions select again. Costs the full KV in memory, saves decode time.
+  observation window, the policy selects ``budget`` tokens from everything, and the answer is
+  decoded both over the kept tokens prefilled again as a prompt of their own and over their cells
+  as the whole conversation computed them, one of the two answers kept (``reprefill``;
+  :mod:`.per_question`, :mod:`.answer`). Later questions select again. Costs the full KV in memory,
+  saves decode time.
 * ``once``: the documents are pruned once, before any question is known (the strategy of
   ``pyasl generate``: layer-major for asl and fastkv); later turns re-prune only when the context is
   full. Holds at most ``n_ctx`` cells.
@@ -127,12 +129,14 @@ class Session(Repruning, PerQuestion, Reconstruct):
         full_copy: mode ``per-question``: where the full copy waits between questions: ``memory``
             (default) or ``disk`` (a file in a temporary directory, its context freed: the document's KV
             is not held while the user reads and types; each question writes and reads it once).
-        reprefill: modes ``per-question`` and ``reconstruct``: prefill the kept tokens again as a prompt
-            of their own (positions 0..k-1), so their KV is computed among themselves (default; measured
-            in docs/BENCHMARKS.md; a selection per KV head is kept as computed); False keeps the cells as
-            the whole document computed them; ``"choose"`` (mode ``per-question``): both, the answer
-            decoded in each, the prefilled one kept unless the full copy and the gathered context's own
-            confidence both prefer the gathered one (:mod:`.answer`).
+        reprefill: how a question's decode context is built from the kept tokens (modes ``per-question``
+            and ``reconstruct``). True: prefilled again as a prompt of their own (positions 0..k-1), so
+            their KV is computed among themselves (a selection per KV head is kept as computed); False:
+            their cells gathered as the whole document computed them; ``"choose"`` (mode
+            ``per-question``): both, the answer decoded in each, the prefilled one kept unless the full
+            copy and the gathered context's own confidence both prefer the gathered one (:mod:`.answer`).
+            Default (None): ``"choose"`` in mode ``per-question``, True in ``reconstruct`` (measured in
+            docs/BENCHMARKS.md, "Questions after the document").
 
     Raises ValueError when ``n_ctx`` cannot hold ``budget`` cells plus an answer."""
 
@@ -140,7 +144,7 @@ class Session(Repruning, PerQuestion, Reconstruct):
                  system: Optional[str] = None, max_tokens: int = 256, raw: bool = False,
                  n_threads: Optional[int] = None, flash_attn: bool = False, n_batch: int = 512,
                  sink: int = 4, keep_recent: int = 0, mode: Optional[str] = None, type_k="f16", type_v="f16",
-                 reprefill: bool = True, full_copy: str = "memory"):
+                 reprefill: Union[bool, str, None] = None, full_copy: str = "memory"):
         if policy is None:
             policy = ASL(budget=512)
         elif isinstance(policy, str):
@@ -168,8 +172,10 @@ class Session(Repruning, PerQuestion, Reconstruct):
         if full_copy == "disk" and mode != "per-question":
             raise ValueError(f"full_copy='disk' keeps the full copy of mode per-question on disk; mode {mode} keeps none")
         self.full_copy = full_copy
+        if reprefill is None:
+            reprefill = CHOOSE if mode == "per-question" else True
         if not isinstance(reprefill, bool) and reprefill != CHOOSE:
-            raise ValueError(f"reprefill must be True, False or {CHOOSE!r}, got {reprefill!r}")
+            raise ValueError(f"reprefill must be True, False, {CHOOSE!r} or None, got {reprefill!r}")
         if reprefill == CHOOSE and mode != "per-question":
             raise ValueError(f"reprefill={CHOOSE!r} judges two answers with the full copy of mode per-question; "
                              f"mode {mode} keeps none")

@@ -10,11 +10,16 @@ from ...session.session import MODES
 from .common import Progress, cache_type_options, check_text, fail, policy_options, read_utf8, user_errors
 
 _session_policy = policy_options(asl_layers=True, prefill=True, layer_budgets=True, layer_only_fixed=True)
-_reprefill = click.option(
-    "--reprefill/--no-reprefill", default=True, show_default=True,
-    help="per-question (and reconstruct): prefill the kept tokens again as a prompt of their own, a prefill of "
-         "the budget per question (--no-reprefill: keep the kept cells as the whole document computed them; "
-         "better on dense records such as JSON, tables and identifiers)")
+
+
+def _reprefill(default, default_is: str):
+    """--reprefill for chat and serve: a Session chooses between both ways by default, the server's Llama
+    decodes with llama-cpp-python's own loop, one way."""
+    return click.option(
+        "--reprefill/--no-reprefill", default=default,
+        help="per-question (and reconstruct): answer over the kept tokens prefilled again as a prompt of their own, "
+             "a prefill of the budget per question (--no-reprefill: over their cells as the whole document computed "
+             f"them; better on dense records such as JSON, tables and identifiers). Default: {default_is}")
 
 
 def _read_doc(path: str) -> tuple:
@@ -47,12 +52,12 @@ def _read_doc(path: str) -> tuple:
 @click.option("--full-copy", type=click.Choice(["memory", "disk"]), default="memory", show_default=True,
               help="per-question: where the documents' full KV waits between questions (disk: a temporary file, "
                    "written and read once per question)")
-@_reprefill
+@_reprefill(None, "per-question answers both ways and keeps one (--choose-answer), reconstruct prefills again")
 @click.option("--choose-answer", is_flag=True,
-              help="per-question: answer both ways (the kept tokens prefilled again, and their cells as the whole "
-                   "document computed them) and keep the gathered answer only where the full KV and its own context both "
-                   "find it likelier; streams only what both "
-                   "answers share, costs a second answer per question")
+              help="per-question (the default there): answer both ways (the kept tokens prefilled again, and their "
+                   "cells as the whole document computed them) and keep the gathered answer only where the full KV "
+                   "and its own context both find it likelier; streams only what both answers share, costs a second "
+                   "answer per question")
 @click.option("--load", "load_path", type=click.Path(dir_okay=False), help="open a session saved with /save")
 @click.option("--raw", is_flag=True, help="do not apply the chat template")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: all cores)")
@@ -77,8 +82,9 @@ def chat(model, docs, policy, system, max_tokens, n_ctx, temperature, top_p, see
     if load_path and documents:
         fail("--load opens a saved session; it cannot take --doc as well")
     if choose_answer:
-        if not reprefill:
-            fail("--choose-answer answers both with and without the second prefill; it cannot take --no-reprefill")
+        if reprefill is not None:
+            fail("--choose-answer answers both with and without the second prefill; it cannot take "
+                 f"--{'' if reprefill else 'no-'}reprefill")
         reprefill = "choose"
     try:
         pol = policy.build()
@@ -112,7 +118,7 @@ def chat(model, docs, policy, system, max_tokens, n_ctx, temperature, top_p, see
 @click.option("--parked-copies", default=0, show_default=True, type=click.IntRange(min=0),
               help="per-question: also keep the full KV of up to N earlier long prompts, parked on disk (a temporary "
                    "directory), so questions about several documents in turn do not prefill a document again")
-@_reprefill
+@_reprefill(True, "prefill again")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(min=0, max=65535))
 @click.option("--alias", help="model name in the API (default: the file name)")
