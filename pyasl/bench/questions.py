@@ -58,7 +58,7 @@ from .runner import row_tau
 
 MODES = ("full", "once", "reconstruct", "reconstruct-in-place", "per-question", "per-question-in-place",
          "per-question-choose", "one-shot", "one-shot-ordinary")
-READ_MODES = MODES + ("per-question-judge",)  # modes of rows no longer run (see row_mode)
+READ_MODES = MODES + ("per-question-judge",)  # modes of rows no longer run (see row_mode: earlier choosing rules)
 CONTEXTS = ("kv", "needles")
 SESSION_LAYOUT = "open"  # how a Session lays out document and questions now (see the module doc)
 # the Session each mode but one-shot runs: (Session mode, reprefill)
@@ -131,11 +131,13 @@ def row_layout(r: dict) -> str:
 
 def row_mode(r: dict) -> str:
     """The mode a row was asked in (per-question rows before the ``reprefill`` field: in place;
-    choosing rows before the ``choose_rule`` field: the full copy alone chose)."""
+    choosing rows by their ``choose_rule``, ``judge`` before the field: another rule than today's
+    reads as ``per-question-<rule>``)."""
     if r["mode"] == "per-question" and "reprefill" not in r:
         return "per-question-in-place"
-    if r["mode"] == "per-question-choose" and "choose_rule" not in r:
-        return "per-question-judge"
+    rule = r.get("choose_rule", "judge")
+    if r["mode"] == "per-question-choose" and rule != CHOOSE_RULE:
+        return f"per-question-{rule}"
     return r["mode"]
 
 
