@@ -194,6 +194,19 @@ def test_seeded_sampling_is_reproducible(tiny):
     assert outs[0] == outs[1]
 
 
+def test_a_closed_session_says_so(tiny, tmp_path):
+    s = S.Session(tiny, policy=pyasl.SnapKV(budget=64, window=8), n_ctx=256, max_tokens=4)
+    s.prefill(documents=[DOC])
+    s.ask("what does the fox do")
+    s.close()
+    s.close()  # twice is harmless
+    for call in (lambda: s.ask("and now?"), s.reset, lambda: s.save(tmp_path / "s.pyasl"),
+                 lambda: s.prefill(documents=[DOC])):
+        with pytest.raises(RuntimeError, match="the session is closed"):
+            call()
+    assert s.stats()["kept_tokens"] == 0  # what it holds: nothing
+
+
 def test_save_load_and_model_mismatch(tiny, tiny_qwen, tmp_path):
     s = S.Session(tiny, policy=pyasl.ASL(budget=64, window=8), n_ctx=160, max_tokens=8, system="Be brief.")
     s.prefill(documents=[DOC])

@@ -196,11 +196,12 @@ class Session(Repruning, PerQuestion, Reconstruct):
         self._ctx: Optional[Context] = None
         self._full: Optional[FullCopy] = None
         self._alt: Optional[Context] = None
+        self._closed = False
         self._reset_state()
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _reset_state(self) -> None:
-        self.close()
+        self._free()
         self.last_selection: Optional[Selection] = None  # the latest selection from a full copy (None: kept all)
         self._n_docs = 0                        # tokens of the documents (the full copy keeps them on reset)
         self.documents: list[tuple[str, str]] = []
@@ -272,6 +273,7 @@ class Session(Repruning, PerQuestion, Reconstruct):
 
     def reset(self) -> None:
         """Forget the conversation; keep the prefilled documents (their pruned cache is restored)."""
+        self._check_open()
         base = self._base_state
         stats = self.stats_
         full, n_docs = self._full, self._n_docs
@@ -289,7 +291,16 @@ class Session(Repruning, PerQuestion, Reconstruct):
             self.stats_ = _Stats(prefill_tokens=stats.prefill_tokens, prefill_s=stats.prefill_s,
                                  prefill_kept=stats.prefill_kept, selected_layers=stats.selected_layers[:1])
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the session is closed")
+
     def close(self) -> None:
+        """Free the session's llama.cpp contexts; it answers nothing after this."""
+        self._closed = True
+        self._free()
+
+    def _free(self) -> None:
         if self._alt is not None:
             self._alt.close()
             self._alt = None
@@ -311,6 +322,7 @@ class Session(Repruning, PerQuestion, Reconstruct):
         """Prefill the system message and `documents` (texts, or (name, text) pairs) and prune
         them with the policy. Call once, before the first turn (the first turn calls it without
         documents otherwise). Returns :meth:`stats`."""
+        self._check_open()
         if self._started:
             raise RuntimeError("the session is already prefilled; documents go in before the first turn")
         if isinstance(documents, (str, bytes)):
@@ -395,6 +407,7 @@ class Session(Repruning, PerQuestion, Reconstruct):
         the model's end-of-turn token, at ``max_tokens`` tokens, at one of the ``stop`` strings, or
         when :meth:`interrupt` is called; it is appended to :attr:`messages` in every case (an
         interrupted answer with ``"interrupted": True``)."""
+        self._check_open()
         if prompt is None or (isinstance(prompt, str) and not prompt.strip()):
             raise ValueError("the prompt is empty")
         _check_text(prompt, "the prompt")
@@ -532,6 +545,7 @@ class Session(Repruning, PerQuestion, Reconstruct):
     # -- files ----------------------------------------------------------------------------------
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write the pruned cache, the transcript, the policy and the statistics to one file."""
+        self._check_open()
         save(self, path)
 
     @classmethod
