@@ -598,6 +598,29 @@ def test_keep_takes_the_gathered_answer_only_where_the_full_copy_and_its_own_con
     assert keep([a, same], judge, None) is a and judge.calls == calls  # the same answer: no judging
 
 
+def test_keep_never_prefers_a_loop_to_an_answer():
+    from pyasl.session.answer import LOOP_TOKENS, Draft, keep, loops
+
+    class Judge:  # likelihood favours the loop's token, as a small model's does
+        def log_likelihood(self, tokens, logits):
+            return np.array([-0.1 if t == 9 else -2.0 for t in tokens])
+
+    loop = [1, 2] + [9] * LOOP_TOKENS  # "... why why why": ran out of tokens, no end of turn
+    answer = [5, 6, 7]
+    gathered_loops = (Draft(None, None, "prefilled", tokens=answer, end=2, own=[-1.0] * 4),
+                      Draft(None, None, "gathered", tokens=loop, own=[-0.05] * len(loop)))
+    assert loops(gathered_loops[1]) and not loops(gathered_loops[0])
+    assert keep(gathered_loops, Judge(), None) is gathered_loops[0]  # both judges prefer the loop: not kept
+    prefilled_loops = (Draft(None, None, "prefilled", tokens=[3, 4] * (LOOP_TOKENS // 2), own=[-0.05] * LOOP_TOKENS),
+                       Draft(None, None, "gathered", tokens=answer, end=2, own=[-1.0] * 4))
+    assert keep(prefilled_loops, Judge(), None) is prefilled_loops[1]
+    both = (gathered_loops[1], Draft(None, None, "prefilled", tokens=[8] + [9] * LOOP_TOKENS, own=[-0.5] * 25))
+    assert keep(both, Judge(), None) is both[0]  # every draft loops: the two judges decide as before
+    zeros = Draft(None, None, "gathered", tokens=[5] + [0] * LOOP_TOKENS, end=2)  # 1000...0 and the turn's end
+    short = Draft(None, None, "gathered", tokens=[9] * (LOOP_TOKENS - 1))
+    assert not loops(zeros) and not loops(short)
+
+
 def test_choose_answers_in_both_contexts_and_keeps_one(tiny, tmp_path):
     """reprefill="choose": the answer is the one the kept tokens prefilled again give or the one the
     gathered cells give (the session says which), the other context is closed, and the session goes

@@ -12,7 +12,9 @@ the drafts' own contexts (the mean log-probability each gave its own tokens). Th
 is the unpruned model, and where it confuses neighbouring facts itself (needles at 8K) it prefers
 the wrong gathered answer, of which the gathered context is then less sure than the prefilled one
 of its own (docs/BENCHMARKS.md, "Both answers, one kept by two judges": kv 58.8, needles at 8K 100,
-one-shot 56.2 and 81.2)."""
+one-shot 56.2 and 81.2). Both judges score likelihood, and a loop is likely (a small model repeating
+a word of a long question scores above a real answer): a draft that ran out of tokens repeating itself
+(`loops`) is kept only when every draft does."""
 from __future__ import annotations
 
 import codecs
@@ -27,6 +29,7 @@ from .sampling import penalize, sample
 
 CHOOSE = "choose"  # Session(reprefill=CHOOSE): answer in both decode contexts, keep one (`keep`)
 RULE = "both"  # how `keep` chooses; "judge" (rows before 2026-12-07 05:00): the full copy alone
+LOOP_TOKENS, LOOP_PERIOD = 24, 8  # a loop: the last 24 tokens repeat a period of at most 8 (3+ times)
 
 
 @dataclass
@@ -87,11 +90,24 @@ def agreed(drafts: Sequence[Draft], hold: int) -> int:
     return max(0, common)
 
 
+def loops(draft: Draft) -> bool:
+    """The draft ran out of tokens repeating itself: no end of turn, and its last LOOP_TOKENS tokens
+    repeat a period of at most LOOP_PERIOD tokens (a value's digits ending in zeros end in a turn's end)."""
+    tail = draft.tokens[-LOOP_TOKENS:]
+    if draft.end is not None or len(tail) < LOOP_TOKENS:
+        return False
+    return any(all(t == tail[i % p] for i, t in enumerate(tail)) for p in range(1, LOOP_PERIOD + 1))
+
+
 def keep(drafts: Sequence[Draft], full_copy, logits: np.ndarray) -> Draft:
     """The first draft (the kept tokens prefilled again), unless another one is likelier both to the
     full copy (`logits`: its last token's) and in its own context than every other draft: the mean
-    log-probability of its tokens with the end-of-turn token that ended it. The same tokens: no judging."""
+    log-probability of its tokens with the end-of-turn token that ended it. The same tokens: no judging.
+    Drafts that loop take part only when all do (a loop is likely, not an answer)."""
     if len({tuple(d.judged_tokens()) for d in drafts}) == 1:
+        return drafts[0]
+    drafts = [d for d in drafts if not loops(d)] or list(drafts)
+    if len(drafts) == 1:
         return drafts[0]
     for d in drafts:
         d.judged = float(np.mean(full_copy.log_likelihood(d.judged_tokens(), logits))) if d.judged_tokens() else -np.inf
@@ -101,7 +117,8 @@ def keep(drafts: Sequence[Draft], full_copy, logits: np.ndarray) -> Draft:
 
 
 def report(drafts: Sequence[Draft], chosen: Draft) -> list[dict]:
-    """The candidates of a judged answer: which context, the text, the full copy's mean log-probability,
-    the drafts' own (for measuring other ways of choosing) and which one was kept."""
+    """The candidates of a judged answer: which context, the text, the full copy's mean log-probability
+    (none where it was not asked), the drafts' own (for measuring other ways of choosing), whether it
+    loops and which one was kept."""
     return [{"how": d.how, "text": d.text, "judged": d.judged if d.judged is not None and np.isfinite(d.judged) else None,
-             "own": float(np.mean(d.own)) if d.own else None, "kept": d is chosen} for d in drafts]
+             "own": float(np.mean(d.own)) if d.own else None, "loops": loops(d), "kept": d is chosen} for d in drafts]
