@@ -432,6 +432,9 @@ def test_questions_benchmark_rows_and_resume(tiny, tmp_path):
             out.read_text().splitlines()[n_rows:]])} >= {("kv", "once"), ("needles", "reconstruct")}
     with pytest.raises(ValueError, match="unknown mode"):
         Q.run(tiny, 600, 1, pol, out, modes=["sometimes"])
+    with pytest.raises(ValueError, match="more than the model's training context"):  # before any prefill
+        Q.run(tiny, 600, 1, pol, tmp_path / "many.jsonl", questions=tiny.n_ctx_train // 100, max_tokens=96)
+    assert not (tmp_path / "many.jsonl").exists()
     with pytest.raises(ValueError, match="one-shot-ordinary needs a policy with a layer-major prefill"):
         Q.run(tiny, 600, 1, P.make_policy("gemfilter", budget=128, window=8), tmp_path / "g.jsonl",
               modes=["one-shot-ordinary"])

@@ -169,6 +169,11 @@ def run(model_name: str, n_tokens: int, samples: int, policy, out, modes=MODES, 
             done = {_key(json.loads(line)) for line in f if line.strip()}
     model = model_name if isinstance(model_name, Model) else Model(resolve_model(model_name))
     name = model_name if isinstance(model_name, str) else model.path.stem
+    need = n_tokens + _room(questions, max_tokens)
+    if need > model.n_ctx_train:
+        raise ValueError(f"{questions} questions of up to {max_tokens} tokens after a document of {n_tokens} tokens "
+                         f"need about {need} positions, more than the model's training context ({model.n_ctx_train}): "
+                         "ask fewer questions, or lower --max-tokens or --length")
     n_new = 0
     with out.open("a", encoding="utf-8") as f:
         for index in range(samples):
@@ -211,8 +216,7 @@ def _ask_all(model, doc, asked, policy, mode, max_tokens, n_threads, Session, ge
             rows.append(_row(res.text, value, depth, time.perf_counter() - t0, res.kv_bytes / 2**20, None, None))
         return rows
     n_doc = len(model.tokenize(doc, add_special=False))
-    room = len(asked) * (max_tokens + 48) + 64
-    n_ctx = n_doc + room + 256 if mode == "full" else policy.budget + max_tokens + 128
+    n_ctx = n_doc + _room(len(asked), max_tokens) if mode == "full" else policy.budget + max_tokens + 128
     s = Session(model, policy=policy, n_ctx=n_ctx, max_tokens=max_tokens, n_threads=n_threads,
                 mode=_SESSIONS[mode][0], reprefill=_SESSIONS[mode][1])
     try:
@@ -231,6 +235,11 @@ def _ask_all(model, doc, asked, policy, mode, max_tokens, n_threads, Session, ge
     finally:
         s.close()
     return rows
+
+
+def _room(questions: int, max_tokens: int) -> int:
+    """Cells a full-KV session needs beyond the document: each question's turn and answer, and slack."""
+    return questions * (max_tokens + 48) + 64 + 256
 
 
 def _row(text: str, value: str, depth: float, seconds: float, kv_mib: float, full_copy_mib, prefill_s) -> dict:
