@@ -250,3 +250,5 @@ def test_per_question_prefills_the_kept_tokens_again(path):
         snap.close()
     with pytest.raises(ValueError, match="reprefill must be True or False"):
         pyasl.Llama(path, kv_policy="asl", reprefill="yes", **kw)
+    with pytest.raises(ValueError, match="is a pyasl.Session option"):
+        pyasl.Llama(path, kv_policy="asl", reprefill="choose", **kw)

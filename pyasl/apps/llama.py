@@ -98,6 +98,9 @@ class Llama(llama_cpp.Llama):
                  kv_mode: str = "per-question", parked_copies: int = 0, reprefill: bool = True, **kwargs):
         if kv_mode not in KV_MODES:
             raise ValueError(f"kv_mode must be one of {', '.join(KV_MODES)}, not {kv_mode!r}")
+        if reprefill == "choose":
+            raise ValueError("reprefill='choose' (both answers, one kept) is a pyasl.Session option: pyasl.Llama "
+                             "decodes one answer in llama-cpp-python's loop; use reprefill=True or False")
         if not isinstance(reprefill, bool):
             raise ValueError(f"reprefill must be True or False, got {reprefill!r}")
         if isinstance(kv_policy, str):
