@@ -92,7 +92,8 @@ def agreed(drafts: Sequence[Draft], hold: int) -> int:
 
 def loops(draft: Draft) -> bool:
     """The draft ran out of tokens repeating itself: no end of turn, and its last LOOP_TOKENS tokens
-    repeat a period of at most LOOP_PERIOD tokens (a value's digits ending in zeros end in a turn's end)."""
+    repeat a period of at most LOOP_PERIOD tokens (a number ending in many zeros is followed by the end of
+    the turn, so it is not one)."""
     tail = draft.tokens[-LOOP_TOKENS:]
     if draft.end is not None or len(tail) < LOOP_TOKENS:
         return False
