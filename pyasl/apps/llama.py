@@ -52,6 +52,7 @@ from ..engine.full_copy import FullCopy
 from ..engine.model import Model, ModelLoadError, _check_gguf
 from ..engine.strategies import prefill_state
 from ..policies import Policy, make_policy
+from ..session.answer import CHOOSE
 
 _llama_cpp, _lib, _ = _native.load()  # our libllama, before llama_cpp.Llama is touched
 
@@ -98,8 +99,8 @@ class Llama(llama_cpp.Llama):
                  kv_mode: str = "per-question", parked_copies: int = 0, reprefill: bool = True, **kwargs):
         if kv_mode not in KV_MODES:
             raise ValueError(f"kv_mode must be one of {', '.join(KV_MODES)}, not {kv_mode!r}")
-        if reprefill == "choose":
-            raise ValueError("reprefill='choose' (both answers, one kept) is a pyasl.Session option: pyasl.Llama "
+        if reprefill == CHOOSE:
+            raise ValueError(f"reprefill={CHOOSE!r} (both answers, one kept) is a pyasl.Session option: pyasl.Llama "
                              "decodes one answer in llama-cpp-python's loop; use reprefill=True or False")
         if not isinstance(reprefill, bool):
             raise ValueError(f"reprefill must be True or False, got {reprefill!r}")

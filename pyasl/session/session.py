@@ -54,7 +54,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from ..engine import Context, Model
+from ..engine import ClosedError, Context, Model
 from ..engine.context import kv_type_name
 from ..engine.full_copy import FullCopy
 from ..engine.strategies import check_continuable, prefill_state
@@ -292,8 +292,8 @@ class Session(Repruning, PerQuestion, Reconstruct):
                                  prefill_kept=stats.prefill_kept, selected_layers=stats.selected_layers[:1])
 
     def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError("the session is closed")
+        if self._closed:  # the engine's error for a closed Model or Context
+            raise ClosedError("the session is closed")
 
     def close(self) -> None:
         """Free the session's llama.cpp contexts; it answers nothing after this."""

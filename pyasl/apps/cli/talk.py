@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ...session.answer import CHOOSE
 from ...session.session import MODES
 from .common import Progress, cache_type_options, check_text, fail, policy_options, read_utf8, user_errors
 
@@ -85,7 +86,7 @@ def chat(model, docs, policy, system, max_tokens, n_ctx, temperature, top_p, see
         if reprefill is not None:
             fail("--choose-answer answers both with and without the second prefill; it cannot take "
                  f"--{'' if reprefill else 'no-'}reprefill")
-        reprefill = "choose"
+        reprefill = CHOOSE
     try:
         pol = policy.build()
         m = load_model(model, verbose)
