@@ -523,7 +523,9 @@ def test_cli_serve_refusals_and_note(cli):
                       (["--tau", "0"], "0<x<=1"), (["--ctx", "8"], "x>=16"), (["--port", "70000"], "0<=x<=65535"),
                       (["--parked-copies", "-1"], "x>=0"),
                       (["--parked-copies", "2", "--kv-mode", "once"], "needs a pruning kv_policy and kv_mode"),
-                      (["--parked-copies", "2", "--policy", "full"], "needs a pruning kv_policy")):
+                      (["--parked-copies", "2", "--policy", "full"], "needs a pruning kv_policy"),
+                      (["--choose-answer", "--no-reprefill"], "it cannot take --no-reprefill"),
+                      (["--choose-answer", "--kv-mode", "once"], "kv_mode once keeps none")):
         r = cli("serve", TINY, *args)
         assert r.exit_code != 0 and msg in r.output, (args, r.output)
     r = cli("serve", tiny_model_path("gemma3", n_layer=4), "--ctx", "256", "--budget", "64")
@@ -533,3 +535,5 @@ def test_cli_serve_refusals_and_note(cli):
     r = cli("serve", TINY, "--ctx", "256", "--budget", "512", "--max-prompt-tokens", "256")  # no prompt can exceed it
     assert r.exit_code == 0 and "note: pyasl.Llama: budget 512 >= n_ctx 256" in r.output
     assert "(would listen on 127.0.0.1:8000)" in r.output
+    r = cli("serve", TINY, "--ctx", "256", "--budget", "64", "--choose-answer")
+    assert r.exit_code == 0 and "(would listen on 127.0.0.1:8000)" in r.output, r.output

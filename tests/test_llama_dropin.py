@@ -248,7 +248,43 @@ def test_per_question_prefills_the_kept_tokens_again(path):
         assert not snap.last_prune["reprefilled"] and "keeps a set per KV head" in snap.last_prune["note"]
     finally:
         snap.close()
-    with pytest.raises(ValueError, match="reprefill must be True or False"):
+    with pytest.raises(ValueError, match="reprefill must be True, False or 'choose'"):
         pyasl.Llama(path, kv_policy="asl", reprefill="yes", **kw)
-    with pytest.raises(ValueError, match="is a pyasl.Session option"):
-        pyasl.Llama(path, kv_policy="asl", reprefill="choose", **kw)
+    with pytest.raises(ValueError, match="kv_mode once keeps none"):
+        pyasl.Llama(path, kv_policy="asl", reprefill="choose", kv_mode="once", **kw)
+
+
+@pytest.mark.real
+def test_choose_answers_both_ways_and_keeps_one(path):
+    """reprefill="choose": a completion decodes a greedy answer over the kept tokens prefilled again
+    and over their gathered cells (what reprefill=True and False answer), keeps one by the Session's
+    rule, and answers over that decode context (greedy: the kept answer's text; both end at the
+    request's stop string). At 64 cells the prefilled tokens answer a number and the gathered cells
+    the password, which both judges prefer.
+    A bare eval has no completion's limits to answer within: it prefills again and chooses nothing."""
+    kw = dict(n_ctx=256, verbose=False)
+    policy = pyasl.ASL(budget=64, window=16)
+    answers = {}
+    for way in (True, False):
+        lm = pyasl.Llama(path, kv_policy=policy, reprefill=way, **kw)
+        try:
+            answers[way] = _text(lm.create_completion(PROMPT, max_tokens=24, temperature=0, stop=["\n"]))
+        finally:
+            lm.close()
+    assert "BLUE-HERON-42" not in answers[True] and "BLUE-HERON-42" in answers[False]
+    lm = pyasl.Llama(path, kv_policy=policy, reprefill="choose", **kw)
+    try:
+        text = _text(lm.create_completion(PROMPT, max_tokens=24, temperature=0, stop=["\n"]))
+        lp = lm.last_prune
+        cands = {c["how"]: c for c in lp["candidates"]}
+        assert cands["prefilled"]["text"] == answers[True] and cands["gathered"]["text"] == answers[False]
+        assert cands["gathered"]["judged"] > cands["prefilled"]["judged"]
+        assert lp["answer_from"] == "gathered" and cands["gathered"]["kept"] and not lp["reprefilled"]
+        assert text == answers[False] and lp["choose_s"] > 0 and lm.kv_cells() <= 64 + 24
+        again = _text(lm.create_completion(PROMPT, max_tokens=24, temperature=0, stop=["\n"]))  # the copy reused
+        assert again == text and lm.last_prune["reused_tokens"] > 0
+        lm.reset()
+        lm.eval(lm.tokenize(PROMPT.encode()))
+        assert lm.last_prune["reprefilled"] and "answer_from" not in lm.last_prune
+    finally:
+        lm.close()

@@ -23,7 +23,12 @@ prompt is scored with its own last tokens and selected again; this selection run
 strategy whatever the policy. The kept tokens are then prefilled again as a prompt of their own (one
 prefill of ``budget`` tokens per request; a selection per KV head, snapkv's, is gathered as the
 whole prompt computed it), as a Session's questions are; ``reprefill=False`` gathers the kept cells
-instead. ``kv_mode="once"`` keeps nothing beyond the decode context and prunes
+instead. ``reprefill="choose"`` decodes a greedy answer both ways before the first token (up to the
+request's ``max_tokens`` and ``stop``), keeps one way by the Session's rule (:func:`pyasl.session.answer.keep`:
+the prefilled one unless the full copy and the gathered context's own confidence both prefer the gathered
+answer), and llama-cpp-python then samples the answer over that decode context; it costs two answers'
+decoding before streaming starts, so it is an option here (a Session streams what both answers share,
+and chooses by default). ``kv_mode="once"`` keeps nothing beyond the decode context and prunes
 every long prompt from scratch with the policy's own strategy (layer-major asl and fastkv).
 ``parked_copies=N`` (per-question) also keeps the full KV of up to N earlier long prompts, parked
 as files in a temporary directory (:class:`pyasl.engine.copy_shelf.CopyShelf`): a server answering
@@ -37,8 +42,10 @@ states saved for ``set_cache`` from a pruned cache are stored as empty so they n
 from __future__ import annotations
 
 import ctypes
+import inspect
 import re
 import sys
+import time
 import warnings
 import weakref
 from pathlib import Path
@@ -50,13 +57,22 @@ from .. import _native
 from ..engine.copy_shelf import CopyShelf
 from ..engine.full_copy import FullCopy
 from ..engine.model import Model, ModelLoadError, _check_gguf
-from ..engine.strategies import prefill_state
+from ..engine.strategies import PrunedPrefill, prefill_state
 from ..policies import Policy, make_policy
-from ..session.answer import CHOOSE
+from ..session.answer import CHOOSE, Draft, report, settle
 
 _llama_cpp, _lib, _ = _native.load()  # our libllama, before llama_cpp.Llama is touched
 
 import llama_cpp  # noqa: E402
+
+
+def _completion_limits(args, kwargs) -> dict:
+    """max_tokens, stop and repeat_penalty of a call to llama-cpp-python's _create_completion."""
+    a = inspect.signature(llama_cpp.Llama._create_completion).bind(None, *args, **kwargs)
+    a.apply_defaults()
+    stop = a.arguments["stop"]
+    return {"max_tokens": a.arguments["max_tokens"], "repeat_penalty": float(a.arguments["repeat_penalty"]),
+            "stop": [] if not stop else [stop] if isinstance(stop, str) else list(stop)}
 
 
 def _borrow_model(llm: "llama_cpp.Llama") -> Model:
@@ -91,19 +107,20 @@ class Llama(llama_cpp.Llama):
     ``max_prompt_tokens``: the longest prompt accepted with a pruning policy (default: the model's
     training context; ``n_ctx`` is then only the decode context). ``kv_mode``: ``per-question``
     (default) or ``once``, and ``parked_copies`` (per-question: earlier long prompts' full KV kept on
-    disk), and ``reprefill`` (per-question: prefill the kept tokens again), see the module doc. Every
+    disk), and ``reprefill`` (per-question: prefill the kept tokens again, or ``"choose"``), see the module doc. Every
     other argument is llama-cpp-python's.
     ``last_prune`` (a dict or None) and ``n_prunes`` report what was pruned."""
 
     def __init__(self, *args, kv_policy: Union[Policy, str, None] = None, max_prompt_tokens: Optional[int] = None,
-                 kv_mode: str = "per-question", parked_copies: int = 0, reprefill: bool = True, **kwargs):
+                 kv_mode: str = "per-question", parked_copies: int = 0, reprefill: Union[bool, str] = True,
+                 **kwargs):
         if kv_mode not in KV_MODES:
             raise ValueError(f"kv_mode must be one of {', '.join(KV_MODES)}, not {kv_mode!r}")
-        if reprefill == CHOOSE:
-            raise ValueError(f"reprefill={CHOOSE!r} (both answers, one kept) is a pyasl.Session option: pyasl.Llama "
-                             "decodes one answer in llama-cpp-python's loop; use reprefill=True or False")
-        if not isinstance(reprefill, bool):
-            raise ValueError(f"reprefill must be True or False, got {reprefill!r}")
+        if not isinstance(reprefill, bool) and reprefill != CHOOSE:
+            raise ValueError(f"reprefill must be True, False or {CHOOSE!r}, got {reprefill!r}")
+        if reprefill == CHOOSE and kv_mode != "per-question":
+            raise ValueError(f"reprefill={CHOOSE!r} judges two answers with the full copy of kv_mode per-question; "
+                             f"kv_mode {kv_mode} keeps none")
         if isinstance(kv_policy, str):
             kv_policy = make_policy(kv_policy)
         if kv_policy is not None and not isinstance(kv_policy, Policy):
@@ -135,6 +152,7 @@ class Llama(llama_cpp.Llama):
         self._shelf: Optional[CopyShelf] = None
         self.parked_copies = parked_copies
         self.reprefill = reprefill
+        self._request: Optional[dict] = None  # reprefill="choose": the completion being answered (its limits)
         self._n_cells = self.n_ctx()  # the decode context's cells
         prunes = kv_policy is not None and kv_policy.prunes
         if max_prompt_tokens is not None and not prunes:
@@ -197,7 +215,7 @@ class Llama(llama_cpp.Llama):
         pol = self.kv_policy
         if pol.budget - 1 > pol.window:  # the last prompt token takes one more cell: budget stays a hard cap
             pol = pol.replace(budget=pol.budget - 1)
-        reused = 0
+        reused, chose = 0, {}
         if self.kv_mode == "per-question":
             if self._full_copy is None:
                 self._full_copy = FullCopy(self._pyasl_model, n_batch=self.n_batch, n_threads=cp.n_threads_batch,
@@ -206,7 +224,10 @@ class Llama(llama_cpp.Llama):
                 if self._shelf is None:
                     self._shelf = CopyShelf(self.parked_copies, min_tokens=max(pol.budget, self.n_batch))
                 self._shelf.prepare(self._full_copy, head)
-            pp, reused = self._full_copy.select_state(head, pol, again=self.reprefill)
+            if self.reprefill == CHOOSE:
+                pp, reused, chose = self._choose(tokens, pol)
+            else:
+                pp, reused = self._full_copy.select_state(head, pol, again=self.reprefill)
         else:
             pp = prefill_state(self._pyasl_model, head, pol, n_threads=cp.n_threads_batch,
                                flash_attn=not info.v_trans, n_batch=self.n_batch, type_k=cp.type_k, type_v=cp.type_v)
@@ -229,7 +250,7 @@ class Llama(llama_cpp.Llama):
                            "mode": self.kv_mode, "reprefilled": pp.reprefilled, "reused_tokens": reused,
                            "n_ctx": self._n_cells,
                            "full_copy_mib": (self._full_copy.kv_bytes() / 2**20 if self._full_copy else None),
-                           "parked_copies": len(self._shelf) if self._shelf else 0}
+                           "parked_copies": len(self._shelf) if self._shelf else 0, **chose}
         if self.on_prune is not None:
             self.on_prune(self.last_prune)
         if self.verbose:
@@ -237,9 +258,57 @@ class Llama(llama_cpp.Llama):
                   file=sys.stderr)
         return super().eval([last])
 
+    def _choose(self, tokens: list[int], pol: Policy) -> tuple[PrunedPrefill, int, dict]:
+        """reprefill="choose": the selection for `tokens` (all but the last, as the full copy's prompt),
+        the answer decoded greedily over the kept tokens prefilled again and over their gathered cells,
+        and the decode context of the one `settle` keeps, as state bytes. One way only (a completion's
+        limits unknown: a bare eval or generate; nothing selected; a selection per KV head) is the
+        prefilled one, as reprefill=True. Returns (state, tokens reused, what last_prune adds)."""
+        fc, head, last = self._full_copy, tokens[:-1], tokens[-1]
+        t0 = time.perf_counter()
+        sel, reused = fc.select_tokens(head, pol)
+        req = self._request
+        if req is None or sel is None or sel.shared is None:
+            return fc.pruned_state(sel, t0, True, pol.name), reused, {}
+        k = len(sel.shared)
+        room = self._n_cells - k  # the decode context's cells after the kept ones: the prompt's last token, the answer
+        max_tokens = room - 1 if req["max_tokens"] is None or req["max_tokens"] <= 0 else min(req["max_tokens"], room - 1)
+        ctxs = []
+        try:
+            ctxs.append(fc.kept_context(sel, room, again=True, end=fc.n)[0])
+            ctxs.append(fc.pruned(sel, room)[0])
+            states = [c.state_get() for c in ctxs]  # the decode context before the prompt's last token
+            _, copy_logits = fc.ask([last], 1)
+            drafts = []
+            for c, how in zip(ctxs, ("prefilled", "gathered")):
+                c.decode([last])
+                drafts.append(Draft(c, c.logits(), how))
+            t1 = time.perf_counter()
+            last_n = self.last_n_tokens_size
+            chosen = settle(drafts, fc, copy_logits, max(1, max_tokens), self._pyasl_model, tokens[-last_n:],
+                            np.random.default_rng(0), 0.0, 1.0, req["repeat_penalty"], last_n, req["stop"], k + room)
+        finally:
+            for c in ctxs:
+                c.close()
+        i = drafts.index(chosen)
+        pp = PrunedPrefill(state=states[i], n_tokens=len(head), n_kept=k, selected_layer=sel.layer,
+                           seconds=time.perf_counter() - t0, note=sel.note, reprefilled=i == 0)
+        return pp, reused, {"answer_from": chosen.how, "candidates": report(drafts, chosen),
+                            "choose_s": time.perf_counter() - t1}
+
     def _create_completion(self, *args, **kwargs):
         gen = super()._create_completion(*args, **kwargs)
+        if self.reprefill == CHOOSE:
+            gen = self._answering(gen, _completion_limits(args, kwargs))
         return gen if self._n_ctx <= self._n_cells else self._prompt_limit_named(gen)
+
+    def _answering(self, gen, request: dict):
+        """A completion's generator with its limits known to eval while it runs (reprefill="choose")."""
+        self._request = request
+        try:
+            return (yield from gen)
+        finally:
+            self._request = None
 
     def _prompt_limit_named(self, gen):
         """llama-cpp-python names llama.cpp's context (the decode context here) in its too-long error;

@@ -13,7 +13,7 @@ import json
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 from ..policies import Policy
 
@@ -145,7 +145,7 @@ def create_app(model_path: str, policy: Optional[Policy], n_ctx: int = 4096, ali
                host: str = "127.0.0.1", port: int = 8000,
                on_prune: Optional[Callable[[dict], None]] = None, max_prompt_tokens: Optional[int] = None,
                kv_mode: str = "per-question", type_k="f16", type_v="f16", parked_copies: int = 0,
-               reprefill: bool = True):
+               reprefill: Union[bool, str] = True):
     """The FastAPI app of llama-cpp-python's server, serving one pyasl.Llama with `policy`
     (type_k, type_v: KV cache types, as llama.cpp's -ctk / -ctv; parked_copies, reprefill: pyasl.Llama's)."""
     Llama, A, LlamaProxy, ModelSettings, ServerSettings = _imports()
@@ -205,6 +205,7 @@ def serve(model_path: str, policy: Optional[Policy], host: str = "127.0.0.1", po
                                               if info['selected_layer'] is not None else "")
               + (f", {info['reused_tokens']} tokens of an earlier prompt reused" if info.get("reused_tokens") else "")
               + (", the kept tokens prefilled again" if info.get("reprefilled") else "")
+              + (f", both answers decoded, the {info['answer_from']} one kept" if info.get("answer_from") else "")
               + ")", file=sys.stderr, flush=True)
 
     with warnings.catch_warnings(record=True) as notes:  # pyasl.Llama's notes (a budget no prompt can exceed)

@@ -209,18 +209,23 @@ class FullCopy:
         """How many tokens at the start of `tokens` the copy already holds."""
         return shared_prefix(self.tokens, tokens)
 
-    def select_state(self, tokens: list[int], policy: Policy, again: bool = False) -> tuple[PrunedPrefill, int]:
+    def select_tokens(self, tokens: list[int], policy: Policy) -> tuple[Optional[Selection], int]:
         """Make the copy hold exactly `tokens` (the prefix it shares with them reused, the rest decoded,
-        the last window scored) and return the policy's selection from it as state bytes, with room for
-        one more token, and the number of tokens reused. What one prompt shares with the previous one
-        (a document asked several questions) is never prefilled again, and each prompt still selects
-        with its own window. again: the kept tokens are prefilled again (:meth:`kept_context`)."""
-        t0 = time.perf_counter()
+        the last window scored) and return the policy's selection from it and the number of tokens
+        reused. What one prompt shares with the previous one (a document asked several questions) is
+        never prefilled again, and each prompt still selects with its own window."""
         w = max(1, min(policy.window, len(tokens) - 1, self.kw["n_batch"]))
         reused = min(self.common_prefix(tokens), len(tokens) - w)
         self.truncate(reused)
         scores, _ = self.ask(tokens[reused:], w)
         self.last_selection = sel = self.select(policy, scores, w)
+        return sel, reused
+
+    def select_state(self, tokens: list[int], policy: Policy, again: bool = False) -> tuple[PrunedPrefill, int]:
+        """:meth:`select_tokens`, the selection returned as state bytes with room for one more token.
+        again: the kept tokens are prefilled again (:meth:`kept_context`)."""
+        t0 = time.perf_counter()
+        sel, reused = self.select_tokens(tokens, policy)
         return self.pruned_state(sel, t0, again, policy.name), reused
 
     def kept_context(self, sel: Optional[Selection], room: int, again: bool = False, end: Optional[int] = None,

@@ -80,6 +80,26 @@ class Draft:
         return self.tokens + ([] if self.end is None else [self.end])
 
 
+def step_all(drafts: Sequence[Draft], *step_args) -> bool:
+    """One more token in every draft still decoding (:meth:`Draft.step`'s arguments); False when
+    none was."""
+    live = [d for d in drafts if not d.done]
+    for d in live:
+        d.step(*step_args)
+    return bool(live)
+
+
+def settle(drafts: Sequence[Draft], full_copy, logits: np.ndarray, max_tokens: int, *step_args) -> Draft:
+    """Decode every draft to its end (at most `max_tokens` tokens) and return the one `keep` keeps:
+    the choice made before any of the answer is shown (pyasl.Llama, which then decodes it itself)."""
+    for _ in range(max_tokens):
+        if not step_all(drafts, *step_args):
+            break
+    for d in drafts:
+        d.finish()
+    return keep(drafts, full_copy, logits)
+
+
 def agreed(drafts: Sequence[Draft], hold: int) -> int:
     """How much text every draft has in common and will not take back: a draft still decoding
     keeps its last `hold` characters back (the start of a stop string)."""

@@ -64,7 +64,7 @@ from .format import ANSWER, ChatFormat
 from .per_question import PerQuestion
 from .reconstruct import Reconstruct
 from .reprune import Repruning
-from .answer import CHOOSE, Draft, agreed, keep, report
+from .answer import CHOOSE, Draft, agreed, keep, report, step_all
 from .state import _RECENT_MAX, _SLACK, ContextFullError, SessionFileError, _Base, _Stats
 
 __all__ = ["MODES", "ContextFullError", "Session", "SessionFileError"]
@@ -464,11 +464,9 @@ class Session(Repruning, PerQuestion, Reconstruct):
             for _ in range(max_tokens):
                 if self._stop.is_set():
                     break
-                live = [d for d in drafts if not d.done]
-                if not live:
+                if not step_all(drafts, self.model, self._recent, rng, temperature, top_p, penalty, last_n, stop,
+                                self.n_ctx):
                     break
-                for d in live:
-                    d.step(self.model, self._recent, rng, temperature, top_p, penalty, last_n, stop, self.n_ctx)
                 safe = agreed(drafts, hold)
                 if safe > emitted:
                     yield drafts[0].text[emitted:safe]

@@ -15,12 +15,27 @@ _session_policy = policy_options(asl_layers=True, prefill=True, layer_budgets=Tr
 
 def _reprefill(default, default_is: str):
     """--reprefill for chat and serve: a Session chooses between both ways by default, the server's Llama
-    decodes with llama-cpp-python's own loop, one way."""
+    prefills again (choosing, --choose-answer, delays its first token by two answers)."""
     return click.option(
         "--reprefill/--no-reprefill", default=default,
         help="per-question (and reconstruct): answer over the kept tokens prefilled again as a prompt of their own, "
              "a prefill of the budget per question (--no-reprefill: over their cells as the whole document computed "
              f"them; better on dense records such as JSON, tables and identifiers). Default: {default_is}")
+
+
+def _choose_answer(help_text: str):
+    """--choose-answer for chat and serve: reprefill="choose" (pyasl.session.answer)."""
+    return click.option("--choose-answer", is_flag=True, help=help_text)
+
+
+def _answer_rule(reprefill, choose_answer):
+    """The reprefill setting of --reprefill/--no-reprefill and --choose-answer (which excludes the other)."""
+    if not choose_answer:
+        return reprefill
+    if reprefill is not None:
+        fail("--choose-answer answers both with and without the second prefill; it cannot take "
+             f"--{'' if reprefill else 'no-'}reprefill")
+    return CHOOSE
 
 
 def _read_doc(path: str) -> tuple:
@@ -54,11 +69,10 @@ def _read_doc(path: str) -> tuple:
               help="per-question: where the documents' full KV waits between questions (disk: a temporary file, "
                    "written and read once per question)")
 @_reprefill(None, "per-question answers both ways and keeps one (--choose-answer), reconstruct prefills again")
-@click.option("--choose-answer", is_flag=True,
-              help="per-question (the default there): answer both ways (the kept tokens prefilled again, and their "
-                   "cells as the whole document computed them) and keep the gathered answer only where the full KV "
-                   "and its own context both find it likelier; streams only what both answers share, costs a second "
-                   "answer per question")
+@_choose_answer("per-question (the default there): answer both ways (the kept tokens prefilled again, and their "
+                "cells as the whole document computed them) and keep the gathered answer only where the full KV "
+                "and its own context both find it likelier; streams only what both answers share, costs a second "
+                "answer per question")
 @click.option("--load", "load_path", type=click.Path(dir_okay=False), help="open a session saved with /save")
 @click.option("--raw", is_flag=True, help="do not apply the chat template")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: all cores)")
@@ -82,11 +96,7 @@ def chat(model, docs, policy, system, max_tokens, n_ctx, temperature, top_p, see
     check_text(system, "--system")
     if load_path and documents:
         fail("--load opens a saved session; it cannot take --doc as well")
-    if choose_answer:
-        if reprefill is not None:
-            fail("--choose-answer answers both with and without the second prefill; it cannot take "
-                 f"--{'' if reprefill else 'no-'}reprefill")
-        reprefill = CHOOSE
+    reprefill = _answer_rule(reprefill, choose_answer)
     try:
         pol = policy.build()
         m = load_model(model, verbose)
@@ -119,7 +129,11 @@ def chat(model, docs, policy, system, max_tokens, n_ctx, temperature, top_p, see
 @click.option("--parked-copies", default=0, show_default=True, type=click.IntRange(min=0),
               help="per-question: also keep the full KV of up to N earlier long prompts, parked on disk (a temporary "
                    "directory), so questions about several documents in turn do not prefill a document again")
-@_reprefill(True, "prefill again")
+@_reprefill(None, "prefill again")
+@_choose_answer("per-question: decode a greedy answer both ways (the kept tokens prefilled again, and their cells "
+                "as the whole prompt computed them) before the first token, keep the way a chat keeps (the gathered "
+                "one only where the full KV and its own context both find it likelier), then answer over it; costs "
+                "two answers' decoding before streaming starts")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(min=0, max=65535))
 @click.option("--alias", help="model name in the API (default: the file name)")
@@ -127,8 +141,8 @@ def chat(model, docs, policy, system, max_tokens, n_ctx, temperature, top_p, see
 @click.option("--flash-attn/--no-flash-attn", default=False, show_default=True)
 @cache_type_options
 @click.option("--verbose", is_flag=True, help="show llama.cpp's log")
-def serve(model, policy, n_ctx, max_prompt_tokens, kv_mode, parked_copies, reprefill, host, port, alias, threads,
-          flash_attn, type_k, type_v, verbose):
+def serve(model, policy, n_ctx, max_prompt_tokens, kv_mode, parked_copies, reprefill, choose_answer, host, port,
+          alias, threads, flash_attn, type_k, type_v, verbose):
     """An OpenAI-compatible HTTP server (llama-cpp-python's) whose requests are pruned by POLICY.
 
     /v1/completions, /v1/chat/completions (stream or not), /v1/models. Needs pip install 'pyasl[server]'.
@@ -136,6 +150,9 @@ def serve(model, policy, n_ctx, max_prompt_tokens, kv_mode, parked_copies, repre
     from ...engine.model import _check_gguf
     from ...models import resolve_model
 
+    reprefill = _answer_rule(reprefill, choose_answer)
+    if reprefill is None:
+        reprefill = True
     try:
         from ..server import serve as run_server
 
