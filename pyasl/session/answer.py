@@ -14,7 +14,9 @@ the wrong gathered answer, of which the gathered context is then less sure than 
 of its own (docs/BENCHMARKS.md, "Both answers, one kept by two judges": kv 58.8, needles at 8K 100,
 one-shot 56.2 and 81.2). Both judges score likelihood, and a loop is likely (a small model repeating
 a word of a long question scores above a real answer): a draft that ran out of tokens repeating itself
-(`loops`) is kept only when every draft does."""
+(`loops`) is kept only when every draft does. pyasl.Llama(reprefill="choose") decodes both drafts
+to their end before its first token (`settle`) and lets llama-cpp-python answer in the kept one's
+decode context."""
 from __future__ import annotations
 
 import codecs
