@@ -262,17 +262,19 @@ class Llama(llama_cpp.Llama):
         """reprefill="choose": the selection for `tokens` (all but the last, as the full copy's prompt),
         the answer decoded greedily over the kept tokens prefilled again and over their gathered cells,
         and the decode context of the one `settle` keeps, as state bytes. One way only (a completion's
-        limits unknown: a bare eval or generate; nothing selected; a selection per KV head) is the
-        prefilled one, as reprefill=True. Returns (state, tokens reused, what last_prune adds)."""
+        limits unknown: a bare eval or generate; nothing selected; a selection per KV head; an answer
+        the full copy could not judge within the training context) is the prefilled one, as
+        reprefill=True. Returns (state, tokens reused, what last_prune adds)."""
         fc, head, last = self._full_copy, tokens[:-1], tokens[-1]
         t0 = time.perf_counter()
         sel, reused = fc.select_tokens(head, pol)
         req = self._request
-        if req is None or sel is None or sel.shared is None:
-            return fc.pruned_state(sel, t0, True, pol.name), reused, {}
-        k = len(sel.shared)
+        k = 0 if sel is None or sel.shared is None else len(sel.shared)
         room = self._n_cells - k  # the decode context's cells after the kept ones: the prompt's last token, the answer
-        max_tokens = room - 1 if req["max_tokens"] is None or req["max_tokens"] <= 0 else min(req["max_tokens"], room - 1)
+        max_tokens = room - 1 if req is None or req["max_tokens"] is None or req["max_tokens"] <= 0 \
+            else min(req["max_tokens"], room - 1)
+        if req is None or k == 0 or len(tokens) + max_tokens > self._pyasl_model.n_ctx_train:
+            return fc.pruned_state(sel, t0, True, pol.name), reused, {}
         ctxs = []
         try:
             ctxs.append(fc.kept_context(sel, room, again=True, end=fc.n)[0])
