@@ -66,9 +66,12 @@ _llama_cpp, _lib, _ = _native.load()  # our libllama, before llama_cpp.Llama is 
 import llama_cpp  # noqa: E402
 
 
+_COMPLETION_SIGNATURE = inspect.signature(llama_cpp.Llama._create_completion)
+
+
 def _completion_limits(args, kwargs) -> dict:
     """max_tokens, stop and repeat_penalty of a call to llama-cpp-python's _create_completion."""
-    a = inspect.signature(llama_cpp.Llama._create_completion).bind(None, *args, **kwargs)
+    a = _COMPLETION_SIGNATURE.bind(None, *args, **kwargs)
     a.apply_defaults()
     stop = a.arguments["stop"]
     return {"max_tokens": a.arguments["max_tokens"], "repeat_penalty": float(a.arguments["repeat_penalty"]),
@@ -287,7 +290,7 @@ class Llama(llama_cpp.Llama):
                 drafts.append(Draft(c, c.logits(), how))
             t1 = time.perf_counter()
             last_n = self.last_n_tokens_size
-            chosen = settle(drafts, fc, copy_logits, max(1, max_tokens), self._pyasl_model, tokens[-last_n:],
+            chosen = settle(drafts, fc, copy_logits, max_tokens, self._pyasl_model, tokens[-last_n:],
                             np.random.default_rng(0), 0.0, 1.0, req["repeat_penalty"], last_n, req["stop"], k + room)
         finally:
             for c in ctxs:
