@@ -421,9 +421,13 @@ def test_questions_benchmark_rows_and_resume(tiny, tmp_path):
     assert groups["once"]["full_copy_mib"] is None and groups["full"]["policy"] == "full"
     assert groups["reconstruct"]["full_copy_mib"] is None
     assert groups["one-shot"]["prefill_s"] is None  # each question prefills its whole prompt
-    assert {r["layout"] for r in rows if r["mode"].startswith("one-shot")} == {"prompt"}
+    assert {r["layout"] for r in rows if r["mode"].startswith(("one-shot", "drop-in"))} == {"prompt"}
+    drop_in = [r for r in rows if r["mode"] == "drop-in"]  # one pyasl.Llama, a request per question
+    assert all(r["prefill_s"] is None and 0 < r["first_token_s"] <= r["seconds"] for r in drop_in)
+    assert all(r["full_copy_mib"] > r["kv_mib"] > 0 and r["reprefill"] is True for r in drop_in)
+    assert groups["drop-in"]["first_token_s"] > 0 and groups["one-shot"]["first_token_s"] is None
     kv_groups = {g["mode"]: g for g in Q.summary(rows[:n_rows])}
-    for mode in {m for m in Q.MODES if not m.startswith("one-shot")}:
+    for mode in {m for m in Q.MODES if not m.startswith(("one-shot", "drop-in"))}:
         prefills = {r["prefill_s"] for r in rows[:n_rows] if r["mode"] == mode}
         assert len(prefills) == 1 and kv_groups[mode]["prefill_s"] == prefills.pop() > 0, mode
     old_rows = [{k: v for k, v in r.items() if k != "prefill_s"} for r in rows]  # rows before prefill_s
@@ -450,10 +454,11 @@ def test_questions_benchmark_rows_and_resume(tiny, tmp_path):
     assert f"{kv_groups['once']['prefill_s']:.1f}" in lines["once"].split()
     chose = tmp_path / "c.jsonl"  # one set of kept tokens (asl): both answers, and which one was kept
     assert Q.run(tiny, 600, 1, P.make_policy("asl", budget=128, window=8), chose, questions=2, max_tokens=4,
-                 log=lambda s: None, modes=["per-question-choose"]) == 2
+                 log=lambda s: None, modes=["per-question-choose", "drop-in-choose"]) == 4
     rows = [json.loads(x) for x in chose.read_text().splitlines()]
     assert all(r["reprefill"] == "choose" and r["answer_from"] in ("prefilled", "gathered") for r in rows)
-    assert all(r["choose_rule"] == "both" and Q.row_mode(r) == "per-question-choose" for r in rows)
+    assert [Q.row_mode(r) for r in rows] == ["per-question-choose"] * 2 + ["drop-in-choose"] * 2
+    assert all(r["choose_rule"] == "both" for r in rows)
     assert Q.row_mode({k: v for k, v in rows[0].items() if k != "choose_rule"}) == "per-question-judge"
     assert all([c["how"] for c in r["candidates"]] == ["prefilled", "gathered"] for r in rows)
     assert all([c["how"] for c in r["candidates"] if c["kept"]] == [r["answer_from"]] for r in rows)

@@ -57,6 +57,7 @@ from .. import _native
 from ..engine.copy_shelf import CopyShelf
 from ..engine.full_copy import FullCopy
 from ..engine.model import Model, ModelLoadError, _check_gguf
+from ..engine.prefill import kv_bytes
 from ..engine.strategies import PrunedPrefill, prefill_state
 from ..policies import Policy, make_policy
 from ..session.answer import CHOOSE, Draft, report, settle
@@ -195,6 +196,11 @@ class Llama(llama_cpp.Llama):
     def kv_cells(self) -> int:
         """KV cells in use in this Llama's context."""
         return int(self._kv_info().used_base)
+
+    def kv_bytes(self) -> int:
+        """Bytes of the KV cells in use in this Llama's context (what a pruned prompt holds while decoding)."""
+        info = self._kv_info()
+        return kv_bytes(info, info.used_base, info.used_swa)
 
     def _should_prune(self, tokens) -> bool:
         pol = self.kv_policy

@@ -29,6 +29,12 @@ keys in turn, at depths spread over the document, in these modes:
   ``per-question-judge``; the Session's default since 2026-12-07);
 * ``one-shot``: each question inside the prompt, pruned by the same policy (``generate``): what
   the accuracy suite measures, the target of ``per-question``;
+* ``drop-in``, ``drop-in-choose``: each question inside the prompt (one-shot's tokens), sent in turn
+  to one ``pyasl.Llama`` (kv_mode per-question, as a server answers one document's questions:
+  the first request prefills the document into the full copy, later ones reuse that prefix), with
+  ``reprefill=True`` (the drop-in's default) or ``"choose"``; greedy, streamed, the decode context
+  budget + max_tokens + 128 cells. ``seconds`` is the whole request (the first one's includes the
+  document's prefill), ``first_token_s`` the time to its first streamed token;
 * ``one-shot-ordinary``: the same with the ordinary prefill strategy, the one a per-question
   selection runs (every layer computed over the whole prompt, the kept cells cut out of it; a
   layer-major asl computes the layers after its selection layer over the kept tokens only).
@@ -57,7 +63,7 @@ from .data import _CITIES, WORDS, _number, _prose, _uuid
 from .runner import row_tau
 
 MODES = ("full", "once", "reconstruct", "reconstruct-in-place", "per-question", "per-question-in-place",
-         "per-question-choose", "one-shot", "one-shot-ordinary")
+         "per-question-choose", "one-shot", "one-shot-ordinary", "drop-in", "drop-in-choose")
 READ_MODES = MODES + ("per-question-judge",)  # modes of rows no longer run (see row_mode: earlier choosing rules)
 CONTEXTS = ("kv", "needles")
 SESSION_LAYOUT = "open"  # how a Session lays out document and questions now (see the module doc)
@@ -65,6 +71,7 @@ SESSION_LAYOUT = "open"  # how a Session lays out document and questions now (se
 _SESSIONS = {"full": ("once", False), "once": ("once", False), "reconstruct": ("reconstruct", True),
              "reconstruct-in-place": ("reconstruct", False), "per-question": ("per-question", True),
              "per-question-in-place": ("per-question", False), "per-question-choose": ("per-question", "choose")}
+_DROP_IN = {"drop-in": True, "drop-in-choose": "choose"}  # the pyasl.Llama each drop-in mode runs: its reprefill
 INTRO = "Extract the value corresponding to the specified key in the JSON object below.\n\nJSON data:\n{"
 
 
@@ -185,9 +192,9 @@ def run(model_name: str, n_tokens: int, samples: int, policy, out, modes=MODES, 
                         "budget": getattr(pol, "budget", None) if pol.prunes else None,
                         "span": str(ranked.span) if pol.prunes else None,
                         "tau": pol.settings_for(model, n_tokens).tau if hasattr(pol, "settings_for") else None,
-                        "layout": "prompt" if mode.startswith("one-shot") else SESSION_LAYOUT,
-                        "reprefill": _SESSIONS.get(mode, (None, False))[1],
-                        **({"choose_rule": CHOOSE_RULE} if mode == "per-question-choose" else {})}
+                        "layout": "prompt" if mode.startswith("one-shot") or mode in _DROP_IN else SESSION_LAYOUT,
+                        "reprefill": _DROP_IN[mode] if mode in _DROP_IN else _SESSIONS.get(mode, (None, False))[1],
+                        **({"choose_rule": CHOOSE_RULE} if mode in ("per-question-choose", "drop-in-choose") else {})}
                 if all(_key({**base, "question": q}) in done for q in range(len(asked))):
                     continue
                 rows = _ask_all(model, doc, asked, pol, mode, max_tokens, n_threads, Session, generate)
@@ -204,6 +211,8 @@ def run(model_name: str, n_tokens: int, samples: int, policy, out, modes=MODES, 
 
 def _ask_all(model, doc, asked, policy, mode, max_tokens, n_threads, Session, generate) -> list[dict]:
     rows = []
+    if mode in _DROP_IN:
+        return _ask_drop_in(model, doc, asked, policy, _DROP_IN[mode], max_tokens, n_threads)
     if mode.startswith("one-shot"):
         if mode == "one-shot-ordinary":
             if getattr(policy, "prefill_mode", None) is None:
@@ -237,6 +246,36 @@ def _ask_all(model, doc, asked, policy, mode, max_tokens, n_threads, Session, ge
     return rows
 
 
+def _ask_drop_in(model, doc, asked, policy, reprefill, max_tokens, n_threads) -> list[dict]:
+    """Each question inside the prompt, sent in turn to one pyasl.Llama, as a server's requests."""
+    if not policy.prunes:
+        raise ValueError(f"the drop-in modes need a pruning policy, not {policy.name}")
+    from ..apps.llama import Llama
+
+    threads = n_threads or max(1, os.cpu_count() or 1)
+    llm = Llama(str(model.path), n_ctx=policy.budget + max_tokens + 128, n_threads=threads, n_threads_batch=threads,
+                kv_policy=policy, reprefill=reprefill, verbose=False)
+    rows = []
+    try:
+        for question, value, depth in asked:
+            toks = model.prompt_tokens(doc + "\n\n" + question)
+            t0, first, parts, n_prunes = time.perf_counter(), None, [], llm.n_prunes
+            for chunk in llm.create_completion(toks, max_tokens=max_tokens, temperature=0.0, stream=True):
+                first = time.perf_counter() - t0 if first is None else first
+                parts.append(chunk["choices"][0]["text"])
+            seconds, pruned = time.perf_counter() - t0, llm.last_prune
+            if llm.n_prunes != n_prunes + 1:  # a prompt within the budget: nothing of this mode was measured
+                raise ValueError(f"the drop-in did not prune a prompt of {len(toks)} tokens at budget {policy.budget}")
+            rows.append({**_row("".join(parts), value, depth, seconds, llm.kv_bytes() / 2**20,
+                                pruned["full_copy_mib"], None), "first_token_s": first})
+            if "answer_from" in pruned:
+                rows[-1]["answer_from"] = pruned["answer_from"]
+                rows[-1]["candidates"] = pruned["candidates"]
+    finally:
+        llm.close()
+    return rows
+
+
 def _room(questions: int, max_tokens: int) -> int:
     """Cells a full-KV session needs beyond the document: each question's turn and answer, and slack."""
     return questions * (max_tokens + 48) + 64 + 256
@@ -249,7 +288,7 @@ def _row(text: str, value: str, depth: float, seconds: float, kv_mib: float, ful
 
 def summary(rows: list[dict]) -> list[dict]:
     """Mean accuracy, seconds per question (median), the document's prefill seconds (median over the
-    contexts that recorded it) and KV held, per (model, context, n_tokens, mode, policy, budget, span)."""
+    contexts that recorded it), time to the first token (median; drop-in modes) and KV held, per (model, context, n_tokens, mode, policy, budget, span)."""
     groups: dict = {}
     for r in rows:
         k = (r["model"], r.get("context", "kv"), r["n_tokens"], row_mode(r), r["policy"], r["budget"], r["span"],
@@ -263,8 +302,13 @@ def summary(rows: list[dict]) -> list[dict]:
         out.append({"model": k[0], "context": k[1], "n_tokens": k[2], "mode": k[3], "policy": k[4], "budget": k[5],
                     "span": k[6], "tau": k[7], "layout": k[8], "questions": n, "contexts": len({r["index"] for r in rs}),
                     "accuracy": sum(r["score"] for r in rs) / n,
-                    "seconds_per_question": sorted(r["seconds"] for r in rs)[n // 2],
+                    "seconds_per_question": _median([r["seconds"] for r in rs]),
                     "prefill_s": prefills[len(prefills) // 2][1] if prefills else None,
+                    "first_token_s": _median([r["first_token_s"] for r in rs if r.get("first_token_s") is not None]),
                     "kv_mib": max(r["kv_mib"] for r in rs),
                     "full_copy_mib": max((r["full_copy_mib"] or 0) for r in rs) or None})
     return out
+
+
+def _median(xs: list[float]) -> Optional[float]:
+    return sorted(xs)[len(xs) // 2] if xs else None

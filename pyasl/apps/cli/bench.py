@@ -198,16 +198,18 @@ def bench_questions(model_name, length, samples, questions, kind, modes, max_tok
 @bench.command("questions-summary")
 @click.argument("results", type=click.Path(exists=True, dir_okay=False))
 def bench_questions_summary(results):
-    """Accuracy, seconds per question, the document's prefill seconds and KV held per mode, from RESULTS
-    of `bench questions` (prefill "-" where not recorded: one-shot, and rows before 2026-12-05)."""
+    """Accuracy, seconds per question, the document's prefill seconds, KV held and (drop-in modes) time to
+    the first token per mode, from RESULTS of `bench questions` (prefill "-" where not recorded: one-shot,
+    drop-in, and rows before 2026-12-05)."""
     from ...bench.questions import summary
 
     rows = [json.loads(line) for line in Path(results).read_text(encoding="utf-8").splitlines() if line.strip()]
     click.echo("model          context tokens  mode                 layout  policy  tau   budget span         n  accuracy  "
-               "s/question  prefill s  KV MiB  full copy MiB")
+               "s/question  prefill s  KV MiB  full copy MiB  first token s")
     for g in summary(rows):
         prefill = "-" if g["prefill_s"] is None else f"{g['prefill_s']:.1f}"
+        first = "-" if g["first_token_s"] is None else f"{g['first_token_s']:.2f}"
         click.echo(f"{g['model']:<14} {g['context']:<7} {g['n_tokens']:>6}  {g['mode']:<20} {g['layout']:<7} {g['policy']:<7} "
                    f"{g['tau'] or '-':<5} {g['budget'] or '-':>6} {g['span'] or '-':<12} {g['questions']:>2}  "
                    f"{g['accuracy']:8.1f}  {g['seconds_per_question']:10.2f}  {prefill:>9}  {g['kv_mib']:6.1f}  "
-                   f"{g['full_copy_mib'] or 0:13.1f}")
+                   f"{g['full_copy_mib'] or 0:13.1f}  {first:>13}")
