@@ -52,6 +52,8 @@ def test_completion_is_pruned_and_prefix_reuse_never_trusts_a_pruned_cache(llm, 
     assert n_prompt > 3 * BUDGET
     assert llm.n_prunes == 1 and llm.last_prune["n_prompt"] == n_prompt and llm.last_prune["n_kept"] == BUDGET
     assert BUDGET <= llm.kv_cells() <= BUDGET + r["usage"]["completion_tokens"]
+    assert llm.kv_bytes() == llm.kv_cells() * llm._kv_info().cell_bytes_base  # no sliding-window cells here
+    assert llm.kv_bytes() < llm.last_prune["full_copy_mib"] * 2**20 / 3
     assert _text(r).strip()
 
     # the same prompt again: pruned again from scratch, same greedy answer
