@@ -288,7 +288,8 @@ def _row(text: str, value: str, depth: float, seconds: float, kv_mib: float, ful
 
 def summary(rows: list[dict]) -> list[dict]:
     """Mean accuracy, seconds per question (median), the document's prefill seconds (median over the
-    contexts that recorded it), time to the first token (median; drop-in modes) and KV held, per (model, context, n_tokens, mode, policy, budget, span)."""
+    contexts that recorded it), time to the first token (median; drop-in modes) and KV held, per
+    (model, context, n_tokens, mode, policy, budget, span)."""
     groups: dict = {}
     for r in rows:
         k = (r["model"], r.get("context", "kv"), r["n_tokens"], row_mode(r), r["policy"], r["budget"], r["span"],
