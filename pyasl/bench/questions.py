@@ -58,7 +58,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..session.answer import RULE as CHOOSE_RULE
+from ..session.answer import CHOOSE, RULE as CHOOSE_RULE
 from .data import _CITIES, WORDS, _number, _prose, _uuid
 from .runner import row_tau
 
@@ -70,8 +70,8 @@ SESSION_LAYOUT = "open"  # how a Session lays out document and questions now (se
 # the Session each mode but one-shot runs: (Session mode, reprefill)
 _SESSIONS = {"full": ("once", False), "once": ("once", False), "reconstruct": ("reconstruct", True),
              "reconstruct-in-place": ("reconstruct", False), "per-question": ("per-question", True),
-             "per-question-in-place": ("per-question", False), "per-question-choose": ("per-question", "choose")}
-_DROP_IN = {"drop-in": True, "drop-in-choose": "choose"}  # the pyasl.Llama each drop-in mode runs: its reprefill
+             "per-question-in-place": ("per-question", False), "per-question-choose": ("per-question", CHOOSE)}
+_DROP_IN = {"drop-in": True, "drop-in-choose": CHOOSE}  # the pyasl.Llama each drop-in mode runs: its reprefill
 INTRO = "Extract the value corresponding to the specified key in the JSON object below.\n\nJSON data:\n{"
 
 
@@ -188,13 +188,14 @@ def run(model_name: str, n_tokens: int, samples: int, policy, out, modes=MODES, 
             for mode in modes:
                 pol = Full() if mode == "full" else policy
                 ranked = ranking_policy(pol) if mode.startswith("reconstruct") else pol  # the span it selects with
+                reprefill = _DROP_IN[mode] if mode in _DROP_IN else _SESSIONS.get(mode, (None, False))[1]
                 base = {"model": name, "context": kind, "n_tokens": n_tokens, "index": index, "mode": mode, "policy": pol.name,
                         "budget": getattr(pol, "budget", None) if pol.prunes else None,
                         "span": str(ranked.span) if pol.prunes else None,
                         "tau": pol.settings_for(model, n_tokens).tau if hasattr(pol, "settings_for") else None,
                         "layout": "prompt" if mode.startswith("one-shot") or mode in _DROP_IN else SESSION_LAYOUT,
-                        "reprefill": _DROP_IN[mode] if mode in _DROP_IN else _SESSIONS.get(mode, (None, False))[1],
-                        **({"choose_rule": CHOOSE_RULE} if mode in ("per-question-choose", "drop-in-choose") else {})}
+                        "reprefill": reprefill,
+                        **({"choose_rule": CHOOSE_RULE} if reprefill == CHOOSE else {})}
                 if all(_key({**base, "question": q}) in done for q in range(len(asked))):
                     continue
                 rows = _ask_all(model, doc, asked, pol, mode, max_tokens, n_threads, Session, generate)
@@ -238,9 +239,7 @@ def _ask_all(model, doc, asked, policy, mode, max_tokens, n_threads, Session, ge
             st = s.stats()
             rows.append(_row(text, value, depth, time.perf_counter() - t0, st["kv_mib"], st["full_copy_mib"],
                              prefill_s))
-            if st["last_candidates"]:  # reprefill="choose": both answers, and the decode context kept
-                rows[-1]["answer_from"] = next(c["how"] for c in st["last_candidates"] if c["kept"])
-                rows[-1]["candidates"] = st["last_candidates"]
+            _add_candidates(rows[-1], st["last_candidates"])
     finally:
         s.close()
     return rows
@@ -251,8 +250,9 @@ def _ask_drop_in(model, doc, asked, policy, reprefill, max_tokens, n_threads) ->
     if not policy.prunes:
         raise ValueError(f"the drop-in modes need a pruning policy, not {policy.name}")
     from ..apps.llama import Llama
+    from ..engine.context import default_threads
 
-    threads = n_threads or max(1, os.cpu_count() or 1)
+    threads = default_threads(n_threads)
     llm = Llama(str(model.path), n_ctx=policy.budget + max_tokens + 128, n_threads=threads, n_threads_batch=threads,
                 kv_policy=policy, reprefill=reprefill, verbose=False)
     rows = []
@@ -268,12 +268,17 @@ def _ask_drop_in(model, doc, asked, policy, reprefill, max_tokens, n_threads) ->
                 raise ValueError(f"the drop-in did not prune a prompt of {len(toks)} tokens at budget {policy.budget}")
             rows.append({**_row("".join(parts), value, depth, seconds, llm.kv_bytes() / 2**20,
                                 pruned["full_copy_mib"], None), "first_token_s": first})
-            if "answer_from" in pruned:
-                rows[-1]["answer_from"] = pruned["answer_from"]
-                rows[-1]["candidates"] = pruned["candidates"]
+            _add_candidates(rows[-1], pruned.get("candidates"))
     finally:
         llm.close()
     return rows
+
+
+def _add_candidates(row: dict, candidates: Optional[list]) -> None:
+    """reprefill="choose": both answers (``answer.report``), and which decode context was kept."""
+    if candidates:
+        row["answer_from"] = next(c["how"] for c in candidates if c["kept"])
+        row["candidates"] = candidates
 
 
 def _room(questions: int, max_tokens: int) -> int:

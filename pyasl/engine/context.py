@@ -67,6 +67,11 @@ def _check_positions(positions, n: int) -> None:
         raise ValueError("positions must be >= 0 and strictly increasing")
 
 
+
+def default_threads(n_threads: Optional[int] = None) -> int:
+    """The threads a context decodes with: `n_threads`, else every CPU (llama-cpp-python's default is half)."""
+    return n_threads or max(1, os.cpu_count() or 1)
+
 class Context(_Native):
     """A llama_context for one sequence, optionally wired to a score capture."""
 
@@ -102,7 +107,7 @@ class Context(_Native):
         p.n_batch = n_batch
         p.n_ubatch = n_batch
         p.n_seq_max = 1
-        nt = n_threads or max(1, os.cpu_count() or 1)
+        nt = default_threads(n_threads)
         p.n_threads = nt
         p.n_threads_batch = nt
         p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
