@@ -54,6 +54,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import statistics
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -303,13 +304,12 @@ def summary(rows: list[dict]) -> list[dict]:
     out = []
     for k, rs in sorted(groups.items(), key=lambda kv: (kv[0][:3], READ_MODES.index(kv[0][3]))):
         n = len(rs)
-        prefills = sorted({(r["index"], r["prefill_s"]) for r in rs if r.get("prefill_s") is not None},
-                          key=lambda ip: ip[1])
+        prefills = {r["index"]: r["prefill_s"] for r in rs if r.get("prefill_s") is not None}  # once per document
         out.append({"model": k[0], "context": k[1], "n_tokens": k[2], "mode": k[3], "policy": k[4], "budget": k[5],
                     "span": k[6], "tau": k[7], "layout": k[8], "questions": n, "contexts": len({r["index"] for r in rs}),
                     "accuracy": sum(r["score"] for r in rs) / n,
                     "seconds_per_question": _median([r["seconds"] for r in rs]),
-                    "prefill_s": prefills[len(prefills) // 2][1] if prefills else None,
+                    "prefill_s": _median(list(prefills.values())),
                     "first_token_s": _median([r["first_token_s"] for r in rs if r.get("first_token_s") is not None]),
                     "kv_mib": max(r["kv_mib"] for r in rs),
                     "full_copy_mib": max((r["full_copy_mib"] or 0) for r in rs) or None})
@@ -317,4 +317,4 @@ def summary(rows: list[dict]) -> list[dict]:
 
 
 def _median(xs: list[float]) -> Optional[float]:
-    return sorted(xs)[len(xs) // 2] if xs else None
+    return statistics.median(xs) if xs else None
