@@ -67,10 +67,10 @@ def _check_positions(positions, n: int) -> None:
         raise ValueError("positions must be >= 0 and strictly increasing")
 
 
-
 def default_threads(n_threads: Optional[int] = None) -> int:
     """The threads a context decodes with: `n_threads`, else every CPU (llama-cpp-python's default is half)."""
     return n_threads or max(1, os.cpu_count() or 1)
+
 
 class Context(_Native):
     """A llama_context for one sequence, optionally wired to a score capture."""
