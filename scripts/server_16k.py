@@ -25,8 +25,8 @@ t = time.perf_counter()
 r = llm.create_chat_completion(messages=[{"role": "user", "content": doc + "\n\n" + question}],
                                max_tokens=96, temperature=0)
 answer = r["choices"][0]["message"]["content"]
-out = {"context": args.context, "prompt_tokens": r["usage"]["prompt_tokens"], "n_ctx": llm.n_ctx(), "kv_cells": llm.kv_cells(),
-       "seconds": time.perf_counter() - t, "answer_has_value": value in answer, "reference": value,
-       "answer": answer, "last_prune": llm.last_prune,
+out = {"context": args.context, "prompt_tokens": r["usage"]["prompt_tokens"], "n_ctx": llm.n_ctx(),
+       "kv_cells": llm.kv_cells(), "seconds": time.perf_counter() - t, "answer_has_value": value in answer,
+       "reference": value, "answer": answer, "last_prune": llm.last_prune,
        "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 print(json.dumps(out))
