@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 import pyasl
 from pyasl import calibration as C
+from pyasl.bench import calibrate as CR
 from pyasl.apps.cli import main
 from tinymodels import tiny_model_path
 
@@ -19,7 +20,7 @@ TINY = tiny_model_path("llama", n_layer=4)
 
 def _rows(table: dict, snapkv: float, n: int = 4, copies: int = 2) -> list[dict]:
     """Benchmark rows: snapkv scoring `snapkv` of n samples, asl at each tau: (hits of n, work, layer);
-    every sample `copies` times (SnapKV must answer C.MIN_ANSWERED samples before tau may move)."""
+    every sample `copies` times (SnapKV must answer CR.MIN_ANSWERED samples before tau may move)."""
     rows = [{"policy": "snapkv", "score": float(i < snapkv * n)} for i in range(n)]
     for tau, (hits, work, layer) in table.items():
         rows += [{"policy": "asl", "tau": tau, "score": float(i < hits), "prefill_work": work, "selected_layer": layer}
@@ -29,31 +30,31 @@ def _rows(table: dict, snapkv: float, n: int = 4, copies: int = 2) -> list[dict]
 
 def test_choose_least_work_within_tolerance():
     rows = _rows({0.3: (4, 0.95, None), 0.5: (4, 0.7, 17), 0.7: (3, 0.5, 12), 0.9: (1, 0.3, 6)}, snapkv=1.0)
-    rec = C.choose(rows, tolerance=2.0)
+    rec = CR.choose(rows, tolerance=2.0)
     assert rec["tau"] == 0.5 and rec["within_tolerance"] and rec["snapkv_accuracy"] == 100.0
     assert [t["tau"] for t in rec["taus"]] == [0.3, 0.5, 0.7, 0.9]
     assert rec["taus"][0]["selected"] == 0.0 and rec["taus"][0]["mean_layer"] is None
     assert rec["taus"][2]["mean_layer"] == 12 and rec["taus"][2]["accuracy"] == 75.0
-    assert C.choose(rows, tolerance=25.0)["tau"] == 0.7
+    assert CR.choose(rows, tolerance=25.0)["tau"] == 0.7
     # no tau within the tolerance: the most accurate, and the record says so
-    rec = C.choose(_rows({0.3: (2, 0.9, 20), 0.5: (3, 0.6, 14)}, snapkv=1.0), tolerance=2.0)
+    rec = CR.choose(_rows({0.3: (2, 0.9, 20), 0.5: (3, 0.6, 14)}, snapkv=1.0), tolerance=2.0)
     assert rec["tau"] == 0.5 and not rec["within_tolerance"]
     # a tau not run on every sample is not compared
     partial = _rows({0.3: (4, 0.9, 20)}, snapkv=1.0) + [
         {"policy": "asl", "tau": 0.9, "score": 1.0, "prefill_work": 0.1, "selected_layer": 2}]
-    assert C.choose(partial)["tau"] == 0.3
+    assert CR.choose(partial)["tau"] == 0.3
     with pytest.raises(ValueError, match="no snapkv rows"):
-        C.choose([r for r in rows if r["policy"] != "snapkv"])
+        CR.choose([r for r in rows if r["policy"] != "snapkv"])
 
 
 def test_too_few_answered_samples_keep_the_papers_tau():
     """Accuracy lost can only be seen where the model answers: with SnapKV answering fewer than
     MIN_ANSWERED samples the paper's tau is kept, however little work another tau does."""
     rows = _rows({0.3: (1, 1.0, None), 0.9: (1, 0.6, 10)}, snapkv=0.25, n=4, copies=4)  # 4 answered of 16
-    rec = C.choose(rows, tolerance=2.0)
+    rec = CR.choose(rows, tolerance=2.0)
     assert rec["tau"] == C.DEFAULT_TAU and rec["too_few_answered"] and rec["snapkv_answered"] == 4.0
     assert [t["tau"] for t in rec["taus"]] == [0.3, 0.9] and rec["samples"] == 16
-    rec = C.choose(_rows({0.3: (1, 1.0, None), 0.9: (1, 0.6, 10)}, snapkv=0.25, n=4, copies=8))  # 8 of 32
+    rec = CR.choose(_rows({0.3: (1, 1.0, None), 0.9: (1, 0.6, 10)}, snapkv=0.25, n=4, copies=8))  # 8 of 32
     assert rec["tau"] == 0.9 and "too_few_answered" not in rec
 
 
@@ -61,7 +62,7 @@ def test_no_tau_that_selects_keeps_the_papers_and_says_why():
     """Gemma 3 at 4K: ASL may only select at its last layer, so no tau selects: no trade to choose,
     however many samples (the paper's tau, and the record says why)."""
     rows = _rows({0.3: (4, 1.0, None), 0.9: (4, 1.0, None)}, snapkv=1.0, copies=4)
-    rec = C.choose(rows, tolerance=2.0)
+    rec = CR.choose(rows, tolerance=2.0)
     assert rec["tau"] == C.DEFAULT_TAU and rec["never_selects"] and not rec["within_tolerance"]
     assert "too_few_answered" not in rec
 
@@ -188,10 +189,10 @@ def test_a_propagation_is_calibrated_with_its_tau_and_used_by_default(home):
     rows = _rows({0.3: (4, 0.95, None), 0.97: (3, 0.55, 9)}, snapkv=1.0)
     rows += [dict(r, propagate="3072:kept", prefill_work=0.62, budget=1024) for r in _rows({0.97: (4, 0, 9)}, 1.0)
              if r["policy"] == "asl"]
-    rec = C.choose(rows, tolerance=2.0)
+    rec = CR.choose(rows, tolerance=2.0)
     assert (rec["tau"], rec["propagate"]) == (0.97, "3072:kept")
     assert [(t["tau"], t.get("propagate")) for t in rec["taus"]] == [(0.3, None), (0.97, None), (0.97, "3072:kept")]
-    assert "propagate" not in C.choose(rows, tolerance=30.0)  # 0.97 alone is within 30 points, with less work
+    assert "propagate" not in CR.choose(rows, tolerance=30.0)  # 0.97 alone is within 30 points, with less work
     m = pyasl.load_model(TINY)
     try:
         f = C.user_file(m)

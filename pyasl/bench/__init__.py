@@ -1,8 +1,8 @@
 """Offline long-context accuracy benchmarks: tasks generated locally (:mod:`.data`), one shared
 prefill per sample from which every policy is derived (:mod:`.shared`), resumable JSONL runs
 (:mod:`.runner`), tables (:mod:`.report`), plots (:mod:`.plots`), several questions asked in
-turn about one document (:mod:`.questions`). The ``pyasl bench`` command line is
-:mod:`pyasl.apps.cli.bench`."""
+turn about one document (:mod:`.questions`), and the calibration run behind ``pyasl calibrate``
+(:mod:`.calibrate`). The ``pyasl bench`` command line is :mod:`pyasl.apps.cli.bench`."""
 from __future__ import annotations
 
 from .report import markdown, summarize, update_doc

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ...bench.data import TASKS
 from .common import fail as _fail, policy_options, user_errors as _errors
 
 
@@ -40,9 +41,7 @@ def _propagates(values):
 @bench.command("run")
 @click.option("--models", default="qwen2.5-0.5b", show_default=True, callback=_csv(str),
               help="comma-separated model names or GGUF paths")
-@click.option("--tasks", default=",".join(t for t in ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "vt", "cwe",
-                                                       "passkey", "number_string", "kv_retrieval", "niah")),
-              show_default=True, callback=_csv(str))
+@click.option("--tasks", default=",".join(TASKS), show_default=True, callback=_csv(str))
 @click.option("--lengths", default="4096", show_default=True, callback=_csv(int), help="prompt lengths in tokens")
 @click.option("--budgets", default="512,1024", show_default=True, callback=_csv(int))
 @click.option("--policies", default="full,snapkv,fastkv,gemfilter,asl,asl-2pass", show_default=True, callback=_csv(str))

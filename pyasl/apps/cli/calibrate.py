@@ -1,9 +1,10 @@
-"""`pyasl calibrate MODEL`: per-model ASL defaults (pyasl.calibration)."""
+"""`pyasl calibrate MODEL`: per-model ASL defaults (the run: pyasl.bench.calibrate; where they are kept:
+pyasl.calibration)."""
 from __future__ import annotations
 
 import click
 
-from ...calibration import TASKS, TAUS
+from ...bench.calibrate import TASKS, TAUS
 from .bench import _csv, _propagates
 from .common import fail, user_errors
 
@@ -27,7 +28,7 @@ def calibrate(model, length, budget, samples, taus, tasks, tolerance, propagates
     generate, chat, serve and the Python API whenever no --tau is given, from the calibrated length
     nearest the prompt's. With --propagate a (tau, propagation) pair is one setting, used together
     (the propagation as the same share of the prompt). Resumable."""
-    from ...calibration import MIN_ANSWERED, calibrate as run
+    from ...bench.calibrate import MIN_ANSWERED, calibrate as run
 
     if not taus or any(not 0 < t <= 1 for t in taus):
         fail("--taus must be values in (0, 1]")
