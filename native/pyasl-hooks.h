@@ -10,6 +10,9 @@
 // softmax((Q_win K^T) [softcap] [+ kq_b] [+ mask] * kq_scale [alibi], sinks).
 //   mode 0: summed over the window queries, F32 [n_kv, n_head]
 //   mode 1: full, F32 [n_kv, n_window, n_head]
+//   mode 2: the raw q.k products (no scale, mask or softmax: GemFilter's score), summed, [n_kv, n_head]
+// llama-graph builds them here with flash attention on (its probabilities are never materialised) and
+// for mode 2; otherwise it reads them from the attention's own (pyasl_window_scores_from_probs).
 // Returns nullptr (scores off for this layer) when the ubatch is shorter than the window or the
 // layout is not supported (several streams).
 ggml_tensor * pyasl_build_window_scores(
@@ -22,6 +25,15 @@ ggml_tensor * pyasl_build_window_scores(
         float kq_scale,
         float max_alibi_bias,
         float softcap,
+        int32_t n_window,
+        int32_t mode);
+
+// The same scores (modes 0 and 1) read from probabilities the attention computed anyway: `probs` is
+// softmax(K^T Q) of the whole ubatch, [n_kv, n_tokens, n_head, n_stream] (flash attention off). No
+// second Q.K^T, and the scores are exactly the probabilities the layer attended with.
+ggml_tensor * pyasl_window_scores_from_probs(
+        ggml_context * ctx,
+        ggml_tensor * probs,
         int32_t n_window,
         int32_t mode);
 

@@ -1,6 +1,46 @@
 // Window-attention score graph (see pyasl-hooks.h). Only ggml ops: the same code runs on every backend.
 #include "pyasl-hooks.h"
 
+// Rows [first, first + n) of every head of x [n_kv, rows, n_head] (a view)
+static ggml_tensor * rows(ggml_context * ctx, ggml_tensor * x, int64_t first, int64_t n) {
+    return ggml_set_name(ggml_view_3d(ctx, x, x->ne[0], n, x->ne[2], x->nb[1], x->nb[2], first*x->nb[1]),
+                         "pyasl_window_rows");
+}
+
+// What the caller reads from the window's probabilities [n_kv, W, n_head] (maybe a view): mode 1 the
+// probabilities themselves, mode 0 their sum over the window queries [n_kv, n_head]; contiguous either way
+static ggml_tensor * window_scores(ggml_context * ctx, ggml_tensor * probs, int32_t mode) {
+    // the intermediate nodes are named here: ggml would name them after the attention's own tensors
+    // ("kq_soft_max-<il> (view) ..."), which the capture's name prefixes would then match
+    if (mode == 1) {
+        return ggml_cont(ctx, probs);  // a node of its own (named by the caller), even when already contiguous
+    }
+    // Sum over the window queries by halving: each step adds the last half of the rows to the first,
+    // reading the rows where they lie. Transposing [n_kv, W, n_head] to sum rows costs a strided copy
+    // of the whole window (about as long as the repeated chunk's own attention for a window of 500
+    // rows over 4K cells); the halving streams it, and ADD runs on every backend.
+    ggml_tensor * t = probs;
+    ggml_tensor * odd = nullptr;  // the middle rows of odd-length steps, added at the end
+    for (int64_t w = probs->ne[1]; w > 1; w /= 2) {
+        const int64_t half = w/2;
+        ggml_tensor * lo = rows(ctx, t, 0, half);
+        ggml_tensor * hi = rows(ctx, t, w - half, half);
+        if (w % 2) {
+            ggml_tensor * mid = rows(ctx, t, half, 1);
+            odd = odd ? ggml_add(ctx, odd, mid) : ggml_cont(ctx, mid);
+            ggml_set_name(odd, "pyasl_window_sum");
+        }
+        t = ggml_set_name(ggml_add(ctx, lo, hi), "pyasl_window_sum");
+    }
+    if (odd) {
+        t = ggml_set_name(ggml_add(ctx, t, odd), "pyasl_window_sum");
+    }
+    if (!ggml_is_contiguous(t)) {  // a window of one row: a view of the probabilities
+        t = ggml_set_name(ggml_cont(ctx, t), "pyasl_window_sum");
+    }
+    return ggml_reshape_2d(ctx, t, t->ne[0], t->ne[2]);
+}
+
 ggml_tensor * pyasl_build_window_scores(
         ggml_context * ctx,
         ggml_tensor * q,
@@ -30,9 +70,7 @@ ggml_tensor * pyasl_build_window_scores(
         // GemFilter's score: the raw q.k products (no scale, bias, mask or softmax), summed over the
         // window queries; cells the queries may not see hold products too (the caller reads only
         // the positions it needs)
-        ggml_tensor * t = ggml_cont(ctx, ggml_permute(ctx, kq, 1, 0, 2, 3));
-        t = ggml_sum_rows(ctx, t);
-        return ggml_reshape_2d(ctx, t, t->ne[1], t->ne[2]);
+        return window_scores(ctx, kq, 0);
     }
 
     if (softcap != 0.0f) {
@@ -58,11 +96,21 @@ ggml_tensor * pyasl_build_window_scores(
     ggml_tensor * probs = ggml_soft_max_ext(ctx, kq, mw, kq_scale, max_alibi_bias);
     ggml_soft_max_add_sinks(probs, sinks);
 
-    if (mode == 1) {
-        return probs;
+    return window_scores(ctx, probs, mode);
+}
+
+ggml_tensor * pyasl_window_scores_from_probs(
+        ggml_context * ctx,
+        ggml_tensor * probs,
+        int32_t n_window,
+        int32_t mode) {
+    const int64_t n_tokens = probs->ne[1];
+    if (n_window <= 0 || n_tokens < n_window || probs->ne[3] != 1 || (mode != 0 && mode != 1)) {
+        return nullptr;
     }
-    // sum over the window queries: [n_kv, W, n_head] -> [W, n_kv, n_head] -> [1, n_kv, n_head]
-    ggml_tensor * t = ggml_cont(ctx, ggml_permute(ctx, probs, 1, 0, 2, 3));
-    t = ggml_sum_rows(ctx, t);
-    return ggml_reshape_2d(ctx, t, t->ne[1], t->ne[2]);
+    // rows [n_tokens - W, n_tokens) of every head: [n_kv, W, n_head]
+    ggml_tensor * pw = ggml_view_3d(ctx, probs, probs->ne[0], n_window, probs->ne[2],
+                                    probs->nb[1], probs->nb[2], (n_tokens - n_window)*probs->nb[1]);
+    ggml_set_name(pw, "pyasl_window_probs");
+    return window_scores(ctx, pw, mode);
 }

@@ -202,6 +202,34 @@ def test_scores_flash_attn_on_and_off(request, which):
     assert diff.max() < (1e-3 if which == "tiny" else 0.15), diff.max()
 
 
+@pytest.mark.parametrize("fa", [False, True])
+@pytest.mark.parametrize("W", [1, 3, 45, 100])
+def test_window_sum_any_length(tiny, W, fa):
+    """Mode 0 (the window's probabilities summed by halving, odd steps' middle rows added at the end)
+    equals the sum of mode 1's rows for windows of any length, read from the attention's own softmax
+    (flash attention off) or built beside it (on). The raw q.k sum (mode 2) takes the same path: on
+    cells every window query sees, scale * sum(q.k) - sum(log p) is one constant (the rows' log
+    normalisers). A window as long as the ubatch is reconstruction scoring's case."""
+    model = tiny
+    n = 100
+    toks = rand_tokens(model, n, seed=3)
+    got = {}
+    for score in ("attention", "attention-rows", "qk"):
+        ctx = Context(model, 128, flash_attn=fa, capture=True)
+        ctx.arm_scores(W, score)
+        ctx.decode(toks)
+        caps = ctx.captured()
+        got[score] = [caps[f"pyasl_scores-{il}"] for il in range(model.n_layer)]
+        ctx.close()
+    for il in range(model.n_layer):
+        rows = got["attention-rows"][il][0]                  # (n_head, W, n_kv)
+        assert rows.shape[1] == W
+        np.testing.assert_allclose(got["attention"][il][0, 0], rows.sum(axis=1), atol=1e-5, rtol=1e-6)
+        qk = got["qk"][il][0, 0][:, : n - W + 1].astype(np.float64)  # (n_head, cells seen by all W)
+        logp = np.log(rows[:, :, : n - W + 1].astype(np.float64)).sum(axis=1)
+        d = qk / np.sqrt(model.n_embd // model.n_head) - logp
+        np.testing.assert_allclose(d, d[:, :1].repeat(d.shape[1], axis=1), atol=1e-3 * W)
+
 # ---------------------------------------------------------------- 3. window_scores after a compaction
 
 

@@ -278,9 +278,9 @@ class FullCopy:
         the copy, `chunk` tokens at a time after `prompt` (a request to repeat the context), and a token
         scores the most attention any repetition gave it (the window-summed attention of each chunk,
         max over chunks). What rebuilding the context needs is what any later question may need
-        (KVzip, arXiv 2505.23416). Costs more than the copy's own prefill (each chunk attends to the
-        whole copy with its scores captured; Session's mode reconstruct took 3.8x the documents'
-        prefill at 4K tokens); the copy is left as it was."""
+        (KVzip, arXiv 2505.23416). Costs about twice the copy's own prefill (each chunk attends to
+        the whole copy; its scores are that attention's probabilities, summed in the graph: 54-62 s
+        against 30-31 s for 4.5K tokens on 2 cores, docs/BENCHMARKS.md); the copy is left as it was."""
         if self.pending:
             raise RuntimeError("internal: reconstruction scoring with answer tokens pending")
         if chunk < 1 or chunk > self.repeat_room(len(prompt)):
