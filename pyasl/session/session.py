@@ -41,7 +41,7 @@ Modes (``mode=``):
   full. Holds at most ``n_ctx`` cells.
 * ``reconstruct``: like ``once``, but the documents are ranked by the attention the model gives them
   while asked to repeat them (query-agnostic, KVzip-style; a default span is widened to
-  ``around:8+32``; about 4x the documents' prefill time) instead of the attention of their own last
+  ``around:8+32``; about 2-3x the documents' prefill time) instead of the attention of their own last
   tokens, and the kept tokens are prefilled again as a prompt of their own (``reprefill``;
   :mod:`.reconstruct`). Holds at most ``n_ctx`` cells after it.
 """
