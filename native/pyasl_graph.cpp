@@ -108,9 +108,5 @@ ggml_tensor * pyasl_window_scores_from_probs(
     if (n_window <= 0 || n_tokens < n_window || probs->ne[3] != 1 || (mode != 0 && mode != 1)) {
         return nullptr;
     }
-    // rows [n_tokens - W, n_tokens) of every head: [n_kv, W, n_head]
-    ggml_tensor * pw = ggml_view_3d(ctx, probs, probs->ne[0], n_window, probs->ne[2],
-                                    probs->nb[1], probs->nb[2], (n_tokens - n_window)*probs->nb[1]);
-    ggml_set_name(pw, "pyasl_window_probs");
-    return window_scores(ctx, pw, mode);
+    return window_scores(ctx, rows(ctx, probs, n_tokens - n_window, n_window), mode);
 }

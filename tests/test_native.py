@@ -230,6 +230,7 @@ def test_window_sum_any_length(tiny, W, fa):
         d = qk / np.sqrt(model.n_embd // model.n_head) - logp
         np.testing.assert_allclose(d, d[:, :1].repeat(d.shape[1], axis=1), atol=1e-3 * W)
 
+
 # ---------------------------------------------------------------- 3. window_scores after a compaction
 
 
